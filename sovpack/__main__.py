@@ -1,0 +1,5 @@
+"""``python -m sovpack``."""
+
+from sovpack.cli import main
+
+main()

@@ -1,0 +1,245 @@
+"""The numpy reference: an fp32 forward pass of the canonical spec with a KV cache.
+
+It is the oracle every target is checked against, and is itself checked against Hugging Face transformers
+(see tests/test_reference_oracle.py). It follows transformers' arithmetic: float32 everywhere, rotate-half
+rotary embeddings, softmax in float32.
+
+Weights are read lazily from the memory-mapped checkpoint. Small models keep their float32 copies (fast
+decode); models whose float32 weights exceed ``cache_budget_bytes`` re-read each tensor per forward pass, so
+memory stays bounded by the largest tensor whatever the model size.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sovpack.errors import UsageError
+from sovpack.model import SourceModel
+from sovpack.spec import ModelSpec
+
+DEFAULT_CACHE_BUDGET = 2 * 1024**3
+
+
+def rope_inv_freq(spec: ModelSpec) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [head_dim/2] and the cos/sin scale, per the spec's rope scaling kind."""
+    dim = spec.head_dim
+    base = spec.rope_theta
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    pos_freqs = np.power(np.float32(base), exponents, dtype=np.float32)
+    inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    scaling = spec.rope_scaling
+    if scaling.kind == "linear":
+        return (inv_freq / np.float32(scaling.factor)).astype(np.float32), 1.0
+    if scaling.kind == "llama3":
+        if not (scaling.low_freq_factor and scaling.high_freq_factor and scaling.original_max_position_embeddings):
+            raise ValueError("llama3 rope scaling needs low/high_freq_factor and original_max_position_embeddings")
+        factor = scaling.factor
+        old_len = scaling.original_max_position_embeddings
+        low_wavelen = old_len / scaling.low_freq_factor
+        high_wavelen = old_len / scaling.high_freq_factor
+        wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+        scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(factor), inv_freq).astype(np.float32)
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    if scaling.kind == "yarn":
+        factor = scaling.factor
+        original = scaling.original_max_position_embeddings or spec.max_position_embeddings
+        attention = scaling.attention_factor
+        if attention is None:
+            attention = 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        low = correction_dim(scaling.beta_fast or 32.0)
+        high = correction_dim(scaling.beta_slow or 1.0)
+        if scaling.truncate is not False:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+        extrapolation_factor = 1 - ramp
+        interpolation = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
+        blended = interpolation * (1 - extrapolation_factor) + inv_freq * extrapolation_factor
+        return blended.astype(np.float32), float(attention)
+    return inv_freq, 1.0
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    variance = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
+    return (x / np.sqrt(variance + np.float32(eps))).astype(np.float32) * weight
+
+
+def activation(kind: str, x: np.ndarray) -> np.ndarray:
+    if kind == "silu":
+        return x / (np.float32(1.0) + np.exp(-x))
+    if kind == "gelu_tanh":
+        c = np.float32(math.sqrt(2.0 / math.pi))
+        return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(c * (x + np.float32(0.044715) * x**3)))
+    if kind == "gelu":
+        return (np.float32(0.5) * x * (np.float32(1.0) + erf(x / np.float32(math.sqrt(2.0))))).astype(np.float32)
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """erf to ~1e-7 absolute (Abramowitz & Stegun 7.1.26, in float64): numpy has none and scipy is no dependency."""
+    z = np.abs(x.astype(np.float64))
+    t = 1.0 / (1.0 + 0.3275911 * z)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return (np.sign(x) * (1.0 - poly * np.exp(-z * z))).astype(np.float32)
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values, [kv_heads, positions, head_dim] each."""
+
+    keys: list[np.ndarray] = field(default_factory=list)
+    values: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return 0 if not self.keys else int(self.keys[0].shape[1])
+
+
+class ReferenceModel:
+    """fp32 numpy forward pass over a SourceModel; satisfies the parity Runner protocol (no tokenizer)."""
+
+    name = "numpy-reference"
+
+    def __init__(
+        self,
+        model: SourceModel,
+        *,
+        weight_dtype: np.dtype | type | None = None,
+        cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
+    ) -> None:
+        self.model = model
+        self.spec = model.spec
+        self.weight_dtype = np.dtype(weight_dtype) if weight_dtype is not None else None
+        fp32_bytes = 4 * self.spec.parameter_count()
+        self._cache_weights = fp32_bytes <= cache_budget_bytes
+        self._weights: dict[str, np.ndarray] = {}
+        self.inv_freq, self.rope_scale = rope_inv_freq(self.spec)
+
+    def runtime_info(self) -> dict[str, str]:
+        info = {"runtime": self.name, "numpy": np.__version__, "python": platform.python_version()}
+        if self.weight_dtype is not None:
+            info["weight_dtype"] = str(self.weight_dtype)
+        return info
+
+    def _w(self, name: str) -> np.ndarray:
+        cached = self._weights.get(name)
+        if cached is not None:
+            return cached
+        array = self.model.tensor(name, np.float32)
+        if self.weight_dtype is not None:
+            array = array.astype(self.weight_dtype).astype(np.float32)
+        if self._cache_weights:
+            self._weights[name] = array
+        return array
+
+    def _linear(self, x: np.ndarray, name: str, bias: str | None = None) -> np.ndarray:
+        y = x @ self._w(name).T
+        if bias is not None:
+            y = y + self._w(bias)
+        return y.astype(np.float32)
+
+    def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """x: [heads, T, head_dim]."""
+        freqs = positions.astype(np.float32)[:, None] * self.inv_freq[None, :]
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        cos = (np.cos(emb) * np.float32(self.rope_scale)).astype(np.float32)
+        sin = (np.sin(emb) * np.float32(self.rope_scale)).astype(np.float32)
+        return (x * cos[None] + rotate_half(x) * sin[None]).astype(np.float32)
+
+    def forward(self, ids: Sequence[int], cache: KVCache) -> np.ndarray:
+        """Logits [T, vocab] for ``ids`` appended after what ``cache`` holds; the cache is extended."""
+        s = self.spec
+        ids_array = np.asarray(ids, dtype=np.int64)
+        if ids_array.ndim != 1 or ids_array.size == 0:
+            raise UsageError("forward takes a non-empty 1-D sequence of token ids")
+        if ids_array.min() < 0 or ids_array.max() >= s.vocab_size:
+            raise UsageError(f"token ids must be in [0, {s.vocab_size}), got {ids_array.min()}..{ids_array.max()}")
+        past = cache.length
+        steps = ids_array.size
+        positions = np.arange(past, past + steps)
+        x = self._w("embed")[ids_array].astype(np.float32)
+        if s.embedding_multiplier != 1.0:
+            x = x * np.float32(s.embedding_multiplier)
+        total = past + steps
+        q_pos = positions[:, None]
+        k_pos = np.arange(total)[None, :]
+        allowed = k_pos <= q_pos
+        if s.sliding_window is not None:
+            allowed &= (q_pos - k_pos) < s.sliding_window
+        mask = np.where(allowed, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
+        group = s.num_heads // s.num_kv_heads
+        scale = np.float32(1.0 / math.sqrt(s.head_dim))
+        first_pass = not cache.keys
+        for i in range(s.num_layers):
+            p = f"layers.{i}."
+            h = rms_norm(x, self._w(p + "attn_norm"), s.norm_eps)
+            bias = s.qkv_bias
+            q = self._linear(h, p + "q", p + "q_bias" if bias else None)
+            k = self._linear(h, p + "k", p + "k_bias" if bias else None)
+            v = self._linear(h, p + "v", p + "v_bias" if bias else None)
+            q = q.reshape(steps, s.num_heads, s.head_dim)
+            k = k.reshape(steps, s.num_kv_heads, s.head_dim)
+            v = v.reshape(steps, s.num_kv_heads, s.head_dim)
+            if s.qk_norm:
+                q = rms_norm(q, self._w(p + "q_norm"), s.norm_eps)
+                k = rms_norm(k, self._w(p + "k_norm"), s.norm_eps)
+            q = self._rope(q.transpose(1, 0, 2), positions)
+            k = self._rope(k.transpose(1, 0, 2), positions)
+            v = v.transpose(1, 0, 2)
+            if first_pass:
+                cache.keys.append(k)
+                cache.values.append(v)
+            else:
+                cache.keys[i] = np.concatenate([cache.keys[i], k], axis=1)
+                cache.values[i] = np.concatenate([cache.values[i], v], axis=1)
+            keys = np.repeat(cache.keys[i], group, axis=0)
+            values = np.repeat(cache.values[i], group, axis=0)
+            scores = (q @ keys.transpose(0, 2, 1)) * scale + mask[None]
+            scores = scores - scores.max(axis=-1, keepdims=True)
+            weights = np.exp(scores)
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+            attn = (weights @ values).transpose(1, 0, 2).reshape(steps, s.q_size)
+            x = x + self._linear(attn, p + "o")
+            h = rms_norm(x, self._w(p + "mlp_norm"), s.norm_eps)
+            gated = activation(s.activation, self._linear(h, p + "gate")) * self._linear(h, p + "up")
+            x = x + self._linear(gated.astype(np.float32), p + "down")
+        x = rms_norm(x, self._w("final_norm"), s.norm_eps)
+        head = "embed" if s.tie_word_embeddings else "lm_head"
+        return (x @ self._w(head).T).astype(np.float32)
+
+    def prefill_logits(self, ids: Sequence[int]) -> np.ndarray:
+        return self.forward(ids, KVCache())
+
+    def greedy(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
+        """Greedy continuation through the KV cache; the stop token, if produced, is included."""
+        cache = KVCache()
+        logits = self.forward(ids, cache)
+        generated: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(np.argmax(logits[-1]))
+            generated.append(token)
+            if token in stop_ids:
+                break
+            logits = self.forward([token], cache)
+        return generated

@@ -1,0 +1,77 @@
+"""``sovpack run``: greedy generation from a checkpoint (numpy reference) or an artifact (its runtime)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sovpack.errors import SourceError, UsageError
+from sovpack.targets.base import TARGETS, read_artifact_metadata
+from sovpack.tokenizer import SourceTokenizer
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunResult:
+    runtime: str
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    text: str | None
+    logits: np.ndarray
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "runtime": self.runtime,
+            "prompt_ids": self.prompt_ids,
+            "generated_ids": self.generated_ids,
+            "text": self.text,
+        }
+
+
+def open_runner(path: Path) -> tuple[Any, Path | None, tuple[int, ...]]:
+    """A runner for a path, the tokenizer.json to use with it, and its stop ids."""
+    from sovpack.targets import load_targets
+
+    metadata = read_artifact_metadata(path) if path.is_dir() else None
+    if metadata is None:
+        from sovpack.model import open_model
+        from sovpack.reference import ReferenceModel
+
+        model = open_model(path)
+        return ReferenceModel(model), model.checkpoint.tokenizer_json, model.spec.eos_token_ids
+    load_targets()
+    target = TARGETS.get(str(metadata.get("format")))
+    tokenizer = path / "tokenizer.json"
+    stop = tuple(metadata.get("spec", {}).get("eos_token_ids", ()))
+    return target.open_runner(path, metadata), tokenizer if tokenizer.is_file() else None, stop
+
+
+def run(
+    path: str | Path,
+    *,
+    prompt: str | None = None,
+    ids: Sequence[int] | None = None,
+    max_new_tokens: int = 16,
+) -> RunResult:
+    """Prefill logits and a greedy continuation; text in, text out when the model has a tokenizer."""
+    if (prompt is None) == (ids is None):
+        raise UsageError("give exactly one of a prompt text or token ids")
+    runner, tokenizer_path, stop_ids = open_runner(Path(path))
+    tokenizer = SourceTokenizer(tokenizer_path) if tokenizer_path is not None else None
+    if prompt is not None:
+        if tokenizer is None:
+            raise SourceError(f"{path}: no tokenizer.json to encode a text prompt; pass --ids instead")
+        prompt_ids = tokenizer.encode(prompt)
+    else:
+        prompt_ids = [int(i) for i in ids or []]
+    if not prompt_ids:
+        raise UsageError("the prompt encodes to no tokens")
+    logits = runner.prefill_logits(prompt_ids)
+    generated = runner.greedy(prompt_ids, max_new_tokens, stop_ids)
+    text = tokenizer.decode(generated) if tokenizer is not None else None
+    return RunResult(
+        runtime=runner.name, prompt_ids=prompt_ids, generated_ids=generated, text=text, logits=logits
+    )

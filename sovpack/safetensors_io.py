@@ -1,0 +1,160 @@
+"""A validating, memory-mapped safetensors reader.
+
+We parse the header ourselves (rather than calling the safetensors package) so that every way a file can be
+broken — a header length past the end, offsets out of range or overlapping, an unknown dtype, a truncated data
+section — becomes a SourceError naming the file, and so tensors are zero-copy views of one mmap per file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from sovpack.errors import SourceError
+
+# Spec: https://github.com/huggingface/safetensors#format
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype, shape and byte range inside the data section."""
+
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+class SafetensorsFile:
+    """One open safetensors file: a validated header and a read-only memory map."""
+
+    def __init__(self, path: Path, display_name: str | None = None) -> None:
+        self.path = path
+        self.display = display_name or path.name
+        self.metadata: dict[str, str] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self._mmap: mmap.mmap | None = None
+        self._data_start = 0
+        self._parse()
+
+    def _fail(self, problem: str) -> SourceError:
+        return SourceError(f"{self.display}: {problem}")
+
+    def _parse(self) -> None:
+        try:
+            size = self.path.stat().st_size
+            with self.path.open("rb") as fh:
+                prefix = fh.read(8)
+                if len(prefix) < 8:
+                    raise self._fail(f"not a safetensors file: {size} bytes, too short for a header")
+                (header_len,) = struct.unpack("<Q", prefix)
+                if header_len > MAX_HEADER_BYTES:
+                    raise self._fail(f"corrupt header: length {header_len} is implausibly large")
+                if 8 + header_len > size:
+                    raise self._fail(
+                        f"corrupt header: length {header_len} runs past the end of the file ({size} bytes)"
+                    )
+                raw = fh.read(header_len)
+        except OSError as e:
+            raise self._fail(f"cannot read: {e.strerror or e}") from e
+        try:
+            header = json.loads(raw.decode("utf-8").rstrip(" "))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise self._fail(f"corrupt header: not valid JSON ({e})") from e
+        if not isinstance(header, dict):
+            raise self._fail("corrupt header: expected a JSON object")
+        self._data_start = 8 + header_len
+        data_size = size - self._data_start
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise self._fail("corrupt header: __metadata__ is not an object")
+        self.metadata = {str(k): str(v) for k, v in meta.items()}
+        spans: list[tuple[int, int, str]] = []
+        for name, entry in header.items():
+            info = self._entry(name, entry, data_size)
+            self.tensors[name] = info
+            spans.append((info.begin, info.end, name))
+        spans.sort()
+        for (_, prev_end, prev_name), (begin, _, name) in itertools.pairwise(spans):
+            if begin < prev_end:
+                raise self._fail(f"corrupt header: tensors {prev_name!r} and {name!r} overlap")
+
+    def _entry(self, name: str, entry: object, data_size: int) -> TensorInfo:
+        if not isinstance(entry, dict):
+            raise self._fail(f"corrupt header: entry {name!r} is not an object")
+        dtype = entry.get("dtype")
+        if dtype not in DTYPES:
+            raise self._fail(f"tensor {name!r} has unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise self._fail(f"corrupt header: tensor {name!r} has an invalid shape {shape!r}")
+        offsets = entry.get("data_offsets")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise self._fail(f"corrupt header: tensor {name!r} has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        expected = math.prod(shape) * DTYPES[dtype].itemsize
+        if end - begin != expected:
+            raise self._fail(
+                f"corrupt header: tensor {name!r} spans {end - begin} bytes but {dtype}{shape} needs {expected}"
+            )
+        if end > data_size:
+            raise self._fail(
+                f"truncated or corrupt: tensor {name!r} ends at byte {end} of the data section, "
+                f"which has only {data_size} bytes"
+            )
+        return TensorInfo(name=name, path=self.path, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+
+    def read(self, name: str) -> np.ndarray:
+        """A read-only, zero-copy view of one tensor in its stored dtype."""
+        info = self.tensors[name]
+        if self._mmap is None:
+            with self.path.open("rb") as fh:
+                self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        dtype = DTYPES[info.dtype]
+        count = math.prod(info.shape)
+        if count == 0:
+            return np.zeros(info.shape, dtype=dtype)
+        array = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=self._data_start + info.begin)
+        return array.reshape(info.shape)
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # views still alive: the map goes when they do
+                return
+            self._mmap = None

@@ -1,0 +1,30 @@
+"""The source tokenizer (tokenizer.json via the ``tokenizers`` package): encode prompts, decode outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sovpack.errors import SourceError
+
+
+class SourceTokenizer:
+    """A tokenizer.json, loaded without transformers (and without any network)."""
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer
+
+        self.path = path
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers package raises plain Exception subclasses
+            raise SourceError(f"{path}: cannot load tokenizer: {e}") from e
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
+        return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))

@@ -1,0 +1,624 @@
+"""The ONNX decoder graph, built straight from a ModelSpec while the weights stream to one external data file.
+
+No torch, no tracing: every node is written here from the spec, in standard ONNX ops (default domain, opset
+17) plus ``com.microsoft.MatMulNBits`` for the int8/int4 weight-only precisions.
+
+# NOTE: graph library. The graph is built with ``onnx.helper`` and raw ``TensorProto`` messages, not onnx_ir.
+# What matters for a >2 GB model is that no weight bytes ever enter a protobuf message: every initializer is
+# a TensorProto whose ``external_data`` (location/offset/length) points into ``model.onnx.data``, which we
+# append to ourselves one tensor at a time (chunked, aligned). With plain protobuf that is a handful of fields
+# we control exactly; ``model.onnx`` then holds only the graph and is written with ``SerializeToString``.
+# onnx_ir could do the same through lazy tensors, but it adds a dependency the ``onnx`` extra does not
+# declare and hides the offsets we want to own; onnx.helper ships with onnx, which we need for the checker.
+#
+# NOTE: fp16. "fp16" stores fp16 weights (half the disk of fp32) but computes in fp32: each fp16 matrix goes
+# through a Cast to float before its Gemm (ONNX Runtime folds that Cast at load time) and embeddings are
+# gathered in fp16 and cast. Activations, the KV cache and the logits stay float32. Reasons: ONNX Runtime's
+# CPU provider has fp16 kernels for only some ops and silently inserts float casts around the rest, so
+# "fp16 compute" would mean a per-op, per-version mix of precisions; on x86 without AVX512-FP16 the fp16
+# kernels convert internally anyway (no speed gain); and fp16 accumulation over long residual streams costs
+# accuracy the parity thresholds would have to absorb. 1-D parameters (norm weights, biases) stay fp32 in
+# every precision: they are tiny and the reference applies them in fp32.
+#
+# NOTE: int8/int4. Weight-only, round-to-nearest, block-wise (block 32, asymmetric with uint8 zero points),
+# done by onnxruntime's own ``MatMulNBitsQuantizer`` (bits=4 or bits=8) and run as ``MatMulNBits``. To keep
+# it streaming we never build the full fp32 graph in memory: each linear weight is quantized on its own, as
+# the only MatMul of a one-node model that MatMulNBitsQuantizer processes, and the node and packed
+# initializers it emits are moved into the real graph. Peak memory is therefore a few times the largest
+# single weight (its fp32 copy, the transposed copy inside the one-node model, the packed output), not the
+# model. What is not streaming: nothing model-wide, but each individual matrix is quantized whole (the ORT
+# kernel takes one contiguous [K, N] fp32 array), so a 128k x 8k lm_head needs ~3 x 4 GB transiently.
+# Embeddings are not quantized (Gather stays a Gather over an fp16 table); the lm_head is, also when tied
+# (a quantized transposed copy of the embedding is written for it).
+#
+# NOTE: minimum onnxruntime version rule. min_ort = max over: the first ORT release implementing the
+# default-domain opset (ORT_FOR_OPSET; opset 17 -> 1.12), the first release accepting the IR version
+# (ORT_FOR_IR_VERSION; IR 8 -> 1.10), and, per contrib op used, the first release with a CPU kernel for it
+# (MatMulNBits: bits=4 -> 1.17, where the op was introduced with its 4-bit CPU kernel; bits=8 -> 1.22, where
+# the x64/ARM 8-bit MLAS kernels landed). An opset/IR/op outside these tables is an error, so the rule can
+# never silently under-report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sovpack.errors import ConversionError
+from sovpack.model import SourceModel
+from sovpack.reference import rope_inv_freq
+from sovpack.spec import ModelSpec
+
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+QUANT_BLOCK_SIZE = 32
+# Offsets in the data file: big tensors on 64 KiB boundaries (the mmap allocation granularity on Windows,
+# a multiple of every page size), small ones on 64 bytes, so ONNX Runtime can map weights in place.
+BIG_TENSOR_BYTES = 1 << 20
+BIG_ALIGN = 1 << 16
+SMALL_ALIGN = 64
+# Rows per chunk when converting a matrix to its stored dtype: bounds the temporary to ~16 MB.
+CHUNK_BYTES = 16 << 20
+
+# First onnxruntime release implementing each default-domain opset / accepting each IR version, from the
+# ORT compatibility matrix (onnxruntime.ai/docs/reference/compatibility.html).
+ORT_FOR_OPSET: dict[int, tuple[int, int]] = {
+    13: (1, 7), 14: (1, 8), 15: (1, 9), 16: (1, 11), 17: (1, 12), 18: (1, 14), 19: (1, 15), 20: (1, 17),
+    21: (1, 18),
+}
+ORT_FOR_IR_VERSION: dict[int, tuple[int, int]] = {7: (1, 7), 8: (1, 10), 9: (1, 15), 10: (1, 18)}
+# Contrib ops: first release with a CPU kernel, per distinguishing attribute value.
+ORT_FOR_MATMULNBITS_BITS: dict[int, tuple[int, int]] = {4: (1, 17), 8: (1, 22)}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PrecisionPlan:
+    """How one precision stores weights: matrices, embedding table, and optional MatMulNBits bits."""
+
+    name: str
+    matrix_dtype: np.dtype  # unquantized matrices (Gemm weights)
+    embed_dtype: np.dtype  # the Gather table
+    bits: int | None = None  # MatMulNBits bits for every linear layer and the lm_head
+
+
+PLANS: dict[str, PrecisionPlan] = {
+    "fp32": PrecisionPlan(name="fp32", matrix_dtype=np.dtype(np.float32), embed_dtype=np.dtype(np.float32)),
+    "fp16": PrecisionPlan(name="fp16", matrix_dtype=np.dtype(np.float16), embed_dtype=np.dtype(np.float16)),
+    "int8": PrecisionPlan(
+        name="int8", matrix_dtype=np.dtype(np.float32), embed_dtype=np.dtype(np.float16), bits=8
+    ),
+    "int4": PrecisionPlan(
+        name="int4", matrix_dtype=np.dtype(np.float32), embed_dtype=np.dtype(np.float16), bits=4
+    ),
+}
+
+
+def _version(v: tuple[int, int]) -> str:
+    return f"{v[0]}.{v[1]}"
+
+
+def min_onnxruntime(opset: int, ir_version: int, contrib: Iterable[tuple[str, dict[str, Any]]]) -> tuple[str, list[str]]:
+    """The lowest onnxruntime version that loads and runs a model, and why (one reason per constraint)."""
+    if opset not in ORT_FOR_OPSET:
+        raise ConversionError(f"no known onnxruntime release for opset {opset}")
+    if ir_version not in ORT_FOR_IR_VERSION:
+        raise ConversionError(f"no known onnxruntime release for IR version {ir_version}")
+    found = [
+        (ORT_FOR_OPSET[opset], f"ai.onnx opset {opset} needs onnxruntime >= {_version(ORT_FOR_OPSET[opset])}"),
+        (
+            ORT_FOR_IR_VERSION[ir_version],
+            f"IR version {ir_version} needs onnxruntime >= {_version(ORT_FOR_IR_VERSION[ir_version])}",
+        ),
+    ]
+    seen: set[tuple[str, int]] = set()
+    for op_type, attrs in contrib:
+        if op_type != "MatMulNBits":
+            raise ConversionError(f"no known onnxruntime release for contrib op {op_type}")
+        bits = int(attrs.get("bits", 4))
+        if bits not in ORT_FOR_MATMULNBITS_BITS:
+            raise ConversionError(f"no known onnxruntime release with a CPU MatMulNBits kernel for bits={bits}")
+        if (op_type, bits) in seen:
+            continue
+        seen.add((op_type, bits))
+        need = ORT_FOR_MATMULNBITS_BITS[bits]
+        found.append((need, f"com.microsoft.MatMulNBits with bits={bits} needs onnxruntime >= {_version(need)}"))
+    version = max(v for v, _ in found)
+    return _version(version), [reason for _, reason in found]
+
+
+# ------------------------------------------------------------------------------------------ external data
+
+
+class ExternalData:
+    """Appends tensors to one data file and returns TensorProtos that point into it (no bytes in protobuf)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.location = path.name
+        self._fh = path.open("wb")
+        self.offset = 0
+        self.largest = 0  # bytes of the largest tensor written
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def _align(self, nbytes: int) -> None:
+        align = BIG_ALIGN if nbytes >= BIG_TENSOR_BYTES else SMALL_ALIGN
+        pad = -self.offset % align
+        if pad:
+            self._fh.write(b"\0" * pad)
+            self.offset += pad
+
+    def write(self, name: str, shape: Sequence[int], dtype: np.dtype, chunks: Iterable[np.ndarray]) -> Any:
+        """Write ``chunks`` (C-order pieces of one tensor, in order) and return its external TensorProto."""
+        from onnx import TensorProto, helper
+
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        self._align(nbytes)
+        start = self.offset
+        written = 0
+        for chunk in chunks:
+            piece = np.ascontiguousarray(chunk, dtype=dtype)
+            self._fh.write(memoryview(piece).cast("B"))
+            written += piece.nbytes
+        if written != nbytes:
+            raise ConversionError(f"tensor {name!r}: wrote {written} bytes, shape {list(shape)} needs {nbytes}")
+        self.offset += written
+        self.largest = max(self.largest, written)
+        tensor = TensorProto()
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(dtype)
+        tensor.dims.extend(int(d) for d in shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(start)), ("length", str(nbytes))):
+            entry = tensor.external_data.add()
+            entry.key = key
+            entry.value = value
+        return tensor
+
+    def write_array(self, name: str, array: np.ndarray) -> Any:
+        return self.write(name, array.shape, array.dtype, [array])
+
+
+def _converted_chunks(name: str, array: np.ndarray, dtype: np.dtype) -> Iterable[np.ndarray]:
+    """``array`` converted to ``dtype`` in row blocks of ~CHUNK_BYTES, so no full-size converted copy exists."""
+    rows = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
+    step = max(1, CHUNK_BYTES // max(1, rows.shape[1] * 4))
+    for start in range(0, rows.shape[0], step):
+        source = rows[start : start + step]
+        converted = source.astype(dtype)
+        if dtype == np.float16 and (np.isinf(converted) & np.isfinite(source)).any():
+            peak = float(np.max(np.abs(source)))
+            raise ConversionError(
+                f"tensor {name!r} has values up to {peak:.4g}, beyond the float16 range (65504); "
+                "use onnx:fp32 or a quantized precision"
+            )
+        yield converted
+
+
+def _release_source_pages(array: np.ndarray) -> None:
+    """Drop the checkpoint's mmapped pages behind ``array`` from this process's RSS (Linux; no-op elsewhere).
+
+    Tensors are zero-copy views into one mmap per shard: once touched, their pages stay resident until memory
+    pressure evicts them, so a streaming writer would still peak at the whole checkpoint. MADV_DONTNEED on a
+    read-only file mapping only unmaps the pages (they are re-read from the page cache if touched again).
+    """
+    import mmap
+
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None:
+        return
+    base: Any = array
+    for _ in range(8):
+        base = getattr(base, "base", None)
+        if base is None:
+            return
+        if isinstance(base, memoryview):
+            base = base.obj
+        if isinstance(base, mmap.mmap):
+            try:
+                base.madvise(advice)
+            except (OSError, ValueError):
+                pass
+            return
+
+
+# --------------------------------------------------------------------------------------------- the graph
+
+
+@dataclass
+class Graph:
+    """Nodes, initializers and helpers for unique names and small constants."""
+
+    nodes: list[Any] = field(default_factory=list)
+    initializers: list[Any] = field(default_factory=list)
+    _names: dict[str, int] = field(default_factory=dict)
+    _consts: dict[tuple[Any, ...], str] = field(default_factory=dict)
+
+    def unique(self, base: str) -> str:
+        n = self._names.get(base, 0)
+        self._names[base] = n + 1
+        return base if n == 0 else f"{base}_{n}"
+
+    def op(self, op_type: str, *inputs: str, name: str | None = None, out: str | None = None,
+           n_out: int = 1, domain: str = "", **attrs: Any) -> Any:
+        from onnx import helper
+
+        node_name = self.unique(name or op_type)
+        outputs = [out] if out is not None else [f"{node_name}/out{i}" if n_out > 1 else f"{node_name}/out"
+                                                  for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=node_name, domain=domain, **attrs))
+        return outputs[0] if n_out == 1 else outputs
+
+    def const(self, value: Any, dtype: Any, *, scalar: bool = False) -> str:
+        """A small inline initializer (shape constants, eps, ...), shared between uses."""
+        from onnx import numpy_helper
+
+        array = np.asarray(value, dtype=dtype)
+        if not scalar and array.ndim == 0:
+            array = array.reshape(1)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        name = self._consts.get(key)
+        if name is None:
+            name = self.unique(f"const/{array.dtype.name}")
+            self.initializers.append(numpy_helper.from_array(array, name))
+            self._consts[key] = name
+        return name
+
+
+def quantize_matmul_weight(weight_t: Callable[[], np.ndarray], bits: int, block_size: int) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Quantize one [K, N] float32 weight with onnxruntime's MatMulNBitsQuantizer.
+
+    ``weight_t`` produces the weight (so no caller keeps a reference while the quantizer runs). The weight is
+    the only initializer of a one-MatMul model; the quantizer rewrites that MatMul into MatMulNBits. Returns
+    the node's attributes and its weight inputs in order (packed B, scales[, zero points]).
+    """
+    import logging
+
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    array = weight_t()
+    k, n = array.shape
+    init = numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), "W")
+    del array
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "W"], ["Y"], name="linear")],
+        "one_linear",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
+        initializer=[init],
+    )
+    del init
+    one = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    one.ir_version = helper.find_min_ir_version_for(list(one.opset_import), ignore_unknown=True)
+    del graph
+    quant_logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = quant_logger.level
+    quant_logger.setLevel(logging.WARNING)
+    try:
+        quantizer = MatMulNBitsQuantizer(one, bits=bits, block_size=block_size, is_symmetric=False)
+        del one
+        quantizer.process()
+    finally:
+        quant_logger.setLevel(level)
+    result = quantizer.model.model
+    nodes = [nd for nd in result.graph.node if nd.op_type == "MatMulNBits"]
+    if len(nodes) != 1 or len(result.graph.node) != 1:
+        raise ConversionError(
+            f"MatMulNBitsQuantizer produced {[nd.op_type for nd in result.graph.node]}, expected one MatMulNBits"
+        )
+    node = nodes[0]
+    inits = {t.name: t for t in result.graph.initializer}
+    arrays = [numpy_helper.to_array(inits[name]) for name in node.input[1:] if name]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return attrs, arrays
+
+
+@dataclass
+class BuiltModel:
+    """The finished model proto (graph only) and what the writer reports about it."""
+
+    proto: Any
+    opset: int
+    ir_version: int
+    contrib_ops: list[tuple[str, dict[str, Any]]]
+    largest_tensor_bytes: int
+    data_bytes: int
+
+
+class DecoderBuilder:
+    """Builds the decoder graph for one SourceModel and precision, writing weights as it goes."""
+
+    def __init__(
+        self,
+        model: SourceModel,
+        precision: str,
+        out_dir: Path,
+        progress: Callable[[str, int, int], None],
+    ) -> None:
+        if precision not in PLANS:
+            raise ConversionError(f"onnx: unknown precision {precision!r}; known: {', '.join(PLANS)}")
+        self.model = model
+        self.spec: ModelSpec = model.spec
+        self.plan = PLANS[precision]
+        self.out_dir = out_dir
+        self.progress = progress
+        self.g = Graph()
+        self.data = ExternalData(out_dir / DATA_FILE)
+        self.contrib: list[tuple[str, dict[str, Any]]] = []
+        self._weights: dict[tuple[str, str], str] = {}
+        self._total = len(model.tensor_names())
+        self._done = 0
+
+    # -- weights ---------------------------------------------------------------------------------------
+    def _tick(self, name: str) -> None:
+        self._done += 1
+        self.progress(f"onnx:{self.plan.name} {name}", min(self._done, self._total), self._total)
+
+    def _source(self, name: str) -> np.ndarray:
+        return self.model.tensor(name, np.float32)
+
+    def _store(self, name: str, dtype: np.dtype, *, count: bool = True) -> str:
+        """Write canonical tensor ``name`` as ``dtype`` in its canonical layout; returns the initializer name."""
+        key = (name, np.dtype(dtype).str)
+        if key in self._weights:
+            return self._weights[key]
+        array = self._source(name)
+        tensor = self.data.write(name, array.shape, dtype, _converted_chunks(name, array, np.dtype(dtype)))
+        _release_source_pages(self.model.stored(name))
+        del array
+        self.g.initializers.append(tensor)
+        self._weights[key] = name
+        if count:
+            self._tick(name)
+        return name
+
+    def _as_float(self, init: str, dtype: np.dtype) -> str:
+        if np.dtype(dtype) == np.float32:
+            return init
+        from onnx import TensorProto
+
+        return self.g.op("Cast", init, name=f"{init}/cast", to=TensorProto.FLOAT)
+
+    # -- building blocks -------------------------------------------------------------------------------
+    def linear(self, x: str, weight: str, bias: str | None = None, *, count: bool = True) -> str:
+        """x [M, in] @ weight[out, in]^T (+ bias) -> [M, out]."""
+        name = weight
+        if self.plan.bits is None:
+            w = self._as_float(self._store(weight, self.plan.matrix_dtype, count=count), self.plan.matrix_dtype)
+            inputs = [x, w] + ([self._store(bias, np.dtype(np.float32))] if bias else [])
+            return self.g.op("Gemm", *inputs, name=f"{name}/gemm", transB=1)
+        y = self.quantized_linear(x, weight, count=count)
+        if bias:
+            y = self.g.op("Add", y, self._store(bias, np.dtype(np.float32)), name=f"{name}/bias")
+        return y
+
+    def quantized_linear(self, x: str, weight: str, *, count: bool = True, init_prefix: str | None = None) -> str:
+        assert self.plan.bits is not None
+        prefix = init_prefix or weight
+
+        def transposed() -> np.ndarray:
+            source = self._source(weight)
+            out = np.ascontiguousarray(source.T)
+            _release_source_pages(self.model.stored(weight))
+            return out
+
+        attrs, arrays = quantize_matmul_weight(transposed, self.plan.bits, QUANT_BLOCK_SIZE)
+        names = []
+        for suffix, array in zip(("q", "scales", "zero_points"), arrays, strict=False):
+            init_name = f"{prefix}.{suffix}{self.plan.bits if suffix == 'q' else ''}"
+            self.g.initializers.append(self.data.write_array(init_name, array))
+            names.append(init_name)
+        self.contrib.append(("MatMulNBits", dict(attrs)))
+        if count:
+            self._tick(weight)
+        return self.g.op("MatMulNBits", x, *names, name=f"{prefix}/matmulnbits", domain=MS_DOMAIN, **attrs)
+
+    def rms_norm(self, x: str, weight: str, name: str) -> str:
+        w = self._store(weight, np.dtype(np.float32))
+        sq = self.g.op("Mul", x, x, name=f"{name}/square")
+        mean = self.g.op("ReduceMean", sq, name=f"{name}/mean", axes=[-1], keepdims=1)
+        eps = self.g.const(self.spec.norm_eps, np.float32)
+        denom = self.g.op("Sqrt", self.g.op("Add", mean, eps, name=f"{name}/add_eps"), name=f"{name}/sqrt")
+        normed = self.g.op("Div", x, denom, name=f"{name}/div")
+        return self.g.op("Mul", normed, w, name=f"{name}/scale")
+
+    def activation(self, x: str, name: str) -> str:
+        kind = self.spec.activation
+        g = self.g
+        if kind == "silu":
+            return g.op("Mul", x, g.op("Sigmoid", x, name=f"{name}/sigmoid"), name=f"{name}/silu")
+        half = g.const(0.5, np.float32)
+        one = g.const(1.0, np.float32)
+        if kind == "gelu_tanh":
+            cube = g.op("Mul", g.op("Mul", x, x, name=f"{name}/x2"), x, name=f"{name}/x3")
+            inner = g.op("Add", x, g.op("Mul", cube, g.const(0.044715, np.float32), name=f"{name}/cube_coef"),
+                         name=f"{name}/inner")
+            scaled = g.op("Mul", inner, g.const(math.sqrt(2.0 / math.pi), np.float32), name=f"{name}/scale")
+            tanh = g.op("Tanh", scaled, name=f"{name}/tanh")
+            return g.op("Mul", g.op("Mul", x, half, name=f"{name}/half"),
+                        g.op("Add", tanh, one, name=f"{name}/one_plus"), name=f"{name}/gelu")
+        if kind == "gelu":
+            erf = g.op("Erf", g.op("Mul", x, g.const(1.0 / math.sqrt(2.0), np.float32), name=f"{name}/div_sqrt2"),
+                       name=f"{name}/erf")
+            return g.op("Mul", g.op("Mul", x, half, name=f"{name}/half"),
+                        g.op("Add", erf, one, name=f"{name}/one_plus"), name=f"{name}/gelu")
+        raise ConversionError(f"onnx: activation {kind!r} is not supported")
+
+    def rope(self, x: str, cos: str, sin: str, name: str) -> str:
+        half = self.spec.head_dim // 2
+        g = self.g
+        x1, x2 = g.op("Split", x, g.const([half, half], np.int64), name=f"{name}/split", n_out=2, axis=-1)
+        rotated = g.op("Concat", g.op("Neg", x2, name=f"{name}/neg"), x1, name=f"{name}/rotate_half", axis=-1)
+        return g.op("Add", g.op("Mul", x, cos, name=f"{name}/mul_cos"), g.op("Mul", rotated, sin, name=f"{name}/mul_sin"),
+                    name=f"{name}/rope")
+
+    # -- the model -------------------------------------------------------------------------------------
+    def build(self) -> BuiltModel:
+        try:
+            proto = self._build()
+        finally:
+            self.data.close()
+        return BuiltModel(
+            proto=proto,
+            opset=OPSET,
+            ir_version=proto.ir_version,
+            contrib_ops=self.contrib,
+            largest_tensor_bytes=self.data.largest,
+            data_bytes=self.data.offset,
+        )
+
+    def _build(self) -> Any:
+        from onnx import TensorProto, helper
+
+        s = self.spec
+        g = self.g
+        kv, heads, dim = s.num_kv_heads, s.num_heads, s.head_dim
+        if heads % kv:
+            raise ConversionError(f"onnx: {heads} attention heads are not a multiple of {kv} KV heads")
+        group = heads // kv
+        f32 = TensorProto.FLOAT
+        i64 = TensorProto.INT64
+
+        inputs = [
+            helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
+            helper.make_tensor_value_info("attention_mask", i64, ["batch_size", "total_sequence_length"]),
+            helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"]),
+        ]
+        outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", s.vocab_size])]
+        for i in range(s.num_layers):
+            for kind in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(
+                    f"past_key_values.{i}.{kind}", f32, ["batch_size", kv, "past_sequence_length", dim]))
+                outputs.append(helper.make_tensor_value_info(
+                    f"present.{i}.{kind}", f32, ["batch_size", kv, "total_sequence_length", dim]))
+
+        # Shapes: batch B, new tokens T, total S = past + T.
+        batch = g.op("Shape", "input_ids", name="shape/batch", start=0, end=1)
+        steps = g.op("Shape", "input_ids", name="shape/steps", start=1, end=2)
+        total = g.op("Shape", "attention_mask", name="shape/total", start=1, end=2)
+        q_shape = g.op("Concat", batch, steps, g.const([kv, group, dim], np.int64), name="shape/q", axis=0)
+        kv_shape = g.op("Concat", batch, steps, g.const([kv, dim], np.int64), name="shape/kv", axis=0)
+        scores5_shape = g.op("Concat", g.const([0, 0, group, -1], np.int64), total, name="shape/scores5", axis=0)
+        probs4_shape = g.op("Concat", g.const([0, 0, -1], np.int64), total, name="shape/probs4", axis=0)
+        ctx5_shape = g.const([0, 0, group, -1, dim], np.int64)
+        flat_q_shape = g.const([-1, s.q_size], np.int64)
+        logits_shape = g.op("Concat", batch, steps, g.const([s.vocab_size], np.int64), name="shape/logits", axis=0)
+
+        # Attention bias [B, 1, 1, T, S]: causal on cache indices (query t sits at index past + t), the
+        # caller's padding mask, and the sliding window. Masked scores get the float32 minimum rather than
+        # -inf so fully masked rows (left padding) stay finite instead of turning into NaN.
+        total_s = g.op("Squeeze", total, name="mask/total_scalar")
+        steps_s = g.op("Squeeze", steps, name="mask/steps_scalar")
+        past_s = g.op("Sub", total_s, steps_s, name="mask/past_len")
+        one_i = g.const(1, np.int64, scalar=True)
+        zero_i = g.const(0, np.int64, scalar=True)
+        q_idx = g.op("Range", past_s, total_s, one_i, name="mask/query_index")
+        k_idx = g.op("Range", zero_i, total_s, one_i, name="mask/key_index")
+        dist = g.op("Sub", g.op("Unsqueeze", q_idx, g.const([1], np.int64), name="mask/q_col"),
+                    g.op("Unsqueeze", k_idx, g.const([0], np.int64), name="mask/k_row"), name="mask/distance")
+        allowed = g.op("GreaterOrEqual", dist, g.const(0, np.int64, scalar=True), name="mask/causal")
+        if s.sliding_window is not None:
+            inside = g.op("Less", dist, g.const(s.sliding_window, np.int64, scalar=True), name="mask/window")
+            allowed = g.op("And", allowed, inside, name="mask/causal_window")
+        padding = g.op("Unsqueeze", g.op("Cast", "attention_mask", name="mask/padding_bool", to=TensorProto.BOOL),
+                       g.const([1, 2, 3], np.int64), name="mask/padding")
+        allowed = g.op("And", allowed, padding, name="mask/allowed")
+        bias = g.op("Where", allowed, g.const(0.0, np.float32, scalar=True),
+                    g.const(np.finfo(np.float32).min, np.float32, scalar=True), name="mask/bias")
+
+        # Rotary tables from the caller's position_ids: [B, T, head_dim], unsqueezed for q and k layouts.
+        inv_freq, rope_scale = rope_inv_freq(s)
+        pos = g.op("Unsqueeze", g.op("Cast", "position_ids", name="rope/positions", to=f32),
+                   g.const([2], np.int64), name="rope/positions_col")
+        freqs = g.op("Mul", pos, g.const(inv_freq.astype(np.float32), np.float32), name="rope/freqs")
+        emb = g.op("Concat", freqs, freqs, name="rope/emb", axis=-1)
+        cos = g.op("Cos", emb, name="rope/cos")
+        sin = g.op("Sin", emb, name="rope/sin")
+        if rope_scale != 1.0:
+            cos = g.op("Mul", cos, g.const(rope_scale, np.float32), name="rope/cos_scaled")
+            sin = g.op("Mul", sin, g.const(rope_scale, np.float32), name="rope/sin_scaled")
+        cos_k = g.op("Unsqueeze", cos, g.const([1], np.int64), name="rope/cos_k")
+        sin_k = g.op("Unsqueeze", sin, g.const([1], np.int64), name="rope/sin_k")
+        cos_q = g.op("Unsqueeze", cos, g.const([1, 2], np.int64), name="rope/cos_q")
+        sin_q = g.op("Unsqueeze", sin, g.const([1, 2], np.int64), name="rope/sin_q")
+
+        # Embedding: gathered from the stored table, cast to float32, flattened to [B*T, hidden].
+        embed = self._store("embed", self.plan.embed_dtype)
+        x = g.op("Gather", embed, "input_ids", name="embed/gather", axis=0)
+        if self.plan.embed_dtype != np.float32:
+            x = g.op("Cast", x, name="embed/cast", to=f32)
+        x = g.op("Reshape", x, g.const([-1, s.hidden_size], np.int64), name="embed/flatten")
+        if s.embedding_multiplier != 1.0:
+            x = g.op("Mul", x, g.const(s.embedding_multiplier, np.float32), name="embed/scale")
+
+        scale = g.const(1.0 / math.sqrt(dim), np.float32)
+        for i in range(s.num_layers):
+            p = f"layers.{i}."
+            h = self.rms_norm(x, p + "attn_norm", f"{p}attn_norm")
+            q = self.linear(h, p + "q", p + "q_bias" if s.qkv_bias else None)
+            k = self.linear(h, p + "k", p + "k_bias" if s.qkv_bias else None)
+            v = self.linear(h, p + "v", p + "v_bias" if s.qkv_bias else None)
+            q = g.op("Reshape", q, q_shape, name=f"{p}attn/q_heads")  # [B, T, KV, G, D]
+            k = g.op("Reshape", k, kv_shape, name=f"{p}attn/k_heads")  # [B, T, KV, D]
+            v = g.op("Reshape", v, kv_shape, name=f"{p}attn/v_heads")
+            if s.qk_norm:
+                q = self.rms_norm(q, p + "q_norm", f"{p}attn/q_norm")
+                k = self.rms_norm(k, p + "k_norm", f"{p}attn/k_norm")
+            q = g.op("Transpose", q, name=f"{p}attn/q_t", perm=[0, 2, 3, 1, 4])  # [B, KV, G, T, D]
+            k = g.op("Transpose", k, name=f"{p}attn/k_t", perm=[0, 2, 1, 3])  # [B, KV, T, D]
+            v = g.op("Transpose", v, name=f"{p}attn/v_t", perm=[0, 2, 1, 3])
+            q = self.rope(q, cos_q, sin_q, f"{p}attn/q_rope")
+            k = self.rope(k, cos_k, sin_k, f"{p}attn/k_rope")
+            keys = g.op("Concat", f"past_key_values.{i}.key", k, name=f"{p}attn/present_key",
+                        out=f"present.{i}.key", axis=2)
+            values = g.op("Concat", f"past_key_values.{i}.value", v, name=f"{p}attn/present_value",
+                          out=f"present.{i}.value", axis=2)
+            # Grouped-query attention without repeating K/V: the G query heads sharing a KV head are folded
+            # into the row dimension, [B, KV, G*T, D] @ [B, KV, D, S].
+            q = g.op("Reshape", q, g.const([0, 0, -1, dim], np.int64), name=f"{p}attn/q_rows")
+            keys_t = g.op("Transpose", keys, name=f"{p}attn/keys_t", perm=[0, 1, 3, 2])
+            scores = g.op("MatMul", q, keys_t, name=f"{p}attn/scores")
+            scores = g.op("Reshape", scores, scores5_shape, name=f"{p}attn/scores5")  # [B, KV, G, T, S]
+            scores = g.op("Add", g.op("Mul", scores, scale, name=f"{p}attn/scale"), bias, name=f"{p}attn/mask")
+            probs = g.op("Softmax", scores, name=f"{p}attn/softmax", axis=-1)
+            probs = g.op("Reshape", probs, probs4_shape, name=f"{p}attn/probs_rows")
+            ctx = g.op("MatMul", probs, values, name=f"{p}attn/context")  # [B, KV, G*T, D]
+            ctx = g.op("Reshape", ctx, ctx5_shape, name=f"{p}attn/context5")
+            ctx = g.op("Transpose", ctx, name=f"{p}attn/context_t", perm=[0, 3, 1, 2, 4])  # [B, T, KV, G, D]
+            ctx = g.op("Reshape", ctx, flat_q_shape, name=f"{p}attn/context_flat")
+            x = g.op("Add", x, self.linear(ctx, p + "o"), name=f"{p}attn/residual")
+
+            h = self.rms_norm(x, p + "mlp_norm", f"{p}mlp_norm")
+            gate = self.activation(self.linear(h, p + "gate"), f"{p}mlp/act")
+            up = self.linear(h, p + "up")
+            down = self.linear(g.op("Mul", gate, up, name=f"{p}mlp/gated"), p + "down")
+            x = g.op("Add", x, down, name=f"{p}mlp/residual")
+
+        x = self.rms_norm(x, "final_norm", "final_norm")
+        if not s.tie_word_embeddings:
+            logits = self.linear(x, "lm_head")
+        elif self.plan.bits is not None:
+            # A quantized transposed copy of the embedding: MatMulNBits needs its own weight layout.
+            logits = self.quantized_linear(x, "embed", count=False, init_prefix="lm_head")
+        else:
+            head = self._as_float(self._store("embed", self.plan.embed_dtype), self.plan.embed_dtype)
+            logits = g.op("Gemm", x, head, name="lm_head/gemm", transB=1)
+        g.op("Reshape", logits, logits_shape, name="lm_head/unflatten", out="logits")
+
+        graph = helper.make_graph(g.nodes, f"sovpack_{s.family}", inputs, outputs, initializer=g.initializers)
+        opsets = [helper.make_opsetid("", OPSET)]
+        if self.contrib:
+            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+        proto = helper.make_model(graph, opset_imports=opsets, producer_name="sovpack")
+        proto.ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+        return proto
