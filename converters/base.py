@@ -56,7 +56,7 @@ class ConfigReader:
     def fail(self, problem: str) -> SourceError:
         return SourceError(f"{self.where}: {problem}")
 
-    def int(self, key: str, default: int | None = None) -> int:
+    def integer(self, key: str, default: int | None = None) -> int:
         value = self.config.get(key, default)
         if value is None:
             raise self.fail(f"missing required key {key!r}")
@@ -65,12 +65,12 @@ class ConfigReader:
         return value
 
     def positive(self, key: str, default: int | None = None) -> int:
-        value = self.int(key, default)
+        value = self.integer(key, default)
         if value == 0:
             raise self.fail(f"{key!r} must be positive")
         return value
 
-    def float(self, key: str, default: float | None = None) -> float:
+    def number(self, key: str, default: float | None = None) -> float:
         value = self.config.get(key, default)
         if value is None:
             raise self.fail(f"missing required key {key!r}")
@@ -78,7 +78,7 @@ class ConfigReader:
             raise self.fail(f"{key!r} must be a number, got {value!r}")
         return float(value)
 
-    def bool(self, key: str, default: bool) -> bool:
+    def flag(self, key: str, default: bool) -> bool:
         value = self.config.get(key, default)
         if value is None:
             return default
@@ -87,7 +87,7 @@ class ConfigReader:
         return value
 
     def optional_int(self, key: str) -> int | None:
-        return None if self.config.get(key) is None else self.int(key)
+        return None if self.config.get(key) is None else self.integer(key)
 
     def token_ids(self, key: str) -> tuple[int, ...]:
         value = self.config.get(key)
@@ -245,10 +245,10 @@ def common_spec_fields(cfg: ConfigReader) -> dict[str, Any]:
         "head_dim": head_dim,
         "intermediate_size": cfg.positive("intermediate_size"),
         "max_position_embeddings": cfg.positive("max_position_embeddings", 2048),
-        "norm_eps": cfg.float("rms_norm_eps", 1e-6),
+        "norm_eps": cfg.number("rms_norm_eps", 1e-6),
         "rope_theta": theta,
         "rope_scaling": scaling,
-        "tie_word_embeddings": cfg.bool("tie_word_embeddings", False),
+        "tie_word_embeddings": cfg.flag("tie_word_embeddings", False),
         "bos_token_id": bos[0] if bos else None,
         "eos_token_ids": eos,
         "pad_token_id": pad[0] if pad else None,

@@ -29,13 +29,13 @@ class GemmaFamily:
         cfg = ConfigReader(config, where)
         fields = common_spec_fields(cfg)
         # Gemma ties the head unless told otherwise (its config default is true).
-        fields["tie_word_embeddings"] = cfg.bool("tie_word_embeddings", True)
+        fields["tie_word_embeddings"] = cfg.flag("tie_word_embeddings", True)
         return ModelSpec(
             family=self.name,
             # NOTE: transformers uses hidden_activation and falls back to gelu_pytorch_tanh when it is unset,
             # whatever the legacy hidden_act says.
             activation=cfg.activation("hidden_activation", default="gelu_pytorch_tanh"),
-            qkv_bias=cfg.bool("attention_bias", False),
+            qkv_bias=cfg.flag("attention_bias", False),
             norm_weight_offset=NORM_OFFSET,
             embedding_multiplier=math.sqrt(fields["hidden_size"]),
             **fields,

@@ -24,12 +24,12 @@ class LlamaFamily:
 
     def build_spec(self, config: Mapping[str, Any], where: str) -> ModelSpec:
         cfg = ConfigReader(config, where)
-        if cfg.bool("mlp_bias", False):
+        if cfg.flag("mlp_bias", False):
             raise cfg.fail("'mlp_bias': true is not supported")
         return ModelSpec(
             family=self.name,
             activation=cfg.activation("hidden_act", default="silu"),
-            qkv_bias=cfg.bool("attention_bias", False),
+            qkv_bias=cfg.flag("attention_bias", False),
             sliding_window=self.sliding_window(cfg),
             **common_spec_fields(cfg),
         )

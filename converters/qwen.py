@@ -18,7 +18,7 @@ from sovpack.spec import ModelSpec
 
 
 def _qwen_sliding_window(cfg: ConfigReader) -> int | None:
-    if not cfg.bool("use_sliding_window", False):
+    if not cfg.flag("use_sliding_window", False):
         return None
     layers = cfg.positive("num_hidden_layers")
     if cfg.config.get("max_window_layers", layers) < layers:
@@ -55,7 +55,7 @@ class Qwen3Family:
         return ModelSpec(
             family=self.name,
             activation=cfg.activation("hidden_act", default="silu"),
-            qkv_bias=cfg.bool("attention_bias", False),
+            qkv_bias=cfg.flag("attention_bias", False),
             qk_norm=True,
             sliding_window=_qwen_sliding_window(cfg),
             **common_spec_fields(cfg),
