@@ -99,6 +99,11 @@ def inspect(path: Path, as_json: bool) -> None:
     if as_json:
         _echo_json(info)
         return
+    if info.get("kind") == "bundle":
+        from sovpack.cli_bundle import render_bundle_info
+
+        render_bundle_info(info)
+        return
     from rich.table import Table
 
     table = Table(show_header=False, box=None)
@@ -136,14 +141,18 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--ids", help="Comma-separated prompt token ids, e.g. 1,2,3.")
 @click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(0, 4096))
 @click.option("--logits-out", type=click.Path(path_type=Path), help="Save prefill logits [tokens, vocab] as .npy.")
+@click.option("-t", "--target", help="For a bundle: which target to run, e.g. gguf:q8_0.")
+@click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path), help="For a bundle: trusted public key.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def run(path: Path, prompt: str | None, ids: str | None, max_new_tokens: int, logits_out: Path | None,
-        as_json: bool) -> None:
-    """Greedy-generate from a checkpoint (numpy reference) or an artifact directory (its runtime)."""
+        target: str | None, keys: tuple[Path, ...], as_json: bool) -> None:
+    """Greedy-generate from a checkpoint (numpy reference), an artifact directory or a bundle (its runtime)."""
     from sovpack.run import run as run_model
+    from sovpack.signing import load_trusted_keys
 
     result = run_model(
-        path, prompt=prompt, ids=_parse_ids(ids) if ids is not None else None, max_new_tokens=max_new_tokens
+        path, prompt=prompt, ids=_parse_ids(ids) if ids is not None else None, max_new_tokens=max_new_tokens,
+        target=target, keys=load_trusted_keys(keys),
     )
     if logits_out is not None:
         import io
@@ -213,3 +222,6 @@ def list_targets(as_json: bool) -> None:
 
 def main() -> None:
     cli(prog_name="sovpack")
+
+
+from sovpack import cli_bundle  # noqa: E402,F401  (registers bundle commands)

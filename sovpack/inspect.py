@@ -12,8 +12,14 @@ from sovpack.targets.base import read_artifact_metadata
 
 
 def inspect_path(path: str | Path) -> dict[str, Any]:
-    """What a path holds: ``kind`` is "checkpoint" or "artifact"."""
+    """What a path holds: ``kind`` is "checkpoint", "artifact" or "bundle"."""
+    from sovpack.bundle import is_bundle_dir
+
     root = Path(path)
+    if is_bundle_dir(root):
+        from sovpack.verify import inspect_bundle
+
+        return inspect_bundle(root)
     metadata = read_artifact_metadata(root) if root.is_dir() else None
     if metadata is not None:
         return inspect_artifact(root, metadata)

@@ -31,10 +31,22 @@ class RunResult:
         }
 
 
-def open_runner(path: Path) -> tuple[Any, Path | None, tuple[int, ...]]:
-    """A runner for a path, the tokenizer.json to use with it, and its stop ids."""
+def open_runner(
+    path: Path, *, target: str | None = None, keys: Sequence[Any] = ()
+) -> tuple[Any, Path | None, tuple[int, ...]]:
+    """A runner for a path, the tokenizer.json to use with it, and its stop ids.
+
+    A bundle (OCI layout) is verified with ``keys`` and ``target`` is extracted to a temporary directory.
+    """
+    from sovpack.bundle import is_bundle_dir
     from sovpack.targets import load_targets
 
+    if is_bundle_dir(path):
+        from sovpack.verify import open_bundle_runner
+
+        return open_bundle_runner(path, target, keys)
+    if target is not None:
+        raise UsageError(f"{path}: -t/--target selects a target of a bundle; this is not a bundle")
     metadata = read_artifact_metadata(path) if path.is_dir() else None
     if metadata is None:
         from sovpack.model import open_model
@@ -43,10 +55,10 @@ def open_runner(path: Path) -> tuple[Any, Path | None, tuple[int, ...]]:
         model = open_model(path)
         return ReferenceModel(model), model.checkpoint.tokenizer_json, model.spec.eos_token_ids
     load_targets()
-    target = TARGETS.get(str(metadata.get("format")))
+    fmt_target = TARGETS.get(str(metadata.get("format")))
     tokenizer = path / "tokenizer.json"
     stop = tuple(metadata.get("spec", {}).get("eos_token_ids", ()))
-    return target.open_runner(path, metadata), tokenizer if tokenizer.is_file() else None, stop
+    return fmt_target.open_runner(path, metadata), tokenizer if tokenizer.is_file() else None, stop
 
 
 def run(
@@ -55,11 +67,13 @@ def run(
     prompt: str | None = None,
     ids: Sequence[int] | None = None,
     max_new_tokens: int = 16,
+    target: str | None = None,
+    keys: Sequence[Any] = (),
 ) -> RunResult:
     """Prefill logits and a greedy continuation; text in, text out when the model has a tokenizer."""
     if (prompt is None) == (ids is None):
         raise UsageError("give exactly one of a prompt text or token ids")
-    runner, tokenizer_path, stop_ids = open_runner(Path(path))
+    runner, tokenizer_path, stop_ids = open_runner(Path(path), target=target, keys=keys)
     tokenizer = SourceTokenizer(tokenizer_path) if tokenizer_path is not None else None
     if prompt is not None:
         if tokenizer is None:

@@ -7,7 +7,21 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-SCHEMA_FILES = ("model-spec", "artifact", "parity-report")
+SCHEMA_FILES = (
+    "model-spec",
+    "artifact",
+    "parity-report",
+    # sovpack build/verify (bundle): see sovpack/bundle.py and sovpack/verify.py
+    "bundle-config",
+    "bundle-policy",
+    "modelpack-config",
+    "parity-reference",
+    "provenance-predicate",
+    "parity-predicate",
+    "model-signing-predicate",
+    "in-toto-statement",
+    "sigstore-bundle",
+)
 
 
 @cache

@@ -27,6 +27,7 @@ sentencepiece package), for BPE-type models only.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import struct
@@ -432,24 +433,32 @@ def _spm_style(
     scheme = _metaspace_scheme(step)
     if scheme == "never":
         return False, None
-    if scheme == "always":
-        return True, None
-    if scheme == "first":
-        return True, _prefix_after_special_rule
+    if scheme in ("always", "first"):
+        return True, lambda added: _metaspace_prefix_rule(added, first_only=scheme == "first")
     raise ConversionError(f"{where}: Metaspace prepend_scheme {scheme!r} is not supported")
 
 
-def _prefix_after_special_rule(added: Sequence[str]) -> _Rule:
-    """Metaspace prepend_scheme "first": only the text at the very start gets the '▁' prefix."""
+def _metaspace_prefix_rule(added: Sequence[str], *, first_only: bool) -> _Rule:
+    """Where Metaspace's '▁' prefix differs from llama.cpp's add_space_prefix.
+
+    Metaspace adds the prefix only to text that does not already start with a space, and with
+    prepend_scheme "first" only to the text at the very start. llama.cpp prefixes every text fragment at the
+    start or after a special token, whatever it starts with.
+    """
 
     def applies(text: str) -> bool:
-        segments = _split_on_added(text, added)
-        return any(not is_token and i > 0 and seg for i, (seg, is_token) in enumerate(segments))
+        for i, (seg, is_token) in enumerate(_split_on_added(text, added)):
+            if is_token or not seg:
+                continue
+            if seg[0] in (" ", SPIECE) or (first_only and i > 0):
+                return True
+        return False
 
+    scope = "only at the start of the text (prepend_scheme 'first')" if first_only else "to every text fragment"
     return _Rule(
-        "prefix-after-special",
-        "the source adds the '▁' word prefix only at the start of the text (Metaspace prepend_scheme "
-        "'first'); llama.cpp also adds it to text that follows a special token",
+        "metaspace-prefix",
+        f"the source adds the '▁' word prefix {scope} and only where the text does not already start with a "
+        "space; llama.cpp adds it to every fragment at the start or after a special token",
         applies,
     )
 
@@ -557,8 +566,7 @@ def _byte_level_rule(
         regexes.append(GPT2_REGEX)
     if len(regexes) != 1:
         raise ConversionError(
-            f"{where}: {len(regexes)} split regexes in the pre-tokenizer; llama.cpp runs exactly one of its "
-            "known ones"
+            f"{where}: {len(regexes)} split regexes in the pre-tokenizer; llama.cpp runs exactly one of its known ones"
         )
     rule = BYTE_LEVEL_SPLITS.get(regexes[0])
     if rule is None:
@@ -649,7 +657,12 @@ def _special_ids(
     else:
         tok.add_bos = bool(config.get("add_bos_token", False))
         tok.add_eos = bool(config.get("add_eos_token", False))
-    if len(prefix) > 1 or len(suffix) > 1 or (prefix and prefix[0] != tok.bos_id) or (suffix and suffix[0] != tok.eos_id):
+    if (
+        len(prefix) > 1
+        or len(suffix) > 1
+        or (prefix and prefix[0] != tok.bos_id)
+        or (suffix and suffix[0] != tok.eos_id)
+    ):
         raise ConversionError(
             f"{where}: the post-processor adds {prefix} before and {suffix} after the text; llama.cpp can add "
             f"only the BOS ({tok.bos_id}) and EOS ({tok.eos_id}) tokens"
@@ -706,7 +719,9 @@ def _strip_rules(
     lowered = model_name.lower()
     llama_r: set[str] = set()
     if "phi3" in lowered or "phi-3" in lowered:
-        llama_r = {t for t, ty in zip(tok.tokens, tok.token_types, strict=True) if ty in (CONTROL, USER_DEFINED, UNKNOWN)}
+        llama_r = {
+            t for t, ty in zip(tok.tokens, tok.token_types, strict=True) if ty in (CONTROL, USER_DEFINED, UNKNOWN)
+        }
         llama_r |= {"</s>"} & set(tok.tokens)
         llama_r -= {"<unk>", "<s>", "<|endoftext|>"}
     rules: list[_Rule] = []
@@ -738,7 +753,7 @@ def _followed_by_space(tokens: Iterable[str], added: Sequence[Mapping[str, Any]]
 
     def applies(text: str) -> bool:
         segments = _split_on_added(text, contents)
-        for (seg, is_tok), nxt in zip(segments, segments[1:], strict=False):
+        for (seg, is_tok), nxt in itertools.pairwise(segments):
             if is_tok and seg in wanted and not nxt[1] and nxt[0][:1].isspace():
                 return True
         return False
@@ -752,7 +767,7 @@ def _preceded_by_space(tokens: Iterable[str], added: Sequence[Mapping[str, Any]]
 
     def applies(text: str) -> bool:
         segments = _split_on_added(text, contents)
-        for prev, (seg, is_tok) in zip(segments, segments[1:], strict=False):
+        for prev, (seg, is_tok) in itertools.pairwise(segments):
             if is_tok and seg in wanted and not prev[1] and prev[0][-1:].isspace():
                 return True
         return False

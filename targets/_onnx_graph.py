@@ -12,13 +12,14 @@ No torch, no tracing: every node is written here from the spec, in standard ONNX
 # declare and hides the offsets we want to own; onnx.helper ships with onnx, which we need for the checker.
 #
 # NOTE: fp16. "fp16" stores fp16 weights (half the disk of fp32) but computes in fp32: each fp16 matrix goes
-# through a Cast to float before its Gemm (ONNX Runtime folds that Cast at load time) and embeddings are
-# gathered in fp16 and cast. Activations, the KV cache and the logits stay float32. Reasons: ONNX Runtime's
-# CPU provider has fp16 kernels for only some ops and silently inserts float casts around the rest, so
-# "fp16 compute" would mean a per-op, per-version mix of precisions; on x86 without AVX512-FP16 the fp16
-# kernels convert internally anyway (no speed gain); and fp16 accumulation over long residual streams costs
-# accuracy the parity thresholds would have to absorb. 1-D parameters (norm weights, biases) stay fp32 in
-# every precision: they are tiny and the reference applies them in fp32.
+# through a Cast to float before its Gemm (ONNX Runtime folds that Cast at load time, so a session holds
+# those matrices as fp32) and embeddings are gathered from the fp16 table and cast. Activations, the KV cache
+# and the logits stay float32. Reasons: ONNX Runtime's CPU provider has fp16 kernels for only some ops and
+# silently inserts float casts around the rest, so "fp16 compute" would mean a per-op, per-version mix of
+# precisions; on x86 without AVX512-FP16 the fp16 kernels convert internally anyway (no speed gain); and fp16
+# accumulation over long residual streams costs accuracy the parity thresholds would have to absorb. 1-D
+# parameters (norm weights, biases) stay fp32 in every precision: they are tiny and the reference applies
+# them in fp32.
 #
 # NOTE: int8/int4. Weight-only, round-to-nearest, block-wise (block 32, asymmetric with uint8 zero points),
 # done by onnxruntime's own ``MatMulNBitsQuantizer`` (bits=4 or bits=8) and run as ``MatMulNBits``. To keep
@@ -27,20 +28,28 @@ No torch, no tracing: every node is written here from the spec, in standard ONNX
 # initializers it emits are moved into the real graph. Peak memory is therefore a few times the largest
 # single weight (its fp32 copy, the transposed copy inside the one-node model, the packed output), not the
 # model. What is not streaming: nothing model-wide, but each individual matrix is quantized whole (the ORT
-# kernel takes one contiguous [K, N] fp32 array), so a 128k x 8k lm_head needs ~3 x 4 GB transiently.
-# Embeddings are not quantized (Gather stays a Gather over an fp16 table); the lm_head is, also when tied
-# (a quantized transposed copy of the embedding is written for it).
+# kernel takes one contiguous [K, N] fp32 array), so an 8k x 28k MLP matrix needs ~3 x 0.9 GB transiently.
+# The embedding table and the lm_head are not quantized: both stay fp16 (as in GPTQ/AWQ checkpoints, and
+# close to llama.cpp keeping its output tensor at 6-8 bits). The head is the most quantization-sensitive
+# matrix (its error lands on the logits unfiltered; 4-bit there raises the fixtures' KL by ~20%), fp16 costs
+# no extra copy when the head is tied (the Gemm reads the fp16 embedding table with transB), and an 8-bit
+# MatMulNBits head would lift int4's minimum onnxruntime from 1.17 to 1.23.
 #
 # NOTE: minimum onnxruntime version rule. min_ort = max over: the first ORT release implementing the
 # default-domain opset (ORT_FOR_OPSET; opset 17 -> 1.12), the first release accepting the IR version
 # (ORT_FOR_IR_VERSION; IR 8 -> 1.10), and, per contrib op used, the first release with a CPU kernel for it
-# (MatMulNBits: bits=4 -> 1.17, where the op was introduced with its 4-bit CPU kernel; bits=8 -> 1.22, where
-# the x64/ARM 8-bit MLAS kernels landed). An opset/IR/op outside these tables is an error, so the rule can
-# never silently under-report.
+# (MatMulNBits with accuracy_level unset, i.e. float32 compute: bits=4 -> 1.17, bits=8 -> 1.23). An opset/IR/op
+# outside these tables is an error, so the rule can never silently under-report. Checked by loading and
+# running artifacts of four families on old wheels (1.15.0 is the oldest with a Python 3.11 wheel): fp32/fp16
+# run on 1.15.0 and later; int4 is refused by 1.15.0 (no MatMulNBits), computes wrong logits on 1.16.3 when a
+# column has an odd number of blocks (e.g. K=160, block 32), and is right from 1.17.0; int8 is refused at
+# load by 1.21.1, fails at run time on 1.22.0 (its 8-bit kernel covers only accuracy_level 4, int8 compute)
+# and is right from 1.23.0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -69,13 +78,11 @@ CHUNK_BYTES = 16 << 20
 
 # First onnxruntime release implementing each default-domain opset / accepting each IR version, from the
 # ORT compatibility matrix (onnxruntime.ai/docs/reference/compatibility.html).
-ORT_FOR_OPSET: dict[int, tuple[int, int]] = {
-    13: (1, 7), 14: (1, 8), 15: (1, 9), 16: (1, 11), 17: (1, 12), 18: (1, 14), 19: (1, 15), 20: (1, 17),
-    21: (1, 18),
-}
-ORT_FOR_IR_VERSION: dict[int, tuple[int, int]] = {7: (1, 7), 8: (1, 10), 9: (1, 15), 10: (1, 18)}
-# Contrib ops: first release with a CPU kernel, per distinguishing attribute value.
-ORT_FOR_MATMULNBITS_BITS: dict[int, tuple[int, int]] = {4: (1, 17), 8: (1, 22)}
+# Only the opsets/IR versions this writer could emit are listed; anything else is refused by the rule.
+ORT_FOR_OPSET: dict[int, tuple[int, int]] = {17: (1, 12), 18: (1, 14), 19: (1, 15), 20: (1, 17), 21: (1, 18)}
+ORT_FOR_IR_VERSION: dict[int, tuple[int, int]] = {8: (1, 10), 9: (1, 15), 10: (1, 18)}
+# Contrib ops: first release whose CPU kernel computes them correctly, per distinguishing attribute value.
+ORT_FOR_MATMULNBITS_BITS: dict[int, tuple[int, int]] = {4: (1, 17), 8: (1, 23)}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -83,20 +90,18 @@ class PrecisionPlan:
     """How one precision stores weights: matrices, embedding table, and optional MatMulNBits bits."""
 
     name: str
-    matrix_dtype: np.dtype  # unquantized matrices (Gemm weights)
+    matrix_dtype: np.dtype  # unquantized attention/MLP matrices (Gemm weights)
     embed_dtype: np.dtype  # the Gather table
-    bits: int | None = None  # MatMulNBits bits for every linear layer and the lm_head
+    head_dtype: np.dtype  # the lm_head (a Gemm, never quantized)
+    bits: int | None = None  # MatMulNBits bits for the attention and MLP projections
 
 
+_F32, _F16 = np.dtype(np.float32), np.dtype(np.float16)
 PLANS: dict[str, PrecisionPlan] = {
-    "fp32": PrecisionPlan(name="fp32", matrix_dtype=np.dtype(np.float32), embed_dtype=np.dtype(np.float32)),
-    "fp16": PrecisionPlan(name="fp16", matrix_dtype=np.dtype(np.float16), embed_dtype=np.dtype(np.float16)),
-    "int8": PrecisionPlan(
-        name="int8", matrix_dtype=np.dtype(np.float32), embed_dtype=np.dtype(np.float16), bits=8
-    ),
-    "int4": PrecisionPlan(
-        name="int4", matrix_dtype=np.dtype(np.float32), embed_dtype=np.dtype(np.float16), bits=4
-    ),
+    "fp32": PrecisionPlan(name="fp32", matrix_dtype=_F32, embed_dtype=_F32, head_dtype=_F32),
+    "fp16": PrecisionPlan(name="fp16", matrix_dtype=_F16, embed_dtype=_F16, head_dtype=_F16),
+    "int8": PrecisionPlan(name="int8", matrix_dtype=_F32, embed_dtype=_F16, head_dtype=_F16, bits=8),
+    "int4": PrecisionPlan(name="int4", matrix_dtype=_F32, embed_dtype=_F16, head_dtype=_F16, bits=4),
 }
 
 
@@ -104,7 +109,9 @@ def _version(v: tuple[int, int]) -> str:
     return f"{v[0]}.{v[1]}"
 
 
-def min_onnxruntime(opset: int, ir_version: int, contrib: Iterable[tuple[str, dict[str, Any]]]) -> tuple[str, list[str]]:
+def min_onnxruntime(
+    opset: int, ir_version: int, contrib: Iterable[tuple[str, dict[str, Any]]]
+) -> tuple[str, list[str]]:
     """The lowest onnxruntime version that loads and runs a model, and why (one reason per constraint)."""
     if opset not in ORT_FOR_OPSET:
         raise ConversionError(f"no known onnxruntime release for opset {opset}")
@@ -167,7 +174,7 @@ class ExternalData:
         written = 0
         for chunk in chunks:
             piece = np.ascontiguousarray(chunk, dtype=dtype)
-            self._fh.write(memoryview(piece).cast("B"))
+            self._fh.write(piece.reshape(-1).view(np.uint8).data)
             written += piece.nbytes
         if written != nbytes:
             raise ConversionError(f"tensor {name!r}: wrote {written} bytes, shape {list(shape)} needs {nbytes}")
@@ -194,7 +201,8 @@ def _converted_chunks(name: str, array: np.ndarray, dtype: np.dtype) -> Iterable
     step = max(1, CHUNK_BYTES // max(1, rows.shape[1] * 4))
     for start in range(0, rows.shape[0], step):
         source = rows[start : start + step]
-        converted = source.astype(dtype)
+        with np.errstate(over="ignore"):  # overflow is checked just below, with a clearer message
+            converted = source.astype(dtype)
         if dtype == np.float16 and (np.isinf(converted) & np.isfinite(source)).any():
             peak = float(np.max(np.abs(source)))
             raise ConversionError(
@@ -224,10 +232,8 @@ def _release_source_pages(array: np.ndarray) -> None:
         if isinstance(base, memoryview):
             base = base.obj
         if isinstance(base, mmap.mmap):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 base.madvise(advice)
-            except (OSError, ValueError):
-                pass
             return
 
 
@@ -274,7 +280,9 @@ class Graph:
         return name
 
 
-def quantize_matmul_weight(weight_t: Callable[[], np.ndarray], bits: int, block_size: int) -> tuple[dict[str, Any], list[np.ndarray]]:
+def quantize_matmul_weight(
+    weight_t: Callable[[], np.ndarray], bits: int, block_size: int
+) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Quantize one [K, N] float32 weight with onnxruntime's MatMulNBitsQuantizer.
 
     ``weight_t`` produces the weight (so no caller keeps a reference while the quantizer runs). The weight is
@@ -367,7 +375,7 @@ class DecoderBuilder:
     def _source(self, name: str) -> np.ndarray:
         return self.model.tensor(name, np.float32)
 
-    def _store(self, name: str, dtype: np.dtype, *, count: bool = True) -> str:
+    def _store(self, name: str, dtype: np.dtype) -> str:
         """Write canonical tensor ``name`` as ``dtype`` in its canonical layout; returns the initializer name."""
         key = (name, np.dtype(dtype).str)
         if key in self._weights:
@@ -378,8 +386,7 @@ class DecoderBuilder:
         del array
         self.g.initializers.append(tensor)
         self._weights[key] = name
-        if count:
-            self._tick(name)
+        self._tick(name)
         return name
 
     def _as_float(self, init: str, dtype: np.dtype) -> str:
@@ -390,21 +397,24 @@ class DecoderBuilder:
         return self.g.op("Cast", init, name=f"{init}/cast", to=TensorProto.FLOAT)
 
     # -- building blocks -------------------------------------------------------------------------------
-    def linear(self, x: str, weight: str, bias: str | None = None, *, count: bool = True) -> str:
-        """x [M, in] @ weight[out, in]^T (+ bias) -> [M, out]."""
-        name = weight
+    def dense(self, x: str, weight: str, dtype: np.dtype, bias: str | None = None) -> str:
+        """x [M, in] @ weight[out, in]^T (+ bias) -> [M, out] as a Gemm over the stored (HF-layout) matrix."""
+        w = self._as_float(self._store(weight, dtype), dtype)
+        inputs = [x, w] + ([self._store(bias, _F32)] if bias else [])
+        return self.g.op("Gemm", *inputs, name=f"{weight}/gemm", transB=1)
+
+    def linear(self, x: str, weight: str, bias: str | None = None) -> str:
+        """An attention/MLP projection: a Gemm, or MatMulNBits (+ Add for the bias) when quantized."""
         if self.plan.bits is None:
-            w = self._as_float(self._store(weight, self.plan.matrix_dtype, count=count), self.plan.matrix_dtype)
-            inputs = [x, w] + ([self._store(bias, np.dtype(np.float32))] if bias else [])
-            return self.g.op("Gemm", *inputs, name=f"{name}/gemm", transB=1)
-        y = self.quantized_linear(x, weight, count=count)
+            return self.dense(x, weight, self.plan.matrix_dtype, bias)
+        y = self.quantized_linear(x, weight)
         if bias:
-            y = self.g.op("Add", y, self._store(bias, np.dtype(np.float32)), name=f"{name}/bias")
+            y = self.g.op("Add", y, self._store(bias, _F32), name=f"{weight}/bias")
         return y
 
-    def quantized_linear(self, x: str, weight: str, *, count: bool = True, init_prefix: str | None = None) -> str:
+    def quantized_linear(self, x: str, weight: str) -> str:
         assert self.plan.bits is not None
-        prefix = init_prefix or weight
+        prefix = weight
 
         def transposed() -> np.ndarray:
             source = self._source(weight)
@@ -419,12 +429,11 @@ class DecoderBuilder:
             self.g.initializers.append(self.data.write_array(init_name, array))
             names.append(init_name)
         self.contrib.append(("MatMulNBits", dict(attrs)))
-        if count:
-            self._tick(weight)
+        self._tick(weight)
         return self.g.op("MatMulNBits", x, *names, name=f"{prefix}/matmulnbits", domain=MS_DOMAIN, **attrs)
 
     def rms_norm(self, x: str, weight: str, name: str) -> str:
-        w = self._store(weight, np.dtype(np.float32))
+        w = self._store(weight, _F32)
         sq = self.g.op("Mul", x, x, name=f"{name}/square")
         mean = self.g.op("ReduceMean", sq, name=f"{name}/mean", axes=[-1], keepdims=1)
         eps = self.g.const(self.spec.norm_eps, np.float32)
@@ -459,8 +468,9 @@ class DecoderBuilder:
         g = self.g
         x1, x2 = g.op("Split", x, g.const([half, half], np.int64), name=f"{name}/split", n_out=2, axis=-1)
         rotated = g.op("Concat", g.op("Neg", x2, name=f"{name}/neg"), x1, name=f"{name}/rotate_half", axis=-1)
-        return g.op("Add", g.op("Mul", x, cos, name=f"{name}/mul_cos"), g.op("Mul", rotated, sin, name=f"{name}/mul_sin"),
-                    name=f"{name}/rope")
+        with_cos = g.op("Mul", x, cos, name=f"{name}/mul_cos")
+        with_sin = g.op("Mul", rotated, sin, name=f"{name}/mul_sin")
+        return g.op("Add", with_cos, with_sin, name=f"{name}/rope")
 
     # -- the model -------------------------------------------------------------------------------------
     def build(self) -> BuiltModel:
@@ -605,14 +615,10 @@ class DecoderBuilder:
             x = g.op("Add", x, down, name=f"{p}mlp/residual")
 
         x = self.rms_norm(x, "final_norm", "final_norm")
-        if not s.tie_word_embeddings:
-            logits = self.linear(x, "lm_head")
-        elif self.plan.bits is not None:
-            # A quantized transposed copy of the embedding: MatMulNBits needs its own weight layout.
-            logits = self.quantized_linear(x, "embed", count=False, init_prefix="lm_head")
-        else:
-            head = self._as_float(self._store("embed", self.plan.embed_dtype), self.plan.embed_dtype)
-            logits = g.op("Gemm", x, head, name="lm_head/gemm", transB=1)
+        # The head reads the (tied) embedding table in place: Gemm with transB needs no transposed copy.
+        head = "embed" if s.tie_word_embeddings else "lm_head"
+        head_dtype = self.plan.embed_dtype if s.tie_word_embeddings else self.plan.head_dtype
+        logits = self.dense(x, head, head_dtype)
         g.op("Reshape", logits, logits_shape, name="lm_head/unflatten", out="logits")
 
         graph = helper.make_graph(g.nodes, f"sovpack_{s.family}", inputs, outputs, initializer=g.initializers)

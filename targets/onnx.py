@@ -13,6 +13,7 @@ costs nothing and a missing runtime becomes a MissingDependencyError naming the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import platform
@@ -21,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sovpack.targets.base import TARGETS, Progress, WrittenArtifact
 
 from sovpack.errors import ConversionError, MissingDependencyError, ParityError
 from sovpack.model import SourceModel
 from sovpack.spec import ModelSpec
-from sovpack.targets.base import TARGETS, Progress, WrittenArtifact
 
 GENAI_CONFIG = "genai_config.json"
 RUNNER_THREADS = 2
@@ -117,15 +118,22 @@ class OnnxTarget:
     default_precision = "fp32"
 
     def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress) -> WrittenArtifact:
+        from sovpack.targets._onnx_graph import (
+            DATA_FILE,
+            MODEL_FILE,
+            PLANS,
+            QUANT_BLOCK_SIZE,
+            DecoderBuilder,
+            min_onnxruntime,
+        )
+
         from sovpack.convert import copy_support_files
-        from sovpack.targets._onnx_graph import DATA_FILE, MODEL_FILE, PLANS, QUANT_BLOCK_SIZE, DecoderBuilder
-        from sovpack.targets._onnx_graph import min_onnxruntime
 
         onnx = _require("onnx")
         if precision not in PLANS:
             raise ConversionError(f"onnx: unknown precision {precision!r}; known: {', '.join(self.precisions)}")
         plan = PLANS[precision]
-        ort = _require("onnxruntime") if plan.bits is not None else None
+        quantizer_version = _require("onnxruntime").__version__ if plan.bits is not None else None
 
         built = DecoderBuilder(model, precision, out_dir, progress).build()
         model_path = out_dir / MODEL_FILE
@@ -170,13 +178,14 @@ class OnnxTarget:
             metadata["quantization"] = {
                 "op": "com.microsoft.MatMulNBits",
                 "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
-                "onnxruntime_version": ort.__version__,
+                "onnxruntime_version": quantizer_version,
                 "bits": plan.bits,
                 "block_size": QUANT_BLOCK_SIZE,
                 "symmetric": False,
                 "algorithm": "RTN (round to nearest), per-block scale and uint8 zero point",
-                "quantized": "every linear layer and the lm_head",
-                "not_quantized": f"embedding table ({plan.embed_dtype.name}), norms and biases (float32)",
+                "quantized": "every attention and MLP projection (q, k, v, o, gate, up, down)",
+                "not_quantized": f"embedding table and lm_head ({plan.embed_dtype.name}), norms and biases "
+                "(float32)",
             }
         files = (MODEL_FILE, DATA_FILE, GENAI_CONFIG, *copied)
         return WrittenArtifact(files=files, metadata=metadata)
@@ -310,7 +319,11 @@ class GenaiRunner:
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            self._tokenizer = self._og.Tokenizer(self.model)
+            tokenizer = self._og.Tokenizer(self.model)
+            # genai encodes without special tokens unless told; a prompt (and the parity corpus) includes BOS.
+            with contextlib.suppress(AttributeError, RuntimeError):
+                tokenizer.update_options(add_special_tokens="true")
+            self._tokenizer = tokenizer
         return self._tokenizer
 
     def _generator(self, max_length: int) -> Any:
@@ -325,6 +338,7 @@ class GenaiRunner:
         return logits.reshape(-1, logits.shape[-1])[-len(ids):]
 
     def greedy(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
+        """Greedy search by genai itself; it also stops at the eos ids of genai_config.json."""
         if max_new_tokens <= 0:
             return []
         generator = self._generator(len(ids) + max_new_tokens)

@@ -1,0 +1,476 @@
+"""Tests for the tiny-checkpoint generator (fixtures.generate) and its tokenizers (fixtures.tokenizers_gen).
+
+The checkpoints are the ground truth other tests convert and compare against, so these tests pin down that
+they are reproducible, laid out like real checkpoints, and loadable by transformers (the independent oracle).
+"""
+
+# Multilingual samples deliberately contain full-width CJK punctuation.
+# ruff: noqa: RUF001
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
+
+from fixtures.generate import VARIANTS, FixtureVariant, main, make_checkpoint
+from fixtures.tokenizers_gen import KINDS, build_tokenizer, tokenizer_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_DIR = ROOT / "fixtures" / "checkpoints" / "llama3"
+MAX_CHECKPOINT_BYTES = 1_000_000
+
+MULTILINGUAL = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "Le café est très chaud, n'est-ce pas ?",
+    "Größe und Übersicht: straße",
+    "¿Dónde está la biblioteca?",
+    "Привет, мир! Как дела?",
+    "你好，世界！我们正在测试。",
+    "こんにちは、世界！東京の駅。",
+    "مرحبا بالعالم",
+    "def f(x):\n    return x + 1\n\n\tprint(12345, 3.14159)",
+    '{"a": [1, 2, 3], "b": null}',
+    "spaces   inside  and trailing   ",
+    "emoji 🚀 and a clef 𝄞 and CJK ext 𠀀",
+]
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def _tensors(d: Path) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("gen_a")
+    return {name: make_checkpoint(name, base / name) for name in VARIANTS}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generator: files, determinism, layout
+
+
+def test_variants_table() -> None:
+    assert set(VARIANTS) == {"llama3", "llama2", "mistral", "qwen2", "qwen3", "phi3", "gemma"}
+    for v in VARIANTS.values():
+        assert isinstance(v, FixtureVariant)
+        assert v.num_hidden_layers == 2 and v.hidden_size == 64
+    assert {VARIANTS[n].chat_template_in for n in ("llama3", "qwen3")} == {"jinja_file"}
+    hash(VARIANTS["llama3"])  # frozen and hashable despite the rope_scaling dict
+
+
+def test_every_variant_writes_expected_files(generated: dict[str, Path]) -> None:
+    for name, d in generated.items():
+        v = VARIANTS[name]
+        names = set(_files(d))
+        expected = {
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        }
+        if v.shards == 1:
+            expected.add("model.safetensors")
+        else:
+            expected.add("model.safetensors.index.json")
+            expected |= {f"model-{k:05d}-of-{v.shards:05d}.safetensors" for k in range(1, v.shards + 1)}
+        if v.chat_template_in == "jinja_file":
+            expected.add("chat_template.jinja")
+        assert names == expected, name
+        total = sum(len(b) for b in _files(d).values())
+        assert total < MAX_CHECKPOINT_BYTES, (name, total)
+
+
+def test_generation_is_byte_identical(generated: dict[str, Path], tmp_path: Path) -> None:
+    for name, d in generated.items():
+        again = make_checkpoint(name, tmp_path / name)
+        assert _files(again) == _files(d), name
+
+
+def test_json_files_are_canonical(generated: dict[str, Path]) -> None:
+    for name, d in generated.items():
+        for f in d.glob("*.json"):
+            if f.name == "tokenizer.json":
+                continue
+            text = f.read_text(encoding="utf-8")
+            assert text == json.dumps(json.loads(text), indent=2, sort_keys=True, ensure_ascii=False) + "\n", (
+                name,
+                f.name,
+            )
+
+
+def test_weights_match_config(generated: dict[str, Path]) -> None:
+    np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+    for name, d in generated.items():
+        v = VARIANTS[name]
+        cfg = json.loads((d / "config.json").read_text())
+        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        t = _tensors(d)
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+        assert cfg["vocab_size"] == vocab == t["model.embed_tokens.weight"].shape[0], name
+        assert ("lm_head.weight" in t) == (not v.tie_word_embeddings), name
+        assert {a.dtype for a in t.values()} == {np.dtype(np_dtype[v.dtype])}, name
+        for a in t.values():
+            assert np.isfinite(a.astype(np.float32)).all()
+        q = v.num_attention_heads * v.head_dim
+        kv = v.num_key_value_heads * v.head_dim
+        for i in range(v.num_hidden_layers):
+            p = f"model.layers.{i}."
+            if v.family == "phi3":
+                assert t[p + "self_attn.qkv_proj.weight"].shape == (q + 2 * kv, v.hidden_size)
+                assert t[p + "mlp.gate_up_proj.weight"].shape == (2 * v.intermediate_size, v.hidden_size)
+                assert p + "self_attn.q_proj.weight" not in t
+            else:
+                assert t[p + "self_attn.q_proj.weight"].shape == (q, v.hidden_size)
+                assert t[p + "self_attn.k_proj.weight"].shape == (kv, v.hidden_size)
+                assert t[p + "mlp.down_proj.weight"].shape == (v.hidden_size, v.intermediate_size)
+            assert t[p + "self_attn.o_proj.weight"].shape == (v.hidden_size, q)
+            assert (p + "self_attn.q_proj.bias" in t) == (v.family == "qwen2")
+            assert (p + "self_attn.q_norm.weight" in t) == (v.family == "qwen3")
+            if v.family == "qwen3":
+                assert t[p + "self_attn.k_norm.weight"].shape == (v.head_dim,)
+        norm = t["model.norm.weight"].astype(np.float32)
+        if v.family == "gemma":
+            assert abs(float(norm.mean())) < 0.1  # stored as offsets around 0: Gemma computes x * (1 + w)
+        else:
+            assert abs(float(norm.mean()) - 1.0) < 0.1
+
+
+def test_sharded_index(generated: dict[str, Path]) -> None:
+    d = generated["llama2"]
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    t = _tensors(d)
+    assert set(index["weight_map"]) == set(t)
+    assert index["metadata"]["total_size"] == sum(a.nbytes for a in t.values())
+    for name, fname in index["weight_map"].items():
+        assert name in load_file(str(d / fname))
+    assert len(set(index["weight_map"].values())) == 2
+
+
+def test_config_dialects_and_family_keys(generated: dict[str, Path]) -> None:
+    cfg = {n: json.loads((d / "config.json").read_text()) for n, d in generated.items()}
+    llama3 = cfg["llama3"]
+    assert llama3["rope_theta"] == 500000.0 and llama3["torch_dtype"] == "float32"
+    assert llama3["rope_scaling"]["rope_type"] == "llama3" and "rope_parameters" not in llama3
+    assert llama3["architectures"] == ["LlamaForCausalLM"]
+    mistral = cfg["mistral"]
+    assert mistral["rope_parameters"] == {"rope_type": "default", "rope_theta": 1000000.0}
+    assert "rope_theta" not in mistral and "torch_dtype" not in mistral and mistral["dtype"] == "float16"
+    assert mistral["sliding_window"] == 4096
+    qwen2 = cfg["qwen2"]
+    assert qwen2["rope_parameters"]["rope_type"] == "yarn" and qwen2["use_sliding_window"] is False
+    assert qwen2["tie_word_embeddings"] is True
+    assert cfg["qwen3"]["head_dim"] == 32 != cfg["qwen3"]["hidden_size"] // cfg["qwen3"]["num_attention_heads"]
+    assert cfg["qwen3"]["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    phi3 = cfg["phi3"]
+    assert phi3["partial_rotary_factor"] == 1.0 and phi3["rope_scaling"] is None
+    assert 0 <= phi3["pad_token_id"] < phi3["vocab_size"]
+    gemma = cfg["gemma"]
+    assert gemma["hidden_activation"] == gemma["hidden_act"] == "gelu_pytorch_tanh"
+    assert (gemma["bos_token_id"], gemma["eos_token_id"], gemma["pad_token_id"]) == (2, 1, 0)
+    assert gemma["num_key_value_heads"] == 1 and gemma["head_dim"] == 32
+    for name, c in cfg.items():
+        ids = [c["bos_token_id"], c["pad_token_id"]]
+        ids += c["eos_token_id"] if isinstance(c["eos_token_id"], list) else [c["eos_token_id"]]
+        assert all(i is None or 0 <= i < c["vocab_size"] for i in ids), name
+
+
+def test_tokenizer_config_and_chat_template(generated: dict[str, Path]) -> None:
+    for name, d in generated.items():
+        v = VARIANTS[name]
+        tc = json.loads((d / "tokenizer_config.json").read_text())
+        spec = tokenizer_spec(v.tokenizer)
+        assert tc["eos_token"] == spec.eos_token and tc["add_bos_token"] == spec.add_bos_token
+        assert tc["model_max_length"] == v.max_position_embeddings
+        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        for id_str, entry in tc["added_tokens_decoder"].items():
+            assert tok.token_to_id(entry["content"]) == int(id_str)
+        if v.chat_template_in == "jinja_file":
+            assert "chat_template" not in tc
+            assert "{%" in (d / "chat_template.jinja").read_text()
+        else:
+            assert "{%" in tc["chat_template"]
+
+
+def test_overrides(tmp_path: Path) -> None:
+    d = make_checkpoint("mistral", tmp_path / "m", sliding_window=8, dtype="bfloat16", config_dialect="v4", seed=1)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["sliding_window"] == 8 and cfg["torch_dtype"] == "bfloat16" and cfg["rope_theta"] == 1000000.0
+    assert "rope_parameters" not in cfg
+    default = make_checkpoint("mistral", tmp_path / "m_default")
+    a = _tensors(d)["model.embed_tokens.weight"].astype(np.float32)
+    b = _tensors(default)["model.embed_tokens.weight"].astype(np.float32)
+    assert not np.allclose(a, b)  # a different seed gives different weights
+    d2 = make_checkpoint("llama3", tmp_path / "l", config_dialect="v5", shards=3)
+    cfg2 = json.loads((d2 / "config.json").read_text())
+    assert cfg2["rope_parameters"]["rope_type"] == "llama3" and cfg2["rope_parameters"]["rope_theta"] == 500000.0
+    assert len(list(d2.glob("model-*-of-00003.safetensors"))) == 3
+
+
+def test_invalid_requests(tmp_path: Path) -> None:
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(FileExistsError):
+        make_checkpoint("llama3", tmp_path / "full")
+    with pytest.raises(TypeError):
+        make_checkpoint("llama3", tmp_path / "a", no_such_field=1)
+    with pytest.raises(ValueError):
+        make_checkpoint("llama3", tmp_path / "b", sliding_window=8)
+    with pytest.raises(ValueError):
+        make_checkpoint("llama3", tmp_path / "c", dtype="int8")
+    with pytest.raises(KeyError):
+        make_checkpoint("nope", tmp_path / "d")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert make_checkpoint("gemma", empty) == empty  # an existing empty directory is fine
+
+
+def test_cli_writes_all_variants(tmp_path: Path, generated: dict[str, Path]) -> None:
+    assert main([str(tmp_path / "all")]) == 0
+    for name, d in generated.items():
+        assert _files(tmp_path / "all" / name) == _files(d), name
+
+
+def test_cli_subprocess_is_deterministic_across_processes(tmp_path: Path, generated: dict[str, Path]) -> None:
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fixtures.generate", str(out), "--variant", "llama3", "--variant", "phi3"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["llama3", "phi3"]
+    for name in ("llama3", "phi3"):
+        assert _files(out / name) == _files(generated[name]), name
+
+
+def test_committed_demo_matches_generator(generated: dict[str, Path]) -> None:
+    if not DEMO_DIR.exists():
+        pytest.skip("demo checkpoint not present")
+    assert _files(DEMO_DIR) == _files(generated["llama3"]), (
+        "fixtures/checkpoints/llama3 is stale: regenerate with "
+        "`rm -rf fixtures/checkpoints/llama3 && python -m fixtures.generate fixtures/checkpoints --variant llama3`"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def test_tokenizer_training_is_deterministic() -> None:
+    first = {k: build_tokenizer(k).to_str() for k in KINDS}
+    assert first == {k: build_tokenizer(k).to_str() for k in KINDS}
+    code = (
+        "import hashlib, json\n"
+        "from fixtures.tokenizers_gen import KINDS, _tokenizer_json\n"
+        "print(json.dumps({k: hashlib.sha256(_tokenizer_json(k).encode()).hexdigest() for k in KINDS}))\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "987", "RAYON_NUM_THREADS": "4", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    other = json.loads(proc.stdout)
+    mine = {k: hashlib.sha256(build_tokenizer(k).to_str(pretty=True).encode()).hexdigest() for k in KINDS}
+    assert other == mine
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip(kind: str) -> None:
+    tok = build_tokenizer(kind)
+    for text in MULTILINGUAL:
+        ids = tok.encode(text).ids
+        assert tok.decode(ids, skip_special_tokens=True) == text, (kind, text)
+
+
+@pytest.mark.parametrize("kind", ["llama2-spm", "mistral-spm", "phi3-spm", "gemma-spm"])
+def test_sentencepiece_byte_fallback(kind: str) -> None:
+    tok = build_tokenizer(kind)
+    assert tok.token_to_id("𝄞") is None
+    tokens = tok.encode("a𝄞b", add_special_tokens=False).tokens
+    assert [t for t in tokens if t.startswith("<0x")] == ["<0xF0>", "<0x9D>", "<0x84>", "<0x9E>"]
+    assert tok.encode("line\nbreak", add_special_tokens=False).tokens.count("<0x0A>") == 1
+    # SentencePiece pieces never cross a word boundary: "▁" only leads a piece (or forms whitespace pieces).
+    for piece in tok.get_vocab():
+        body = piece.lstrip("▁")
+        assert "▁" not in body, piece
+
+
+def test_byte_level_layout() -> None:
+    for kind, specials in (("llama3-bpe", 5), ("qwen2-bpe", 3)):
+        tok = build_tokenizer(kind)
+        spec = tokenizer_spec(kind)
+        assert tok.get_vocab_size(with_added_tokens=False) == 600
+        assert [tok.token_to_id(s) for s in spec.specials] == list(range(600, 600 + specials))
+        assert tok.id_to_token(0) == "!" and tok.id_to_token(255) is not None
+        for text in MULTILINGUAL:  # byte-level: never an unknown token
+            assert None not in tok.encode(text).ids
+    j3 = json.loads(build_tokenizer("llama3-bpe").to_str())
+    assert j3["normalizer"] is None and j3["model"]["ignore_merges"] is True
+    assert [p["type"] for p in j3["pre_tokenizer"]["pretokenizers"]] == ["Split", "ByteLevel"]
+    assert j3["pre_tokenizer"]["pretokenizers"][1]["use_regex"] is False
+    llama3, qwen2 = build_tokenizer("llama3-bpe"), build_tokenizer("qwen2-bpe")
+    assert llama3.encode("Hi").tokens[0] == "<|begin_of_text|>"
+    assert qwen2.encode("Hi").tokens[0] != "<|endoftext|>"
+    # Llama 3 pre-splits numbers into groups of up to three digits, Qwen2 into single digits.
+    assert [w for w, _ in llama3.pre_tokenizer.pre_tokenize_str("12345")] == ["123", "45"]
+    assert qwen2.encode("12345").tokens == ["1", "2", "3", "4", "5"]
+    assert json.loads(qwen2.to_str())["normalizer"]["type"] == "NFC"
+
+
+def test_sentencepiece_layout() -> None:
+    llama2 = build_tokenizer("llama2-spm")
+    assert [llama2.id_to_token(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<0x00>"]
+    assert llama2.id_to_token(258) == "<0xFF>"
+    assert llama2.encode("Hello").tokens[0] == "<s>"
+    j2 = json.loads(llama2.to_str())
+    assert [n["type"] for n in j2["normalizer"]["normalizers"]] == ["Prepend", "Replace"]
+    assert j2["pre_tokenizer"] is None and j2["model"]["byte_fallback"] is True
+    jm = json.loads(build_tokenizer("mistral-spm").to_str())
+    assert jm["normalizer"] is None
+    assert (jm["pre_tokenizer"]["type"], jm["pre_tokenizer"]["prepend_scheme"], jm["pre_tokenizer"]["split"]) == (
+        "Metaspace",
+        "first",
+        False,
+    )
+    # Same vocabulary, two HF pipeline forms: identical ids.
+    for text in MULTILINGUAL:
+        assert build_tokenizer("mistral-spm").encode(text).ids == llama2.encode(text).ids, text
+    phi3 = build_tokenizer("phi3-spm")
+    n = llama2.get_vocab_size()
+    assert [phi3.id_to_token(n + i) for i in range(5)] == [
+        "<|endoftext|>",
+        "<|assistant|>",
+        "<|user|>",
+        "<|system|>",
+        "<|end|>",
+    ]
+    gemma = build_tokenizer("gemma-spm")
+    assert [gemma.id_to_token(i) for i in range(7)] == [
+        "<pad>",
+        "<eos>",
+        "<bos>",
+        "<unk>",
+        "<start_of_turn>",
+        "<end_of_turn>",
+        "<0x00>",
+    ]
+    assert gemma.encode("Hello world").tokens[:3] == ["<bos>", "Hello", "▁world"]  # no dummy prefix
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transformers as the oracle
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_transformers_loads_model_and_tokenizer(name: str, generated: dict[str, Path]) -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    d = generated[name]
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info.get("mismatched_keys"), info
+    assert type(model).__name__ == json.loads((d / "config.json").read_text())["architectures"][0]
+
+    raw = Tokenizer.from_file(str(d / "tokenizer.json"))
+    hf = transformers.AutoTokenizer.from_pretrained(d)
+    assert hf.encode("Hello world") == raw.encode("Hello world").ids
+    for text in MULTILINGUAL:
+        assert hf.encode(text) == raw.encode(text).ids, text
+
+    ids = raw.encode("The quick brown fox jumps over the lazy dog. Привет, 你好! def f(x): return 42").ids
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    assert logits.shape == (len(ids), raw.get_vocab_size())
+    assert torch.isfinite(logits).all()
+    top2 = logits.topk(2, dim=-1).values
+    gap = top2[:, 0] - top2[:, 1]
+    spread = logits.max(dim=-1).values - logits.min(dim=-1).values
+    assert float(spread.min()) > 5.0, spread
+    assert float(gap.mean()) > 0.5 and float(gap.median()) > 0.2, gap
+    # The layers, not the input token, decide the prediction (tied random embeddings tend to echo the input).
+    echo = (logits.argmax(-1) == torch.tensor(ids)).float().mean()
+    assert float(echo) < 0.5
+
+    chat = hf.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False, add_generation_prompt=True)
+    assert "Hi there" in chat
+    gen = transformers.GenerationConfig.from_pretrained(d)
+    assert gen.eos_token_id is not None
+
+
+@pytest.mark.oracle
+def test_phi3_fused_weights_split_into_llama(generated: dict[str, Path]) -> None:
+    """Splitting qkv_proj as [q; k; v] and gate_up_proj as [gate; up] gives an equivalent Llama model."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    d = generated["phi3"]
+    v = VARIANTS["phi3"]
+    phi3 = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    cfg = json.loads((d / "config.json").read_text())
+    llama_cfg = transformers.LlamaConfig(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads,
+        num_key_value_heads=v.num_key_value_heads,
+        head_dim=v.head_dim,
+        rms_norm_eps=v.rms_norm_eps,
+        rope_theta=v.rope_theta,
+        max_position_embeddings=v.max_position_embeddings,
+        tie_word_embeddings=False,
+    )
+    llama = transformers.LlamaForCausalLM(llama_cfg).eval()
+    q = v.num_attention_heads * v.head_dim
+    kv = v.num_key_value_heads * v.head_dim
+    state = {}
+    for k, w in _tensors(d).items():
+        w = torch.from_numpy(w.astype(np.float32))
+        if k.endswith("qkv_proj.weight"):
+            p = k.removesuffix("qkv_proj.weight")
+            state[p + "q_proj.weight"], state[p + "k_proj.weight"], state[p + "v_proj.weight"] = w.split([q, kv, kv])
+        elif k.endswith("gate_up_proj.weight"):
+            p = k.removesuffix("gate_up_proj.weight")
+            state[p + "gate_proj.weight"], state[p + "up_proj.weight"] = w.chunk(2)
+        else:
+            state[k] = w
+    missing, unexpected = llama.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    ids = torch.tensor([Tokenizer.from_file(str(d / "tokenizer.json")).encode("Hello world, again").ids])
+    with torch.no_grad():
+        torch.testing.assert_close(llama(ids).logits, phi3(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.oracle
+def test_mistral_sliding_window_override_takes_effect(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    full = make_checkpoint("mistral", tmp_path / "full", dtype="float32")
+    windowed = make_checkpoint("mistral", tmp_path / "sw", dtype="float32", sliding_window=8)
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        a = transformers.AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32)(ids).logits[0]
+        b = transformers.AutoModelForCausalLM.from_pretrained(windowed, dtype=torch.float32)(ids).logits[0]
+    torch.testing.assert_close(a[:8], b[:8])  # identical while the context fits in the window
+    assert float((a[8:] - b[8:]).abs().max()) > 1e-2

@@ -1,0 +1,460 @@
+"""The onnx target end to end on real onnxruntime / onnxruntime-genai, against the numpy reference.
+
+Every fixture family is converted through ``sovpack.convert.convert`` (parity included) and the artifacts are
+then opened again: by the ONNX checker, by plain onnxruntime with left-padded batches, by onnxruntime-genai,
+and by the CLI. Checkpoints and artifacts are made once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sovpack.targets import TARGETS, load_targets
+from sovpack.targets._onnx_graph import (
+    DATA_FILE,
+    MODEL_FILE,
+    PLANS,
+    QUANT_BLOCK_SIZE,
+    _converted_chunks,
+    min_onnxruntime,
+)
+from sovpack.targets.onnx import GENAI_CONFIG, GENAI_MODEL_TYPES, GenaiRunner, OnnxRunner
+
+from fixtures.generate import VARIANTS, make_checkpoint
+from sovpack.convert import ConvertResult, convert
+from sovpack.errors import ConversionError, MissingDependencyError
+from sovpack.model import open_model
+from sovpack.parity import check_parity, thresholds_for
+from sovpack.prompts import TOKENIZER_CORPUS, encode_prompts, load_tokenizer
+from sovpack.reference import ReferenceModel
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+FAMILIES = sorted(VARIANTS)  # gemma, llama2, llama3, mistral, phi3, qwen2, qwen3
+WINDOW = "mistral-window"  # mistral with a sliding window shorter than the parity prompts
+# int4 on the fixtures is converted without judged parity. Their logits are very sharp (std 4-8 over a ~600-token
+# vocabulary), so the noise of round-to-nearest 4-bit weights (~8% relative error per matmul, the floor of
+# block-32 RTN on Gaussian weights) is worth 0.4-0.6 nats of mean KL: above the default int4 limit (0.2, and
+# its warn band to 0.4), which is calibrated on 7-8B models. What the tests check instead: the artifact computes
+# exactly int4 RTN (fp32 parity against the reference run on its own dequantized weights), and its deviation
+# from the source model is exactly RTN's (same metrics as that ideal numpy model).
+UNJUDGED_PRECISIONS = ("int4",)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("onnx-checkpoints")
+    made = {name: make_checkpoint(name, root / name) for name in FAMILIES}
+    made[WINDOW] = make_checkpoint("mistral", root / WINDOW, sliding_window=5)
+    return made
+
+
+@pytest.fixture(scope="module")
+def artifact(
+    ckpts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., ConvertResult]:
+    """convert(variant, precision) through sovpack.convert, with parity, cached per module."""
+    root = tmp_path_factory.mktemp("onnx-artifacts")
+    cache: dict[tuple[str, str], ConvertResult] = {}
+
+    def make(variant: str, precision: str) -> ConvertResult:
+        key = (variant, precision)
+        if key not in cache:
+            cache[key] = convert(ckpts[variant], f"onnx:{precision}", root / f"{variant}-{precision}",
+                                 parity=precision not in UNJUDGED_PRECISIONS)
+        return cache[key]
+
+    return make
+
+
+def reference(ckpt: Path) -> ReferenceModel:
+    return ReferenceModel(open_model(ckpt))
+
+
+def prompts(ckpt: Path) -> list[list[int]]:
+    return encode_prompts(ckpt / "tokenizer.json")
+
+
+# ------------------------------------------------------------------------------------------- registration
+
+
+def test_import_is_cheap_and_target_is_registered() -> None:
+    code = (
+        "import sys, sovpack.targets.onnx as m\n"
+        "heavy = [n for n in ('onnx', 'onnxruntime', 'onnxruntime_genai') if n in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "from sovpack.targets import TARGETS\n"
+        "assert TARGETS.get('onnx').precisions == ('fp32', 'fp16', 'int8', 'int4')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr
+    load_targets()
+    assert TARGETS.get("onnx").default_precision == "fp32"
+
+
+def test_missing_onnxruntime_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an uninstalled package looks like to import
+    with pytest.raises(MissingDependencyError, match=r"onnxruntime.*sovpack\[onnx\]"):
+        OnnxRunner(tmp_path, {})
+
+
+# ------------------------------------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_passes_parity(artifact: Callable[..., ConvertResult], family: str, precision: str) -> None:
+    result = artifact(family, precision)
+    report = result.parity
+    assert report is not None and report.status == "PASSED", report.reasons
+    m = report.metrics
+    limit = thresholds_for(precision)
+    assert m.max_abs_error is not None and m.max_abs_error <= limit.max_abs
+    assert m.top1_agreement == 1.0
+    assert m.greedy_agreement == 1.0  # greedy decoding through the model's own KV cache in onnxruntime
+    if precision == "fp32":
+        assert m.max_abs_error < 1e-4 and m.mean_kl < 1e-9
+        assert m.greedy_identical == m.prompts
+    else:  # fp16 rounding may flip a reference near-tie, which the harness excuses
+        assert m.greedy_identical + m.greedy_near_ties == m.prompts
+    assert report.runtime["target"]["runtime"] == "onnxruntime"
+    assert report.runtime["target"]["onnxruntime"] == ort.__version__
+    assert "CPUExecutionProvider" in report.runtime["target"]["providers"]
+    saved = json.loads((result.out_dir / "parity.json").read_text())
+    assert saved["status"] == "PASSED"
+
+
+def test_sliding_window_is_applied(artifact: Callable[..., ConvertResult], ckpts: dict[str, Path]) -> None:
+    windowed = artifact(WINDOW, "fp32")
+    assert windowed.parity is not None and windowed.parity.status == "PASSED", windowed.parity.reasons
+    # The window matters for these prompts: without it the same weights give other logits.
+    ids = prompts(ckpts[WINDOW])[0]
+    assert len(ids) > 5
+    plain = OnnxRunner(artifact("mistral", "fp32").out_dir).prefill_logits(ids)  # mistral fixture: window 4096
+    assert np.abs(OnnxRunner(windowed.out_dir).prefill_logits(ids) - plain).max() > 1e-2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_passes_its_default_thresholds(artifact: Callable[..., ConvertResult], family: str) -> None:
+    report = artifact(family, "int8").parity
+    assert report is not None and report.status == "PASSED", report.reasons
+    assert report.thresholds == thresholds_for("int8")
+    assert report.metrics.top1_agreement == 1.0
+
+
+def _unpack_matmulnbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, k: int,
+                        bits: int, block: int) -> np.ndarray:
+    """The float [N, K] weight a MatMulNBits node computes with (uint8 zero points, low nibble first)."""
+    n, k_blocks, _ = packed.shape
+    if bits == 4:
+        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, k_blocks, block)
+        zp = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :k_blocks]
+    else:
+        q, zp = packed, zero_points
+    w = (q.astype(np.float32) - zp[:, :, None].astype(np.float32)) * scales.reshape(n, k_blocks)[:, :, None]
+    return w.reshape(n, k_blocks * block)[:, :k]
+
+
+class _WeightsFromArtifact:
+    """A SourceModel look-alike whose tensors are what the artifact stores (for the reference to run on)."""
+
+    def __init__(self, ckpt: Path, overrides: dict[str, np.ndarray]) -> None:
+        self.inner = open_model(ckpt)
+        self.spec = self.inner.spec
+        self.overrides = overrides
+
+    def tensor(self, name: str, dtype: Any = np.float32) -> np.ndarray:
+        array = self.overrides.get(name)
+        return np.asarray(array if array is not None else self.inner.tensor(name, np.float32), dtype=dtype)
+
+
+def dequantized_reference(out: Path, ckpt: Path, precision: str) -> ReferenceModel:
+    """The numpy reference over exactly the weights a quantized artifact stores (MatMulNBits unpacked)."""
+    proto = onnx.load(str(out / MODEL_FILE))  # external data included: tiny model
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    bits = PLANS[precision].bits
+    assert bits is not None
+    model = open_model(ckpt)
+    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 7 * model.spec.num_layers  # q, k, v, o, gate, up, down
+    overrides: dict[str, np.ndarray] = {}
+    for node in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["bits"] == bits and attrs["block_size"] == QUANT_BLOCK_SIZE
+        packed, scales, zero_points = (inits[name] for name in node.input[1:4])
+        weight = node.input[1].rsplit(".", 1)[0]  # "layers.0.q.q4" -> "layers.0.q"
+        overrides[weight] = _unpack_matmulnbits(packed, scales, zero_points, attrs["K"], bits, attrs["block_size"])
+    for name in ("embed", "lm_head"):  # not quantized, stored as float16
+        if name in model.tensor_names():
+            overrides[name] = model.tensor(name).astype(np.float16).astype(np.float32)
+    return ReferenceModel(_WeightsFromArtifact(ckpt, overrides))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("family", "precision"), [("llama3", "int4"), ("qwen2", "int4"), ("phi3", "int8")])
+def test_quantized_artifact_is_exactly_rtn(artifact: Callable[..., ConvertResult], ckpts: dict[str, Path],
+                                           family: str, precision: str) -> None:
+    """The reference run on the artifact's own dequantized weights matches it at fp32 parity."""
+    out = artifact(family, precision).out_dir
+    ideal = dequantized_reference(out, ckpts[family], precision)
+    report = check_parity(ideal, OnnxRunner(out), target=f"onnx:{precision}", precision="fp32",
+                          prompts=prompts(ckpts[family]))
+    assert report.status == "PASSED", report.reasons
+    assert report.metrics.max_abs_error is not None and report.metrics.max_abs_error < 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int4_deviation_from_the_source_is_exactly_rtn(artifact: Callable[..., ConvertResult],
+                                                       ckpts: dict[str, Path], family: str) -> None:
+    out = artifact(family, "int4").out_dir
+    source, ids = reference(ckpts[family]), prompts(ckpts[family])
+    ideal = dequantized_reference(out, ckpts[family], "int4")
+    # Logit metrics only (greedy through the KV cache is covered at fp32/fp16 and by the exactness test).
+    judged = check_parity(source, OnnxRunner(out), target="onnx:int4", precision="int4", prompts=ids,
+                          max_new_tokens=0)
+    expected = check_parity(source, ideal, target="numpy-rtn-int4", precision="int4", prompts=ids,
+                            max_new_tokens=0)
+    got, want = judged.metrics, expected.metrics
+    assert got.mean_kl == pytest.approx(want.mean_kl, rel=0.02)
+    assert got.max_rel_error == pytest.approx(want.max_rel_error, rel=0.02)
+    assert got.top1_agreement == pytest.approx(want.top1_agreement, abs=0.02)
+    assert got.mean_kl is not None and got.mean_kl < 1.0  # sanity: far from unrelated weights (KL > 1)
+
+
+# --------------------------------------------------------------------------------- the artifact's files
+
+
+@pytest.mark.parametrize(("family", "precision"), [("llama3", "fp32"), ("gemma", "fp16"), ("qwen3", "int4"),
+                                                   ("phi3", "int8")])
+def test_checker_and_external_data(artifact: Callable[..., ConvertResult], ckpts: dict[str, Path],
+                                   family: str, precision: str) -> None:
+    out = artifact(family, precision).out_dir
+    onnx.checker.check_model(str(out / MODEL_FILE), full_check=True)  # by path: external data is used
+    proto = onnx.load(str(out / MODEL_FILE), load_external_data=False)
+    data_size = (out / DATA_FILE).stat().st_size
+    assert (out / MODEL_FILE).stat().st_size < 200_000  # the graph only
+    names = set(open_model(ckpts[family]).tensor_names())
+    external = 0
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            assert not tensor.name.startswith(("layers.", "embed", "lm_head", "final_norm")), tensor.name
+            assert len(tensor.raw_data) <= 4096  # shape constants, eps, rope inverse frequencies
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        assert info["location"] == DATA_FILE
+        offset, length = int(info["offset"]), int(info["length"])
+        assert offset % 64 == 0 and offset + length <= data_size
+        external += 1
+    stored = {t.name.rsplit(".", 1)[0] if t.name.endswith((".q4", ".q8", ".scales", ".zero_points")) else t.name
+              for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert stored == names  # every canonical tensor is stored once, externally
+    assert external >= len(names)
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".data")) == [DATA_FILE]
+
+
+@pytest.mark.parametrize(("precision", "min_ort", "weight_dtype"),
+                         [("fp32", "1.12", "float32"), ("fp16", "1.12", "float16"), ("int4", "1.17", "int4"),
+                          ("int8", "1.23", "int8")])
+def test_metadata_records_versions(artifact: Callable[..., ConvertResult], precision: str, min_ort: str,
+                                   weight_dtype: str) -> None:
+    out = artifact("qwen2", precision).out_dir
+    meta = json.loads((out / "sovpack-artifact.json").read_text())
+    fmt = meta["format_metadata"]
+    proto = onnx.load(str(out / MODEL_FILE), load_external_data=False)
+    assert fmt["opset"] == 17 == {o.domain: o.version for o in proto.opset_import}[""]
+    assert fmt["ir_version"] == proto.ir_version == 8
+    assert fmt["min_onnxruntime"] == min_ort
+    assert any(min_ort in reason for reason in fmt["min_onnxruntime_reasons"])
+    assert fmt["weight_dtype"] == weight_dtype and fmt["compute_dtype"] == "float32"
+    assert meta["files"] == sorted(meta["files"]) and {MODEL_FILE, DATA_FILE, GENAI_CONFIG} <= set(meta["files"])
+    if precision in ("int4", "int8"):
+        quant = fmt["quantization"]
+        assert quant["bits"] == int(precision[3:]) and quant["block_size"] == QUANT_BLOCK_SIZE
+        assert "com.microsoft" in fmt["opset_imports"]
+    else:
+        assert fmt["quantization"] is None and "com.microsoft" not in fmt["opset_imports"]
+
+
+def test_min_onnxruntime_rule_and_fp16_range() -> None:
+    assert min_onnxruntime(17, 8, [])[0] == "1.12"
+    assert min_onnxruntime(17, 8, [("MatMulNBits", {"bits": 4})] * 3)[0] == "1.17"
+    assert min_onnxruntime(17, 8, [("MatMulNBits", {"bits": 4}), ("MatMulNBits", {"bits": 8})])[0] == "1.23"
+    for bad in ((99, 8, []), (17, 99, []), (17, 8, [("GroupQueryAttention", {})]), (17, 8, [("MatMulNBits",
+                                                                                            {"bits": 3})])):
+        with pytest.raises(ConversionError, match="no known onnxruntime"):
+            min_onnxruntime(*bad)
+    big = np.array([[1.0, 7e4]], dtype=np.float32)
+    with pytest.raises(ConversionError, match="beyond the float16 range"):
+        list(_converted_chunks("layers.0.q", big, np.dtype(np.float16)))
+
+
+def test_artifact_carries_genai_config_and_tokenizer(artifact: Callable[..., ConvertResult],
+                                                     ckpts: dict[str, Path]) -> None:
+    out = artifact("llama3", "fp32").out_dir
+    spec = open_model(ckpts["llama3"]).spec
+    config = json.loads((out / GENAI_CONFIG).read_text())
+    model, decoder = config["model"], config["model"]["decoder"]
+    assert model["type"] == "llama" and model["vocab_size"] == spec.vocab_size
+    assert model["context_length"] == spec.max_position_embeddings
+    assert model["bos_token_id"] == spec.bos_token_id and model["eos_token_id"] == list(spec.eos_token_ids)
+    assert decoder["filename"] == MODEL_FILE and decoder["head_size"] == spec.head_dim
+    assert (decoder["num_hidden_layers"], decoder["num_attention_heads"], decoder["num_key_value_heads"]) == (
+        spec.num_layers, spec.num_heads, spec.num_kv_heads)
+    assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert decoder["outputs"]["present_value_names"] == "present.%d.value"
+    assert "session_options" in decoder
+    assert config["search"]["do_sample"] is False and config["search"]["num_beams"] == 1
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (ckpts["llama3"] / name).read_bytes()
+    assert {GENAI_MODEL_TYPES[open_model(ckpts[f]).spec.family] for f in FAMILIES} == {
+        "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"}
+
+
+def test_io_signature_is_the_optimum_genai_one(artifact: Callable[..., ConvertResult],
+                                               ckpts: dict[str, Path]) -> None:
+    spec = open_model(ckpts["qwen3"]).spec
+    runner = OnnxRunner(artifact("qwen3", "fp32").out_dir)
+    inputs = {i.name: i for i in runner.session.get_inputs()}
+    outputs = {o.name: o for o in runner.session.get_outputs()}
+    assert inputs["input_ids"].shape == inputs["position_ids"].shape == ["batch_size", "sequence_length"]
+    assert inputs["attention_mask"].shape == ["batch_size", "total_sequence_length"]
+    for name in ("input_ids", "attention_mask", "position_ids"):
+        assert inputs[name].type == "tensor(int64)"
+    kv, dim = spec.num_kv_heads, spec.head_dim
+    assert inputs["past_key_values.0.key"].shape == ["batch_size", kv, "past_sequence_length", dim]
+    assert outputs["present.1.value"].shape == ["batch_size", kv, "total_sequence_length", dim]
+    assert outputs["logits"].shape == ["batch_size", "sequence_length", spec.vocab_size]
+    assert outputs["logits"].type == inputs["past_key_values.0.value"].type == "tensor(float)"
+    layers = range(spec.num_layers)
+    assert list(inputs) == ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{kind}" for i in layers for kind in ("key", "value")]
+    assert list(outputs) == ["logits"] + [f"present.{i}.{kind}" for i in layers for kind in ("key", "value")]
+
+
+# ------------------------------------------------------------------------------------ batching and padding
+
+
+@pytest.mark.parametrize("variant", ["llama3", "qwen2", WINDOW])
+def test_left_padded_batch_matches_single_runs(artifact: Callable[..., ConvertResult], ckpts: dict[str, Path],
+                                               variant: str) -> None:
+    runner = OnnxRunner(artifact(variant, "fp32").out_dir)
+    rows = [ids[:14] for ids in prompts(ckpts[variant])[:3]]
+    rows[1] = rows[1][:6]
+    rows[2] = rows[2][:1]
+    width = max(len(r) for r in rows)
+    pad = 0
+    ids = np.array([[pad] * (width - len(r)) + r for r in rows], dtype=np.int64)
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=np.int64)
+    positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
+    logits, past = runner.forward(ids, mask, positions)
+    assert np.isfinite(logits).all()  # fully masked (padding) rows stay finite
+    for b, row in enumerate(rows):
+        single = runner.prefill_logits(row)
+        np.testing.assert_allclose(logits[b, width - len(row):], single, atol=1e-4, rtol=0)
+    # Decode four steps as a batch through the cache; each row must follow its own single greedy run.
+    generated: list[list[int]] = [[] for _ in rows]
+    for _ in range(4):
+        tokens = logits[:, -1].argmax(axis=-1)
+        for b, token in enumerate(tokens):
+            generated[b].append(int(token))
+        mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
+        positions = positions[:, -1:] + 1
+        logits, past = runner.forward(tokens[:, None].astype(np.int64), mask, positions, past)
+    last = logits[:, -1]
+    ref = reference(ckpts[variant])
+    for b, row in enumerate(rows):
+        assert generated[b] == runner.greedy(row, 4) == ref.greedy(row, 4)
+        np.testing.assert_allclose(last[b], ref.prefill_logits(row + generated[b])[-1], atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- onnxruntime-genai
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_genai_generates_the_reference_tokens(artifact: Callable[..., ConvertResult], ckpts: dict[str, Path],
+                                              family: str) -> None:
+    pytest.importorskip("onnxruntime_genai")
+    genai = GenaiRunner(artifact(family, "fp32").out_dir)
+    ref = reference(ckpts[family])
+    stop = ref.spec.eos_token_ids
+    for ids in prompts(ckpts[family]):
+        assert genai.greedy(ids, 8, stop) == ref.greedy(ids, 8, stop)
+    ids = prompts(ckpts[family])[0]
+    np.testing.assert_allclose(genai.prefill_logits(ids), ref.prefill_logits(ids), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize(("family", "precision"), [("llama3", "int4"), ("gemma", "fp16"), ("qwen3", "int8")])
+def test_genai_runs_other_precisions_like_plain_onnxruntime(artifact: Callable[..., ConvertResult],
+                                                            ckpts: dict[str, Path], family: str,
+                                                            precision: str) -> None:
+    pytest.importorskip("onnxruntime_genai")
+    out = artifact(family, precision).out_dir
+    genai, plain = GenaiRunner(out), OnnxRunner(out)
+    stop = open_model(ckpts[family]).spec.eos_token_ids
+    for ids in prompts(ckpts[family])[:4]:
+        assert genai.greedy(ids, 8, stop) == plain.greedy(ids, 8, stop)
+
+
+# onnxruntime-genai 0.18's own tokenizer (onnxruntime-extensions) differs from `tokenizers` on the
+# SentencePiece-style BPE fixtures: it merges runs of spaces differently (llama2, phi3, mistral) and, for the
+# mistral fixture's Metaspace prepend scheme, adds/omits the leading "▁" around special tokens and leading
+# spaces. The artifact ships the source tokenizer.json unchanged; these are genai's divergences, listed exactly.
+_SPACE_RUNS = {"multiple   spaces    here", "def main():\n    print('hi')\n    return 0\n"}
+GENAI_TOKENIZER_DIVERGENCES = {
+    "llama2": _SPACE_RUNS,
+    "phi3": _SPACE_RUNS,
+    "mistral": _SPACE_RUNS | {" leading space", "    indented with four spaces", "<s>[INST] Hello [/INST]</s>"},
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_genai_tokenizer_matches_the_source(artifact: Callable[..., ConvertResult], ckpts: dict[str, Path],
+                                            family: str) -> None:
+    pytest.importorskip("onnxruntime_genai")
+    genai = GenaiRunner(artifact(family, "fp32").out_dir)
+    source = load_tokenizer(ckpts[family] / "tokenizer.json")
+    mismatched = {text for text in TOKENIZER_CORPUS
+                  if genai.tokenize(text) != list(source.encode(text, add_special_tokens=True).ids)}
+    assert mismatched <= GENAI_TOKENIZER_DIVERGENCES.get(family, set()), sorted(mismatched)
+
+
+# ------------------------------------------------------------------------------------- streaming and CLI
+
+
+def test_chunked_writing_gives_identical_bytes(ckpts: dict[str, Path], artifact: Callable[..., ConvertResult],
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sovpack.targets._onnx_graph as graph
+
+    monkeypatch.setattr(graph, "CHUNK_BYTES", 1000)  # a few rows per chunk instead of whole tensors
+    out = convert(ckpts["phi3"], "onnx:fp16", tmp_path / "chunked", parity=False).out_dir
+    reference_dir = artifact("phi3", "fp16").out_dir
+    assert (out / DATA_FILE).read_bytes() == (reference_dir / DATA_FILE).read_bytes()
+    assert (out / MODEL_FILE).read_bytes() == (reference_dir / MODEL_FILE).read_bytes()
+
+
+def test_cli_convert_and_run(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from sovpack.cli import cli
+
+    out = tmp_path / "cli-onnx"
+    result = CliRunner().invoke(cli, ["convert", str(ckpts["qwen2"]), "-t", "onnx:fp32", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["target"] == "onnx:fp32" and summary["parity"] == "PASSED"
+    assert {MODEL_FILE, DATA_FILE, GENAI_CONFIG, "tokenizer.json"} <= set(summary["files"])
+
+    ran = CliRunner().invoke(cli, ["run", str(out), "--prompt", "Hello world", "--max-new-tokens", "5", "--json"])
+    assert ran.exit_code == 0, ran.output
+    info = json.loads(ran.output)
+    assert info["runtime"] == "onnxruntime" and isinstance(info["text"], str)
+    ref = reference(ckpts["qwen2"])
+    assert info["generated_ids"] == ref.greedy(info["prompt_ids"], 5, ref.spec.eos_token_ids)

@@ -1,0 +1,494 @@
+"""The openvino target end to end on real OpenVINO, openvino-tokenizers and openvino-genai (no mocks).
+
+Every fixture family is converted through ``sovpack.convert.convert`` (parity included, on the CPU plugin with
+f32 execution); the artifacts are then opened again by openvino-genai's ``LLMPipeline`` (stateful SDPA and
+paged-attention backends) and ``ContinuousBatchingPipeline``, by the raw infer request with left-padded
+batches and beam reordering, and by the CLI. Artifacts are made once per module and shared between tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sovpack.targets import TARGETS, load_targets
+
+from fixtures.generate import VARIANTS, make_checkpoint
+from sovpack.cli import cli
+from sovpack.convert import ConvertResult, convert
+from sovpack.errors import ConversionError, MissingDependencyError
+from sovpack.model import open_model
+from sovpack.parity import check_parity, thresholds_for
+from sovpack.prompts import PROMPTS, TOKENIZER_CORPUS, encode_prompts
+from sovpack.reference import ReferenceModel
+from sovpack.tokenizer import SourceTokenizer
+
+ov = pytest.importorskip("openvino")
+og = pytest.importorskip("openvino_genai")
+pytest.importorskip("openvino_tokenizers")
+
+from sovpack.targets._openvino_graph import state_names  # noqa: E402
+from sovpack.targets._openvino_weights import (  # noqa: E402
+    SCHEMES,
+    WeightFactory,
+    pack_int4,
+    quantization_plan,
+    quantize,
+)
+from sovpack.targets.openvino import PARITY_CONFIG, PRECISIONS, OpenvinoRunner, OpenvinoTarget  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+FAMILIES = sorted(VARIANTS)  # gemma, llama2, llama3, mistral, phi3, qwen2, qwen3
+WINDOW = "mistral-window"  # mistral with a sliding window (5) much shorter than the parity prompts
+MAX_NEW = 8
+# Round-to-nearest 4-bit weights on the fixtures' tiny Gaussian matrices (hidden 64, groups of 16) cost ~7%
+# relative error per matmul, and the fixtures' logits are sharp (entropy ~1 nat over ~600 tokens), so mean KL
+# lands at 0.3-0.55 nats: around or above the default int4 limit of 0.2, which is calibrated on 7-8B models.
+# test_quantized_artifacts_compute_exactly_rtn shows the IR computes exactly the RTN weights; the int4 parity
+# run widens only mean_kl so the rest of the int4 path is still judged end to end.
+FIXTURE_INT4_OVERRIDES = {"mean_kl": 0.6}
+
+
+@pytest.fixture(scope="module")
+def ckpts(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    made = dict(checkpoints)
+    made[WINDOW] = make_checkpoint("mistral", tmp_path_factory.mktemp("ov-ckpt") / WINDOW, sliding_window=5)
+    return made
+
+
+@pytest.fixture(scope="module")
+def artifact(ckpts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], ConvertResult]:
+    """convert(variant, precision) through sovpack.convert with parity, once per module."""
+    root = tmp_path_factory.mktemp("ov-artifacts")
+    cache: dict[tuple[str, str], ConvertResult] = {}
+
+    def make(variant: str, precision: str) -> ConvertResult:
+        key = (variant, precision)
+        if key not in cache:
+            overrides = FIXTURE_INT4_OVERRIDES if precision.startswith("int4") else None
+            cache[key] = convert(ckpts[variant], f"openvino:{precision}", root / f"{variant}-{precision}",
+                                 threshold_overrides=overrides)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def references(ckpts: dict[str, Path]) -> Callable[[str], ReferenceModel]:
+    cache: dict[str, ReferenceModel] = {}
+
+    def get(variant: str) -> ReferenceModel:
+        if variant not in cache:
+            cache[variant] = ReferenceModel(open_model(ckpts[variant]))
+        return cache[variant]
+
+    return get
+
+
+def genai_config(stop_ids: tuple[int, ...], **extra: Any) -> Any:
+    config = og.GenerationConfig(max_new_tokens=MAX_NEW, do_sample=False, **extra)
+    config.stop_token_ids = set(stop_ids)
+    return config
+
+
+# ------------------------------------------------------------------------------------------- registration
+
+
+def test_import_is_light_and_target_is_registered() -> None:
+    code = (
+        "import sys, sovpack.targets.openvino\n"
+        "heavy = [n for n in ('openvino', 'openvino_genai', 'openvino_tokenizers', 'nncf', 'torch', "
+        "'transformers') if n in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "from sovpack.targets import TARGETS\n"
+        "t = TARGETS.get('openvino')\n"
+        "assert t.precisions == ('fp32', 'fp16', 'int8', 'int8_sym', 'int4', 'int4_sym'), t.precisions\n"
+        "assert t.default_precision == 'fp16'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    load_targets()
+    assert TARGETS.get("openvino").precisions == PRECISIONS
+
+
+def test_missing_openvino_names_the_extra(ckpts: dict[str, Path], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what an uninstalled package looks like to import
+    with pytest.raises(MissingDependencyError, match=r"'openvino'.*sovpack\[openvino\]"):
+        OpenvinoRunner(tmp_path, {})
+    with pytest.raises(MissingDependencyError, match=r"sovpack\[openvino\]"):
+        OpenvinoTarget().write(open_model(ckpts["llama3"]), "fp16", tmp_path, lambda *_: None)
+
+
+# ------------------------------------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize(
+    ("family", "precision"),
+    [*((f, p) for f in FAMILIES for p in ("fp32", "fp16")), (WINDOW, "fp32")],  # the window is a graph property
+)
+def test_every_family_passes_parity(artifact: Callable[[str, str], ConvertResult], family: str,
+                                    precision: str) -> None:
+    result = artifact(family, precision)
+    report = result.parity
+    assert report is not None and report.status == "PASSED", report.reasons
+    m = report.metrics
+    assert m.max_abs_error is not None and m.max_abs_error <= thresholds_for(precision).max_abs
+    assert m.top1_agreement == 1.0
+    assert m.greedy_agreement == 1.0  # through the stateful KV cache; fp16 may part at an excused near-tie
+    if precision == "fp32":
+        assert m.max_abs_error < 1e-4 and m.mean_kl < 1e-9
+        assert m.greedy_identical == m.prompts
+    # tokenizer parity: the compiled openvino_tokenizer.xml encodes the whole corpus like tokenizer.json
+    tok = report.tokenizer
+    assert tok.status == "checked" and tok.matched == tok.total == len(TOKENIZER_CORPUS), tok.examples
+    # the runtime and its precision hints are on record
+    runtime = report.runtime["target"]
+    assert runtime["runtime"] == "openvino" and runtime["openvino"] == ov.get_version()
+    assert runtime["inference_precision_hint"] == "f32" and runtime["kv_cache_precision"] == "f32"
+    assert runtime["dynamic_quantization_group_size"] == "0"
+    saved = json.loads((result.out_dir / "parity.json").read_text())
+    assert saved["status"] == "PASSED"
+    meta = json.loads((result.out_dir / "sovpack-artifact.json").read_text())
+    assert meta["format_metadata"]["openvino_version"] == ov.get_version()
+    assert meta["format_metadata"]["precision"] == precision
+    for name in meta["files"]:
+        assert (result.out_dir / name).is_file(), name
+
+
+def test_int8_passes_its_quantized_thresholds(artifact: Callable[[str, str], ConvertResult],
+                                               ckpts: dict[str, Path]) -> None:
+    result = artifact("qwen2", "int8")
+    report = result.parity
+    assert report is not None and report.status == "PASSED", report.reasons
+    assert report.thresholds == thresholds_for("int8")
+    assert report.metrics.mean_kl is not None and report.metrics.mean_kl <= thresholds_for("int8").mean_kl
+    model = ov.Core().read_model(result.out_dir / "openvino_model.xml")
+    u8 = [op for op in model.get_ops() if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.u8]
+    spec = open_model(ckpts["qwen2"]).spec
+    matrices = sum(1 for shape in spec.tensor_shapes().values() if len(shape) == 2)
+    assert len(u8) == 2 * matrices  # codes and zero points of every matrix (embedding = tied head included)
+    weights = json.loads((result.out_dir / "sovpack-artifact.json").read_text())["format_metadata"]["weights"]
+    assert weights["int8_tensors"] == matrices and weights["int4_tensors"] == 0
+
+
+def test_int4_groups_and_parity(artifact: Callable[[str, str], ConvertResult], ckpts: dict[str, Path]) -> None:
+    result = artifact("llama3", "int4")
+    report = result.parity
+    assert report is not None and report.status == "PASSED", report.reasons  # with FIXTURE_INT4_OVERRIDES
+    assert report.thresholds == thresholds_for("int4", FIXTURE_INT4_OVERRIDES)
+    model = ov.Core().read_model(result.out_dir / "openvino_model.xml")
+    u4 = [op for op in model.get_ops() if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.u4]
+    spec = open_model(ckpts["llama3"]).spec
+    linear = 7 * spec.num_layers  # q k v o gate up down; embedding and head stay 8-bit like NNCF's backup mode
+    assert len(u4) == 2 * linear
+    assert {tuple(op.get_output_shape(0))[-1] for op in u4} == {16, 1}  # groups of 16 (hidden 64), zero points
+    weights = json.loads((result.out_dir / "sovpack-artifact.json").read_text())["format_metadata"]["weights"]
+    assert weights["int4_tensors"] == linear and weights["int8_tensors"] == 2 and weights["int4_group_sizes"] == [16]
+
+
+class RTNSource:
+    """A source model whose matrices are replaced by their round-to-nearest dequantized values."""
+
+    def __init__(self, model: Any, precision: str) -> None:
+        self.model = model
+        self.spec = model.spec
+        self.plan = quantization_plan(model.spec, SCHEMES[precision])
+
+    def tensor(self, name: str, dtype: Any = np.float32) -> np.ndarray:
+        weight = self.model.tensor(name, np.float32)
+        if name not in self.plan:
+            return weight
+        bits, symmetric, group = self.plan[name]
+        return quantize(weight, bits=bits, symmetric=symmetric, group_size=group).dequantize()
+
+
+@pytest.mark.parametrize(("family", "precision"), [("qwen2", "int8"), ("llama3", "int4")])
+def test_quantized_artifacts_compute_exactly_rtn(artifact: Callable[[str, str], ConvertResult],
+                                                 ckpts: dict[str, Path], family: str, precision: str) -> None:
+    """Against a reference that uses the same RTN weights, an integer artifact meets the fp32 thresholds."""
+    reference = ReferenceModel(RTNSource(open_model(ckpts[family]), precision))  # type: ignore[arg-type]
+    runner = OpenvinoRunner(artifact(family, precision).out_dir)
+    report = check_parity(reference, runner, target=f"openvino:{precision}", precision="fp32",
+                          prompts=encode_prompts(ckpts[family] / "tokenizer.json")[:4])
+    assert report.status == "PASSED", report.reasons
+    assert report.metrics.max_abs_error is not None and report.metrics.max_abs_error < 1e-3
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8_sym", "int4", "int4_sym"])
+def test_quantized_weights_decompress_exactly(precision: str, tmp_path: Path) -> None:
+    """What the IR computes is (codes - zero point) * scale: checks packing, layouts and the decompression ops."""
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((48, 64)).astype(np.float32)
+
+    class Spec:
+        hidden_size = 64
+
+        @staticmethod
+        def tensor_shapes() -> dict[str, tuple[int, ...]]:
+            return {"w": (48, 64)}
+
+    class Model:
+        spec = Spec()
+        path = tmp_path
+
+        @staticmethod
+        def tensor(name: str, dtype: Any) -> np.ndarray:
+            return weight
+
+    factory = WeightFactory(Model(), SCHEMES[precision])  # type: ignore[arg-type]
+    x = ov.opset13.parameter([-1, 64], np.float32, name="x")
+    graph = ov.Model([ov.opset13.matmul(x, factory.matrix("w"), False, True)], [x])
+    ov.save_model(graph, tmp_path / "m.xml", compress_to_fp16=False)
+    compiled = ov.Core().compile_model(tmp_path / "m.xml", "CPU", PARITY_CONFIG)
+    bits = 4 if precision.startswith("int4") else 8
+    q = quantize(weight, bits=bits, symmetric=precision.endswith("sym"), group_size=16 if bits == 4 else None)
+    xs = rng.standard_normal((5, 64)).astype(np.float32)
+    np.testing.assert_allclose(compiled([xs])[0], xs @ q.dequantize().T, atol=1e-4)
+    step = np.abs(q.scale.astype(np.float32)).max()
+    symmetric = precision.endswith("sym")  # the side opposite the extreme value may clip by one step
+    assert np.abs(q.dequantize() - weight).max() <= step * (1.0 if symmetric else 0.51) + 1e-6
+
+
+def test_int4_packing_is_low_nibble_first() -> None:
+    assert pack_int4(np.array([1, 2, 3, 4], dtype=np.uint8)).tolist() == [0x21, 0x43]
+    assert pack_int4(np.array([-1, 7, -8, 0], dtype=np.int8)).tolist() == [0x7F, 0x08]
+
+
+# ----------------------------------------------------------------------------------------------- the IR
+
+
+def test_ir_has_the_optimum_stateful_interface(artifact: Callable[[str, str], ConvertResult],
+                                               ckpts: dict[str, Path]) -> None:
+    result = artifact("llama3", "fp32")
+    spec = open_model(ckpts["llama3"]).spec
+    model = ov.Core().read_model(result.out_dir / "openvino_model.xml")
+    inputs = {port.get_any_name(): port for port in model.inputs}
+    assert set(inputs) == {"input_ids", "attention_mask", "position_ids", "beam_idx"}
+    for name in ("input_ids", "attention_mask", "position_ids"):
+        assert inputs[name].get_element_type() == ov.Type.i64
+        assert inputs[name].get_partial_shape().rank.get_length() == 2
+    assert inputs["beam_idx"].get_element_type() == ov.Type.i32
+    assert inputs["beam_idx"].get_partial_shape().rank.get_length() == 1
+    (output,) = model.outputs
+    assert output.get_any_name() == "logits" and output.get_element_type() == ov.Type.f32
+    assert output.get_partial_shape()[2].get_length() == spec.vocab_size
+    ops = model.get_ops()
+    read_values = [op for op in ops if op.get_type_name() == "ReadValue"]
+    expected = {name for i in range(spec.num_layers) for name in state_names(i)}
+    assert {op.get_variable_id() for op in read_values} == expected
+    assert "past_key_values.0.keypresent.0.key" in expected
+    for op in read_values:
+        # genai finds the sequence axis as the 0-sized one and the batch axis as the dynamic one
+        init = op.get_input_partial_shape(0)
+        assert init[0].is_dynamic and init[1].get_length() == spec.num_kv_heads
+        assert init[2].get_length() == 0 and init[3].get_length() == spec.head_dim
+        (gather,) = [t.get_node() for t in op.output(0).get_target_inputs()]
+        assert gather.get_type_name() == "Gather"
+        assert gather.input_value(1).get_node().get_friendly_name() == "beam_idx"
+    assert sum(op.get_type_name() == "Assign" for op in ops) == len(expected)
+    assert sum(op.get_type_name() == "ScaledDotProductAttention" for op in ops) == spec.num_layers
+    assert len(model.get_sinks()) == len(expected)
+
+
+def test_fp16_weights_are_f16_constants_marked_for_decompression(
+    artifact: Callable[[str, str], ConvertResult], ckpts: dict[str, Path]
+) -> None:
+    fp16 = artifact("qwen3", "fp16").out_dir
+    fp32 = artifact("qwen3", "fp32").out_dir
+    model = ov.Core().read_model(fp16 / "openvino_model.xml")
+    f16 = [op for op in model.get_ops() if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.f16]
+    assert len(f16) == len(open_model(ckpts["qwen3"]).tensor_map)
+    for const in f16:
+        (convert_op,) = [t.get_node() for t in const.output(0).get_target_inputs()]
+        assert convert_op.get_type_name() == "Convert"
+        assert convert_op.get_output_element_type(0) == ov.Type.f32
+        rt_keys = list(convert_op.get_rt_info().keys())  # an RTMap: iterating it directly is not supported
+        assert any(key.startswith("decompression") for key in rt_keys), rt_keys
+    ratio = (fp16 / "openvino_model.bin").stat().st_size / (fp32 / "openvino_model.bin").stat().st_size
+    assert 0.45 < ratio < 0.55
+
+
+def test_left_padded_batch_and_beam_reordering(artifact: Callable[[str, str], ConvertResult],
+                                                references: Callable[[str], ReferenceModel]) -> None:
+    for variant in ("llama3", WINDOW):
+        ref = references(variant)
+        runner = OpenvinoRunner(artifact(variant, "fp32").out_dir)
+        request = runner.request
+        a, b = [5, 17, 99, 3, 45, 7, 8, 200, 11], [300, 12, 400]
+        pad = len(a) - len(b)
+        ids = np.array([a, [0] * pad + b], dtype=np.int64)
+        mask = np.array([[1] * len(a), [0] * pad + [1] * len(b)], dtype=np.int64)
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        request.reset_state()
+        out = request.infer({"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                             "beam_idx": np.arange(2, dtype=np.int32)})["logits"].copy()
+        np.testing.assert_allclose(out[0], ref.prefill_logits(a), atol=1e-4)
+        np.testing.assert_allclose(out[1, pad:], ref.prefill_logits(b), atol=1e-4)
+        nxt = out[:, -1].argmax(axis=-1).astype(np.int64)[:, None]
+        # one decode step with the rows swapped by beam_idx: row 0 continues b's cache
+        swapped_mask = np.concatenate([mask[::-1], np.ones((2, 1), np.int64)], axis=1)
+        step = request.infer({"input_ids": nxt[::-1].copy(), "attention_mask": swapped_mask,
+                              "position_ids": positions[::-1, -1:] + 1,
+                              "beam_idx": np.array([1, 0], dtype=np.int32)})["logits"].copy()
+        np.testing.assert_allclose(step[0, -1], ref.prefill_logits([*b, int(nxt[1, 0])])[-1], atol=1e-4)
+        np.testing.assert_allclose(step[1, -1], ref.prefill_logits([*a, int(nxt[0, 0])])[-1], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ openvino-genai
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, WINDOW])
+def test_llm_pipeline_generates_the_reference_tokens(artifact: Callable[[str, str], ConvertResult],
+                                                     ckpts: dict[str, Path], family: str,
+                                                     references: Callable[[str], ReferenceModel]) -> None:
+    out = artifact(family, "fp32").out_dir
+    ref = references(family)
+    stops = ref.spec.eos_token_ids
+    pipe = og.LLMPipeline(str(out), "CPU", **PARITY_CONFIG)
+    for ids in encode_prompts(ckpts[family] / "tokenizer.json")[:3]:
+        result = pipe.generate(ov.Tensor(np.array([ids], dtype=np.int64)), genai_config(stops))
+        assert list(result.tokens[0]) == ref.greedy(ids, MAX_NEW, stops)
+
+
+@pytest.mark.parametrize("backend", ["SDPA", "PA"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_llm_pipeline_text_in_text_out(artifact: Callable[[str, str], ConvertResult], ckpts: dict[str, Path],
+                                       references: Callable[[str], ReferenceModel], family: str,
+                                       backend: str) -> None:
+    """Text prompts through the artifact's own tokenizer/detokenizer, one by one and as a left-padded batch."""
+    out = artifact(family, "fp32").out_dir
+    ref = references(family)
+    source = SourceTokenizer(ckpts[family] / "tokenizer.json")
+    stops = ref.spec.eos_token_ids
+    texts = [PROMPTS[0], "Hello world", PROMPTS[2]]
+    expected = [source.decode(ref.greedy(source.encode(t), MAX_NEW, stops)) for t in texts]
+    pipe = og.LLMPipeline(str(out), "CPU", ATTENTION_BACKEND=backend, **PARITY_CONFIG)
+    config = genai_config(stops, apply_chat_template=False)
+    assert [pipe.generate(t, config) for t in texts] == expected
+    assert list(pipe.generate(texts, config).texts) == expected
+
+
+def test_chat_template_and_stop_ids_reach_genai(artifact: Callable[[str, str], ConvertResult]) -> None:
+    out = artifact("llama3", "fp32").out_dir
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [601, 602]
+    tokenizer = og.Tokenizer(str(out))
+    assert (tokenizer.get_bos_token_id(), tokenizer.get_eos_token_id(), tokenizer.get_pad_token_id()) == (
+        600, 602, 601)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert prompt == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+                      "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    pipe = og.LLMPipeline(str(out), "CPU", **PARITY_CONFIG)
+    assert set(pipe.get_generation_config().stop_token_ids) >= {601, 602}
+
+
+@pytest.mark.parametrize("family", ["llama3", WINDOW])
+def test_continuous_batching_paged_attention(artifact: Callable[[str, str], ConvertResult],
+                                             ckpts: dict[str, Path], references: Callable[[str], ReferenceModel],
+                                             family: str) -> None:
+    """genai rewrites the graph to PagedAttention; the sliding window must survive that rewrite."""
+    out = artifact(family, "fp32").out_dir
+    ref = references(family)
+    stops = ref.spec.eos_token_ids
+    scheduler = og.SchedulerConfig()
+    scheduler.cache_size = 1
+    pipe = og.ContinuousBatchingPipeline(str(out), scheduler, "CPU", dict(PARITY_CONFIG))
+    prompts = encode_prompts(ckpts[family] / "tokenizer.json")
+    results = pipe.generate([ov.Tensor(np.array([p], dtype=np.int64)) for p in prompts],
+                            [genai_config(stops)] * len(prompts))
+    for ids, result in zip(prompts, results, strict=True):
+        assert list(result.m_generation_ids[0]) == ref.greedy(ids, MAX_NEW, stops)
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokenizer_and_detokenizer_match_the_source(artifact: Callable[[str, str], ConvertResult],
+                                                    ckpts: dict[str, Path], family: str) -> None:
+    runner = OpenvinoRunner(artifact(family, "fp32").out_dir)
+    source = SourceTokenizer(ckpts[family] / "tokenizer.json")
+    for text in [*TOKENIZER_CORPUS, *PROMPTS]:
+        ids = source.encode(text)
+        assert runner.tokenize(text) == ids, text
+        assert runner.detokenize(ids) == source.decode(ids), text
+
+
+def test_unsupported_tokenizer_component_is_refused(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    from sovpack.targets._openvino_tokenizer import convert_tokenizer
+
+    data = json.loads((ckpts["llama3"] / "tokenizer.json").read_text())
+    data["pre_tokenizer"]["pretokenizers"].append({"type": "UnicodeScripts"})
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConversionError, match="pre-tokenizer 'UnicodeScripts'"):
+        convert_tokenizer(path, {}, chat_template=None, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def test_conversion_needs_neither_transformers_nor_torch(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "for name in ('transformers', 'torch', 'nncf'):\n"
+        "    sys.modules[name] = None  # importing any of them now fails\n"
+        "from sovpack.convert import convert\n"
+        f"r = convert({str(ckpts['qwen3'])!r}, 'openvino:int8', {str(tmp_path / 'out')!r})\n"
+        "assert r.parity.status == 'PASSED', r.parity.reasons\n"
+        "assert r.parity.tokenizer.matched == r.parity.tokenizer.total\n"
+        "assert [n for n in ('transformers', 'torch', 'nncf') if sys.modules.get(n) is not None] == []\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------- errors, CLI
+
+
+def test_fp16_overflow_is_a_conversion_error(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = make_checkpoint("llama3", tmp_path / "ckpt")
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"] *= np.float32(1e6)
+    save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"'layers\.1\.up'.*float16"):
+        convert(ckpt, "openvino:fp16", tmp_path / "out", parity=False)
+    assert not (tmp_path / "out").exists()
+    assert convert(ckpt, "openvino:int8", tmp_path / "int8", parity=False).parity is None  # ints are fine
+
+
+def test_cli_convert_run_inspect(ckpts: dict[str, Path], tmp_path: Path,
+                                 references: Callable[[str], ReferenceModel]) -> None:
+    out = tmp_path / "ov-fp16"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["convert", str(ckpts["phi3"]), "-t", "openvino:fp16", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["parity"] == "PASSED"
+    assert json.loads((out / "parity.json").read_text())["status"] == "PASSED"
+    ids = encode_prompts(ckpts["phi3"] / "tokenizer.json")[0]
+    result = runner.invoke(cli, ["run", str(out), "--ids", ",".join(map(str, ids)), "--max-new-tokens", "6",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    ran = json.loads(result.output)
+    ref = references("phi3")
+    assert ran["runtime"] == "openvino"
+    assert ran["generated_ids"] == ref.greedy(ids, 6, ref.spec.eos_token_ids)
+    result = runner.invoke(cli, ["inspect", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["format"] == "openvino" and info["precision"] == "fp16" and info["parity"]["status"] == "PASSED"
+    assert info["format_metadata"]["openvino_version"] == ov.get_version()
+    # a moved artifact directory still opens (the IR references its .bin relative to the .xml)
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    runner_ = OpenvinoRunner(moved)
+    assert math.isfinite(float(runner_.prefill_logits(ids).max()))
