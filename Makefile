@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO_MODEL := fixtures/tiny-llama3
+DEMO_MODEL := fixtures/checkpoints/llama3
 DEMO_OUT := demo-out
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
@@ -21,9 +21,18 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[onnx,llama,openvino,oracle,dev]'
 	touch $@ $(VENV)/.demo-installed
 
+# The main job: a signed three-target bundle from the committed fixture, verified, inspected and run.
 demo: $(VENV)/.demo-installed
 	$(BIN)/sovpack inspect $(DEMO_MODEL)
 	$(BIN)/sovpack run $(DEMO_MODEL) --prompt "The capital of France is" --max-new-tokens 12
+	test -f $(DEMO_OUT)/keys/private.pem || $(BIN)/sovpack keygen -o $(DEMO_OUT)/keys
+	$(BIN)/sovpack build $(DEMO_MODEL) -o $(DEMO_OUT)/bundle --force --key $(DEMO_OUT)/keys/private.pem \
+		-t onnx:fp16 -t gguf:q8_0 -t openvino:fp16 --license Apache-2.0
+	$(BIN)/sovpack verify $(DEMO_OUT)/bundle --key $(DEMO_OUT)/keys/public.pem \
+		--require-target onnx:fp16 --require-target gguf:q8_0 --require-target openvino:fp16
+	$(BIN)/sovpack inspect $(DEMO_OUT)/bundle
+	$(BIN)/sovpack run $(DEMO_OUT)/bundle -t gguf:q8_0 --key $(DEMO_OUT)/keys/public.pem \
+		--prompt "The capital of France is" --max-new-tokens 12
 
 test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q
@@ -31,9 +40,10 @@ test: $(VENV)/.test-installed
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check sovpack converters targets fixtures tests benchmarks
 
+# Regenerate the committed demo checkpoint (deterministic: the bytes do not change).
 fixtures: | $(BIN)/python
 	rm -rf $(DEMO_MODEL)
-	$(BIN)/python -m fixtures.generate --variant llama3 --out $(DEMO_MODEL)
+	$(BIN)/python -m fixtures.generate $(dir $(DEMO_MODEL)) --variant llama3
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

@@ -46,6 +46,10 @@ class SourceModel:
             array = array[source.rows[0] : source.rows[1]]
         return array
 
+    def release_pages(self, name: str) -> None:
+        """Let go of the mapped pages behind a canonical tensor once a streaming writer is done with it."""
+        self.checkpoint.shards[self.checkpoint.shard_of(self.tensor_map[name].name)].release_pages()
+
     def tensor(self, name: str, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """A canonical tensor as ``dtype`` (float32 by default) with family adjustments applied.
 

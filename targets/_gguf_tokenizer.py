@@ -73,6 +73,24 @@ BYTE_LEVEL_SPLITS: dict[str, PreTokenizerRule] = {
 }
 
 
+# Token texts llama.cpp (0.3.36's vendored version) turns into CONTROL tokens whatever the file says: its
+# end-of-generation list, plus the fill-in-the-middle names it looks for. A *normal* vocabulary entry with one of
+# these texts is then matched as a special token in text, where the source tokenizer merges it from pieces.
+LLAMA_CPP_CONTROL_TEXTS = frozenset(
+    {
+        "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+        "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+        "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+        "<\uff5cend\u2581of\u2581sentence\uff5c>", "[e~[",
+        "<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<PRE>", "\u2581<PRE>", "<|code_prefix|>", "<|prefix|>",
+        "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<SUF>", "\u2581<SUF>", "<|code_suffix|>", "<|suffix|>",
+        "<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<MID>", "\u2581<MID>", "<|code_middle|>", "<|middle|>",
+        "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]",
+        "<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>", "<|file_sep|>",
+    }
+)  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class KnownDivergence:
     """A documented way llama.cpp's tokenizer differs from the source tokenizer, and the texts it affects."""
@@ -280,6 +298,18 @@ def tokenizer_from_json(
                 )
             )
     divergences.extend(_strip_rules(added, specials, tok, model_name))
+    looking = sorted(
+        t for t, ty in zip(tok.tokens, tok.token_types, strict=True) if ty == NORMAL and t in LLAMA_CPP_CONTROL_TEXTS
+    )
+    if looking:
+        divergences.append(
+            _Rule(
+                "control-looking",
+                f"llama.cpp treats the ordinary vocabulary entries {', '.join(looking)} as control tokens (it "
+                "recognizes them by their text) and matches them whole, where the source encodes them from pieces",
+                lambda text: any(t in text for t in looking),
+            )
+        )
 
     _special_ids(tok, data, vocab, tokenizer_config or {}, fallback_ids or {}, model, where)
     tok.chat_template = chat_template

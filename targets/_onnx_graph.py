@@ -49,7 +49,6 @@ No torch, no tracing: every node is written here from the spec, in standard ONNX
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -212,31 +211,6 @@ def _converted_chunks(name: str, array: np.ndarray, dtype: np.dtype) -> Iterable
         yield converted
 
 
-def _release_source_pages(array: np.ndarray) -> None:
-    """Drop the checkpoint's mmapped pages behind ``array`` from this process's RSS (Linux; no-op elsewhere).
-
-    Tensors are zero-copy views into one mmap per shard: once touched, their pages stay resident until memory
-    pressure evicts them, so a streaming writer would still peak at the whole checkpoint. MADV_DONTNEED on a
-    read-only file mapping only unmaps the pages (they are re-read from the page cache if touched again).
-    """
-    import mmap
-
-    advice = getattr(mmap, "MADV_DONTNEED", None)
-    if advice is None:
-        return
-    base: Any = array
-    for _ in range(8):
-        base = getattr(base, "base", None)
-        if base is None:
-            return
-        if isinstance(base, memoryview):
-            base = base.obj
-        if isinstance(base, mmap.mmap):
-            with contextlib.suppress(OSError, ValueError):
-                base.madvise(advice)
-            return
-
-
 # --------------------------------------------------------------------------------------------- the graph
 
 
@@ -382,7 +356,7 @@ class DecoderBuilder:
             return self._weights[key]
         array = self._source(name)
         tensor = self.data.write(name, array.shape, dtype, _converted_chunks(name, array, np.dtype(dtype)))
-        _release_source_pages(self.model.stored(name))
+        self.model.release_pages(name)
         del array
         self.g.initializers.append(tensor)
         self._weights[key] = name
@@ -419,7 +393,7 @@ class DecoderBuilder:
         def transposed() -> np.ndarray:
             source = self._source(weight)
             out = np.ascontiguousarray(source.T)
-            _release_source_pages(self.model.stored(weight))
+            self.model.release_pages(weight)
             return out
 
         attrs, arrays = quantize_matmul_weight(transposed, self.plan.bits, QUANT_BLOCK_SIZE)

@@ -21,11 +21,21 @@ keys/values with Unsqueeze/Broadcast/Reshape, as exported Hugging Face models do
 The arithmetic follows ``sovpack.reference`` op for op: RMSNorm ``x / sqrt(mean(x^2) + eps) * w``,
 rotate-half RoPE from ``rope_inv_freq(spec)`` (with its cos/sin scale), per-head q/k norms before RoPE,
 q/k/v biases, the embedding multiplier, tied heads and silu / gelu_tanh / gelu MLPs.
+
+Names: every node gets a deterministic friendly name as it is built (``layers.3.q/matmul``,
+``layers.3.attn/Reshape_0``: the block, then the role or the op type with a counter local to the block, see
+:class:`NodeNames`). OpenVINO's default names (``Parameter_1126``) come from a process-wide instance counter, so
+a second conversion in the same process would otherwise write a different IR for the same checkpoint, and
+sovpack's artifacts must be byte-identical. :func:`canonicalize_names` does the same after the fact for graphs
+built elsewhere (the tokenizer's) and checks the decoder graph.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -51,13 +61,100 @@ def state_names(layer: int) -> tuple[str, str]:
     )
 
 
+# OpenVINO's generated names: the op type, "_", the process-wide instance number, and for nodes a pass derives
+# from another (PrePostProcessor's Converts) "." and an output index: Parameter_1126, RaggedToDense_129.0.
+_AUTO_NAME = re.compile(r"[A-Z][A-Za-z0-9]*_[0-9]+(?:\.[0-9]+)*")
+
+
+def is_generated_name(name: str) -> bool:
+    """Whether ``name`` looks like one OpenVINO made up from its process-wide counter (``Constant_4711``)."""
+    return _AUTO_NAME.fullmatch(name) is not None
+
+
+class NodeNames:
+    """Deterministic friendly names for the nodes of one graph build.
+
+    Nodes built inside ``scope(block)`` without an explicit name become ``{block}/{OpType}_{k}``, ``k`` counting
+    per block from 0 in build order; explicit names are kept as given (and must not look generated).
+    """
+
+    def __init__(self, scope: str) -> None:
+        self._scope = scope
+        self._counts: dict[str, int] = {}
+
+    @contextmanager
+    def scope(self, block: str) -> Iterator[None]:
+        outer, self._scope = self._scope, block
+        try:
+            yield
+        finally:
+            self._scope = outer
+
+    def next_name(self, type_name: str) -> str:
+        k = self._counts.get(self._scope, 0)
+        self._counts[self._scope] = k + 1
+        return f"{self._scope}/{type_name}_{k}"
+
+    def name(self, node: Any) -> Any:
+        node.set_friendly_name(self.next_name(node.get_type_name()))
+        return node
+
+
+class NamedOps:
+    """An opset module whose factories name each node they make through a :class:`NodeNames`."""
+
+    def __init__(self, opset: Any, names: NodeNames) -> None:
+        self._opset = opset
+        self._names = names
+
+    def __getattr__(self, attr: str) -> Callable[..., Any]:
+        factory = getattr(self._opset, attr)
+        names = self._names
+
+        def make(*args: Any, name: str | None = None, **kwargs: Any) -> Any:
+            made = factory(*args, **kwargs)
+            node = made.get_node() if hasattr(made, "get_node") else made
+            # Set here, not passed on: some factories (unsqueeze, assign) accept ``name=`` and ignore it.
+            if name is None:
+                names.name(node)
+            else:
+                node.set_friendly_name(name)
+            return made
+
+        return make
+
+
+def canonicalize_names(model: Any, prefix: str) -> int:
+    """Replace OpenVINO-generated node and tensor names in ``model`` by deterministic ones; returns how many nodes.
+
+    Nodes are visited in ``get_ordered_ops()`` order (topological, fixed by the graph's structure) and a node whose
+    friendly name is generated becomes ``{prefix}/{OpType}_{k}`` with ``k`` counting from 0. Meaningful names
+    (``input_ids``, ``string_output``, the decoder's ``layers.3.q/matmul``) are kept. Generated tensor names are
+    dropped; a tensor left with no name takes its node's new name (so inputs keep one, as before).
+    """
+    names = NodeNames(prefix)
+    renamed = 0
+    for node in model.get_ordered_ops():
+        if is_generated_name(node.get_friendly_name()) or node.get_friendly_name() == node.get_name():
+            names.name(node)
+            renamed += 1
+        for output in node.outputs():
+            tensor_names = set(output.get_names())
+            kept = {n for n in tensor_names if not is_generated_name(n)}
+            if kept != tensor_names:
+                output.get_tensor().set_names(kept or {node.get_friendly_name()})
+    return renamed
+
+
 class _Builder:
     def __init__(self, spec: ModelSpec, weights: Any) -> None:
         import openvino as ov
-        import openvino.opset13 as ops
+        import openvino.opset13 as opset
 
         self.ov = ov
-        self.ops = ops
+        self.names = NodeNames("model")
+        self.ops = NamedOps(opset, self.names)
+        self.scope = self.names.scope
         self.spec = spec
         self.w = weights
 
@@ -68,25 +165,28 @@ class _Builder:
     def i64(self, *values: int) -> Any:
         return self.const(list(values), np.int64)
 
+
     def rms_norm(self, x: Any, weight: Any, name: str) -> Any:
         ops = self.ops
-        squared = ops.multiply(x, x)
-        variance = ops.reduce_mean(squared, self.i64(-1), keep_dims=True)
-        denom = ops.sqrt(ops.add(variance, self.const(self.spec.norm_eps)))
-        return ops.multiply(ops.divide(x, denom), weight, name=name)
+        with self.scope(name):
+            squared = ops.multiply(x, x)
+            variance = ops.reduce_mean(squared, self.i64(-1), keep_dims=True)
+            denom = ops.sqrt(ops.add(variance, self.const(self.spec.norm_eps)))
+            return ops.multiply(ops.divide(x, denom), weight, name=f"{name}/normalized")
 
     def linear(self, x: Any, name: str, bias: str | None = None) -> Any:
         ops = self.ops
-        y = ops.matmul(x, self.w.matrix(name), transpose_a=False, transpose_b=True, name=f"{name}/matmul")
-        if bias is not None:
-            y = ops.add(y, self.w.vector(bias), name=f"{name}/bias")
-        return y
+        with self.scope(name):
+            y = ops.matmul(x, self.w.matrix(name), transpose_a=False, transpose_b=True, name=f"{name}/matmul")
+            if bias is not None:
+                y = ops.add(y, self.w.vector(bias), name=f"{name}/bias")
+            return y
 
     def activation(self, x: Any) -> Any:
         ops = self.ops
         kind = self.spec.activation
         if kind == "silu":
-            return ops.swish(x)
+            return ops.swish(x, self.const(np.float32(1.0)))  # beta, else swish makes an unnamed constant
         if kind == "gelu_tanh":
             return ops.gelu(x, approximation_mode="tanh")
         if kind == "gelu":
@@ -98,9 +198,10 @@ class _Builder:
         first, second = ops.split(x, self.const(-1, np.int64), 2).outputs()
         return ops.concat([ops.negative(second), first], axis=-1)
 
-    def rope(self, x: Any, cos: Any, sin: Any) -> Any:
+    def rope(self, x: Any, cos: Any, sin: Any, name: str) -> Any:
         ops = self.ops
-        return ops.add(ops.multiply(x, cos), ops.multiply(self.rotate_half(x), sin))
+        with self.scope(name):
+            return ops.add(ops.multiply(x, cos), ops.multiply(self.rotate_half(x), sin), name=f"{name}/output")
 
     # -- the model -------------------------------------------------------------------------------------
     def build(self) -> Any:
@@ -113,17 +214,21 @@ class _Builder:
         for p in params:
             p.output(0).get_tensor().set_names({p.get_friendly_name()})
 
-        ids_shape = ops.shape_of(input_ids, output_type="i64")
-        batch = ops.gather(ids_shape, self.i64(0), self.const(0, np.int64))
-        steps = ops.gather(ids_shape, self.i64(1), self.const(0, np.int64))
+        with self.scope("input_shape"):
+            ids_shape = ops.shape_of(input_ids, output_type="i64")
+            batch = ops.gather(ids_shape, self.i64(0), self.const(0, np.int64), name="input_shape/batch")
+            steps = ops.gather(ids_shape, self.i64(1), self.const(0, np.int64), name="input_shape/steps")
 
-        x = ops.gather(self.w.matrix("embed", role="embedding"), input_ids, self.const(0, np.int64),
-                       name="embed/gather")
-        if s.embedding_multiplier != 1.0:
-            x = ops.multiply(x, self.const(np.float32(s.embedding_multiplier)), name="embed/scale")
+        with self.scope("embed"):
+            x = ops.gather(self.w.matrix("embed", role="embedding"), input_ids, self.const(0, np.int64),
+                           name="embed/gather")
+            if s.embedding_multiplier != 1.0:
+                x = ops.multiply(x, self.const(np.float32(s.embedding_multiplier)), name="embed/multiplier")
 
-        mask = self.attention_mask(attention_mask, steps)
-        cos, sin = self.rotary(position_ids)
+        with self.scope("attention_mask"):
+            mask = self.attention_mask(attention_mask, steps)
+        with self.scope("rope"):
+            cos, sin = self.rotary(position_ids)
 
         sinks = []
         for i in range(s.num_layers):
@@ -132,9 +237,10 @@ class _Builder:
 
         x = self.rms_norm(x, self.w.vector("final_norm"), "final_norm")
         head = "embed" if s.tie_word_embeddings else "lm_head"
-        logits = ops.matmul(x, self.w.matrix(head, role="head"), transpose_a=False, transpose_b=True,
-                            name="lm_head/matmul")
-        result = ops.result(logits, name=OUTPUT_NAME)
+        with self.scope("lm_head"):
+            logits = ops.matmul(x, self.w.matrix(head, role="head"), transpose_a=False, transpose_b=True,
+                                name="lm_head/matmul")
+            result = ops.result(logits, name=OUTPUT_NAME)
         result.output(0).get_tensor().set_names({OUTPUT_NAME})
         logits.output(0).get_tensor().set_names({OUTPUT_NAME})
         model = ov.Model([result], sinks, params, "sovpack-decoder")
@@ -201,67 +307,88 @@ class _Builder:
         q = self.linear(h, p + "q", p + "q_bias" if bias else None)
         k = self.linear(h, p + "k", p + "k_bias" if bias else None)
         v = self.linear(h, p + "v", p + "v_bias" if bias else None)
-        q = ops.reshape(q, self.i64(0, 0, s.num_heads, s.head_dim), special_zero=True)
-        k = ops.reshape(k, self.i64(0, 0, s.num_kv_heads, s.head_dim), special_zero=True)
-        v = ops.reshape(v, self.i64(0, 0, s.num_kv_heads, s.head_dim), special_zero=True)
+        with self.scope(p + "attn"):
+            q = ops.reshape(q, self.i64(0, 0, s.num_heads, s.head_dim), special_zero=True)
+            k = ops.reshape(k, self.i64(0, 0, s.num_kv_heads, s.head_dim), special_zero=True)
+            v = ops.reshape(v, self.i64(0, 0, s.num_kv_heads, s.head_dim), special_zero=True)
         if s.qk_norm:
             q = self.rms_norm(q, self.w.vector(p + "q_norm"), p + "q_norm")
             k = self.rms_norm(k, self.w.vector(p + "k_norm"), p + "k_norm")
-        q = ops.transpose(q, self.i64(0, 2, 1, 3))  # [B, H, T, D]
-        k = ops.transpose(k, self.i64(0, 2, 1, 3))  # [B, KV, T, D]
-        v = ops.transpose(v, self.i64(0, 2, 1, 3))
-        q = self.rope(q, cos, sin)
-        k = self.rope(k, cos, sin)
+        with self.scope(p + "attn"):
+            q = ops.transpose(q, self.i64(0, 2, 1, 3))  # [B, H, T, D]
+            k = ops.transpose(k, self.i64(0, 2, 1, 3))  # [B, KV, T, D]
+            v = ops.transpose(v, self.i64(0, 2, 1, 3))
+        q = self.rope(q, cos, sin, p + "attn.q_rope")
+        k = self.rope(k, cos, sin, p + "attn.k_rope")
 
         sinks = []
         cached = []
-        empty_shape = ops.concat([batch, self.i64(s.num_kv_heads, 0, s.head_dim)], axis=0)
-        for new, var_id, present_name in zip((k, v), state_names(i), (f"present.{i}.key", f"present.{i}.value"),
-                                             strict=True):
+        with self.scope(p + "attn.cache"):
+            empty_shape = ops.concat([batch, self.i64(s.num_kv_heads, 0, s.head_dim)], axis=0)
+        for new, var_id, present_name, block in zip(
+            (k, v), state_names(i), (f"present.{i}.key", f"present.{i}.value"),
+            (p + "attn.k_cache", p + "attn.v_cache"), strict=True,
+        ):
             info = VariableInfo()
             info.variable_id = var_id
             info.data_type = ov.Type.f32
             info.data_shape = ov.PartialShape([-1, s.num_kv_heads, -1, s.head_dim])
             variable = Variable(info)
-            init = ops.broadcast(self.const(0.0), empty_shape)
-            past = ops.read_value(init, variable, name=var_id)
-            past = ops.gather(past, beam_idx, self.const(0, np.int64), name=f"{var_id}/beam_gather")
-            present = ops.concat([past, new], axis=2, name=present_name)
-            sinks.append(ops.assign(present, variable, name=f"{var_id}/assign"))
+            with self.scope(block):
+                init = ops.broadcast(self.const(0.0), empty_shape, name=f"{block}/empty")
+                past = ops.read_value(init, variable, name=var_id)
+                past = ops.gather(past, beam_idx, self.const(0, np.int64), name=f"{var_id}/beam_gather")
+                present = ops.concat([past, new], axis=2, name=present_name)
+                sinks.append(ops.assign(present, variable, name=f"{var_id}/assign"))
             cached.append(present)
         keys, values = cached
         group = s.num_heads // s.num_kv_heads
         if group > 1:
-            keys, values = (self.repeat_kv(t) for t in (keys, values))
+            keys = self.repeat_kv(keys, p + "attn.repeat_k")
+            values = self.repeat_kv(values, p + "attn.repeat_v")
 
-        scale = self.const(np.float32(1.0 / math.sqrt(s.head_dim)))
-        attn = ops.scaled_dot_product_attention(q, keys, values, mask, scale, causal=False, name=p + "attention")
-        attn = ops.transpose(attn, self.i64(0, 2, 1, 3))
-        attn = ops.reshape(attn, self.i64(0, 0, s.q_size), special_zero=True)
+        with self.scope(p + "attn"):
+            scale = self.const(np.float32(1.0 / math.sqrt(s.head_dim)))
+            attn = ops.scaled_dot_product_attention(q, keys, values, mask, scale, causal=False,
+                                                    name=p + "attention")
+            attn = ops.transpose(attn, self.i64(0, 2, 1, 3))
+            attn = ops.reshape(attn, self.i64(0, 0, s.q_size), special_zero=True)
         x = ops.add(x, self.linear(attn, p + "o"), name=p + "attn_residual")
 
         h = self.rms_norm(x, self.w.vector(p + "mlp_norm"), p + "mlp_norm")
-        gated = ops.multiply(self.activation(self.linear(h, p + "gate")), self.linear(h, p + "up"))
+        gate = self.linear(h, p + "gate")
+        up = self.linear(h, p + "up")
+        with self.scope(p + "mlp"):
+            gated = ops.multiply(self.activation(gate), up, name=p + "mlp/gated")
         x = ops.add(x, self.linear(gated, p + "down"), name=p + "mlp_residual")
         return x, sinks
 
-    def repeat_kv(self, t: Any) -> Any:
+    def repeat_kv(self, t: Any, name: str) -> Any:
         """[B, KV, S, D] -> [B, H, S, D], each kv head repeated ``group`` times (like ``np.repeat(axis=1)``)."""
         ops, s = self.ops, self.spec
         group = s.num_heads // s.num_kv_heads
-        shape = ops.shape_of(t, output_type="i64")
-        b = ops.gather(shape, self.i64(0), self.const(0, np.int64))
-        seq = ops.gather(shape, self.i64(2), self.const(0, np.int64))
-        target = ops.concat([b, self.i64(s.num_kv_heads, group), seq, self.i64(s.head_dim)], axis=0)
-        expanded = ops.broadcast(ops.unsqueeze(t, self.i64(2)), target)
-        flat = ops.concat([b, self.i64(s.num_heads), seq, self.i64(s.head_dim)], axis=0)
-        return ops.reshape(expanded, flat, special_zero=False)
+        with self.scope(name):
+            shape = ops.shape_of(t, output_type="i64")
+            b = ops.gather(shape, self.i64(0), self.const(0, np.int64))
+            seq = ops.gather(shape, self.i64(2), self.const(0, np.int64))
+            target = ops.concat([b, self.i64(s.num_kv_heads, group), seq, self.i64(s.head_dim)], axis=0)
+            expanded = ops.broadcast(ops.unsqueeze(t, self.i64(2)), target)
+            flat = ops.concat([b, self.i64(s.num_heads), seq, self.i64(s.head_dim)], axis=0)
+            return ops.reshape(expanded, flat, special_zero=False, name=f"{name}/output")
 
 
 def build_model(spec: ModelSpec, weights: Any) -> Any:
-    """The stateful ``ov.Model`` of ``spec``; ``weights`` provides ``matrix(name, role=)`` and ``vector(name)``."""
+    """The stateful ``ov.Model`` of ``spec``; ``weights`` provides ``matrix(name, role=)`` and ``vector(name)``.
+
+    Every node has a deterministic name (see :class:`NodeNames`); a node that slipped through unnamed is a bug.
+    """
     if spec.norm_kind != "rms":
         raise ConversionError(f"the OpenVINO target supports RMSNorm only, not {spec.norm_kind!r}")
     if spec.num_heads % spec.num_kv_heads:
         raise ConversionError("num_heads must be a multiple of num_kv_heads")
-    return _Builder(spec, weights).build()
+    model = _Builder(spec, weights).build()
+    unnamed = [op.get_name() for op in model.get_ordered_ops() if op.get_friendly_name() == op.get_name()
+               or is_generated_name(op.get_friendly_name())]
+    if unnamed:
+        raise ConversionError(f"internal error: OpenVINO graph nodes without a deterministic name: {unnamed[:5]}")
+    return model

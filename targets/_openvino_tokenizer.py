@@ -14,6 +14,10 @@ ByteLevel post-processors; decoders ByteLevel, Replace, ByteFallback, Fuse, Stri
 raises ConversionError naming the component, rather than producing a tokenizer that silently differs.
 Encodings are checked against tokenizer.json on sovpack's tokenizer corpus by the parity harness.
 
+Node names: the nodes openvino_tokenizers creates carry OpenVINO's generated names, numbered by a
+process-wide counter; they are replaced by positional ones (``tokenizer/Constant_12``) so that converting the
+same checkpoint twice in one process writes identical files (``canonicalize_names``).
+
 The rt_info that openvino-genai reads from the tokenizer model (special token ids, chat template,
 add/skip-special-tokens flags, the post-processor template) is written here too.
 """
@@ -341,6 +345,7 @@ def convert_tokenizer(
     import openvino as ov
     import openvino_tokenizers
     from openvino_tokenizers.utils import change_inputs_type, change_outputs_type
+    from sovpack.targets._openvino_graph import canonicalize_names
 
     conversion = TokenizerConversion(tokenizer_json, tokenizer_config)
     pipeline = conversion.build()
@@ -356,6 +361,10 @@ def convert_tokenizer(
     tokenizer.add_sinks(full.get_sinks())
     tokenizer = change_outputs_type(tokenizer, ov.Type.i64)
     detokenizer = change_inputs_type(detokenizer, ov.Type.i64)
+    # openvino_tokenizers leaves OpenVINO's generated names (Constant_4711, from a process-wide counter) on the
+    # nodes it makes; name them from their position instead, so the saved IR is the same in every process.
+    canonicalize_names(tokenizer, "tokenizer")
+    canonicalize_names(detokenizer, "detokenizer")
 
     bos = bos_token_id if bos_token_id is not None else conversion.special_id("bos_token")
     eos = conversion.special_id("eos_token")

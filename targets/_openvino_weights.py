@@ -30,7 +30,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -40,6 +40,7 @@ from sovpack.spec import ModelSpec
 
 FP16_MAX = float(np.finfo(np.float16).max)
 INT4_GROUP_SIZES = (128, 64, 32, 16)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -193,25 +194,36 @@ class WeightFactory:
         self.group_size = scheme.group_size or default_group_size(spec.hidden_size)
 
     # -- reading ---------------------------------------------------------------------------------------
-    def _read(self, name: str) -> np.ndarray:
+    def _consume(self, name: str, use: Callable[[np.ndarray], _T]) -> _T:
+        """``use(tensor)`` on canonical tensor ``name`` (float32), then release its checkpoint pages.
+
+        ``use`` must copy what it keeps: the array may be a view of the checkpoint's mapping. Releasing the pages
+        (``SourceModel.release_pages``) keeps the writer's resident memory near one tensor instead of letting the
+        mapped checkpoint accumulate as ``ov.save_model`` walks the weights.
+        """
         self._progress(name)
-        return self.model.tensor(name, np.float32)
+        try:
+            return use(self.model.tensor(name, np.float32))
+        finally:
+            self.model.release_pages(name)
 
     def _float_tensor(self, name: str, ov_type: Any, shape: tuple[int, ...]) -> Any:
         """An owning ov.Tensor of ``name`` in ``ov_type`` (f32 or f16), filled without extra copies."""
         import openvino as ov
 
-        array = self._read(name)
-        if ov_type == ov.Type.f16 and array.size:
-            peak = max(float(array.max()), -float(array.min()))  # no |array| temporary
-            if peak > FP16_MAX:
-                raise ConversionError(
-                    f"{self.model.path}: tensor {name!r} has values up to {peak:.6g}, beyond float16's range "
-                    f"({FP16_MAX:g}); use openvino:fp32 or an integer precision"
-                )
-        tensor = ov.Tensor(ov_type, ov.Shape(list(shape)))
-        np.copyto(tensor.data, array.reshape(shape), casting="unsafe")
-        return tensor
+        def fill(array: np.ndarray) -> Any:
+            if ov_type == ov.Type.f16 and array.size:
+                peak = max(float(array.max()), -float(array.min()))  # no |array| temporary
+                if peak > FP16_MAX:
+                    raise ConversionError(
+                        f"{self.model.path}: tensor {name!r} has values up to {peak:.6g}, beyond float16's range "
+                        f"({FP16_MAX:g}); use openvino:fp32 or an integer precision"
+                    )
+            tensor = ov.Tensor(ov_type, ov.Shape(list(shape)))
+            np.copyto(tensor.data, array.reshape(shape), casting="unsafe")
+            return tensor
+
+        return self._consume(name, fill)
 
     # -- graph pieces ----------------------------------------------------------------------------------
     def vector(self, name: str) -> Any:
@@ -268,8 +280,8 @@ class WeightFactory:
         code_type = {(8, False): ov.Type.u8, (8, True): ov.Type.i8, (4, False): ov.Type.u4, (4, True): ov.Type.i4}[
             (bits, symmetric)
         ]
-        lazy = _LazyQuantized(lambda: quantize(self._read(name), bits=bits, symmetric=symmetric,
-                                               group_size=group_size))
+        lazy = _LazyQuantized(lambda: self._consume(
+            name, lambda w: quantize(w, bits=bits, symmetric=symmetric, group_size=group_size)))
 
         def codes_maker() -> Any:
             codes = lazy.take_codes()
@@ -296,8 +308,8 @@ class WeightFactory:
         scale = make_postponed_constant(ov.Type.f16, ov.Shape(param_shape), scale_maker, name=f"{name}/scale")
         weight = ops.multiply(values, scale.output(0), name=f"{name}/dequantize")
         if group_size is not None:
-            weight = ops.reshape(weight, ops.constant(np.array(shape, dtype=np.int64)), special_zero=False,
-                                 name=f"{name}/ungroup")
+            target = ops.constant(np.array(shape, dtype=np.int64), name=f"{name}/ungroup_shape")
+            weight = ops.reshape(weight, target, special_zero=False, name=f"{name}/ungroup")
         self.stats.tensors += 1
         if bits == 4:
             self.stats.int4_layers += 1

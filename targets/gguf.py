@@ -17,11 +17,23 @@ Gemma's canonical norm weights already include its +1 offset, which is what llam
 scales embeddings by sqrt(hidden) itself. Llama 3 RoPE scaling is stored as llama.cpp expects it: a
 ``rope_freqs.weight`` tensor of per-frequency divisors computed here from the spec.
 
+Metadata. ``general.*`` as gguf-py names it (name, architecture, type, file_type, quantization_version,
+``quantized_by`` = "sovpack <version>", license when config.json or README.md front matter states one) plus
+the source files' digests: ``general.source.file.count`` and, per file i, ``general.source.file.{i}.path`` /
+``.sha256`` / ``.size`` (the same records as the artifact's sovpack-artifact.json). Hyperparameters and RoPE
+scaling use llama.cpp's keys: linear -> type linear + factor; YaRN -> type yarn + factor + original context
+(+ ``rope.scaling.attn_factor`` = attention_factor / (1 + 0.1 ln factor) when the source sets one, because
+llama.cpp multiplies that default in itself). The tokenizer comes from ``_gguf_tokenizer``.
+
 Runner. llama-cpp-python, n_threads=2, fixed seed, logits for every position (``logits_all``), greedy
 decoding through llama.cpp's own KV cache. llama.cpp keeps its KV cache in f16 by default; an f32 artifact is
 run with an f32 KV cache so its parity check measures the weights and kernels alone (f16 K/V rounding, about
 5e-4 relative, would otherwise dominate the 1e-4 f32 threshold); every other precision keeps llama.cpp's
 default f16 cache -- what users of the file get -- whose rounding is far below those precisions' own error.
+Two runtime workarounds, both measured here: llama.cpp's OpenMP threads wait passively (busy-waiting threads
+make each decode ~300x slower on an oversubscribed machine), and llama.cpp's extra CPU buffer types are off on
+AMX machines (its AMX kernels crash on q8_0 / q4_0 weights in this release). Limits llama.cpp's kernels cannot
+meet (its float16 GELU table, for Gemma at f32) are published as ``parity_threshold_overrides``.
 """
 
 from __future__ import annotations
@@ -58,7 +70,7 @@ DEFAULT_PRECISION = "f16"
 
 # The head (output projection, or the tied embedding) stays at 8 bits under q4_0, as llama.cpp's own q4_0
 # recipe keeps it at a higher type: a 4-bit head moves every logit and costs far more than it saves.
-Q4_0_HEAD = "q8_0"
+Q4_0_HEAD = "Q8_0"
 
 N_THREADS = 2
 SEED = 1234
@@ -104,7 +116,6 @@ class ArchPlan:
     always_tied: bool = False
     activation: str = "silu"
     embedding_scale: str | None = None  # "sqrt_hidden": the arch scales embeddings by sqrt(hidden) itself
-    sliding_window: str = "ignored"  # what llama.cpp does with the source's sliding window
 
 
 ARCHES: dict[str, ArchPlan] = {
@@ -314,7 +325,7 @@ def storage_type(job: TensorJob, precision: str) -> tuple[Any, str | None]:
         return q.F32, None
     want = {"f32": q.F32, "f16": q.F16, "bf16": q.BF16, "q8_0": q.Q8_0, "q4_0": q.Q4_0}[precision]
     if precision == "q4_0" and job.head:
-        want = q.Q8_0 if Q4_0_HEAD == "q8_0" else want
+        want = q[Q4_0_HEAD]
     block, _ = gguf.GGML_QUANT_SIZES[want]
     if job.shape[-1] % block:
         return q.F16, f"{job.name}: row length {job.shape[-1]} is not a multiple of the {want.name} block {block}; F16"
@@ -375,7 +386,9 @@ def _add_metadata(writer: Any, model: SourceModel, plan: ArchPlan, tok: GgufToke
         writer.add_uint64(SOURCE_FILE_KEY.format(id=i, field="size"), f.size)
 
     writer.add_vocab_size(spec.vocab_size)
-    writer.add_context_length(spec.max_position_embeddings)
+    # llama.cpp's llama / phi3 graphs do not apply a sliding window: advertise only the context where the
+    # file computes what the source does (frontends default their context to this).
+    writer.add_context_length(context_length(spec))
     writer.add_embedding_length(spec.hidden_size)
     writer.add_block_count(spec.num_layers)
     writer.add_feed_forward_length(spec.intermediate_size)
@@ -406,6 +419,12 @@ def _add_metadata(writer: Any, model: SourceModel, plan: ArchPlan, tok: GgufToke
         # The scaling lives in rope_freqs.weight; the type key stays "none" so nothing is scaled twice.
         writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
     tok.add_to(writer)
+
+
+def context_length(spec: ModelSpec) -> int:
+    if spec.sliding_window is not None:
+        return min(spec.max_position_embeddings, spec.sliding_window)
+    return spec.max_position_embeddings
 
 
 def yarn_default_mscale(factor: float) -> float:
@@ -691,11 +710,18 @@ def _notes(spec: ModelSpec, plan: ArchPlan, precision: str) -> list[str]:
     if spec.sliding_window is not None:
         notes.append(
             f"the source uses a {spec.sliding_window}-token sliding window, which llama.cpp's "
-            f"{plan.arch.lower()} architecture does not apply; the runner caps its context at the window, "
-            "where both agree"
+            f"{plan.arch.lower()} architecture does not apply; the file's context_length and the runner's "
+            "context are capped at the window, where both agree"
         )
     if precision == "q4_0":
         notes.append(f"the output head is stored as {Q4_0_HEAD}, as in llama.cpp's own q4_0 recipe")
+    s = spec.rope_scaling
+    if s.kind == "yarn" and ((s.beta_fast or 32.0) != 32.0 or (s.beta_slow or 1.0) != 1.0):
+        notes.append(
+            "YaRN betas differ from llama.cpp's defaults (32, 1); the file records them "
+            "(rope.scaling.yarn_beta_fast/slow) but most llama.cpp architectures ignore those keys: pass "
+            f"yarn_beta_fast={s.beta_fast} / yarn_beta_slow={s.beta_slow} when running it (sovpack's runner does)"
+        )
     if parity_threshold_overrides(spec, precision):
         notes.append(
             "llama.cpp's CPU GELU is a float16 lookup table: parity limits are widened for this f32 artifact "

@@ -16,6 +16,10 @@ and lets weights enter as postponed constants that ``ov.save_model`` materialize
 writer never holds the model in memory (``_openvino_weights``). The tokenizer is converted from tokenizer.json
 without transformers (``_openvino_tokenizer``).
 
+Every node of the three IRs has a deterministic name (block and role, or a counter local to the graph):
+OpenVINO's default names number nodes from a process-wide counter, which made a second conversion in the same
+process write different XML. The same checkpoint therefore gives byte-identical files in any process.
+
 Parity runs on the CPU plugin with ``INFERENCE_PRECISION_HINT=f32``, ``KV_CACHE_PRECISION=f32`` and
 ``DYNAMIC_QUANTIZATION_GROUP_SIZE=0`` for every precision. On CPUs with AMX or AVX512-BF16 the plugin otherwise
 computes in bf16, stores the KV cache as u8 and quantizes activations for int8/int4 weights, all silently;

@@ -237,6 +237,8 @@ def test_quantized_weights_decompress_exactly(precision: str, tmp_path: Path) ->
         def tensor_shapes() -> dict[str, tuple[int, ...]]:
             return {"w": (48, 64)}
 
+    released: list[str] = []
+
     class Model:
         spec = Spec()
         path = tmp_path
@@ -245,10 +247,15 @@ def test_quantized_weights_decompress_exactly(precision: str, tmp_path: Path) ->
         def tensor(name: str, dtype: Any) -> np.ndarray:
             return weight
 
+        @staticmethod
+        def release_pages(name: str) -> None:
+            released.append(name)
+
     factory = WeightFactory(Model(), SCHEMES[precision])  # type: ignore[arg-type]
     x = ov.opset13.parameter([-1, 64], np.float32, name="x")
     graph = ov.Model([ov.opset13.matmul(x, factory.matrix("w"), False, True)], [x])
     ov.save_model(graph, tmp_path / "m.xml", compress_to_fp16=False)
+    assert released == ["w"]  # the checkpoint pages go once the weight is quantized (codes, scales: one read)
     compiled = ov.Core().compile_model(tmp_path / "m.xml", "CPU", PARITY_CONFIG)
     bits = 4 if precision.startswith("int4") else 8
     q = quantize(weight, bits=bits, symmetric=precision.endswith("sym"), group_size=16 if bits == 4 else None)
@@ -298,6 +305,45 @@ def test_ir_has_the_optimum_stateful_interface(artifact: Callable[[str, str], Co
     assert sum(op.get_type_name() == "Assign" for op in ops) == len(expected)
     assert sum(op.get_type_name() == "ScaledDotProductAttention" for op in ops) == spec.num_layers
     assert len(model.get_sinks()) == len(expected)
+
+
+def _generated_names(xml: Path) -> list[str]:
+    """Node and tensor names in a saved IR that OpenVINO made up from its process-wide counter."""
+    import re
+
+    text = xml.read_text(encoding="utf-8")
+    found = re.findall(r'<layer id="\d+" name="([^"]*)"', text)
+    found += [n for names in re.findall(r' names="([^"]*)"', text) for n in names.split(",")]
+    return [n for n in found if re.fullmatch(r"[A-Z][A-Za-z0-9]*_[0-9]+(?:\.[0-9]+)*", n)]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_same_checkpoint_gives_byte_identical_files_within_one_process(ckpts: dict[str, Path], tmp_path: Path,
+                                                                      precision: str) -> None:
+    """OpenVINO numbers unnamed nodes from a process-wide counter; every node must have a name of its own.
+
+    Converting the same checkpoint again in the same process (other conversions have run before it in this
+    module), and once more after another family, must write the very same bytes: bundles are content-addressed.
+    """
+    target = f"openvino:{precision}"
+    runs = [convert(ckpts["llama3"], target, tmp_path / "first", parity=False).out_dir,
+            convert(ckpts["llama3"], target, tmp_path / "second", parity=False).out_dir]
+    convert(ckpts["qwen2"], target, tmp_path / "other", parity=False)
+    runs.append(convert(ckpts["llama3"], target, tmp_path / "third", parity=False).out_dir)
+    names = sorted(p.name for p in runs[0].iterdir())
+    assert {"openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenizer.xml"} <= set(names)
+    for run in runs[1:]:
+        assert sorted(p.name for p in run.iterdir()) == names
+        differ = [n for n in names if (run / n).read_bytes() != (runs[0] / n).read_bytes()]
+        assert differ == [], f"{run.name}: {differ}"
+    for xml in ("openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenizer.xml"):
+        assert _generated_names(runs[0] / xml) == [], xml
+    # the decoder's nodes are named after their block and role, and no two share a name
+    model = ov.Core().read_model(runs[0] / "openvino_model.xml")
+    friendly = [op.get_friendly_name() for op in model.get_ordered_ops()]
+    assert len(set(friendly)) == len(friendly)
+    assert {"layers.0.q/matmul", "layers.1.attention", "lm_head/matmul", "logits"} <= set(friendly)
+    assert any(name.startswith("layers.0.attn/Reshape_") for name in friendly)
 
 
 def test_fp16_weights_are_f16_constants_marked_for_decompression(
