@@ -4,6 +4,6 @@ Adding a family is one module here and one import line below.
 """
 
 from sovpack.converters import gemma, llama, phi3, qwen
-from sovpack.converters.base import FAMILIES, Family, TensorSource, family_for_config
+from sovpack.converters.base import FAMILIES, DecoderFamily, Family, TensorSource, family_for_config
 
-__all__ = ["FAMILIES", "Family", "TensorSource", "family_for_config", "gemma", "llama", "phi3", "qwen"]
+__all__ = ["FAMILIES", "DecoderFamily", "Family", "TensorSource", "family_for_config", "gemma", "llama", "phi3", "qwen"]

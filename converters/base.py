@@ -34,6 +34,25 @@ class Family(Protocol):
 FAMILIES: Registry[Family] = Registry("model family")
 
 
+class DecoderFamily:
+    """Base for Llama-like families: common config fields plus what ``features`` adds or overrides."""
+
+    name: str = ""
+    architectures: tuple[str, ...] = ()
+
+    def features(self, cfg: ConfigReader, common: dict[str, Any]) -> dict[str, Any]:
+        """Family-specific spec fields (activation, biases, norms, ...); may override ``common`` entries."""
+        return {"activation": cfg.activation("hidden_act", default="silu")}
+
+    def build_spec(self, config: Mapping[str, Any], where: str) -> ModelSpec:
+        cfg = ConfigReader(config, where)
+        common = common_spec_fields(cfg)
+        return ModelSpec(family=self.name, **{**common, **self.features(cfg, common)})
+
+    def tensor_map(self, spec: ModelSpec) -> dict[str, TensorSource]:
+        return standard_tensor_map(spec)
+
+
 def family_for_config(config: Mapping[str, Any], where: str) -> Family:
     """Pick the family from ``architectures`` (or ``model_type``); the error lists what is supported."""
     archs = config.get("architectures") or []

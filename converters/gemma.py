@@ -3,43 +3,29 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from sovpack.converters.base import (
-    FAMILIES,
-    ConfigReader,
-    TensorSource,
-    common_spec_fields,
-    standard_tensor_map,
-)
-
+from sovpack.converters.base import FAMILIES, ConfigReader, DecoderFamily, TensorSource, standard_tensor_map
 from sovpack.spec import ModelSpec
 
 NORM_OFFSET = 1.0
 
 
-@dataclass(frozen=True)
-class GemmaFamily:
-    name: str = "gemma"
-    architectures: tuple[str, ...] = ("GemmaForCausalLM",)
+class GemmaFamily(DecoderFamily):
+    name = "gemma"
+    architectures = ("GemmaForCausalLM",)
 
-    def build_spec(self, config: Mapping[str, Any], where: str) -> ModelSpec:
-        cfg = ConfigReader(config, where)
-        fields = common_spec_fields(cfg)
-        # Gemma ties the head unless told otherwise (its config default is true).
-        fields["tie_word_embeddings"] = cfg.flag("tie_word_embeddings", True)
-        return ModelSpec(
-            family=self.name,
+    def features(self, cfg: ConfigReader, common: dict[str, Any]) -> dict[str, Any]:
+        return {
             # NOTE: transformers uses hidden_activation and falls back to gelu_pytorch_tanh when it is unset,
             # whatever the legacy hidden_act says.
-            activation=cfg.activation("hidden_activation", default="gelu_pytorch_tanh"),
-            qkv_bias=cfg.flag("attention_bias", False),
-            norm_weight_offset=NORM_OFFSET,
-            embedding_multiplier=math.sqrt(fields["hidden_size"]),
-            **fields,
-        )
+            "activation": cfg.activation("hidden_activation", default="gelu_pytorch_tanh"),
+            "qkv_bias": cfg.flag("attention_bias", False),
+            "norm_weight_offset": NORM_OFFSET,
+            "embedding_multiplier": math.sqrt(common["hidden_size"]),
+            # Gemma ties the head unless told otherwise (its config default is true).
+            "tie_word_embeddings": cfg.flag("tie_word_embeddings", True),
+        }
 
     def tensor_map(self, spec: ModelSpec) -> dict[str, TensorSource]:
         return standard_tensor_map(spec, norm_offset=NORM_OFFSET)

@@ -2,52 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from sovpack.converters.base import (
-    FAMILIES,
-    ConfigReader,
-    TensorSource,
-    common_spec_fields,
-    standard_tensor_map,
-)
-
-from sovpack.spec import ModelSpec
+from sovpack.converters.base import FAMILIES, ConfigReader, DecoderFamily
 
 
-@dataclass(frozen=True)
-class LlamaFamily:
-    name: str = "llama"
-    architectures: tuple[str, ...] = ("LlamaForCausalLM",)
+class LlamaFamily(DecoderFamily):
+    name = "llama"
+    architectures = ("LlamaForCausalLM",)
 
-    def build_spec(self, config: Mapping[str, Any], where: str) -> ModelSpec:
-        cfg = ConfigReader(config, where)
+    def features(self, cfg: ConfigReader, common: dict[str, Any]) -> dict[str, Any]:
         if cfg.flag("mlp_bias", False):
             raise cfg.fail("'mlp_bias': true is not supported")
-        return ModelSpec(
-            family=self.name,
-            activation=cfg.activation("hidden_act", default="silu"),
-            qkv_bias=cfg.flag("attention_bias", False),
-            sliding_window=self.sliding_window(cfg),
-            **common_spec_fields(cfg),
-        )
-
-    def sliding_window(self, cfg: ConfigReader) -> int | None:
-        return None
-
-    def tensor_map(self, spec: ModelSpec) -> dict[str, TensorSource]:
-        return standard_tensor_map(spec)
+        return {**super().features(cfg, common), "qkv_bias": cfg.flag("attention_bias", False)}
 
 
-@dataclass(frozen=True)
 class MistralFamily(LlamaFamily):
-    name: str = "mistral"
-    architectures: tuple[str, ...] = ("MistralForCausalLM",)
+    name = "mistral"
+    architectures = ("MistralForCausalLM",)
 
-    def sliding_window(self, cfg: ConfigReader) -> int | None:
-        return cfg.optional_int("sliding_window")
+    def features(self, cfg: ConfigReader, common: dict[str, Any]) -> dict[str, Any]:
+        return {**super().features(cfg, common), "sliding_window": cfg.optional_int("sliding_window")}
 
 
 FAMILIES.add("llama", LlamaFamily())

@@ -2,36 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from sovpack.converters.base import (
-    FAMILIES,
-    ConfigReader,
-    TensorSource,
-    common_spec_fields,
-    standard_tensor_map,
-)
-
+from sovpack.converters.base import FAMILIES, ConfigReader, DecoderFamily, TensorSource, standard_tensor_map
 from sovpack.spec import ModelSpec
 
 
-@dataclass(frozen=True)
-class Phi3Family:
-    name: str = "phi3"
-    architectures: tuple[str, ...] = ("Phi3ForCausalLM",)
+class Phi3Family(DecoderFamily):
+    name = "phi3"
+    architectures = ("Phi3ForCausalLM",)
 
-    def build_spec(self, config: Mapping[str, Any], where: str) -> ModelSpec:
-        cfg = ConfigReader(config, where)
-        return ModelSpec(
-            family=self.name,
-            activation=cfg.activation("hidden_act", default="silu"),
-            fused_qkv=True,
-            fused_gate_up=True,
-            sliding_window=cfg.optional_int("sliding_window"),
-            **common_spec_fields(cfg),
-        )
+    def features(self, cfg: ConfigReader, common: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **super().features(cfg, common),
+            "fused_qkv": True,
+            "fused_gate_up": True,
+            "sliding_window": cfg.optional_int("sliding_window"),
+        }
 
     def tensor_map(self, spec: ModelSpec) -> dict[str, TensorSource]:
         m = standard_tensor_map(spec)

@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from sovpack.converters.base import (
-    FAMILIES,
-    ConfigReader,
-    TensorSource,
-    common_spec_fields,
-    standard_tensor_map,
-)
-
-from sovpack.spec import ModelSpec
+from sovpack.converters.base import FAMILIES, ConfigReader, DecoderFamily
 
 
 def _qwen_sliding_window(cfg: ConfigReader) -> int | None:
@@ -26,43 +16,25 @@ def _qwen_sliding_window(cfg: ConfigReader) -> int | None:
     return cfg.optional_int("sliding_window")
 
 
-@dataclass(frozen=True)
-class Qwen2Family:
-    name: str = "qwen2"
-    architectures: tuple[str, ...] = ("Qwen2ForCausalLM",)
+class Qwen2Family(DecoderFamily):
+    name = "qwen2"
+    architectures = ("Qwen2ForCausalLM",)
 
-    def build_spec(self, config: Mapping[str, Any], where: str) -> ModelSpec:
-        cfg = ConfigReader(config, where)
-        return ModelSpec(
-            family=self.name,
-            activation=cfg.activation("hidden_act", default="silu"),
-            qkv_bias=True,
-            sliding_window=_qwen_sliding_window(cfg),
-            **common_spec_fields(cfg),
-        )
-
-    def tensor_map(self, spec: ModelSpec) -> dict[str, TensorSource]:
-        return standard_tensor_map(spec)
+    def features(self, cfg: ConfigReader, common: dict[str, Any]) -> dict[str, Any]:
+        return {**super().features(cfg, common), "qkv_bias": True, "sliding_window": _qwen_sliding_window(cfg)}
 
 
-@dataclass(frozen=True)
-class Qwen3Family:
-    name: str = "qwen3"
-    architectures: tuple[str, ...] = ("Qwen3ForCausalLM",)
+class Qwen3Family(DecoderFamily):
+    name = "qwen3"
+    architectures = ("Qwen3ForCausalLM",)
 
-    def build_spec(self, config: Mapping[str, Any], where: str) -> ModelSpec:
-        cfg = ConfigReader(config, where)
-        return ModelSpec(
-            family=self.name,
-            activation=cfg.activation("hidden_act", default="silu"),
-            qkv_bias=cfg.flag("attention_bias", False),
-            qk_norm=True,
-            sliding_window=_qwen_sliding_window(cfg),
-            **common_spec_fields(cfg),
-        )
-
-    def tensor_map(self, spec: ModelSpec) -> dict[str, TensorSource]:
-        return standard_tensor_map(spec)
+    def features(self, cfg: ConfigReader, common: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **super().features(cfg, common),
+            "qkv_bias": cfg.flag("attention_bias", False),
+            "qk_norm": True,
+            "sliding_window": _qwen_sliding_window(cfg),
+        }
 
 
 FAMILIES.add("qwen2", Qwen2Family())
