@@ -92,9 +92,9 @@ def _child(mode: str, checkpoint: Path, out: Path, precision: str) -> dict:
     import numpy  # noqa: F401
     import openvino
     import openvino_tokenizers  # noqa: F401
-    from sovpack.targets import load_targets
 
     import sovpack.convert  # noqa: F401
+    from sovpack.targets import load_targets
 
     load_targets()
     if mode == "eager":

@@ -345,6 +345,7 @@ def convert_tokenizer(
     import openvino as ov
     import openvino_tokenizers
     from openvino_tokenizers.utils import change_inputs_type, change_outputs_type
+
     from sovpack.targets._openvino_graph import canonicalize_names
 
     conversion = TokenizerConversion(tokenizer_json, tokenizer_config)

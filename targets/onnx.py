@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sovpack.targets.base import TARGETS, Progress, WrittenArtifact
 
 from sovpack.errors import ConversionError, MissingDependencyError, ParityError
 from sovpack.model import SourceModel
 from sovpack.spec import ModelSpec
+from sovpack.targets.base import TARGETS, Progress, WrittenArtifact
 
 GENAI_CONFIG = "genai_config.json"
 RUNNER_THREADS = 2
@@ -118,6 +118,7 @@ class OnnxTarget:
     default_precision = "fp32"
 
     def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress) -> WrittenArtifact:
+        from sovpack.convert import copy_support_files
         from sovpack.targets._onnx_graph import (
             DATA_FILE,
             MODEL_FILE,
@@ -126,8 +127,6 @@ class OnnxTarget:
             DecoderBuilder,
             min_onnxruntime,
         )
-
-        from sovpack.convert import copy_support_files
 
         onnx = _require("onnx")
         if precision not in PLANS:

@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sovpack.targets.base import TARGETS, Progress, WrittenArtifact
 
 from sovpack.errors import ConversionError, MissingDependencyError, SourceError, UsageError
 from sovpack.model import SourceModel
+from sovpack.targets.base import TARGETS, Progress, WrittenArtifact
 
 MODEL_XML = "openvino_model.xml"
 MODEL_BIN = "openvino_model.bin"
@@ -104,10 +104,9 @@ class OpenvinoTarget:
     def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress) -> WrittenArtifact:
         ov = _require_openvino()
         openvino_tokenizers = _require_tokenizers()
+        from sovpack import __version__
         from sovpack.targets._openvino_graph import INPUT_NAMES, OUTPUT_NAME, build_model, state_names
         from sovpack.targets._openvino_weights import SCHEMES, WeightFactory, mark_fp16_decompression
-
-        from sovpack import __version__
 
         if precision not in SCHEMES:
             raise UsageError(f"target 'openvino' has no precision {precision!r}; known: {', '.join(PRECISIONS)}")

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sovpack.targets import TARGETS, load_targets
 
 from fixtures.generate import make_checkpoint
 from sovpack.build_config import BuildConfig, BundleMetadata
@@ -38,6 +37,7 @@ from sovpack.cli import cli
 from sovpack.errors import ParityError, VerificationError
 from sovpack.schemas_io import validate
 from sovpack.signing import SigningKey, SigstoreBundle, VerifyingKey, generate_key_pair
+from sovpack.targets import TARGETS, load_targets
 from sovpack.verify import (
     Policy,
     TargetEntry,

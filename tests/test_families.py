@@ -83,9 +83,9 @@ def test_family_features() -> None:
 
 
 def test_bad_config_values_name_the_key() -> None:
-    with pytest.raises(SourceError, match="config.json: missing required key 'hidden_size'"):
-        cfg = {**BASE, "architectures": ["LlamaForCausalLM"]}
-        del cfg["hidden_size"]
+    cfg = {**BASE, "architectures": ["LlamaForCausalLM"]}
+    del cfg["hidden_size"]
+    with pytest.raises(SourceError, match=r"config\.json: missing required key 'hidden_size'"):
         family_for_config(cfg, "config.json").build_spec(cfg, "config.json")
     with pytest.raises(SourceError, match="not a multiple of num_key_value_heads"):
         spec_for("LlamaForCausalLM", num_key_value_heads=3)

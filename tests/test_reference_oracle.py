@@ -4,7 +4,6 @@ independent oracle. Every family must match to 1e-4 in logits and produce identi
 from __future__ import annotations
 
 import inspect
-
 from pathlib import Path
 
 import numpy as np

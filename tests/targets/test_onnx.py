@@ -16,6 +16,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from fixtures.generate import VARIANTS, make_checkpoint
+from sovpack.convert import ConvertResult, convert
+from sovpack.errors import ConversionError, MissingDependencyError
+from sovpack.model import open_model
+from sovpack.parity import check_parity, thresholds_for
+from sovpack.prompts import TOKENIZER_CORPUS, encode_prompts, load_tokenizer
+from sovpack.reference import ReferenceModel
 from sovpack.targets import TARGETS, load_targets
 from sovpack.targets._onnx_graph import (
     DATA_FILE,
@@ -26,14 +34,6 @@ from sovpack.targets._onnx_graph import (
     min_onnxruntime,
 )
 from sovpack.targets.onnx import GENAI_CONFIG, GENAI_MODEL_TYPES, GenaiRunner, OnnxRunner
-
-from fixtures.generate import VARIANTS, make_checkpoint
-from sovpack.convert import ConvertResult, convert
-from sovpack.errors import ConversionError, MissingDependencyError
-from sovpack.model import open_model
-from sovpack.parity import check_parity, thresholds_for
-from sovpack.prompts import TOKENIZER_CORPUS, encode_prompts, load_tokenizer
-from sovpack.reference import ReferenceModel
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

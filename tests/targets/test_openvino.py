@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from sovpack.targets import TARGETS, load_targets
 
 from fixtures.generate import VARIANTS, make_checkpoint
 from sovpack.cli import cli
@@ -30,6 +29,7 @@ from sovpack.model import open_model
 from sovpack.parity import check_parity, thresholds_for
 from sovpack.prompts import PROMPTS, TOKENIZER_CORPUS, encode_prompts
 from sovpack.reference import ReferenceModel
+from sovpack.targets import TARGETS, load_targets
 from sovpack.tokenizer import SourceTokenizer
 
 ov = pytest.importorskip("openvino")
