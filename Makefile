@@ -34,8 +34,19 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/sovpack run $(DEMO_OUT)/bundle -t gguf:q8_0 --key $(DEMO_OUT)/keys/public.pem \
 		--prompt "The capital of France is" --max-new-tokens 12
 
-test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q
+# llama.cpp's own tokenizer test vectors (models/ggml-vocab-*.gguf + .inp/.out) ship in llama-cpp-python's
+# source distribution on PyPI: the real-vocabulary tokenizer tests read them from here.
+LLAMA_VOCAB := $(VENV)/llama-vocab
+$(LLAMA_VOCAB)/.done: $(VENV)/.test-installed
+	rm -rf $(LLAMA_VOCAB) && mkdir -p $(LLAMA_VOCAB)/sdist
+	$(BIN)/pip download --quiet --no-binary :all: --no-deps -d $(LLAMA_VOCAB)/sdist \
+		"llama-cpp-python==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')"
+	tar -xzf $(LLAMA_VOCAB)/sdist/*.tar.gz -C $(LLAMA_VOCAB) --strip-components=4 --wildcards '*/vendor/llama.cpp/models/ggml-vocab-*'
+	rm -rf $(LLAMA_VOCAB)/sdist
+	touch $@
+
+test: $(VENV)/.test-installed $(LLAMA_VOCAB)/.done
+	SOVPACK_LLAMA_CPP_MODELS=$(CURDIR)/$(LLAMA_VOCAB) $(BIN)/python -m pytest -q
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check sovpack converters targets fixtures tests benchmarks

@@ -271,7 +271,7 @@ def tokenizer_from_json(
                     "metaspace-split",
                     "the source splits words at '▁' before merging (Metaspace split=true); llama.cpp's SPM "
                     "tokenizer merges across word boundaries when a vocabulary piece spans them",
-                    lambda text: False,
+                    _differs_from_variant(data, lambda d: d["pre_tokenizer"].update(split=False)),
                 )
             )
     else:
@@ -285,7 +285,7 @@ def tokenizer_from_json(
                     f"llama.cpp's {rule.pre!r} pre-tokenizer implies ignore_merges={rule.ignore_merges}, the "
                     f"source tokenizer has ignore_merges={bool(model.get('ignore_merges', False))}: a word "
                     "that is a vocabulary entry but not reachable by merges may encode differently",
-                    lambda text: False,
+                    _differs_from_variant(data, lambda d: d["model"].update(ignore_merges=rule.ignore_merges)),
                 )
             )
         if normalizer is not None:
@@ -491,6 +491,21 @@ def _metaspace_prefix_rule(added: Sequence[str], *, first_only: bool) -> _Rule:
         "space; llama.cpp adds it to every fragment at the start or after a special token",
         applies,
     )
+
+
+def _differs_from_variant(data: Mapping[str, Any], change: Callable[[dict[str, Any]], None]) -> Callable[[str], bool]:
+    """Texts the source tokenizer encodes differently from a variant of itself that differs only in what
+    llama.cpp does differently (one option): the ``tokenizers`` library runs both, so the prediction is exact
+    for that one difference."""
+    from tokenizers import Tokenizer
+
+    variant = json.loads(json.dumps(data))
+    change(variant)
+    try:
+        source, other = Tokenizer.from_str(json.dumps(data)), Tokenizer.from_str(json.dumps(variant))
+    except Exception:  # the tokenizers library raises plain Exceptions; then nothing can be predicted
+        return lambda text: False
+    return lambda text: source.encode(text).ids != other.encode(text).ids
 
 
 def _split_on_added(text: str, added: Sequence[str]) -> list[tuple[str, bool]]:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import math
 import os
@@ -518,14 +519,25 @@ def encode(job: TensorJob, qtype: Any, model: SourceModel) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _quiet_llama() -> Iterator[None]:
-    """Keep llama.cpp's log lines (routed to the 'llama-cpp-python' logger) at errors only.
+def _quiet_llama() -> Iterator[io.StringIO]:
+    """Keep llama.cpp's log lines off the console; yields what was logged meanwhile.
 
-    The level is left there afterwards, as ``Llama(verbose=False)`` itself does: llama.cpp logs from later
-    calls too (decode, tokenize), and restoring a lower level would let those through.
+    llama.cpp logs through llama-cpp-python's callback, which prints to ``sys.stderr`` when the
+    'llama-cpp-python' logger lets the level through. In 0.3.36 that mapping is one step off (ggml's WARN
+    arrives as logging.ERROR), so ``Llama(verbose=False)`` -- which sets ERROR while it loads -- still prints
+    every warning, into the JSON output of ``sovpack ... --json`` among others. Here the logger is set to
+    CRITICAL, and ``sys.stderr`` is captured while the block runs (model loading); llama.cpp failures surface
+    as exceptions. The level stays CRITICAL afterwards: llama.cpp also logs from later calls (decode,
+    tokenize).
     """
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-    yield
+    logger = logging.getLogger("llama-cpp-python")
+    logger.setLevel(logging.CRITICAL)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield captured
+    finally:
+        logger.setLevel(logging.CRITICAL)
 
 
 def extra_buffers_allowed() -> bool:
@@ -670,12 +682,19 @@ class GgufTarget:
         from sovpack.convert import copy_support_files
 
         support = copy_support_files(model, Path(out_dir))
+        types = read_tensor_types(out)
+        if precision in LLAMA_QUANTS:
+            for kind, count in types.items():
+                if kind != "F32" and not kind.endswith("_K"):
+                    stats.fallbacks.append(
+                        f"llama.cpp stored {count} tensor(s) as {kind}: rows not a multiple of the 256-wide K blocks"
+                    )
         metadata = {
             "gguf_file": filename,
             "architecture": plan.arch.lower(),
             "qk_permuted_for_interleaved_rope": plan.permute_qk,
             "quantizer": quantizer,
-            "tensor_types": read_tensor_types(out),
+            "tensor_types": types,
             "fallbacks": stats.fallbacks,
             "kv_cache_type": kv_cache_type(precision),
             "tokenizer": tok.summary(),
@@ -793,7 +812,7 @@ class LlamaCppRunner:
             # llama-cpp-python passes its own beta defaults (32, 1), which override the file: pass the model's.
             kwargs.update(yarn_beta_fast=scaling.beta_fast or 32.0, yarn_beta_slow=scaling.beta_slow or 1.0)
         self.extra_buffers = extra_buffers_allowed()
-        with _quiet_llama(), _model_params(extra_buffers=self.extra_buffers):
+        with _quiet_llama() as log, _model_params(extra_buffers=self.extra_buffers), _load_errors(self.path, log):
             self._llm = llama_cpp.Llama(
                 model_path=str(self.path),
                 n_ctx=n_ctx,
@@ -857,11 +876,17 @@ class LlamaCppRunner:
 
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's tokenizer from the GGUF file (vocab only), adding the special tokens the file asks for."""
+        return self.encode(text)
+
+    def encode(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """llama.cpp's tokenization of ``text``: BOS/EOS as the file's add_bos/add_eos say (``add_special``),
+        special-token texts matched as tokens (``parse_special``)."""
         if self._vocab is None:
             llama_cpp = _llama_cpp()
-            with _quiet_llama():
+            with _quiet_llama() as log, _load_errors(self.path, log):
                 self._vocab = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
-        return [int(t) for t in self._vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True)]
+        tokens = self._vocab.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
+        return [int(t) for t in tokens]
 
     def runtime_info(self) -> dict[str, str]:
         llama_cpp = _llama_cpp()
@@ -877,6 +902,17 @@ class LlamaCppRunner:
             "machine": platform.machine(),
             "python": platform.python_version(),
         }
+
+
+@contextlib.contextmanager
+def _load_errors(path: Path, log: io.StringIO) -> Iterator[None]:
+    """llama-cpp-python reports a file llama.cpp refuses as a bare ValueError: name the file, add llama.cpp's
+    last log lines."""
+    try:
+        yield
+    except ValueError as e:
+        tail = " | ".join(line.strip() for line in log.getvalue().splitlines()[-3:] if line.strip())
+        raise ParityError(f"{path}: llama.cpp cannot load this GGUF file ({e}){': ' + tail if tail else ''}") from e
 
 
 def _sha256(path: Path) -> str:

@@ -114,24 +114,43 @@ def test_family_parity(converted: Converter, variant: str, precision: str) -> No
     assert set(types) <= {"F32", GGUF_TYPE_OF[precision], "F16"}
 
 
-@pytest.mark.slow
-def test_k_quant_q4_k_m(tmp_path: Path) -> None:
-    """llama.cpp's own q4_k_m mix, on dims that are multiples of 256 so no tensor falls back."""
-    ckpt = make_checkpoint(
-        "gemma", tmp_path / "gemma256", hidden_size=256, intermediate_size=256, head_dim=64, num_hidden_layers=1
+@pytest.fixture(scope="module")
+def gemma256(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-layer Gemma whose matrices all have rows of 256 (K-quant super-blocks): nothing falls back."""
+    root = tmp_path_factory.mktemp("gemma256")
+    return make_checkpoint(
+        "gemma", root / "gemma256", hidden_size=256, intermediate_size=256, head_dim=64, num_hidden_layers=1
     )
+
+
+K_TYPES = {"q4_k_m": {"Q4_K", "Q6_K"}, "q5_k_m": {"Q5_K", "Q6_K"}, "q6_k": {"Q6_K"}}
+OTHER_TYPES = {"q4_0": {"Q4_0", "Q8_0"}, "bf16": {"BF16"}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", [*K_TYPES, *OTHER_TYPES])
+def test_other_precisions(gemma256: Path, tmp_path: Path, precision: str) -> None:
+    """llama.cpp's own k-quant mixes (and gguf-py's q4_0 / bf16), judged by the default thresholds."""
     out = tmp_path / "out"
-    result = convert(ckpt, "gguf:q4_k_m", out)
+    result = convert(gemma256, f"gguf:{precision}", out)
     assert result.parity is not None and result.parity.status == "PASSED", result.parity.reasons
     meta = read_artifact_metadata(out)["format_metadata"]
-    types = meta["tensor_types"]
-    assert types.get("Q4_K", 0) >= 4 and types.get("Q6_K", 0) >= 1, types
-    assert set(types) == {"F32", "Q4_K", "Q6_K"}, "a weight fell back to a non-K type"
-    assert meta["quantizer"].startswith("llama.cpp")
-    assert fields(out / "gemma256-q4_k_m.gguf")["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    weights = set(meta["tensor_types"]) - {"F32"}
+    assert weights == {**K_TYPES, **OTHER_TYPES}[precision], "a weight fell back to another type"
+    if precision in K_TYPES:
+        assert meta["quantizer"].startswith("llama.cpp")
+        main = {"q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}[precision]
+        assert meta["tensor_types"][main] >= 4  # the bulk of the weights, not just a few
+    ftype = {
+        "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+        "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
+        "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+    }[precision]
+    assert fields(out / f"gemma256-{precision}.gguf")["general.file_type"] == int(ftype)
     # The intermediate file and temporaries are gone.
-    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".") or "intermediate" in p.name]
-    assert leftovers == []
+    assert [p.name for p in out.iterdir() if p.name.startswith(".") or "intermediate" in p.name] == []
 
 
 def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
@@ -416,3 +435,62 @@ def test_missing_packages_name_their_extra(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(MissingDependencyError, match=r"sovpack\[gguf\]"):
         gguf_target._gguf()
+
+
+def test_yarn_attention_factor_and_betas(tmp_path: Path) -> None:
+    """An explicit YaRN attention factor and non-default betas reach llama.cpp (key + runner arguments)."""
+    scaling = {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 128,
+        "attention_factor": 1.0,
+        # With head_dim 16 these move the ramp from dims (0, 2) to (1, 3): without them logits are off by ~10.
+        "beta_fast": 2.0,
+        "beta_slow": 0.25,
+    }
+    ckpt = make_checkpoint("qwen2", tmp_path / "qwen2-yarn", rope_scaling=scaling)
+    result = convert(ckpt, "gguf:f32", tmp_path / "out")
+    assert result.parity is not None and result.parity.status == "PASSED", result.parity.reasons
+    assert result.parity.metrics.max_rel_error < 1e-4
+    f = fields(gguf_path(result))
+    assert f["qwen2.rope.scaling.attn_factor"] == pytest.approx(1.0 / (1.0 + 0.1 * np.log(4.0)))
+    assert f["qwen2.rope.scaling.yarn_beta_fast"] == pytest.approx(2.0)
+    assert f["qwen2.rope.scaling.yarn_beta_slow"] == pytest.approx(0.25)
+
+
+def test_short_sliding_window(tmp_path: Path) -> None:
+    """llama.cpp's llama graph has no sliding window: the file advertises only the window as its context, and
+    parity prompts longer than the window are refused rather than silently compared."""
+    ckpt = make_checkpoint("mistral", tmp_path / "mistral-window", sliding_window=16)
+    result = convert(ckpt, "gguf:f16", tmp_path / "out", parity=False)
+    assert fields(gguf_path(result))["llama.context_length"] == 16
+    notes = read_artifact_metadata(result.out_dir)["format_metadata"]["notes"]
+    assert any("sliding window" in n for n in notes)
+    with pytest.raises(UsageError, match="sliding window"):
+        convert(ckpt, "gguf:f16", tmp_path / "checked")
+
+
+def test_cli_convert_run_inspect(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from sovpack.cli import cli
+
+    out = tmp_path / "cli-gguf"
+    args = ["convert", str(checkpoints["qwen3"]), "-t", "gguf:q8_0", "-o", str(out), "--json"]
+    result = CliRunner().invoke(cli, [*args, "--threshold", "mean_kl=0.02"])  # FIXTURE_OVERRIDES, see above
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["target"] == "gguf:q8_0" and summary["parity"] == "PASSED"
+    assert {"qwen3-q8_0.gguf", "tokenizer.json"} <= set(summary["files"])
+    assert (out / "parity.json").is_file()
+
+    ran = CliRunner().invoke(cli, ["run", str(out), "--prompt", "Hello world", "--max-new-tokens", "5", "--json"])
+    assert ran.exit_code == 0, ran.output
+    info = json.loads(ran.output)
+    assert info["runtime"] == "llama.cpp" and isinstance(info["text"], str)
+    model = open_model(checkpoints["qwen3"])
+    assert info["generated_ids"] == ReferenceModel(model).greedy(info["prompt_ids"], 5, model.spec.eos_token_ids)
+
+    shown = CliRunner().invoke(cli, ["inspect", str(out), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["kind"] == "artifact"

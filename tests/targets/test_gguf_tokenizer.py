@@ -353,3 +353,140 @@ def test_predicted_rstrip_divergence_is_real(checkpoints: dict[str, Path], tmp_p
     known = read_artifact_metadata(result.out_dir)["format_metadata"]["known_tokenizer_divergences"]
     assert "<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>" in known
     assert tok.mismatched == 0 and tok.known_divergent == len(known)
+
+
+def _with_normal_token(data: dict[str, Any], text: str) -> dict[str, Any]:
+    """``text`` as an ordinary vocabulary entry that no merge creates.
+
+    It takes the id of the last-learned piece that no other merge builds on (that piece and its merge are
+    dropped), so the vocabulary stays contiguous and the checkpoint's embedding rows still fit.
+    """
+    data = copy.deepcopy(data)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in data["model"]["merges"]]
+    inputs = {part for pair in merges for part in pair}
+    results = [a + b for a, b in merges]
+    rank = max(r for r, piece in enumerate(results) if piece not in inputs and results.count(piece) == 1)
+    vocab = data["model"]["vocab"]
+    vocab[text] = vocab.pop(results[rank])
+    del data["model"]["merges"][rank]
+    return data
+
+
+def test_control_looking_rule(checkpoints: dict[str, Path]) -> None:
+    tok = convert_json(_with_normal_token(load(checkpoints, "llama3"), "<|im_end|>"))
+    assert [d.rule for d in tok.divergences] == ["control-looking"]
+    assert tok.divergent_texts == ["<|im_start|>user\nHi there<|im_end|>"]
+
+
+@needs_llama
+def test_predicted_control_looking_divergence_is_real(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """llama.cpp matches a normal '<|im_end|>' entry whole; the source spells it out in pieces."""
+    ckpt = tmp_path / "control-looking"
+    shutil.copytree(checkpoints["llama3"], ckpt)
+    data = _with_normal_token(load(checkpoints, "llama3"), "<|im_end|>")
+    (ckpt / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    model = open_model(ckpt)
+    written = gguf_target.GgufTarget().write(model, "f16", out, lambda *_: None)
+    runner = gguf_target.LlamaCppRunner(out / written.metadata["gguf_file"], spec=model.spec)
+    source = load_tokenizer(ckpt / "tokenizer.json")
+    try:
+        differ = [t for t in TOKENIZER_CORPUS if runner.tokenize(t) != source.encode(t).ids]
+    finally:
+        runner.close()
+    assert differ == written.metadata["known_tokenizer_divergences"] == ["<|im_start|>user\nHi there<|im_end|>"]
+
+
+VARIANT_RULES = {
+    # llama.cpp's llama-bpe always ignores merges for whole-word vocabulary entries
+    "llama3-merges": ("llama3", lambda d: d["model"].update(ignore_merges=False), "ignore-merges"),
+    # llama.cpp's SPM tokenizer never splits at '▁' before merging
+    "mistral-split": ("mistral", lambda d: d["pre_tokenizer"].update(split=True), "metaspace-split"),
+}
+
+
+@needs_llama
+@pytest.mark.parametrize("case", sorted(VARIANT_RULES))
+def test_one_option_rules_predict_llama_cpp(checkpoints: dict[str, Path], tmp_path: Path, case: str) -> None:
+    """Rules computed by running the source tokenizer against a variant of itself predict llama.cpp exactly."""
+    variant, mutate, rule = VARIANT_RULES[case]
+    ckpt = tmp_path / case
+    shutil.copytree(checkpoints[variant], ckpt)
+    data = load(checkpoints, variant)
+    mutate(data)
+    (ckpt / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    result = convert(ckpt, "gguf:f32", tmp_path / "out")
+    assert result.parity is not None and result.parity.status == "PASSED", result.parity.reasons
+    meta = read_artifact_metadata(result.out_dir)["format_metadata"]
+    assert rule in [d["rule"] for d in meta["tokenizer"]["known_divergences"]]
+    tok = result.parity.tokenizer
+    assert tok.mismatched == 0 and tok.known_divergent == len(meta["known_tokenizer_divergences"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# real vocabularies (opt-in: SOVPACK_LLAMA_CPP_MODELS=<llama.cpp source>/models, with its ggml-vocab-* files)
+
+REAL_VOCABS = {"llama-bpe": LLAMA3_REGEX, "qwen2": QWEN2_REGEX, "gpt-2": None}
+
+
+@needs_llama
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REAL_VOCABS))
+def test_real_vocabulary_against_llama_cpp_test_vectors(name: str, tmp_path: Path) -> None:
+    """llama.cpp ships each supported tokenizer's vocabulary with inputs and the ids Hugging Face produced.
+
+    The vocabulary is rebuilt as a tokenizer.json (its split regex as published, merges in rank order),
+    converted by sovpack, and tokenized by llama.cpp from the written GGUF: every test vector must come out.
+    """
+    import os
+
+    gguf = pytest.importorskip("gguf")
+    models = os.environ.get("SOVPACK_LLAMA_CPP_MODELS")
+    if not models or not (Path(models) / f"ggml-vocab-{name}.gguf").is_file():
+        pytest.skip("set SOVPACK_LLAMA_CPP_MODELS to llama.cpp's models/ directory")
+    base = Path(models) / f"ggml-vocab-{name}.gguf"
+    reader = gguf.GGUFReader(base)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    regex = REAL_VOCABS[name]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": regex is None}
+    split = {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+    data = {
+        "added_tokens": [
+            {"id": i, "content": t, "special": ty == CONTROL, "normalized": False, "lstrip": False, "rstrip": False}
+            for i, (t, ty) in enumerate(zip(tokens, types, strict=True))
+            if ty != NORMAL
+        ],
+        "normalizer": {"type": "NFC"} if name == "qwen2" else None,
+        "pre_tokenizer": byte_level if regex is None else {"type": "Sequence", "pretokenizers": [split, byte_level]},
+        "model": {
+            "type": "BPE",
+            "vocab": {t: i for i, (t, ty) in enumerate(zip(tokens, types, strict=True)) if ty == NORMAL},
+            "merges": reader.fields["tokenizer.ggml.merges"].contents(),
+            "ignore_merges": name == "llama-bpe",
+        },
+    }
+    tok = tokenizer_from_json(data, vocab_size=len(tokens))
+    assert tok.pre == name
+    path = tmp_path / "vocab.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    for add, value in ((writer.add_block_count, 1), (writer.add_context_length, 64), (writer.add_embedding_length, 64)):
+        add(value)
+    writer.add_head_count(1)
+    writer.add_feed_forward_length(64)
+    writer.add_layer_norm_rms_eps(1e-5)
+    tok.add_to(writer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    texts = base.with_suffix(".gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    texts[-1] = texts[-1].removesuffix("\n__ggml_vocab_test__\n").removesuffix("\n__ggml_vocab_test__")
+    expected = [[int(i) for i in line.split()] for line in base.with_suffix(".gguf.out").read_text().split("\n")]
+    runner = gguf_target.LlamaCppRunner(path)
+    try:
+        got = [runner.encode(t, add_special=False, parse_special=False) for t in texts]
+    finally:
+        runner.close()
+    assert got == expected[: len(texts)]
