@@ -22,7 +22,7 @@ import pytest
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from fixtures.generate import VARIANTS, FixtureVariant, main, make_checkpoint
+from fixtures.generate import REALISTIC_NUMERICS, VARIANTS, FixtureVariant, main, make_checkpoint
 from fixtures.tokenizers_gen import KINDS, build_tokenizer, tokenizer_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -225,6 +225,66 @@ def test_overrides(tmp_path: Path) -> None:
     assert len(list(d2.glob("model-*-of-00003.safetensors"))) == 3
 
 
+def test_numerics_overrides_scale_exactly_what_they_name(tmp_path: Path, generated: dict[str, Path]) -> None:
+    """logit_gain scales the head (or the tied table), residual_gain sets o_proj/down_proj; nothing else moves.
+
+    Gains are powers of two here, so the scaled float32 weights are exact multiples of the defaults.
+    """
+    assert (VARIANTS["llama3"].logit_gain, VARIANTS["llama3"].residual_gain) == (1.0, None)
+    scaled_names = (".o_proj.weight", ".down_proj.weight")
+    # untied: lm_head x 0.5; residual gain 1.0 instead of the untied default 2.0
+    default = _tensors(generated["llama3"])
+    soft = _tensors(make_checkpoint("llama3", tmp_path / "llama3", logit_gain=0.5, residual_gain=1.0))
+    assert set(soft) == set(default)
+    for name, a in soft.items():
+        factor = 0.5 if name == "lm_head.weight" or name.endswith(scaled_names) else 1.0
+        np.testing.assert_array_equal(a, default[name] * np.float32(factor), err_msg=name)
+    # tied: the embedding table (input and head) x 0.5; residual gain 4.0 instead of the tied default 8.0
+    default = _tensors(generated["qwen2"])
+    soft = _tensors(make_checkpoint("qwen2", tmp_path / "qwen2", logit_gain=0.5, residual_gain=4.0))
+    assert set(soft) == set(default) and "lm_head.weight" not in soft
+    for name, a in soft.items():
+        factor = 0.5 if name == "model.embed_tokens.weight" or name.endswith(scaled_names) else 1.0
+        np.testing.assert_array_equal(a, default[name] * np.float32(factor), err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+def test_realistic_numerics_checkpoint(name: str, tmp_path: Path) -> None:
+    """REALISTIC_NUMERICS: 7B-like next-token statistics, driven by the layers, greedy not degenerate."""
+    from sovpack.model import open_model
+    from sovpack.prompts import encode_prompts
+    from sovpack.reference import ReferenceModel, rms_norm
+
+    d = make_checkpoint(name, tmp_path / name, **REALISTIC_NUMERICS)
+    cfg = json.loads((d / "config.json").read_text())
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["tie_word_embeddings"]) == (256, 512, False)
+    t = _tensors(d)
+    assert t["model.layers.0.self_attn.q_proj.weight"].shape == (256, 256)  # 4 heads x head_dim 64 = hidden
+    for a in t.values():  # every matrix's input size is a multiple of 256 (int4 blocks, k-quant super-blocks)
+        assert a.ndim == 1 or a.shape[1] % 256 == 0
+    model = open_model(d)
+    ref = ReferenceModel(model)
+    ids = encode_prompts(d / "tokenizer.json")
+    logits = np.concatenate([ref.prefill_logits(p) for p in ids]).astype(np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    entropy = float(-(p * np.log(p + 1e-300)).sum(-1).mean())
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    clear = float((top2[:, 1] - top2[:, 0] >= 2.0).mean())  # the int4 thresholds' clear_margin
+    assert 3.0 < float(logits.std(-1).mean()) < 5.0
+    assert 1.5 < entropy < 3.0 and 0.35 < float(p.max(-1).mean()) < 0.6, entropy
+    assert 0.1 < clear < 0.35, clear
+    # The layers, not the token embedding alone, decide most predictions.
+    spec = model.spec
+    head = model.tensor("lm_head")
+    layerless = np.concatenate(
+        [rms_norm(model.tensor("embed")[np.array(q)], model.tensor("final_norm"), spec.norm_eps) @ head.T for q in ids]
+    )
+    assert float((layerless.argmax(-1) == logits.argmax(-1)).mean()) < 0.35
+    for q in ids[:4]:  # greedy decoding does not fall into one-token loops
+        assert len(set(ref.greedy(q, 8))) >= 6
+
+
 def test_invalid_requests(tmp_path: Path) -> None:
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
@@ -238,6 +298,16 @@ def test_invalid_requests(tmp_path: Path) -> None:
         make_checkpoint("llama3", tmp_path / "c", dtype="int8")
     with pytest.raises(KeyError):
         make_checkpoint("nope", tmp_path / "d")
+    for bad in (
+        {"logit_gain": 0.0},
+        {"logit_gain": -1.0},
+        {"logit_gain": float("nan")},
+        {"residual_gain": 0},
+        {"residual_gain": float("inf")},
+    ):
+        with pytest.raises(ValueError, match="gain must be a finite number"):
+            make_checkpoint("llama3", tmp_path / "e", **bad)
+    assert not (tmp_path / "e").exists()  # rejected before anything is written
     empty = tmp_path / "empty"
     empty.mkdir()
     assert make_checkpoint("gemma", empty) == empty  # an existing empty directory is fine
