@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from sovpack import __version__
+from sovpack.cli_registry import BUNDLE, copy_command, current_registry_options, registry_options
 from sovpack.errors import SovpackError, UsageError
 
 DEBUG = {"on": False}
@@ -84,18 +85,26 @@ def cli(debug: bool) -> None:
       sovpack inspect ./checkpoint
       sovpack run ./checkpoint --prompt "Hello"
       sovpack convert ./checkpoint -t onnx:fp16 -o ./out/onnx-fp16
+      sovpack keygen -o keys
+      sovpack build ./checkpoint -o model.oci -t onnx:fp16 -t gguf:q8_0 -t openvino:fp16 --key keys/private.pem
+      sovpack verify model.oci --key keys/public.pem
+      sovpack extract model.oci -t gguf:q8_0 -o ./deploy --key keys/public.pem
     """
     DEBUG["on"] = debug
 
 
 @cli.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=BUNDLE)
+@registry_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(path: Path, as_json: bool) -> None:
-    """Describe a checkpoint or artifact directory: family, spec, parameters, dtypes, digests."""
+    """Describe a checkpoint, artifact directory or bundle (directory, oci-archive: or docker:// reference)."""
     from sovpack.inspect import inspect_path
+    from sovpack.transfer import bundle_location
+    from sovpack.verify import inspect_bundle
 
-    info = inspect_path(path)
+    with bundle_location(path, current_registry_options()) as source:
+        info = inspect_path(source) if isinstance(source, Path) else inspect_bundle(source)
     if as_json:
         _echo_json(info)
         return
@@ -136,7 +145,8 @@ def _parse_ids(text: str) -> list[int]:
 
 
 @cli.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=BUNDLE)
+@registry_options
 @click.option("--prompt", help="Text prompt, encoded with the model's tokenizer.json.")
 @click.option("--ids", help="Comma-separated prompt token ids, e.g. 1,2,3.")
 @click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(0, 4096))
@@ -149,11 +159,13 @@ def run(path: Path, prompt: str | None, ids: str | None, max_new_tokens: int, lo
     """Greedy-generate from a checkpoint (numpy reference), an artifact directory or a bundle (its runtime)."""
     from sovpack.run import run as run_model
     from sovpack.signing import load_trusted_keys
+    from sovpack.transfer import local_bundle
 
-    result = run_model(
-        path, prompt=prompt, ids=_parse_ids(ids) if ids is not None else None, max_new_tokens=max_new_tokens,
-        target=target, keys=load_trusted_keys(keys),
-    )
+    with local_bundle(path, current_registry_options()) as local:
+        result = run_model(
+            local, prompt=prompt, ids=_parse_ids(ids) if ids is not None else None, max_new_tokens=max_new_tokens,
+            target=target, keys=load_trusted_keys(keys),
+        )
     if logits_out is not None:
         import io
 
@@ -222,6 +234,9 @@ def list_targets(as_json: bool) -> None:
 
 def main() -> None:
     cli(prog_name="sovpack")
+
+
+cli.add_command(copy_command)
 
 
 from sovpack import cli_bundle  # noqa: E402,F401  (registers bundle commands)

@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from sovpack.cli import _echo_json, cli
+from sovpack.cli_registry import BUNDLE, current_registry_options, registry_options
 from sovpack.errors import ParityError, VerificationError
 
 
@@ -187,7 +188,8 @@ def _policy(policy_path: Path | None) -> Any:
 
 
 @cli.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle", type=BUNDLE)
+@registry_options
 @click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path), help="Trusted public key (repeatable).")
 @click.option("--require-target", "required", multiple=True, help="A target that must be present and valid.")
 @click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy file (JSON or TOML).")
@@ -202,11 +204,13 @@ def verify(
     Exit 0 when everything checks out, 1 with the reason (which blob, target and check) otherwise. Parity
     WARNED is accepted unless the policy's allowed_parity says otherwise.
     """
+    from sovpack.transfer import bundle_location
     from sovpack.verify import verify_with_policy
 
-    report = verify_with_policy(
-        bundle, key_paths=keys, policy=_policy(policy_path), required_targets=required, tag=tag
-    )
+    with bundle_location(bundle, current_registry_options()) as source:
+        report = verify_with_policy(
+            source, key_paths=keys, policy=_policy(policy_path), required_targets=required, tag=tag
+        )
     if as_json:
         _echo_json(report.to_dict())
     else:
@@ -224,7 +228,8 @@ def verify(
 
 
 @cli.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle", type=BUNDLE)
+@registry_options
 @click.option("-t", "--target", required=True, help="The target to extract, e.g. gguf:q8_0.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path), help="Trusted public key (repeatable).")
@@ -241,18 +246,20 @@ def extract(
     The directory then verifies with: model_signing verify key --signature DIR/model.sig --public_key PUB DIR
     """
     from sovpack.signing import load_trusted_keys
+    from sovpack.transfer import local_bundle
     from sovpack.verify import DEFAULT_ALLOWED_PARITY, Policy, extract_target
 
     policy = _policy(policy_path) or Policy()
-    result = extract_target(
-        bundle,
-        target,
-        output,
-        keys=load_trusted_keys([*policy.keys, *keys]),
-        tag=tag or policy.tag,
-        allowed_parity=policy.allowed_parity or DEFAULT_ALLOWED_PARITY,
-        force=force,
-    )
+    with local_bundle(bundle, current_registry_options()) as local:
+        result = extract_target(
+            local,
+            target,
+            output,
+            keys=load_trusted_keys([*policy.keys, *keys]),
+            tag=tag or policy.tag,
+            allowed_parity=policy.allowed_parity or DEFAULT_ALLOWED_PARITY,
+            force=force,
+        )
     if as_json:
         _echo_json(result.to_dict())
         return
@@ -263,7 +270,8 @@ def extract(
 
 
 @cli.command("parity")
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle", type=BUNDLE)
+@registry_options
 @click.option("-t", "--target", "targets", multiple=True, help="Target to re-check (repeatable; default all).")
 @click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path), help="Trusted public key (repeatable).")
 @click.option("--tag", help="Which tagged bundle of the layout (default: the only one).")
@@ -276,9 +284,11 @@ def parity_command(bundle: Path, targets: tuple[str, ...], keys: tuple[Path, ...
     With --key the bundle is verified first and the result is compared with the signed report.
     """
     from sovpack.signing import load_trusted_keys
+    from sovpack.transfer import local_bundle
     from sovpack.verify import recheck_parity
 
-    results = recheck_parity(bundle, targets=targets, keys=load_trusted_keys(keys), tag=tag)
+    with local_bundle(bundle, current_registry_options()) as local:
+        results = recheck_parity(local, targets=targets, keys=load_trusted_keys(keys), tag=tag)
     if as_json:
         _echo_json({"ok": all(r.ok for r in results), "targets": [r.to_dict() for r in results]})
     else:

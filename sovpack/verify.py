@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from sovpack import oms, provenance
+from sovpack.blob_source import BlobSource
 from sovpack.bundle import (
     ANN_ATTESTATION,
     ANN_FILEPATH,
@@ -270,6 +271,10 @@ class Layout:
             raise VerificationError(f"{where}: blob {desc.digest} is not a JSON object")
         return doc
 
+    def stored_size(self) -> int:
+        """Bytes under blobs/ (every blob file once)."""
+        return sum(p.stat().st_size for p in self.blob_dir.iterdir() if p.is_file())
+
     def stray_blob_problems(self) -> list[str]:
         """Problems with blob files nothing referenced (checked too: a flipped byte anywhere fails)."""
         problems = []
@@ -377,14 +382,15 @@ def _select_index(layout: Layout, tag: str | None) -> tuple[Descriptor, str | No
 
 
 def read_bundle(
-    path: str | Path, *, tag: str | None = None, deep: bool = True, strict_tag: bool = True
+    path: str | Path | BlobSource, *, tag: str | None = None, deep: bool = True, strict_tag: bool = True
 ) -> BundleView:
     """Parse a bundle; ``deep`` hashes every layer too. Fatal layout problems raise, the rest are collected.
 
+    ``path`` is a layout directory, or any BlobSource (e.g. a registry: sovpack.transfer.RegistryLayout).
     ``strict_tag``: a layout tag that differs from the tag the bundle was built with is an error unless that
     tag was asked for explicitly (else it is only listed among the problems).
     """
-    layout = Layout(path)
+    layout: Any = Layout(path) if isinstance(path, str | os.PathLike) else path
     index_desc, found_tag = _select_index(layout, tag)
     index = layout.read_json(index_desc, f"bundle index {index_desc.digest}")
     if index.get("schemaVersion") != 2 or index.get("mediaType") != MT_INDEX:
@@ -849,7 +855,7 @@ def _normalize_targets(names: Sequence[str]) -> tuple[str, ...]:
 
 
 def verify_bundle(
-    path: str | Path,
+    path: str | Path | BlobSource,
     *,
     keys: Sequence[VerifyingKey] = (),
     tag: str | None = None,
@@ -867,7 +873,7 @@ def verify_bundle(
 
 
 def verify_with_policy(
-    path: str | Path,
+    path: str | Path | BlobSource,
     *,
     key_paths: Sequence[str | Path] = (),
     policy: Policy | None = None,
@@ -889,7 +895,7 @@ def verify_with_policy(
 # ----------------------------------------------------------------------------------------------- inspect
 
 
-def inspect_bundle(path: str | Path, *, tag: str | None = None) -> dict[str, Any]:
+def inspect_bundle(path: str | Path | BlobSource, *, tag: str | None = None) -> dict[str, Any]:
     """Name, targets (precision, size, manifest digest, parity, signers), without checking signatures.
 
     Manifests and configs are digest-checked as they are read; large layers are not hashed and signatures
@@ -928,7 +934,7 @@ def inspect_bundle(path: str | Path, *, tag: str | None = None) -> dict[str, Any
             }
         )
     layout = view.layout
-    size = sum(p.stat().st_size for p in layout.blob_dir.iterdir() if p.is_file())
+    size = layout.stored_size()
     return {
         "kind": "bundle",
         "path": str(layout.root),
