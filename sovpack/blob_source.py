@@ -7,9 +7,12 @@ descriptor before returning them, so callers never see unverified content.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Protocol, runtime_checkable
 
 from sovpack.bundle import Descriptor
+from sovpack.errors import VerificationError
 
 
 @runtime_checkable
@@ -40,4 +43,46 @@ class BlobSource(Protocol):
         ...
 
 
-__all__ = ["BlobSource"]
+class VerifiedReads:
+    """The verified small-blob reads both stores share; a store supplies ``_raw`` (the unverified bytes)."""
+
+    def __init__(self) -> None:
+        self._checked: dict[str, str | None] = {}  # digest -> None if good, else the problem
+        self.bytes_checked = 0
+
+    @property
+    def blobs_checked(self) -> int:
+        return len(self._checked)
+
+    def _raw(self, desc: Descriptor, where: str, limit: int) -> bytes:
+        raise NotImplementedError
+
+    def _read_limited(self, desc: Descriptor, where: str, limit: int) -> bytes:
+        """A small blob's bytes, hashed and compared with the descriptor's digest and size before use."""
+        if desc.size > limit:
+            raise VerificationError(f"{where}: blob {desc.digest} declares {desc.size} bytes, more than {limit}")
+        data = self._raw(desc, where, limit)
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        self.bytes_checked += len(data)
+        if actual != desc.digest:
+            self._checked[desc.digest] = f"blob {desc.digest} is corrupt: its content hashes to {actual}"
+            raise VerificationError(f"{where}: {self._checked[desc.digest]}")
+        self._checked[desc.digest] = None
+        if len(data) != desc.size:
+            raise VerificationError(
+                f"{where}: blob {desc.digest} has {len(data)} bytes, the descriptor says {desc.size}"
+            )
+        return data
+
+    def read_json(self, desc: Descriptor, where: str) -> dict[str, Any]:
+        data = self.read(desc, where)  # type: ignore[attr-defined]
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise VerificationError(f"{where}: blob {desc.digest} is not JSON: {e}") from e
+        if not isinstance(doc, dict):
+            raise VerificationError(f"{where}: blob {desc.digest} is not a JSON object")
+        return doc
+
+
+__all__ = ["BlobSource", "VerifiedReads"]

@@ -17,17 +17,8 @@ from typing import Any
 import click
 
 from sovpack.cli import _echo_json, cli
-from sovpack.cli_registry import BUNDLE, current_registry_options, registry_options
+from sovpack.cli_registry import BUNDLE, current_registry_options, human_size, registry_options
 from sovpack.errors import ParityError, VerificationError
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"  # pragma: no cover
 
 
 def _is_stage(description: str) -> bool:
@@ -171,11 +162,11 @@ def build(
         _echo_json({**result.to_dict(), "seconds": round(elapsed, 1)})
         return
     click.echo(
-        f"wrote {result.output} (tag {result.tag}, {_human(result.size)}, {elapsed:.1f} s), "
+        f"wrote {result.output} (tag {result.tag}, {human_size(result.size)}, {elapsed:.1f} s), "
         f"signed with key {result.key_id[:16]}…"
     )
     for target in result.targets:
-        click.echo(f"  {target.target:<16} {target.parity:<7} {_human(target.size):>10}  {target.manifest_digest}")
+        click.echo(f"  {target.target:<16} {target.parity:<7} {human_size(target.size):>10}  {target.manifest_digest}")
 
 
 # ------------------------------------------------------------------------------------------------- verify
@@ -220,7 +211,7 @@ def verify(
             click.echo(f"{target.name:<16} parity {parity:<7} signed by {signers}  {target.manifest_digest}")
         if report.ok:
             click.echo(f"OK: {report.path} ({len(report.targets)} targets, {report.blobs_checked} blobs, "
-                       f"{_human(report.bytes_checked)} checked)")
+                       f"{human_size(report.bytes_checked)} checked)")
     report.raise_for_failures()
 
 
@@ -305,13 +296,13 @@ def parity_command(bundle: Path, targets: tuple[str, ...], keys: tuple[Path, ...
 
 def render_bundle_info(info: dict[str, Any]) -> None:
     """``sovpack inspect BUNDLE`` as text (the JSON form is the dict itself); digests are never shortened."""
-    click.echo(f"bundle {info['name']} (tag {info['tag']}), {_human(info['size'])}")
+    click.echo(f"bundle {info['name']} (tag {info['tag']}), {human_size(info['size'])}")
     click.echo(f"index {info['index_digest']}")
     for t in info["targets"]:
         parity = (t.get("parity") or {}).get("status", "?")
         signers = ", ".join(s[:16] + "…" for s in t["signers"]) or "none"
         click.echo(
-            f"  {t['name']:<16} {t['precision']:<8} {_human(t['size']):>10}  parity {parity:<7} "
+            f"  {t['name']:<16} {t['precision']:<8} {human_size(t['size']):>10}  parity {parity:<7} "
             f"signers (unverified) {signers}"
         )
         click.echo(f"  {'':<16} manifest {t['manifest_digest']}")

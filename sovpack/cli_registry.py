@@ -78,7 +78,8 @@ def current_registry_options(**overrides: Any) -> RegistryOptions:
     )
 
 
-def _human(size: int) -> str:
+def human_size(size: int) -> str:
+    """A byte count for people: 512 B, 1.5 MiB."""
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024 or unit == "GiB":
@@ -94,7 +95,7 @@ def _stderr_progress(quiet: bool) -> Callable[[str, int, int], None]:
     last: dict[str, str] = {}
 
     def update(description: str, completed: int, total: int) -> None:
-        text = f"{description} {completed}/{total}" if total else f"{description} {_human(completed)}"
+        text = f"{description} {completed}/{total}" if total else f"{description} {human_size(completed)}"
         if last.get("text") != text:
             last["text"] = text
             click.echo(f"\r\x1b[K{text}", err=True, nl=False)
@@ -137,7 +138,7 @@ def copy_command(source: str | Path, destination: str | Path, force: bool, chunk
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
         return
-    moved = f"{result.blobs_transferred} blobs copied ({_human(result.bytes_transferred)})"
+    moved = f"{result.blobs_transferred} blobs copied ({human_size(result.bytes_transferred)})"
     if result.blobs_mounted:
         moved += f", {result.blobs_mounted} mounted"
     if result.blobs_skipped:

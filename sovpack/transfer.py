@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from sovpack.blob_source import VerifiedReads
 from sovpack.bundle import (
     ANN_REF_NAME,
     BLOBS_DIR,
@@ -957,7 +958,7 @@ class RegistryPath(str):
         return f"{self} ({other})"
 
 
-class RegistryLayout:
+class RegistryLayout(VerifiedReads):
     """A bundle in a registry, read like ``verify.Layout``: the tag becomes a one-entry top-level index.
 
     Manifests come from ``/manifests/<digest>``, blobs from ``/blobs/<digest>``; every byte is hashed as it
@@ -966,6 +967,7 @@ class RegistryLayout:
 
     def __init__(self, ref: Reference, options: RegistryOptions | None = None,
                  client: RegistryClient | None = None) -> None:
+        super().__init__()
         self.ref = ref
         self.client = client or RegistryClient(ref.registry, options)
         self.repository = ref.repository
@@ -979,14 +981,8 @@ class RegistryLayout:
         top = Descriptor(media_type=media_type, digest=digest, size=len(data), annotations=annotations)
         self.index: dict[str, Any] = {"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [top.to_dict()]}
         self.top = top
-        self._checked: dict[str, str | None] = {}
-        self.bytes_checked = 0
 
-    @property
-    def blobs_checked(self) -> int:
-        return len(self._checked)
-
-    def _fetch(self, desc: Descriptor, limit: int) -> bytes:
+    def _fetch(self, desc: Descriptor) -> bytes:
         if desc.media_type in MANIFEST_TYPES:
             if desc.digest in self._manifests:
                 return self._manifests[desc.digest]
@@ -996,32 +992,13 @@ class RegistryLayout:
         return b"".join(self.client.iter_blob(self.repository, desc.digest, desc.size))
 
     def read(self, desc: Descriptor, where: str, limit: int = MAX_MANIFEST) -> bytes:
-        if desc.size > limit:
-            raise VerificationError(f"{where}: blob {desc.digest} declares {desc.size} bytes, more than {limit}")
+        return self._read_limited(desc, where, limit)
+
+    def _raw(self, desc: Descriptor, where: str, limit: int) -> bytes:
         try:
-            data = self._fetch(desc, limit)
+            return self._fetch(desc)
         except RegistryError as e:
             raise VerificationError(f"{where}: blob {desc.digest} cannot be read from {self.ref}: {e}") from e
-        self.bytes_checked += len(data)
-        actual = "sha256:" + hashlib.sha256(data).hexdigest()
-        if actual != desc.digest:
-            self._checked[desc.digest] = f"blob {desc.digest} is corrupt: its content hashes to {actual}"
-            raise VerificationError(f"{where}: {self._checked[desc.digest]}")
-        self._checked[desc.digest] = None
-        if len(data) != desc.size:
-            raise VerificationError(f"{where}: blob {desc.digest} has {len(data)} bytes, the descriptor says "
-                                    f"{desc.size}")
-        return data
-
-    def read_json(self, desc: Descriptor, where: str) -> dict[str, Any]:
-        data = self.read(desc, where)
-        try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise VerificationError(f"{where}: blob {desc.digest} is not JSON: {e}") from e
-        if not isinstance(doc, dict):
-            raise VerificationError(f"{where}: blob {desc.digest} is not a JSON object")
-        return doc
 
     def check(self, desc: Descriptor, where: str) -> None:
         """Stream the blob through sha256 (constant memory, any size); cached per digest."""

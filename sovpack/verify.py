@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from sovpack import oms, provenance
-from sovpack.blob_source import BlobSource
+from sovpack.blob_source import BlobSource, VerifiedReads
 from sovpack.bundle import (
     ANN_ATTESTATION,
     ANN_FILEPATH,
@@ -163,10 +163,11 @@ class Policy:
 # ------------------------------------------------------------------------------------------------ layout
 
 
-class Layout:
+class Layout(VerifiedReads):
     """An OCI image layout on disk, read defensively: every blob is checked before its bytes are used."""
 
     def __init__(self, root: str | Path) -> None:
+        super().__init__()
         self.root = Path(root)
         if not self.root.is_dir():
             raise VerificationError(f"{self.root}: no such bundle directory")
@@ -184,12 +185,6 @@ class Layout:
         for directory in (self.root / BLOBS_DIR, self.blob_dir):
             if directory.is_symlink() or not directory.is_dir():
                 raise VerificationError(f"{directory}: missing or a symbolic link")
-        self._checked: dict[str, str | None] = {}  # digest -> None if good, else the problem
-        self.bytes_checked = 0
-
-    @property
-    def blobs_checked(self) -> int:
-        return len(self._checked)
 
     def _read_top_json(self, name: str) -> Any:
         path = self.root / name
@@ -243,33 +238,13 @@ class Layout:
 
     def read(self, desc: Descriptor, where: str, limit: int = MAX_JSON_BLOB) -> bytes:
         """A small blob's verified bytes."""
-        if desc.size > limit:
-            raise VerificationError(f"{where}: blob {desc.digest} declares {desc.size} bytes, more than {limit}")
+        return self._read_limited(desc, where, limit)
+
+    def _raw(self, desc: Descriptor, where: str, limit: int) -> bytes:
         path = self.blob_path(desc.digest)
         if path.is_symlink() or not path.is_file():
             raise VerificationError(f"{where}: blob {desc.digest} is missing (or a symbolic link)")
-        data = path.read_bytes()
-        actual = "sha256:" + hashlib.sha256(data).hexdigest()
-        self.bytes_checked += len(data)
-        if actual != desc.digest:
-            self._checked[desc.digest] = f"blob {desc.digest} is corrupt: its content hashes to {actual}"
-            raise VerificationError(f"{where}: {self._checked[desc.digest]}")
-        self._checked[desc.digest] = None
-        if len(data) != desc.size:
-            raise VerificationError(
-                f"{where}: blob {desc.digest} has {len(data)} bytes, the descriptor says {desc.size}"
-            )
-        return data
-
-    def read_json(self, desc: Descriptor, where: str) -> dict[str, Any]:
-        data = self.read(desc, where)
-        try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise VerificationError(f"{where}: blob {desc.digest} is not JSON: {e}") from e
-        if not isinstance(doc, dict):
-            raise VerificationError(f"{where}: blob {desc.digest} is not a JSON object")
-        return doc
+        return path.read_bytes()
 
     def stored_size(self) -> int:
         """Bytes under blobs/ (every blob file once)."""
