@@ -488,3 +488,11 @@ def test_cli_convert_and_run(ckpts: dict[str, Path], tmp_path: Path) -> None:
     assert info["runtime"] == "onnxruntime" and isinstance(info["text"], str)
     ref = reference(ckpts["qwen2"])
     assert info["generated_ids"] == ref.greedy(info["prompt_ids"], 5, ref.spec.eos_token_ids)
+
+    shown = CliRunner().invoke(cli, ["inspect", str(out), "--json"])
+    assert shown.exit_code == 0, shown.output
+    described = json.loads(shown.output)
+    assert described["kind"] == "artifact" and described["target"] == "onnx:fp32"
+    assert described["family"] == "qwen2" and described["parity"]["status"] == "PASSED"
+    assert described["format_metadata"]["opset"] == 17
+    assert {f["path"] for f in described["files"]} >= {MODEL_FILE, DATA_FILE, GENAI_CONFIG}
