@@ -3,7 +3,7 @@
 Every weight enters the graph as an ``openvino.utils.make_postponed_constant``: the graph holds only a small
 callable, and ``ov.save_model`` calls it while it writes the ``.bin``, then drops the data. Reading, converting
 and quantizing therefore happen one tensor at a time, *during* serialization, and peak memory stays near the
-largest tensor instead of the whole model (see benchmarks/openvino_memory.py).
+largest tensor instead of the whole model (see benchmarks/convert_memory.py).
 
 Precisions and the subgraphs they produce (the patterns OpenVINO's CPU plugin recognises as compressed
 weights and decompresses on the fly, rather than folding them back to f32 at compile time):
