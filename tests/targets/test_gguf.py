@@ -17,8 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sovpack.targets import gguf as gguf_target
-from sovpack.targets.base import read_artifact_metadata
 
 from fixtures.generate import VARIANTS, make_checkpoint
 from sovpack import __version__
@@ -28,6 +26,8 @@ from sovpack.model import SourceModel, open_model
 from sovpack.prompts import encode_prompts
 from sovpack.reference import ReferenceModel, rope_inv_freq, rotate_half
 from sovpack.spec import ModelSpec
+from sovpack.targets import gguf as gguf_target
+from sovpack.targets.base import read_artifact_metadata
 
 gguf = pytest.importorskip("gguf")
 # Only check that llama_cpp is there: importing it here would load llama.cpp before the target sets its OpenMP

@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from sovpack.convert import convert
+from sovpack.errors import ConversionError
+from sovpack.model import open_model
+from sovpack.prompts import TOKENIZER_CORPUS, load_tokenizer
 from sovpack.targets import gguf as gguf_target
 from sovpack.targets._gguf_tokenizer import (
     BYTE,
@@ -29,11 +34,6 @@ from sovpack.targets._gguf_tokenizer import (
     tokenizer_from_json,
 )
 from sovpack.targets.base import read_artifact_metadata
-
-from sovpack.convert import convert
-from sovpack.errors import ConversionError
-from sovpack.model import open_model
-from sovpack.prompts import TOKENIZER_CORPUS, load_tokenizer
 
 needs_llama = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None,
