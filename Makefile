@@ -45,11 +45,12 @@ $(LLAMA_VOCAB)/.done: $(VENV)/.test-installed
 	rm -rf $(LLAMA_VOCAB)/sdist
 	touch $@
 
-test: $(VENV)/.test-installed $(LLAMA_VOCAB)/.done
+test: $(VENV)/.test-installed $(LLAMA_VOCAB)/.done lint
 	SOVPACK_LLAMA_CPP_MODELS=$(CURDIR)/$(LLAMA_VOCAB) $(BIN)/python -m pytest -q
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check sovpack converters targets fixtures tests benchmarks
+	$(BIN)/mypy sovpack converters targets fixtures
 
 # Regenerate the committed demo checkpoint (deterministic: the bytes do not change).
 fixtures: | $(BIN)/python

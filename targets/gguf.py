@@ -52,13 +52,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sovpack.targets._gguf_tokenizer import GgufTokenizer, tokenizer_from_checkpoint
-from sovpack.targets.base import TARGETS, Progress, WrittenArtifact
 
 from sovpack import __version__
 from sovpack.errors import ConversionError, MissingDependencyError, ParityError, UsageError
 from sovpack.model import SourceModel
 from sovpack.spec import ModelSpec
+from sovpack.targets._gguf_tokenizer import GgufTokenizer, tokenizer_from_checkpoint
+from sovpack.targets.base import TARGETS, Progress, WrittenArtifact
 
 GGUF_PRECISIONS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 LLAMA_QUANTS = {
