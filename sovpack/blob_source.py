@@ -43,6 +43,17 @@ class BlobSource(Protocol):
         ...
 
 
+def json_object(data: bytes, context: str) -> dict[str, Any]:
+    """Parse verified bytes that must hold one JSON object; ``context`` starts the error message."""
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VerificationError(f"{context} is not JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise VerificationError(f"{context} is not a JSON object")
+    return doc
+
+
 class VerifiedReads:
     """The verified small-blob reads both stores share; a store supplies ``_raw`` (the unverified bytes)."""
 
@@ -76,13 +87,7 @@ class VerifiedReads:
 
     def read_json(self, desc: Descriptor, where: str) -> dict[str, Any]:
         data = self.read(desc, where)  # type: ignore[attr-defined]
-        try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise VerificationError(f"{where}: blob {desc.digest} is not JSON: {e}") from e
-        if not isinstance(doc, dict):
-            raise VerificationError(f"{where}: blob {desc.digest} is not a JSON object")
-        return doc
+        return json_object(data, f"{where}: blob {desc.digest}")
 
 
-__all__ = ["BlobSource", "VerifiedReads"]
+__all__ = ["BlobSource", "VerifiedReads", "json_object"]

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sovpack.blob_source import VerifiedReads
+from sovpack.blob_source import VerifiedReads, json_object
 from sovpack.bundle import (
     ANN_REF_NAME,
     BLOBS_DIR,
@@ -186,12 +186,7 @@ def collect(read_manifest: Callable[[Descriptor], bytes], top: Descriptor) -> Gr
             raise VerificationError(f"manifest {desc.digest}: indexes nested deeper than {MAX_DEPTH}")
         seen.add(desc.digest)
         data = read_manifest(desc)
-        try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise VerificationError(f"manifest {desc.digest}: not JSON: {e}") from e
-        if not isinstance(doc, dict):
-            raise VerificationError(f"manifest {desc.digest}: not a JSON object")
+        doc = json_object(data, f"manifest {desc.digest}")
         media_type = doc.get("mediaType") or desc.media_type
         if media_type in INDEX_TYPES or (media_type not in MANIFEST_TYPES and "manifests" in doc):
             children = doc.get("manifests")
