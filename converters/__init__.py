@@ -1,9 +1,9 @@
 """Model families: one module each, mapping a Hugging Face config and tensor names to the canonical spec.
 
-Adding a family is one module here and one import line below.
+Adding a family is one module here: it declares a class with ``@register_family`` and a ``name``, and
+``load_families`` finds it.
 """
 
-from sovpack.converters import gemma, llama, phi3, qwen
-from sovpack.converters.base import FAMILIES, DecoderFamily, Family, TensorSource, family_for_config
+from sovpack.converters.base import FAMILIES, DecoderFamily, family_for_config, load_families, register_family
 
-__all__ = ["FAMILIES", "DecoderFamily", "Family", "TensorSource", "family_for_config", "gemma", "llama", "phi3", "qwen"]
+__all__ = ["FAMILIES", "DecoderFamily", "family_for_config", "load_families", "register_family"]

@@ -3,35 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, TypeVar, cast
 
+from sovpack._plugins import Plugins, import_submodules
+from sovpack._protocols import Family, TensorSource
 from sovpack.errors import SourceError
-from sovpack.registry import Registry
-from sovpack.spec import Activation, ModelSpec, RopeScaling
+from sovpack.source.spec import Activation, ModelSpec, RopeScaling
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class TensorSource:
-    """Where a canonical tensor comes from: a stored tensor, optionally a row range of a fused one."""
-
-    name: str
-    rows: tuple[int, int] | None = None  # [start, stop) along axis 0, for fused weights
-    add: float = 0.0  # added after reading (Gemma's norm offset)
+def _discover_families() -> None:
+    import_submodules("sovpack.converters", skip=("base",))
 
 
-class Family(Protocol):
-    """One source model family (Llama, Qwen2, ...)."""
+FAMILIES: Plugins[Family] = Plugins("model family", _discover_families)
 
-    name: str
-    architectures: tuple[str, ...]
-
-    def build_spec(self, config: Mapping[str, Any], where: str) -> ModelSpec: ...
-
-    def tensor_map(self, spec: ModelSpec) -> dict[str, TensorSource]: ...
+F = TypeVar("F")
 
 
-FAMILIES: Registry[Family] = Registry("model family")
+def register_family(cls: type[F]) -> type[F]:
+    """Class decorator: instantiate a family and register it under its ``name``."""
+    instance = cast(Family, cls())
+    FAMILIES.add(instance.name, instance)
+    return cls
+
+
+def load_families() -> None:
+    """Import every family module now (reading ``FAMILIES`` does it on first use)."""
+    FAMILIES.discover()
 
 
 class DecoderFamily:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sovpack.converters.base import FAMILIES, ConfigReader, DecoderFamily, TensorSource, standard_tensor_map
-from sovpack.spec import ModelSpec
+from sovpack._protocols import TensorSource
+from sovpack.converters.base import ConfigReader, DecoderFamily, register_family, standard_tensor_map
+from sovpack.source.spec import ModelSpec
 
 NORM_OFFSET = 1.0
 
 
+@register_family
 class GemmaFamily(DecoderFamily):
     name = "gemma"
     architectures = ("GemmaForCausalLM",)
@@ -29,6 +31,3 @@ class GemmaFamily(DecoderFamily):
 
     def tensor_map(self, spec: ModelSpec) -> dict[str, TensorSource]:
         return standard_tensor_map(spec, norm_offset=NORM_OFFSET)
-
-
-FAMILIES.add("gemma", GemmaFamily())

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sovpack.converters.base import FAMILIES, ConfigReader, DecoderFamily
+from sovpack.converters.base import ConfigReader, DecoderFamily, register_family
 
 
+@register_family
 class LlamaFamily(DecoderFamily):
     name = "llama"
     architectures = ("LlamaForCausalLM",)
@@ -17,13 +18,10 @@ class LlamaFamily(DecoderFamily):
         return {**super().features(cfg, common), "qkv_bias": cfg.flag("attention_bias", False)}
 
 
+@register_family
 class MistralFamily(LlamaFamily):
     name = "mistral"
     architectures = ("MistralForCausalLM",)
 
     def features(self, cfg: ConfigReader, common: dict[str, Any]) -> dict[str, Any]:
         return {**super().features(cfg, common), "sliding_window": cfg.optional_int("sliding_window")}
-
-
-FAMILIES.add("llama", LlamaFamily())
-FAMILIES.add("mistral", MistralFamily())

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sovpack.converters.base import FAMILIES, ConfigReader, DecoderFamily, TensorSource, standard_tensor_map
-from sovpack.spec import ModelSpec
+from sovpack._protocols import TensorSource
+from sovpack.converters.base import ConfigReader, DecoderFamily, register_family, standard_tensor_map
+from sovpack.source.spec import ModelSpec
 
 
+@register_family
 class Phi3Family(DecoderFamily):
     name = "phi3"
     architectures = ("Phi3ForCausalLM",)
@@ -34,6 +36,3 @@ class Phi3Family(DecoderFamily):
             m[c + "gate"] = TensorSource(name=gate_up, rows=(0, inter))
             m[c + "up"] = TensorSource(name=gate_up, rows=(inter, 2 * inter))
         return m
-
-
-FAMILIES.add("phi3", Phi3Family())

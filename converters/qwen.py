@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sovpack.converters.base import FAMILIES, ConfigReader, DecoderFamily
+from sovpack.converters.base import ConfigReader, DecoderFamily, register_family
 
 
 def _qwen_sliding_window(cfg: ConfigReader) -> int | None:
@@ -16,6 +16,7 @@ def _qwen_sliding_window(cfg: ConfigReader) -> int | None:
     return cfg.optional_int("sliding_window")
 
 
+@register_family
 class Qwen2Family(DecoderFamily):
     name = "qwen2"
     architectures = ("Qwen2ForCausalLM",)
@@ -24,6 +25,7 @@ class Qwen2Family(DecoderFamily):
         return {**super().features(cfg, common), "qkv_bias": True, "sliding_window": _qwen_sliding_window(cfg)}
 
 
+@register_family
 class Qwen3Family(DecoderFamily):
     name = "qwen3"
     architectures = ("Qwen3ForCausalLM",)
@@ -35,7 +37,3 @@ class Qwen3Family(DecoderFamily):
             "qk_norm": True,
             "sliding_window": _qwen_sliding_window(cfg),
         }
-
-
-FAMILIES.add("qwen2", Qwen2Family())
-FAMILIES.add("qwen3", Qwen3Family())

@@ -1,7 +1,19 @@
 """One error hierarchy: everything sovpack raises on purpose is a SovpackError.
 
-The CLI catches only SovpackError, prints its message and exits 1. Anything else is a bug and keeps its
-traceback.
+The CLI catches only SovpackError, prints its message and exits 1 (UsageError: 2). Anything else is a bug and
+keeps its traceback.
+
+Which class each stage raises (one rule, whatever the target or transport):
+
+- reading anything the user gave as input (checkpoint, tokenizer, config, artifact directory)  -> SourceError
+- a target writer that cannot produce an artifact, or a family a target does not support  -> ConversionError
+- a runtime failing on an artifact, or parity FAILED / impossible  -> ParityError
+- bundle content, digests, signatures, attestations, policies that do not hold  -> VerificationError
+- an OCI registry refusing or failing a request  -> RegistryError
+- options that do not fit together or name something unknown  -> UsageError
+- an optional runtime package that is not installed  -> MissingDependencyError
+
+Errors caught from libraries are re-raised as one of these with ``raise ... from e``.
 """
 
 from __future__ import annotations

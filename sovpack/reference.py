@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sovpack._protocols import RunnerTraits
 from sovpack.errors import UsageError
-from sovpack.model import SourceModel
-from sovpack.spec import ModelSpec
+from sovpack.source.model import SourceModel
+from sovpack.source.spec import ModelSpec
 
 DEFAULT_CACHE_BUDGET = 2 * 1024**3
 
@@ -106,20 +107,29 @@ def rotate_half(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class KVCache:
-    """Per-layer keys and values, [kv_heads, positions, head_dim] each."""
+    """Per-layer keys and values [batch, kv_heads, slots, head_dim], and each slot's position ([batch, slots]).
+
+    A slot's position is -1 where a shorter sequence of a batch has padding: such slots are never attended.
+    """
 
     keys: list[np.ndarray] = field(default_factory=list)
     values: list[np.ndarray] = field(default_factory=list)
+    positions: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
 
     @property
     def length(self) -> int:
-        return 0 if not self.keys else int(self.keys[0].shape[1])
+        return int(self.positions.shape[1])
 
 
 class ReferenceModel:
-    """fp32 numpy forward pass over a SourceModel; satisfies the parity Runner protocol (no tokenizer)."""
+    """fp32 numpy forward pass over a SourceModel; a parity Runner without a tokenizer.
+
+    ``forward_batch`` runs several sequences at once (right-padded, each at its own positions), so one pass
+    over the weights serves every parity prompt: each layer's weights are read once per step for the batch.
+    """
 
     name = "numpy-reference"
+    traits = RunnerTraits()
 
     def __init__(
         self,
@@ -142,6 +152,13 @@ class ReferenceModel:
             info["weight_dtype"] = str(self.weight_dtype)
         return info
 
+    def tokenize(self, text: str) -> list[int] | None:
+        """The reference compares token ids; it carries no tokenizer of its own."""
+        return None
+
+    def close(self) -> None:
+        self._weights.clear()
+
     def _w(self, name: str) -> np.ndarray:
         cached = self._weights.get(name)
         if cached is not None:
@@ -160,37 +177,53 @@ class ReferenceModel:
         return y.astype(np.float32)
 
     def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """x: [heads, T, head_dim]."""
-        freqs = positions.astype(np.float32)[:, None] * self.inv_freq[None, :]
+        """x: [batch, heads, T, head_dim]; positions: [batch, T]."""
+        freqs = positions.astype(np.float32)[..., None] * self.inv_freq[None, None, :]
         emb = np.concatenate([freqs, freqs], axis=-1)
-        cos = (np.cos(emb) * np.float32(self.rope_scale)).astype(np.float32)
-        sin = (np.sin(emb) * np.float32(self.rope_scale)).astype(np.float32)
-        return (x * cos[None] + rotate_half(x) * sin[None]).astype(np.float32)
+        cos = (np.cos(emb) * np.float32(self.rope_scale)).astype(np.float32)[:, None]
+        sin = (np.sin(emb) * np.float32(self.rope_scale)).astype(np.float32)[:, None]
+        return (x * cos + rotate_half(x) * sin).astype(np.float32)
+
+    def _check_ids(self, ids: np.ndarray) -> None:
+        if ids.size == 0:
+            raise UsageError("forward takes a non-empty sequence of token ids")
+        if ids.min() < 0 or ids.max() >= self.spec.vocab_size:
+            raise UsageError(f"token ids must be in [0, {self.spec.vocab_size}), got {ids.min()}..{ids.max()}")
 
     def forward(self, ids: Sequence[int], cache: KVCache) -> np.ndarray:
-        """Logits [T, vocab] for ``ids`` appended after what ``cache`` holds; the cache is extended."""
-        s = self.spec
+        """Logits [T, vocab] for ``ids`` appended after what ``cache`` holds (one sequence); the cache is extended."""
         ids_array = np.asarray(ids, dtype=np.int64)
-        if ids_array.ndim != 1 or ids_array.size == 0:
-            raise UsageError("forward takes a non-empty 1-D sequence of token ids")
-        if ids_array.min() < 0 or ids_array.max() >= s.vocab_size:
-            raise UsageError(f"token ids must be in [0, {s.vocab_size}), got {ids_array.min()}..{ids_array.max()}")
-        past = cache.length
-        steps = ids_array.size
-        positions = np.arange(past, past + steps)
-        x = self._w("embed")[ids_array].astype(np.float32)
+        if ids_array.ndim != 1:
+            raise UsageError("forward takes a 1-D sequence of token ids")
+        self._check_ids(ids_array)
+        start = int(cache.positions.max()) + 1 if cache.length else 0
+        positions = np.arange(start, start + ids_array.size, dtype=np.int64)[None]
+        return self.forward_batch(ids_array[None], positions, cache)[0]
+
+    def forward_batch(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Logits [B, T, vocab] for ids [B, T] at ``positions`` [B, T] (-1 marks padding), after ``cache``."""
+        s = self.spec
+        self._check_ids(ids[positions >= 0])
+        batch, steps = ids.shape
+        safe_ids = np.where(positions >= 0, ids, 0)
+        x = self._w("embed")[safe_ids].astype(np.float32)
         if s.embedding_multiplier != 1.0:
             x = x * np.float32(s.embedding_multiplier)
-        total = past + steps
-        q_pos = positions[:, None]
-        k_pos = np.arange(total)[None, :]
-        allowed = k_pos <= q_pos
+        first_pass = not cache.keys
+        key_pos = positions if first_pass else np.concatenate([cache.positions, positions], axis=1)
+        q_pos = positions[:, :, None]
+        k_pos = key_pos[:, None, :]
+        allowed = (k_pos >= 0) & (k_pos <= q_pos)
         if s.sliding_window is not None:
             allowed &= (q_pos - k_pos) < s.sliding_window
-        mask = np.where(allowed, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
+        # A padding query attends to nothing real; let it see its own slot so its (discarded) row stays finite.
+        own = np.zeros_like(allowed)
+        own[:, np.arange(steps), key_pos.shape[1] - steps + np.arange(steps)] = True
+        allowed |= (positions < 0)[:, :, None] & own
+        mask = np.where(allowed, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)[:, None]
+        rope_pos = np.maximum(positions, 0)
         group = s.num_heads // s.num_kv_heads
         scale = np.float32(1.0 / math.sqrt(s.head_dim))
-        first_pass = not cache.keys
         for i in range(s.num_layers):
             p = f"layers.{i}."
             h = rms_norm(x, self._w(p + "attn_norm"), s.norm_eps)
@@ -198,32 +231,33 @@ class ReferenceModel:
             q = self._linear(h, p + "q", p + "q_bias" if bias else None)
             k = self._linear(h, p + "k", p + "k_bias" if bias else None)
             v = self._linear(h, p + "v", p + "v_bias" if bias else None)
-            q = q.reshape(steps, s.num_heads, s.head_dim)
-            k = k.reshape(steps, s.num_kv_heads, s.head_dim)
-            v = v.reshape(steps, s.num_kv_heads, s.head_dim)
+            q = q.reshape(batch, steps, s.num_heads, s.head_dim)
+            k = k.reshape(batch, steps, s.num_kv_heads, s.head_dim)
+            v = v.reshape(batch, steps, s.num_kv_heads, s.head_dim)
             if s.qk_norm:
                 q = rms_norm(q, self._w(p + "q_norm"), s.norm_eps)
                 k = rms_norm(k, self._w(p + "k_norm"), s.norm_eps)
-            q = self._rope(q.transpose(1, 0, 2), positions)
-            k = self._rope(k.transpose(1, 0, 2), positions)
-            v = v.transpose(1, 0, 2)
+            q = self._rope(q.transpose(0, 2, 1, 3), rope_pos)
+            k = self._rope(k.transpose(0, 2, 1, 3), rope_pos)
+            v = v.transpose(0, 2, 1, 3)
             if first_pass:
                 cache.keys.append(k)
                 cache.values.append(v)
             else:
-                cache.keys[i] = np.concatenate([cache.keys[i], k], axis=1)
-                cache.values[i] = np.concatenate([cache.values[i], v], axis=1)
-            keys = np.repeat(cache.keys[i], group, axis=0)
-            values = np.repeat(cache.values[i], group, axis=0)
-            scores = (q @ keys.transpose(0, 2, 1)) * scale + mask[None]
+                cache.keys[i] = np.concatenate([cache.keys[i], k], axis=2)
+                cache.values[i] = np.concatenate([cache.values[i], v], axis=2)
+            keys = np.repeat(cache.keys[i], group, axis=1)
+            values = np.repeat(cache.values[i], group, axis=1)
+            scores = (q @ keys.transpose(0, 1, 3, 2)) * scale + mask
             scores = scores - scores.max(axis=-1, keepdims=True)
             weights = np.exp(scores)
             weights = weights / weights.sum(axis=-1, keepdims=True)
-            attn = (weights @ values).transpose(1, 0, 2).reshape(steps, s.q_size)
+            attn = (weights @ values).transpose(0, 2, 1, 3).reshape(batch, steps, s.q_size)
             x = x + self._linear(attn, p + "o")
             h = rms_norm(x, self._w(p + "mlp_norm"), s.norm_eps)
             gated = activation(s.activation, self._linear(h, p + "gate")) * self._linear(h, p + "up")
             x = x + self._linear(gated.astype(np.float32), p + "down")
+        cache.positions = key_pos
         x = rms_norm(x, self._w("final_norm"), s.norm_eps)
         head = "embed" if s.tie_word_embeddings else "lm_head"
         return (x @ self._w(head).T).astype(np.float32)
@@ -233,13 +267,59 @@ class ReferenceModel:
 
     def greedy(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
         """Greedy continuation through the KV cache; the stop token, if produced, is included."""
+        return self.greedy_batch([ids], max_new_tokens, stop_ids)[0].tokens
+
+    def greedy_batch(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+    ) -> list[GreedyTrace]:
+        """Greedy continuations of several prompts decoded in lockstep (one batched step per token).
+
+        Each trace holds the generated tokens (a produced stop token included) and the logits rows of the
+        prompt followed by the rows that chose tokens 2..n, which is what parity records and consults.
+        """
+        if not prompts:
+            return []
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        ids = np.zeros((len(prompts), width), dtype=np.int64)
+        positions = np.full((len(prompts), width), -1, dtype=np.int64)
+        for b, prompt in enumerate(prompts):
+            ids[b, : lengths[b]] = np.asarray(prompt, dtype=np.int64)
+            positions[b, : lengths[b]] = np.arange(lengths[b])
         cache = KVCache()
-        logits = self.forward(ids, cache)
-        generated: list[int] = []
-        for _ in range(max_new_tokens):
-            token = int(np.argmax(logits[-1]))
-            generated.append(token)
-            if token in stop_ids:
+        logits = self.forward_batch(ids, positions, cache)
+        rows: list[list[np.ndarray]] = [[logits[b, : lengths[b]]] for b in range(len(prompts))]
+        last = np.stack([logits[b, lengths[b] - 1] for b in range(len(prompts))])
+        tokens: list[list[int]] = [[] for _ in prompts]
+        active = [max_new_tokens > 0] * len(prompts)
+        stop = {int(t) for t in stop_ids}
+        for step in range(max_new_tokens):
+            for b in range(len(prompts)):
+                if active[b]:
+                    token = int(np.argmax(last[b]))
+                    tokens[b].append(token)
+                    if token in stop or len(tokens[b]) >= max_new_tokens:
+                        active[b] = False
+            if not any(active):
                 break
-            logits = self.forward([token], cache)
-        return generated
+            step_ids = np.array([[tokens[b][-1] if active[b] else 0] for b in range(len(prompts))], dtype=np.int64)
+            step_pos = np.array(
+                [[lengths[b] + step if active[b] else -1] for b in range(len(prompts))], dtype=np.int64
+            )
+            logits = self.forward_batch(step_ids, step_pos, cache)
+            for b in range(len(prompts)):
+                if active[b]:
+                    rows[b].append(logits[b])
+            last = logits[:, -1]
+        return [
+            GreedyTrace(tokens=tokens[b], logits=np.concatenate(rows[b], axis=0).astype(np.float32))
+            for b in range(len(prompts))
+        ]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GreedyTrace:
+    """One prompt's greedy run: generated tokens and the logits rows that produced them (see greedy_batch)."""
+
+    tokens: list[int]
+    logits: np.ndarray

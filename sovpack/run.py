@@ -9,9 +9,14 @@ from typing import Any
 
 import numpy as np
 
+from sovpack._protocols import Runner
+from sovpack.artifact import ArtifactMetadata, is_artifact_dir
+from sovpack.attest.dsse import VerifyingKey
 from sovpack.errors import SourceError, UsageError
-from sovpack.targets.base import TARGETS, read_artifact_metadata
-from sovpack.tokenizer import SourceTokenizer
+from sovpack.oci.store import is_bundle_dir
+from sovpack.source.model import open_model
+from sovpack.source.tokenizer import SourceTokenizer
+from sovpack.targets.base import TargetRef
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -32,33 +37,27 @@ class RunResult:
 
 
 def open_runner(
-    path: Path, *, target: str | None = None, keys: Sequence[Any] = ()
-) -> tuple[Any, Path | None, tuple[int, ...]]:
-    """A runner for a path, the tokenizer.json to use with it, and its stop ids.
+    path: Path, *, target: str | None = None, keys: Sequence[VerifyingKey] = ()
+) -> tuple[Runner, Path | None, tuple[int, ...]]:
+    """A runner for a path, the tokenizer.json to use with it, and its stop ids; the caller closes the runner.
 
     A bundle (OCI layout) is verified with ``keys`` and ``target`` is extracted to a temporary directory.
     """
-    from sovpack.bundle import is_bundle_dir
-    from sovpack.targets import load_targets
-
     if is_bundle_dir(path):
         from sovpack.verify import open_bundle_runner
 
         return open_bundle_runner(path, target, keys)
     if target is not None:
         raise UsageError(f"{path}: -t/--target selects a target of a bundle; this is not a bundle")
-    metadata = read_artifact_metadata(path) if path.is_dir() else None
-    if metadata is None:
-        from sovpack.model import open_model
+    if not is_artifact_dir(path):
         from sovpack.reference import ReferenceModel
 
         model = open_model(path)
         return ReferenceModel(model), model.checkpoint.tokenizer_json, model.spec.eos_token_ids
-    load_targets()
-    fmt_target = TARGETS.get(str(metadata.get("format")))
+    metadata = ArtifactMetadata.load(path)
+    runner = TargetRef.parse(metadata.target).target.open_runner(path, metadata)
     tokenizer = path / "tokenizer.json"
-    stop = tuple(metadata.get("spec", {}).get("eos_token_ids", ()))
-    return fmt_target.open_runner(path, metadata), tokenizer if tokenizer.is_file() else None, stop
+    return runner, tokenizer if tokenizer.is_file() else None, metadata.spec.eos_token_ids
 
 
 def run(
@@ -68,7 +67,7 @@ def run(
     ids: Sequence[int] | None = None,
     max_new_tokens: int = 16,
     target: str | None = None,
-    keys: Sequence[Any] = (),
+    keys: Sequence[VerifyingKey] = (),
 ) -> RunResult:
     """Prefill logits and a greedy continuation; text in, text out when the model has a tokenizer."""
     if (prompt is None) == (ids is None):
@@ -83,8 +82,11 @@ def run(
         prompt_ids = [int(i) for i in ids or []]
     if not prompt_ids:
         raise UsageError("the prompt encodes to no tokens")
-    logits = runner.prefill_logits(prompt_ids)
-    generated = runner.greedy(prompt_ids, max_new_tokens, stop_ids)
+    try:
+        logits = runner.prefill_logits(prompt_ids)
+        generated = runner.greedy(prompt_ids, max_new_tokens, stop_ids)
+    finally:
+        runner.close()
     text = tokenizer.decode(generated) if tokenizer is not None else None
     return RunResult(
         runtime=runner.name, prompt_ids=prompt_ids, generated_ids=generated, text=text, logits=logits

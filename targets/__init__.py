@@ -1,27 +1,10 @@
-"""Output formats: one module each (writer + runtime runner), registered in ``TARGETS`` on import.
+"""Output formats: one package each (writer + runtime runner), registered in ``TARGETS`` on import.
 
-Adding a format is one module here and one name in ``TARGET_MODULES``.
+Adding a format is one package here; ``load_targets`` finds it.
 """
 
 from __future__ import annotations
 
-import importlib
+from sovpack.targets.base import TARGETS, TargetRef, load_targets, register_target
 
-from sovpack.targets.base import ARTIFACT_FILE, TARGETS, Target, TargetRef, WrittenArtifact
-
-TARGET_MODULES = ("onnx", "gguf", "openvino")
-
-
-def load_targets() -> None:
-    """Import every target module so it registers itself; heavy runtimes stay lazy inside them."""
-    for name in TARGET_MODULES:
-        if f"sovpack.targets.{name}" not in TARGETS.loaded_modules:
-            try:
-                importlib.import_module(f"sovpack.targets.{name}")
-            except ModuleNotFoundError as e:
-                if e.name != f"sovpack.targets.{name}":
-                    raise
-            TARGETS.loaded_modules.add(f"sovpack.targets.{name}")
-
-
-__all__ = ["ARTIFACT_FILE", "TARGETS", "Target", "TargetRef", "WrittenArtifact", "load_targets"]
+__all__ = ["TARGETS", "TargetRef", "load_targets", "register_target"]

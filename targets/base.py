@@ -1,79 +1,58 @@
-"""What an output format provides, and the target registry.
+"""The target registry and ``format:precision`` references.
 
-A target module writes one runnable artifact directory from a SourceModel (streaming, one tensor at a time)
-and opens a parity Runner on such a directory in its own runtime. Orchestration — temp dirs, atomic rename,
-parity, metadata — lives in ``sovpack.convert``, so a target module is only its writer and its runner.
+A target package (``targets/<format>/``) writes one runnable artifact directory from a SourceModel
+(streaming, one tensor at a time) and opens a :class:`~sovpack._protocols.Runner` on such a directory in its
+own runtime; the contract is :class:`~sovpack._protocols.Target`. It registers itself with
+``@register_target`` on import; ``load_targets`` imports every package under ``targets/``, so adding a
+format is one package and nothing else. Orchestration (temp dirs, atomic rename, parity, metadata) lives in
+``sovpack.convert``.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TypeVar, cast
 
-import numpy as np
-
-from sovpack.errors import UsageError
-from sovpack.model import SourceModel
-from sovpack.registry import Registry
-
-ARTIFACT_FILE = "sovpack-artifact.json"
-
-# A progress callback: (description, completed, total). Writers call it once per tensor.
-Progress = Callable[[str, int, int], None]
+from sovpack._plugins import Plugins, import_submodules
+from sovpack._protocols import Precision, Target
+from sovpack.errors import ConversionError, UsageError
+from sovpack.parity.thresholds import THRESHOLD_KEYS, Thresholds
+from sovpack.source.model import SourceModel
+from sovpack.source.spec import ModelSpec
 
 
-def no_progress(_description: str, _completed: int, _total: int) -> None:
-    """The default progress callback: silent."""
+def _discover_targets() -> None:
+    import_submodules("sovpack.targets", packages_only=True)
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class WrittenArtifact:
-    """What a writer reports: the files it wrote (relative POSIX paths) and format-specific metadata."""
+TARGETS: Plugins[Target] = Plugins("target format", _discover_targets)
 
-    files: tuple[str, ...]
-    metadata: dict[str, Any] = field(default_factory=dict)
+T = TypeVar("T")
 
 
-class ArtifactRunner(Protocol):
-    """The parity Runner protocol (see sovpack.parity.Runner), plus decoding text for `sovpack run`."""
-
-    name: str
-
-    def prefill_logits(self, ids: Sequence[int]) -> np.ndarray: ...
-
-    def greedy(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]: ...
-
-    def tokenize(self, text: str) -> list[int] | None: ...
-
-    def runtime_info(self) -> dict[str, str]: ...
+def register_target(cls: type[T]) -> type[T]:
+    """Class decorator: instantiate a target and register it under its ``name``."""
+    instance = cast(Target, cls())
+    TARGETS.add(instance.name, instance)
+    return cls
 
 
-class Target(Protocol):
-    """One output format (onnx, gguf, openvino)."""
-
-    name: str
-    precisions: tuple[str, ...]
-    default_precision: str
-
-    def write(
-        self, model: SourceModel, precision: str, out_dir: Path, progress: Progress
-    ) -> WrittenArtifact: ...
-
-    def open_runner(self, artifact_dir: Path, metadata: dict[str, Any]) -> ArtifactRunner: ...
+def load_targets() -> None:
+    """Import every target package under ``targets/`` now (reading ``TARGETS`` does it on first use)."""
+    TARGETS.discover()
 
 
-class _TargetRegistry(Registry[Target]):
-    """The target registry; remembers which target modules were imported (see ``load_targets``)."""
-
-    def __init__(self) -> None:
-        super().__init__("target format")
-        self.loaded_modules: set[str] = set()
-
-
-TARGETS = _TargetRegistry()
+def precision_table(*rows: Precision) -> dict[str, Precision]:
+    """A target's precision table keyed by name; aliases resolve through ``TargetRef.parse``."""
+    table: dict[str, Precision] = {}
+    for row in rows:
+        if row.name in table:
+            raise ValueError(f"precision {row.name!r} listed twice")
+        table[row.name] = row
+    return table
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -90,22 +69,61 @@ class TargetRef:
     def parse(cls, text: str) -> TargetRef:
         fmt, _, precision = text.partition(":")
         target = TARGETS.get(fmt.strip().lower())
-        precision = precision.strip().lower() or target.default_precision
-        if precision not in target.precisions:
-            raise UsageError(
-                f"target {target.name!r} has no precision {precision!r}; known: {', '.join(target.precisions)}"
-            )
-        return cls(format=target.name, precision=precision)
+        wanted = precision.strip().lower() or target.default_precision
+        for row in target.precisions.values():
+            if wanted == row.name or wanted in row.aliases:
+                return cls(format=target.name, precision=row.name)
+        raise UsageError(
+            f"target {target.name!r} has no precision {wanted!r}; known: {', '.join(target.precisions)}"
+        )
 
     @property
     def target(self) -> Target:
         return TARGETS.get(self.format)
 
+    @property
+    def info(self) -> Precision:
+        return self.target.precisions[self.precision]
 
-def read_artifact_metadata(artifact_dir: Path) -> dict[str, Any] | None:
-    """The sovpack-artifact.json of a directory, or None if it is not an artifact directory."""
-    path = artifact_dir / ARTIFACT_FILE
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else None
+    def thresholds(self, *layers: Mapping[str, float | bool | None] | None) -> Thresholds:
+        """This precision's default limits with each layer of overrides applied in order (later wins)."""
+        merged: dict[str, float | bool | None] = {}
+        for layer in layers:
+            merged.update(layer or {})
+        unknown = sorted(set(merged) - set(THRESHOLD_KEYS))
+        if unknown:
+            raise UsageError(f"unknown threshold name(s) {', '.join(unknown)}; known: {', '.join(THRESHOLD_KEYS)}")
+        base = self.info.thresholds
+        return Thresholds.from_dict({**base.to_dict(), **merged}) if merged else base
+
+    def check_family(self, spec: ModelSpec) -> None:
+        """Refuse, by name, a model family this target cannot write."""
+        target = self.target
+        if spec.family not in target.families:
+            raise ConversionError(
+                f"target {target.name!r} cannot write model family {spec.family!r}; it supports: "
+                f"{', '.join(sorted(target.families))}"
+            )
+
+
+# Files runtimes (and ``sovpack run``) read beside the weights, copied verbatim from the checkpoint.
+SUPPORT_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "config.json",
+)
+
+
+def copy_support_files(model: SourceModel, out_dir: Path, names: Sequence[str] = SUPPORT_FILES) -> list[str]:
+    """Copy tokenizer and config files that runtimes read beside the weights; returns what was copied."""
+    copied = []
+    for name in names:
+        path = model.checkpoint.file(name)
+        if path is not None:
+            shutil.copyfile(path, out_dir / name)
+            copied.append(name)
+    return copied

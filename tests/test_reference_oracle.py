@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from fixtures.generate import make_checkpoint
-from sovpack.model import open_model
 from sovpack.reference import ReferenceModel
-from sovpack.tokenizer import SourceTokenizer
+from sovpack.source.model import open_model
+from sovpack.source.tokenizer import SourceTokenizer
 
 torch = pytest.importorskip("torch", reason="the oracle extra (torch + transformers) is required: make test")
 transformers = pytest.importorskip("transformers")

@@ -8,11 +8,13 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from sovpack.convert import artifact_metadata
-from sovpack.model import open_model
-from sovpack.schemas_io import SCHEMA_FILES, load_schema, validate
-from sovpack.spec import ModelSpec
-from sovpack.targets.base import TargetRef
+from sovpack import __version__
+from sovpack._protocols import RunnerTraits
+from sovpack._schemas import SCHEMA_FILES, load_schema, validate
+from sovpack.artifact import ArtifactMetadata
+from sovpack.errors import SourceError
+from sovpack.source.model import open_model
+from sovpack.source.spec import ModelSpec
 
 EXAMPLES = Path(__file__).parent.parent / "schemas" / "examples"
 
@@ -35,13 +37,40 @@ def test_spec_schema_lists_every_dataclass_field() -> None:
     assert set(schema["properties"]) == fields and set(schema["required"]) == fields
 
 
-def test_artifact_metadata_fits_the_schema(checkpoints: dict[str, Path]) -> None:
-    model = open_model(checkpoints["llama3"])
-    ref = TargetRef(format="onnx", precision="fp32")
-    validate(artifact_metadata(model, ref, ["model.onnx"], {"opset": 17}), "artifact")
-    bad = artifact_metadata(model, ref, ["/etc/passwd"], {})
+def _artifact_metadata(path: Path, files: tuple[str, ...]) -> ArtifactMetadata:
+    model = open_model(path)
+    return ArtifactMetadata(
+        sovpack_version=__version__,
+        target="onnx:fp32",
+        format="onnx",
+        precision="fp32",
+        name=model.name,
+        files=files,
+        spec=model.spec,
+        source=model.checkpoint.source_files,
+        format_metadata={"opset": 17},
+        traits=RunnerTraits(parity_limits={"max_abs": 0.05}, known_tokenizer_divergences=("a  b",)),
+    )
+
+
+def test_artifact_metadata_fits_the_schema_and_round_trips(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    metadata = _artifact_metadata(checkpoints["llama3"], ("model.onnx", "sovpack-artifact.json"))
+    validate(metadata.to_dict(), "artifact")
+    metadata.save(tmp_path)
+    assert ArtifactMetadata.load(tmp_path) == metadata
+    bad = _artifact_metadata(checkpoints["llama3"], ("/etc/passwd",)).to_dict()
     with pytest.raises(jsonschema.ValidationError):
         validate(bad, "artifact")
+    with pytest.raises(SourceError, match="invalid artifact metadata"):
+        ArtifactMetadata.from_dict(bad, "sovpack-artifact.json")
+    traversal = {**metadata.to_dict(), "files": ["a/../../etc/passwd"]}
+    with pytest.raises(SourceError, match="path traversal"):
+        ArtifactMetadata.from_dict(traversal, "sovpack-artifact.json")
+
+
+def test_committed_artifact_example_round_trips() -> None:
+    data = json.loads((EXAMPLES / "artifact.example.json").read_text())
+    assert ArtifactMetadata.from_dict(data, "artifact.example.json").to_dict() == data
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.example.json")), ids=lambda p: p.name)

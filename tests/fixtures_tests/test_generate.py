@@ -251,9 +251,9 @@ def test_numerics_overrides_scale_exactly_what_they_name(tmp_path: Path, generat
 @pytest.mark.parametrize("name", ["llama3", "qwen2"])
 def test_realistic_numerics_checkpoint(name: str, tmp_path: Path) -> None:
     """REALISTIC_NUMERICS: 7B-like next-token statistics, driven by the layers, greedy not degenerate."""
-    from sovpack.model import open_model
-    from sovpack.prompts import encode_prompts
+    from sovpack.parity.prompts import encode_prompts
     from sovpack.reference import ReferenceModel, rms_norm
+    from sovpack.source.model import open_model
 
     d = make_checkpoint(name, tmp_path / name, **REALISTIC_NUMERICS)
     cfg = json.loads((d / "config.json").read_text())

@@ -20,18 +20,20 @@ import pytest
 
 from fixtures.generate import VARIANTS, make_checkpoint
 from sovpack import __version__
+from sovpack._protocols import RunnerTraits
+from sovpack.artifact import ArtifactMetadata
 from sovpack.convert import ConvertResult, convert
-from sovpack.errors import ConversionError, MissingDependencyError, UsageError
-from sovpack.model import SourceModel, open_model
-from sovpack.prompts import encode_prompts
+from sovpack.errors import ConversionError, MissingDependencyError, ParityError, SourceError, UsageError
+from sovpack.parity.prompts import encode_prompts
+from sovpack.parity.thresholds import DEFAULT_THRESHOLDS, Thresholds
 from sovpack.reference import ReferenceModel, rope_inv_freq, rotate_half
-from sovpack.spec import ModelSpec
+from sovpack.source.model import SourceModel, open_model
 from sovpack.targets import gguf as gguf_target
-from sovpack.targets.base import read_artifact_metadata
+from sovpack.targets.base import TargetRef
 
 gguf = pytest.importorskip("gguf")
 # Only check that llama_cpp is there: importing it here would load llama.cpp before the target sets its OpenMP
-# wait policy (see sovpack.targets.gguf._llama_cpp), and busy-waiting threads crawl on a loaded machine.
+# wait policy (see sovpack.targets.gguf.runtime.import_llama_cpp), and busy-waiting threads crawl on a loaded machine.
 if importlib.util.find_spec("llama_cpp") is None:
     pytest.skip("llama-cpp-python is not installed", allow_module_level=True)
 
@@ -62,7 +64,7 @@ def converted(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFac
             # Limits llama.cpp's kernels cannot meet (Gemma's f16 GELU table at f32): the target publishes them.
             overrides = {
                 **FIXTURE_OVERRIDES.get(precision, {}),
-                **gguf_target.parity_threshold_overrides(open_model(ckpt).spec, precision),
+                **gguf_target.parity_limits(open_model(ckpt).spec, precision),
             }
             out = root / f"{variant}-{precision}"
             cache[key] = convert(ckpt, f"gguf:{precision}", out, threshold_overrides=overrides or None)
@@ -81,7 +83,7 @@ def tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
 
 
 def gguf_path(result: ConvertResult) -> Path:
-    return result.out_dir / read_artifact_metadata(result.out_dir)["format_metadata"]["gguf_file"]
+    return result.out_dir / ArtifactMetadata.load(result.out_dir).format_metadata["gguf_file"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -103,13 +105,14 @@ def test_family_parity(converted: Converter, variant: str, precision: str) -> No
     tok = report.tokenizer
     assert tok.status == "checked"
     assert tok.mismatched == 0
-    known = read_artifact_metadata(result.out_dir)["format_metadata"]["known_tokenizer_divergences"]
+    metadata = ArtifactMetadata.load(result.out_dir)
+    known = metadata.traits.known_tokenizer_divergences
     assert tok.known_divergent == len(known)
     assert tok.matched + tok.known_divergent == tok.total
     if variant in BYTE_LEVEL:
-        assert known == [] and tok.matched == tok.total
+        assert known == () and tok.matched == tok.total
 
-    types = read_artifact_metadata(result.out_dir)["format_metadata"]["tensor_types"]
+    types = metadata.format_metadata["tensor_types"]
     assert GGUF_TYPE_OF[precision] in types
     assert set(types) <= {"F32", GGUF_TYPE_OF[precision], "F16"}
 
@@ -134,7 +137,7 @@ def test_other_precisions(gemma256: Path, tmp_path: Path, precision: str) -> Non
     out = tmp_path / "out"
     result = convert(gemma256, f"gguf:{precision}", out)
     assert result.parity is not None and result.parity.status == "PASSED", result.parity.reasons
-    meta = read_artifact_metadata(out)["format_metadata"]
+    meta = ArtifactMetadata.load(out).format_metadata
     weights = set(meta["tensor_types"]) - {"F32"}
     assert weights == {**K_TYPES, **OTHER_TYPES}[precision], "a weight fell back to another type"
     if precision in K_TYPES:
@@ -200,7 +203,7 @@ def test_q8_0_error_is_quantization_error(converted: Converter, checkpoints: dic
     model = open_model(checkpoints["llama3"])
     reference = ReferenceModel(model)
     dequantized = DequantizedReference(model, gguf_path(result))
-    runner = gguf_target.GgufTarget().open_runner(result.out_dir, read_artifact_metadata(result.out_dir))
+    runner = gguf_target.GgufTarget().open_runner(result.out_dir, ArtifactMetadata.load(result.out_dir))
     ref_llama, ref_deq, deq_llama = [], [], []
     try:
         for ids in encode_prompts(model.checkpoint.tokenizer_json):
@@ -402,7 +405,7 @@ def test_run_through_the_artifact(converted: Converter, checkpoints: dict[str, P
 
 def test_runner_records_its_runtime(converted: Converter) -> None:
     result = converted("qwen3", "f32")
-    runner = gguf_target.GgufTarget().open_runner(result.out_dir, read_artifact_metadata(result.out_dir))
+    runner = gguf_target.GgufTarget().open_runner(result.out_dir, ArtifactMetadata.load(result.out_dir))
     try:
         runner.prefill_logits([1, 2, 3])
         info = runner.runtime_info()
@@ -416,8 +419,7 @@ def test_runner_records_its_runtime(converted: Converter) -> None:
 
 def test_sliding_window_caps_the_context(converted: Converter) -> None:
     result = converted("mistral", "f16")
-    metadata = read_artifact_metadata(result.out_dir)
-    spec = dataclasses.replace(ModelSpec.from_dict(metadata["spec"]), sliding_window=8)
+    spec = dataclasses.replace(ArtifactMetadata.load(result.out_dir).spec, sliding_window=8)
     runner = gguf_target.LlamaCppRunner(gguf_path(result), spec=spec)
     try:
         assert runner.context_limit == 8
@@ -431,10 +433,10 @@ def test_sliding_window_caps_the_context(converted: Converter) -> None:
 def test_missing_packages_name_their_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     with pytest.raises(MissingDependencyError, match=r"sovpack\[llama\]"):
-        gguf_target._llama_cpp()
+        gguf_target.import_llama_cpp()
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(MissingDependencyError, match=r"sovpack\[gguf\]"):
-        gguf_target._gguf()
+        gguf_target.import_gguf()
 
 
 def test_yarn_attention_factor_and_betas(tmp_path: Path) -> None:
@@ -464,7 +466,7 @@ def test_short_sliding_window(tmp_path: Path) -> None:
     ckpt = make_checkpoint("mistral", tmp_path / "mistral-window", sliding_window=16)
     result = convert(ckpt, "gguf:f16", tmp_path / "out", parity=False)
     assert fields(gguf_path(result))["llama.context_length"] == 16
-    notes = read_artifact_metadata(result.out_dir)["format_metadata"]["notes"]
+    notes = ArtifactMetadata.load(result.out_dir).format_metadata["notes"]
     assert any("sliding window" in n for n in notes)
     with pytest.raises(UsageError, match="sliding window"):
         convert(ckpt, "gguf:f16", tmp_path / "checked")
@@ -494,3 +496,86 @@ def test_cli_convert_run_inspect(checkpoints: dict[str, Path], tmp_path: Path) -
     shown = CliRunner().invoke(cli, ["inspect", str(out), "--json"])
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.output)["kind"] == "artifact"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the target's contracts: precision table, families, runner traits and lifecycle, errors
+
+
+def test_precision_table_rows_are_consistent() -> None:
+    target = gguf_target.GgufTarget()
+    assert tuple(target.precisions) == ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+    assert target.default_precision == "f16"
+    assert target.runtime_packages == ("gguf", "llama-cpp-python")
+    for name, row in target.precisions.items():
+        assert row.name == name
+        assert isinstance(row.thresholds, Thresholds)
+        assert row.thresholds == DEFAULT_THRESHOLDS[name]
+        if row.quantized:
+            assert row.weights.startswith("int"), row
+        else:
+            assert row.weights in ("float32", "float16", "bfloat16"), row
+        assert TargetRef.parse(f"gguf:{name}").info == row
+    assert {n for n, row in target.precisions.items() if row.quantized} == {"q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"}
+
+
+def test_a_family_outside_families_is_refused_by_name(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    target = gguf_target.GgufTarget()
+    assert target.families == {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"}
+    model = open_model(checkpoints["llama3"])
+    falcon = dataclasses.replace(model, spec=dataclasses.replace(model.spec, family="falcon"))
+    with pytest.raises(ConversionError, match="'falcon'"):
+        TargetRef.parse("gguf:f16").check_family(falcon.spec)
+    with pytest.raises(ConversionError, match="'falcon'"):
+        convert(falcon, "gguf:f16", tmp_path / "out", parity=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConversionError, match="'falcon'"):
+        target.write(falcon, "f16", tmp_path, lambda *_: None)
+    with pytest.raises(ConversionError, match="'falcon'"):  # no silent fallback to another family's limits
+        gguf_target.parity_limits(falcon.spec, "f32")
+
+
+def test_runner_traits_come_from_the_artifact(converted: Converter, checkpoints: dict[str, Path]) -> None:
+    """Gemma at f32: the writer publishes llama.cpp's GELU limits as traits, and the runner carries them."""
+    result = converted("gemma", "f32")
+    metadata = ArtifactMetadata.load(result.out_dir)
+    limits = gguf_target.parity_limits(open_model(checkpoints["gemma"]).spec, "f32")
+    assert limits and dict(metadata.traits.parity_limits) == limits
+    assert not {"parity_threshold_overrides", "known_tokenizer_divergences"} & set(metadata.format_metadata)
+    runner = gguf_target.GgufTarget().open_runner(result.out_dir, metadata)
+    try:
+        assert runner.traits == metadata.traits
+    finally:
+        runner.close()
+    plain = gguf_target.LlamaCppRunner(gguf_path(result))
+    assert plain.traits == RunnerTraits()
+    plain.close()
+
+
+def test_runner_close_is_idempotent(converted: Converter) -> None:
+    result = converted("qwen3", "f32")
+    runner = gguf_target.GgufTarget().open_runner(result.out_dir, ArtifactMetadata.load(result.out_dir))
+    runner.close()  # nothing opened yet
+    runner.prefill_logits([1, 2, 3])
+    assert runner.tokenize("Hello world")
+    runner.close()
+    assert runner._llm is None and runner._vocab is None  # model, context and vocabulary released
+    runner.close()
+
+
+def test_runtime_and_artifact_errors(converted: Converter, tmp_path: Path) -> None:
+    """llama.cpp refusing a file is a ParityError; an artifact directory without its .gguf is a SourceError."""
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF but not really")
+    runner = gguf_target.LlamaCppRunner(bad)
+    try:
+        with pytest.raises(ParityError, match="cannot load"):
+            runner.tokenize("Hello")
+    finally:
+        runner.close()
+    result = converted("qwen3", "f32")
+    broken = tmp_path / "broken"
+    shutil.copytree(result.out_dir, broken)
+    (broken / ArtifactMetadata.load(broken).format_metadata["gguf_file"]).unlink()
+    with pytest.raises(SourceError, match=r"expected one \.gguf file"):
+        gguf_target.GgufTarget().open_runner(broken, ArtifactMetadata.load(broken))

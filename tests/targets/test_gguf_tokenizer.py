@@ -15,25 +15,17 @@ from typing import Any
 
 import pytest
 
+from sovpack.artifact import ArtifactMetadata
 from sovpack.convert import convert
 from sovpack.errors import ConversionError
-from sovpack.model import open_model
-from sovpack.prompts import TOKENIZER_CORPUS, load_tokenizer
+from sovpack.parity.prompts import TOKENIZER_CORPUS
+from sovpack.source.model import open_model
+from sovpack.source.tokenizer import load_tokenizer
 from sovpack.targets import gguf as gguf_target
-from sovpack.targets._gguf_tokenizer import (
-    BYTE,
-    CONTROL,
-    GPT2_REGEX,
-    LLAMA3_REGEX,
-    NORMAL,
-    QWEN2_REGEX,
-    UNKNOWN,
-    UNUSED,
-    GgufTokenizer,
-    parse_sentencepiece,
-    tokenizer_from_json,
-)
-from sovpack.targets.base import read_artifact_metadata
+from sovpack.targets.gguf.pretokenizer import GPT2_REGEX, LLAMA3_REGEX, QWEN2_REGEX
+from sovpack.targets.gguf.sentencepiece import parse_sentencepiece
+from sovpack.targets.gguf.tokenizer import tokenizer_from_json
+from sovpack.targets.gguf.vocab import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, GgufTokenizer
 
 needs_llama = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None,
@@ -301,8 +293,8 @@ def test_tokenizer_model_alone_converts_and_tokenizes_like_the_source(
     out.mkdir()
     model = open_model(ckpt)
     written = gguf_target.GgufTarget().write(model, "f16", out, lambda *_: None)
-    assert written.metadata["tokenizer"]["source"] == "tokenizer.model"
-    runner = gguf_target.LlamaCppRunner(out / written.metadata["gguf_file"], spec=model.spec)
+    assert written.format_metadata["tokenizer"]["source"] == "tokenizer.model"
+    runner = gguf_target.LlamaCppRunner(out / written.format_metadata["gguf_file"], spec=model.spec)
     reference = load_tokenizer(source / "tokenizer.json")
     try:
         mismatched = [t for t in TOKENIZER_CORPUS if runner.tokenize(t) != reference.encode(t).ids]
@@ -317,7 +309,7 @@ def test_tokenizer_json_wins_over_tokenizer_model(checkpoints: dict[str, Path], 
     shutil.copytree(checkpoints["llama2"], ckpt)
     (ckpt / "tokenizer.model").write_bytes(b"\x0a\x03not a real model")
     result = convert(ckpt, "gguf:f16", tmp_path / "out")
-    meta = read_artifact_metadata(result.out_dir)["format_metadata"]
+    meta = ArtifactMetadata.load(result.out_dir).format_metadata
     assert meta["tokenizer"]["source"] == "tokenizer.json"
     assert result.parity is not None and result.parity.tokenizer.mismatched == 0
 
@@ -339,7 +331,7 @@ def test_gpt2_pre_tokenizer_in_llama_cpp(checkpoints: dict[str, Path], tmp_path:
     assert result.parity is not None and result.parity.status == "PASSED", result.parity.reasons
     tok = result.parity.tokenizer
     assert (tok.matched, tok.known_divergent, tok.mismatched) == (tok.total, 0, 0)
-    assert read_artifact_metadata(result.out_dir)["format_metadata"]["tokenizer"]["pre"] == "gpt-2"
+    assert ArtifactMetadata.load(result.out_dir).format_metadata["tokenizer"]["pre"] == "gpt-2"
 
 
 @needs_llama
@@ -350,7 +342,7 @@ def test_predicted_rstrip_divergence_is_real(checkpoints: dict[str, Path], tmp_p
     result = convert(ckpt, "gguf:f16", tmp_path / "out")
     assert result.parity is not None and result.parity.status == "PASSED", result.parity.reasons
     tok = result.parity.tokenizer
-    known = read_artifact_metadata(result.out_dir)["format_metadata"]["known_tokenizer_divergences"]
+    known = ArtifactMetadata.load(result.out_dir).traits.known_tokenizer_divergences
     assert "<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>" in known
     assert tok.mismatched == 0 and tok.known_divergent == len(known)
 
@@ -389,13 +381,14 @@ def test_predicted_control_looking_divergence_is_real(checkpoints: dict[str, Pat
     out.mkdir()
     model = open_model(ckpt)
     written = gguf_target.GgufTarget().write(model, "f16", out, lambda *_: None)
-    runner = gguf_target.LlamaCppRunner(out / written.metadata["gguf_file"], spec=model.spec)
+    runner = gguf_target.LlamaCppRunner(out / written.format_metadata["gguf_file"], spec=model.spec)
     source = load_tokenizer(ckpt / "tokenizer.json")
     try:
         differ = [t for t in TOKENIZER_CORPUS if runner.tokenize(t) != source.encode(t).ids]
     finally:
         runner.close()
-    assert differ == written.metadata["known_tokenizer_divergences"] == ["<|im_start|>user\nHi there<|im_end|>"]
+    known = list(written.traits.known_tokenizer_divergences)
+    assert differ == known == ["<|im_start|>user\nHi there<|im_end|>"]
 
 
 VARIANT_RULES = {
@@ -418,10 +411,10 @@ def test_one_option_rules_predict_llama_cpp(checkpoints: dict[str, Path], tmp_pa
     (ckpt / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
     result = convert(ckpt, "gguf:f32", tmp_path / "out")
     assert result.parity is not None and result.parity.status == "PASSED", result.parity.reasons
-    meta = read_artifact_metadata(result.out_dir)["format_metadata"]
-    assert rule in [d["rule"] for d in meta["tokenizer"]["known_divergences"]]
+    meta = ArtifactMetadata.load(result.out_dir)
+    assert rule in [d["rule"] for d in meta.format_metadata["tokenizer"]["known_divergences"]]
     tok = result.parity.tokenizer
-    assert tok.mismatched == 0 and tok.known_divergent == len(meta["known_tokenizer_divergences"])
+    assert tok.mismatched == 0 and tok.known_divergent == len(meta.traits.known_tokenizer_divergences)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -7,33 +7,36 @@ and by the CLI. Checkpoints and artifacts are made once per module.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
 from fixtures.generate import VARIANTS, make_checkpoint
+from sovpack._io import no_progress
+from sovpack._protocols import RunnerTraits
+from sovpack.artifact import ArtifactMetadata
 from sovpack.convert import ConvertResult, convert
-from sovpack.errors import ConversionError, MissingDependencyError
-from sovpack.model import open_model
+from sovpack.errors import ConversionError, MissingDependencyError, ParityError, SourceError
 from sovpack.parity import check_parity, thresholds_for
-from sovpack.prompts import TOKENIZER_CORPUS, encode_prompts, load_tokenizer
+from sovpack.parity.prompts import TOKENIZER_CORPUS, encode_prompts
+from sovpack.parity.thresholds import Thresholds
 from sovpack.reference import ReferenceModel
-from sovpack.targets import TARGETS, load_targets
-from sovpack.targets._onnx_graph import (
-    DATA_FILE,
-    MODEL_FILE,
-    PLANS,
-    QUANT_BLOCK_SIZE,
-    _converted_chunks,
-    min_onnxruntime,
-)
-from sovpack.targets.onnx import GENAI_CONFIG, GENAI_MODEL_TYPES, GenaiRunner, OnnxRunner
+from sovpack.source.model import open_model
+from sovpack.source.tokenizer import load_tokenizer
+from sovpack.targets import TARGETS, TargetRef, load_targets
+from sovpack.targets.onnx import GENAI_CONFIG, GENAI_MODEL_TYPES, GenaiRunner, OnnxRunner, genai_config
+from sovpack.targets.onnx.external_data import DATA_FILE, converted_chunks
+from sovpack.targets.onnx.graph import MODEL_FILE
+from sovpack.targets.onnx.precisions import PLANS, min_onnxruntime
+from sovpack.targets.onnx.quantize import QUANT_BLOCK_SIZE
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -93,7 +96,7 @@ def test_import_is_cheap_and_target_is_registered() -> None:
         "heavy = [n for n in ('onnx', 'onnxruntime', 'onnxruntime_genai') if n in sys.modules]\n"
         "assert not heavy, heavy\n"
         "from sovpack.targets import TARGETS\n"
-        "assert TARGETS.get('onnx').precisions == ('fp32', 'fp16', 'int8', 'int4')\n"
+        "assert tuple(TARGETS.get('onnx').precisions) == ('fp32', 'fp16', 'int8', 'int4')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                             cwd=Path(__file__).resolve().parents[2])
@@ -102,10 +105,41 @@ def test_import_is_cheap_and_target_is_registered() -> None:
     assert TARGETS.get("onnx").default_precision == "fp32"
 
 
+def test_precision_table_is_consistent() -> None:
+    load_targets()
+    target = TARGETS.get("onnx")
+    assert target.default_precision in target.precisions
+    assert target.runtime_packages == ("onnx", "onnxruntime", "onnxruntime-genai")
+    for name, row in target.precisions.items():
+        assert row.name == name and name in PLANS
+        assert isinstance(row.thresholds, Thresholds) and row.thresholds == thresholds_for(name)
+        assert row.quantized == (PLANS[name].bits is not None)
+        if row.quantized:
+            assert row.weights.startswith("int") and row.weights == f"int{PLANS[name].bits}"
+        else:
+            assert row.weights == {"fp32": "float32", "fp16": "float16"}[name]
+        assert row.runtime_floor is not None
+
+
+def test_a_family_without_a_genai_type_is_refused_by_name(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    load_targets()
+    target = TARGETS.get("onnx")
+    assert target.families == frozenset(GENAI_MODEL_TYPES)
+    spec = dataclasses.replace(open_model(ckpts["llama3"]).spec, family="falcon")
+    with pytest.raises(ConversionError, match="'falcon'"):
+        TargetRef.parse("onnx:fp32").check_family(spec)
+    with pytest.raises(ConversionError, match="'falcon'"):  # never written as a llama
+        genai_config(spec, MODEL_FILE)
+    model = SimpleNamespace(spec=spec)  # the writer refuses before it reads a tensor
+    with pytest.raises(ConversionError, match="'falcon'"):
+        target.write(model, "fp32", tmp_path, no_progress)  # type: ignore[arg-type]
+    assert not any(tmp_path.iterdir())
+
+
 def test_missing_onnxruntime_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an uninstalled package looks like to import
     with pytest.raises(MissingDependencyError, match=r"onnxruntime.*sovpack\[onnx\]"):
-        OnnxRunner(tmp_path, {})
+        OnnxRunner(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -267,15 +301,17 @@ def test_checker_and_external_data(artifact: Callable[..., ConvertResult], ckpts
 def test_metadata_records_versions(artifact: Callable[..., ConvertResult], precision: str, min_ort: str,
                                    weight_dtype: str) -> None:
     out = artifact("qwen2", precision).out_dir
-    meta = json.loads((out / "sovpack-artifact.json").read_text())
-    fmt = meta["format_metadata"]
+    meta = ArtifactMetadata.load(out)
+    fmt = meta.format_metadata
     proto = onnx.load(str(out / MODEL_FILE), load_external_data=False)
     assert fmt["opset"] == 17 == {o.domain: o.version for o in proto.opset_import}[""]
     assert fmt["ir_version"] == proto.ir_version == 8
     assert fmt["min_onnxruntime"] == min_ort
     assert any(min_ort in reason for reason in fmt["min_onnxruntime_reasons"])
     assert fmt["weight_dtype"] == weight_dtype and fmt["compute_dtype"] == "float32"
-    assert meta["files"] == sorted(meta["files"]) and {MODEL_FILE, DATA_FILE, GENAI_CONFIG} <= set(meta["files"])
+    assert list(meta.files) == sorted(meta.files) and {MODEL_FILE, DATA_FILE, GENAI_CONFIG} <= set(meta.files)
+    assert TARGETS.get("onnx").precisions[precision].runtime_floor == min_ort  # the table agrees with the rule
+    assert meta.traits == RunnerTraits()
     if precision in ("int4", "int8"):
         quant = fmt["quantization"]
         assert quant["bits"] == int(precision[3:]) and quant["block_size"] == QUANT_BLOCK_SIZE
@@ -294,7 +330,7 @@ def test_min_onnxruntime_rule_and_fp16_range() -> None:
             min_onnxruntime(*bad)
     big = np.array([[1.0, 7e4]], dtype=np.float32)
     with pytest.raises(ConversionError, match="beyond the float16 range"):
-        list(_converted_chunks("layers.0.q", big, np.dtype(np.float16)))
+        list(converted_chunks("layers.0.q", big, np.dtype(np.float16)))
 
 
 def test_artifact_carries_genai_config_and_tokenizer(artifact: Callable[..., ConvertResult],
@@ -338,6 +374,38 @@ def test_io_signature_is_the_optimum_genai_one(artifact: Callable[..., ConvertRe
     assert list(inputs) == ["input_ids", "attention_mask", "position_ids"] + [
         f"past_key_values.{i}.{kind}" for i in layers for kind in ("key", "value")]
     assert list(outputs) == ["logits"] + [f"present.{i}.{kind}" for i in layers for kind in ("key", "value")]
+
+
+def test_open_runner_reads_the_metadata_and_close_is_idempotent(artifact: Callable[..., ConvertResult],
+                                                                ckpts: dict[str, Path]) -> None:
+    out = artifact("qwen2", "fp32").out_dir
+    meta = ArtifactMetadata.load(out)
+    runner = TARGETS.get("onnx").open_runner(out, meta)
+    assert isinstance(runner, OnnxRunner) and runner.traits == meta.traits
+    assert runner.path == out / meta.format_metadata["model_file"]
+    ids = prompts(ckpts["qwen2"])[0]
+    assert runner.greedy(ids, 2) == reference(ckpts["qwen2"]).greedy(ids, 2)
+    runner.close()
+    runner.close()
+    with pytest.raises(ParityError, match="closed"):
+        runner.prefill_logits(ids)
+    for bad in ("../model.onnx", "/etc/passwd", ""):
+        tampered = dataclasses.replace(meta, format_metadata={**meta.format_metadata, "model_file": bad})
+        with pytest.raises(SourceError, match="model_file"):
+            TARGETS.get("onnx").open_runner(out, tampered)
+
+
+def test_genai_runner_close_is_idempotent(artifact: Callable[..., ConvertResult]) -> None:
+    pytest.importorskip("onnxruntime_genai")
+    runner = GenaiRunner(artifact("qwen2", "fp32").out_dir)
+    assert runner.traits == RunnerTraits()
+    assert runner.tokenize("Hello world")
+    runner.close()
+    runner.close()
+    with pytest.raises(ParityError, match="closed"):
+        runner.greedy([1, 2], 1)
+    with pytest.raises(ParityError, match="closed"):
+        runner.tokenize("Hello world")
 
 
 # ------------------------------------------------------------------------------------ batching and padding
@@ -432,9 +500,9 @@ def test_genai_tokenizer_matches_the_source(artifact: Callable[..., ConvertResul
 
 def test_chunked_writing_gives_identical_bytes(ckpts: dict[str, Path], artifact: Callable[..., ConvertResult],
                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sovpack.targets._onnx_graph as graph
+    import sovpack.targets.onnx.external_data as external_data
 
-    monkeypatch.setattr(graph, "CHUNK_BYTES", 1000)  # a few rows per chunk instead of whole tensors
+    monkeypatch.setattr(external_data, "CHUNK_BYTES", 1000)  # a few rows per chunk instead of whole tensors
     out = convert(ckpts["phi3"], "onnx:fp16", tmp_path / "chunked", parity=False).out_dir
     reference_dir = artifact("phi3", "fp16").out_dir
     assert (out / DATA_FILE).read_bytes() == (reference_dir / DATA_FILE).read_bytes()

@@ -8,6 +8,7 @@ batches and beam reordering, and by the CLI. Artifacts are made once per module 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -22,29 +23,31 @@ import pytest
 from click.testing import CliRunner
 
 from fixtures.generate import VARIANTS, make_checkpoint
+from sovpack._protocols import RunnerTraits
+from sovpack.artifact import ArtifactMetadata
 from sovpack.cli import cli
 from sovpack.convert import ConvertResult, convert
-from sovpack.errors import ConversionError, MissingDependencyError
-from sovpack.model import open_model
-from sovpack.parity import check_parity, thresholds_for
-from sovpack.prompts import PROMPTS, TOKENIZER_CORPUS, encode_prompts
+from sovpack.errors import ConversionError, MissingDependencyError, UsageError
+from sovpack.parity import Thresholds, check_parity, thresholds_for
+from sovpack.parity.prompts import PROMPTS, TOKENIZER_CORPUS, encode_prompts
 from sovpack.reference import ReferenceModel
-from sovpack.targets import TARGETS, load_targets
-from sovpack.tokenizer import SourceTokenizer
+from sovpack.source.model import open_model
+from sovpack.source.tokenizer import SourceTokenizer
+from sovpack.targets import TARGETS, TargetRef, load_targets
 
 ov = pytest.importorskip("openvino")
 og = pytest.importorskip("openvino_genai")
 pytest.importorskip("openvino_tokenizers")
 
-from sovpack.targets._openvino_graph import state_names  # noqa: E402
-from sovpack.targets._openvino_weights import (  # noqa: E402
+from sovpack.targets.openvino import PARITY_CONFIG, PRECISIONS, OpenvinoRunner, OpenvinoTarget  # noqa: E402
+from sovpack.targets.openvino.graph import state_names  # noqa: E402
+from sovpack.targets.openvino.weights import (  # noqa: E402
     SCHEMES,
     WeightFactory,
     pack_int4,
     quantization_plan,
     quantize,
 )
-from sovpack.targets.openvino import PARITY_CONFIG, PRECISIONS, OpenvinoRunner, OpenvinoTarget  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = sorted(VARIANTS)  # gemma, llama2, llama3, mistral, phi3, qwen2, qwen3
@@ -112,22 +115,51 @@ def test_import_is_light_and_target_is_registered() -> None:
         "assert not heavy, heavy\n"
         "from sovpack.targets import TARGETS\n"
         "t = TARGETS.get('openvino')\n"
-        "assert t.precisions == ('fp32', 'fp16', 'int8', 'int8_sym', 'int4', 'int4_sym'), t.precisions\n"
+        "assert tuple(t.precisions) == ('fp32', 'fp16', 'int8', 'int8_sym', 'int4', 'int4_sym'), t.precisions\n"
         "assert t.default_precision == 'fp16'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     load_targets()
-    assert TARGETS.get("openvino").precisions == PRECISIONS
+    assert tuple(TARGETS.get("openvino").precisions) == PRECISIONS
 
 
 def test_missing_openvino_names_the_extra(ckpts: dict[str, Path], tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "openvino", None)  # what an uninstalled package looks like to import
     with pytest.raises(MissingDependencyError, match=r"'openvino'.*sovpack\[openvino\]"):
-        OpenvinoRunner(tmp_path, {})
+        OpenvinoRunner(tmp_path)
     with pytest.raises(MissingDependencyError, match=r"sovpack\[openvino\]"):
         OpenvinoTarget().write(open_model(ckpts["llama3"]), "fp16", tmp_path, lambda *_: None)
+
+
+def test_precision_table_rows_are_consistent() -> None:
+    load_targets()
+    target = TARGETS.get("openvino")
+    assert target.default_precision == "fp16" and target.default_precision in target.precisions
+    assert set(target.precisions) == set(SCHEMES)  # one weight scheme per row
+    for name, row in target.precisions.items():
+        assert row.name == name and row.aliases == ()
+        assert isinstance(row.thresholds, Thresholds) and row.thresholds == thresholds_for(name)
+        assert row.quantized == name.startswith("int")
+        if row.quantized:
+            assert row.weights.startswith("int") and row.weights == name.split("_")[0]
+        else:
+            assert row.weights == {"fp32": "float32", "fp16": "float16"}[name]
+    assert target.runtime_packages == ("openvino", "openvino-tokenizers", "openvino-genai", "nncf")
+
+
+def test_family_outside_families_is_refused_by_name(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    load_targets()
+    target = TARGETS.get("openvino")
+    assert target.families == {open_model(ckpts[v]).spec.family for v in FAMILIES}
+    model = open_model(ckpts["llama3"])
+    alien = dataclasses.replace(model, spec=dataclasses.replace(model.spec, family="falcon"))
+    with pytest.raises(ConversionError, match=r"'openvino' cannot write model family 'falcon'"):
+        TargetRef.parse("openvino:fp16").check_family(alien.spec)
+    with pytest.raises(ConversionError, match=r"model family 'falcon'"):
+        OpenvinoTarget().write(alien, "fp16", tmp_path, lambda *_: None)
+    assert list(tmp_path.iterdir()) == []  # refused before writing anything
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -159,10 +191,11 @@ def test_every_family_passes_parity(artifact: Callable[[str, str], ConvertResult
     assert runtime["dynamic_quantization_group_size"] == "0"
     saved = json.loads((result.out_dir / "parity.json").read_text())
     assert saved["status"] == "PASSED"
-    meta = json.loads((result.out_dir / "sovpack-artifact.json").read_text())
-    assert meta["format_metadata"]["openvino_version"] == ov.get_version()
-    assert meta["format_metadata"]["precision"] == precision
-    for name in meta["files"]:
+    meta = ArtifactMetadata.load(result.out_dir)
+    assert meta.format_metadata["openvino_version"] == ov.get_version()
+    assert meta.format_metadata["precision"] == precision
+    assert meta.traits == RunnerTraits()  # nothing excused: judged at the defaults
+    for name in meta.files:
         assert (result.out_dir / name).is_file(), name
 
 
@@ -178,7 +211,7 @@ def test_int8_passes_its_quantized_thresholds(artifact: Callable[[str, str], Con
     spec = open_model(ckpts["qwen2"]).spec
     matrices = sum(1 for shape in spec.tensor_shapes().values() if len(shape) == 2)
     assert len(u8) == 2 * matrices  # codes and zero points of every matrix (embedding = tied head included)
-    weights = json.loads((result.out_dir / "sovpack-artifact.json").read_text())["format_metadata"]["weights"]
+    weights = ArtifactMetadata.load(result.out_dir).format_metadata["weights"]
     assert weights["int8_tensors"] == matrices and weights["int4_tensors"] == 0
 
 
@@ -193,7 +226,7 @@ def test_int4_groups_and_parity(artifact: Callable[[str, str], ConvertResult], c
     linear = 7 * spec.num_layers  # q k v o gate up down; embedding and head stay 8-bit like NNCF's backup mode
     assert len(u4) == 2 * linear
     assert {tuple(op.get_output_shape(0))[-1] for op in u4} == {16, 1}  # groups of 16 (hidden 64), zero points
-    weights = json.loads((result.out_dir / "sovpack-artifact.json").read_text())["format_metadata"]["weights"]
+    weights = ArtifactMetadata.load(result.out_dir).format_metadata["weights"]
     assert weights["int4_tensors"] == linear and weights["int8_tensors"] == 2 and weights["int4_group_sizes"] == [16]
 
 
@@ -270,6 +303,22 @@ def test_quantized_weights_decompress_exactly(precision: str, tmp_path: Path) ->
 def test_int4_packing_is_low_nibble_first() -> None:
     assert pack_int4(np.array([1, 2, 3, 4], dtype=np.uint8)).tolist() == [0x21, 0x43]
     assert pack_int4(np.array([-1, 7, -8, 0], dtype=np.int8)).tolist() == [0x7F, 0x08]
+
+
+def test_runner_close_is_idempotent(artifact: Callable[[str, str], ConvertResult]) -> None:
+    out = artifact("llama3", "fp32").out_dir
+    meta = ArtifactMetadata.load(out)
+    runner = TARGETS.get("openvino").open_runner(out, meta)
+    assert isinstance(runner, OpenvinoRunner) and runner.traits == meta.traits == RunnerTraits()
+    ids = [5, 17, 99]
+    assert runner.prefill_logits(ids).shape == (3, meta.spec.vocab_size)
+    assert runner.runtime_info()["artifact_precision"] == "fp32"
+    runner.close()
+    runner.close()
+    for call in (lambda: runner.prefill_logits(ids), lambda: runner.greedy(ids, 2), lambda: runner.tokenize("hi"),
+                 runner.runtime_info):
+        with pytest.raises(UsageError, match="closed"):
+            call()
 
 
 # ----------------------------------------------------------------------------------------------- the IR
@@ -472,7 +521,7 @@ def test_tokenizer_and_detokenizer_match_the_source(artifact: Callable[[str, str
 
 
 def test_unsupported_tokenizer_component_is_refused(ckpts: dict[str, Path], tmp_path: Path) -> None:
-    from sovpack.targets._openvino_tokenizer import convert_tokenizer
+    from sovpack.targets.openvino.tokenizer import convert_tokenizer
 
     data = json.loads((ckpts["llama3"] / "tokenizer.json").read_text())
     data["pre_tokenizer"]["pretokenizers"].append({"type": "UnicodeScripts"})

@@ -1,0 +1,224 @@
+"""File mechanics every stage shares: atomic output, hashing while copying, capped reads, progress callbacks.
+
+Atomic output writes into a temporary sibling, then renames, so no half-written output is ever seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sovpack.errors import SourceError, SovpackError, UsageError, VerificationError
+
+CHUNK = 8 * 1024 * 1024
+
+# A progress callback: (description, completed, total). Long stages call it as they go.
+Progress = Callable[[str, int, int], None]
+
+
+def no_progress(_description: str, _completed: int, _total: int) -> None:
+    """The default progress callback: silent."""
+
+
+def sha256_file(path: Path) -> str:
+    """``sha256:<hex>`` of a file, read in chunks."""
+    digest, _ = hashing_copy(path, None)
+    return digest
+
+
+def hashing_copy(source: Path | BinaryIO, dest: Path | BinaryIO | None) -> tuple[str, int]:
+    """Copy ``source`` to ``dest`` (or just read it when ``dest`` is None), hashing while copying.
+
+    Returns (``sha256:<hex>``, size); never holds more than one chunk in memory.
+    """
+    hasher = hashlib.sha256()
+    size = 0
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(open(source, "rb")) if isinstance(source, Path) else source
+        dst = stack.enter_context(open(dest, "wb")) if isinstance(dest, Path) else dest
+        while chunk := src.read(CHUNK):
+            hasher.update(chunk)
+            if dst is not None:
+                dst.write(chunk)
+            size += len(chunk)
+    return "sha256:" + hasher.hexdigest(), size
+
+
+def read_capped(path: Path, limit: int, *, error: type[SovpackError] = VerificationError) -> bytes:
+    """A small document read whole, refused (not slurped) past ``limit`` bytes."""
+    with open(path, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise error(f"{path}: larger than {limit} bytes; refused")
+    return data
+
+
+def check_relative_path(path: str, where: str, *, error: type[SovpackError] = VerificationError) -> str:
+    """A safe relative POSIX path for an extracted file: no absolute, parent, empty or odd components."""
+    if not isinstance(path, str) or not path:
+        raise error(f"{where}: empty file path")
+    if "\\" in path or "\x00" in path or any(ord(c) < 32 for c in path):
+        raise error(f"{where}: file path {path!r} contains a backslash or control character")
+    if path.startswith("/") or re.match(r"^[A-Za-z]:", path):
+        raise error(f"{where}: file path {path!r} is absolute")
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise error(f"{where}: file path {path!r} has an empty, '.' or '..' component (path traversal)")
+    return path
+
+
+def check_output_dir(out_dir: Path, *, force: bool) -> None:
+    """Refuse to overwrite a non-empty directory unless forced."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise UsageError(f"{out_dir}: exists and is not empty (pass --force to replace it)")
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to ``out_dir``; on success it replaces ``out_dir``, on error it is removed."""
+    check_output_dir(out_dir, force=force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file through a temporary sibling and os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def source_date_epoch() -> int | None:
+    """SOURCE_DATE_EPOCH in seconds, or None: timestamps only when reproducibly pinned."""
+    raw = os.environ.get("SOURCE_DATE_EPOCH")
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise UsageError(f"SOURCE_DATE_EPOCH must be an integer number of seconds, got {raw!r}") from None
+
+
+def source_date() -> str | None:
+    """RFC 3339 UTC time from SOURCE_DATE_EPOCH, or None."""
+    seconds = source_date_epoch()
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --------------------------------------------------------------------------------------------- untrusted JSON
+
+MAX_JSON_DEPTH = 64  # real configs, manifests and signatures nest a handful of levels
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Iteratively (no recursion of our own) whether containers nest deeper than ``limit``."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > limit:
+                return True
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def parse_json(data: bytes | str, where: str, *, error: type[SovpackError] = SourceError) -> Any:
+    """Parse an untrusted JSON document: standard JSON only, unique keys, bounded nesting; else ``error``.
+
+    Duplicate keys are refused because two parsers may keep different ones (a signed document would then
+    mean two things); NaN/Infinity because they are not JSON; deep nesting because it exhausts the stack of
+    whatever walks the value next.
+    """
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        value = json.loads(text, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
+    except UnicodeDecodeError as e:
+        raise error(f"{where}: not UTF-8 text ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise error(f"{where}: JSON nested too deeply") from None
+    except ValueError as e:
+        raise error(f"{where}: invalid JSON: {e}") from None
+    if _depth_exceeds(value, MAX_JSON_DEPTH):
+        raise error(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def open_regular(path: Path, *, error: type[SovpackError] = SourceError) -> BinaryIO:
+    """Open a file for reading only if it is a regular file (a FIFO or device named like one would block)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise error(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise error(f"{path}: not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_json_file(path: Path, limit: int, *, where: str | None = None, error: type[SovpackError] = SourceError
+                   ) -> Any:
+    """A local JSON document: a regular file, at most ``limit`` bytes, parsed by :func:`parse_json`."""
+    display = where or str(path)
+    with open_regular(path, error=error) as fh:
+        try:
+            data = fh.read(limit + 1)
+        except OSError as e:
+            raise error(f"{display}: cannot read: {e.strerror or e}") from e
+    if len(data) > limit:
+        raise error(f"{display}: larger than {limit} bytes; refused")
+    return parse_json(data, display, error=error)

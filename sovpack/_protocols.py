@@ -1,0 +1,132 @@
+"""The contracts between stages, declared once: what a model family, an output format and a runner provide.
+
+Data flows one way: checkpoint -> :class:`Family` (config -> canonical spec + tensor map) -> :class:`Target`
+writer -> artifact directory -> :class:`Runner` on the target's runtime -> parity report -> bundle.
+Everything a caller may use is a declared member; optional behaviour is a typed field with a default value
+(:class:`RunnerTraits`), never an attribute probed with ``getattr``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from sovpack._io import Progress
+    from sovpack.artifact import ArtifactMetadata
+    from sovpack.parity.thresholds import Thresholds
+    from sovpack.source.model import SourceModel
+    from sovpack.source.spec import ModelSpec
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TensorSource:
+    """Where a canonical tensor comes from: a stored tensor, optionally a row range of a fused one."""
+
+    name: str
+    rows: tuple[int, int] | None = None  # [start, stop) along axis 0, for fused weights
+    add: float = 0.0  # added after reading (Gemma's norm offset)
+
+
+class Family(Protocol):
+    """One source model family (Llama, Qwen2, ...): Hugging Face config and tensor names -> canonical ones."""
+
+    name: str
+    architectures: tuple[str, ...]
+
+    def build_spec(self, config: Mapping[str, Any], where: str) -> ModelSpec: ...
+
+    def tensor_map(self, spec: ModelSpec) -> dict[str, TensorSource]: ...
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunnerTraits:
+    """What a runtime is known not to do exactly, published by the target that wrote the artifact.
+
+    ``parity_limits``: threshold values looser than the defaults that the runtime cannot beat (e.g. ggml's
+    float16 GELU table); applied beneath the user's overrides and recorded in the report.
+    ``known_tokenizer_divergences``: corpus texts the runtime's tokenizer encodes differently (reported, not
+    judged).
+    """
+
+    parity_limits: Mapping[str, float] = field(default_factory=dict)
+    known_tokenizer_divergences: tuple[str, ...] = ()
+
+
+class Runner(Protocol):
+    """A model opened on some runtime: the numpy reference, or an artifact on its own runtime.
+
+    The parity harness, ``sovpack run`` and ``sovpack parity`` use exactly these members.
+    """
+
+    name: str
+    traits: RunnerTraits
+
+    def tokenize(self, text: str) -> list[int] | None:
+        """Encode ``text`` as a prompt with the artifact's own tokenizer (BOS etc. included); None if it has none."""
+        ...
+
+    def prefill_logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits [T, vocab] (float32) from one forward pass over ``ids``."""
+        ...
+
+    def greedy(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
+        """Generated ids only (a produced stop token included), decoded through the runtime's own KV cache."""
+        ...
+
+    def runtime_info(self) -> dict[str, str]:
+        """Runtime name/version, device, precision hints: recorded in the report for provenance."""
+        ...
+
+    def close(self) -> None:
+        """Release the runtime's sessions and memory maps; the runner is unusable afterwards."""
+        ...
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Precision:
+    """One row of a target's precision table.
+
+    ``weights`` is the ModelPack precision of the stored weights (float32, float16, bfloat16, int8, int4, ...);
+    ``quantized`` is true for integer weight formats; ``thresholds`` are the default parity limits;
+    ``runtime_floor`` the oldest runtime version known to run it, where the precision alone decides that.
+    """
+
+    name: str
+    weights: str
+    quantized: bool
+    thresholds: Thresholds
+    aliases: tuple[str, ...] = ()
+    runtime_floor: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WrittenArtifact:
+    """What a writer reports: the files it wrote (relative POSIX paths) and what the runner will need."""
+
+    files: tuple[str, ...]
+    format_metadata: Mapping[str, Any] = field(default_factory=dict)
+    traits: RunnerTraits = field(default_factory=RunnerTraits)
+
+
+class Target(Protocol):
+    """One output format (onnx, gguf, openvino): a streaming writer and a runner on the format's runtime.
+
+    A target names itself once (``name``), owns its precision table, the Python packages its runtime needs
+    (recorded in provenance) and the model families it can write; asked for any other family it refuses by
+    name (``check_family``).
+    """
+
+    name: str
+    precisions: Mapping[str, Precision]
+    default_precision: str
+    runtime_packages: tuple[str, ...]
+    families: frozenset[str]
+
+    def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress) -> WrittenArtifact: ...
+
+    def open_runner(self, artifact_dir: Path, metadata: ArtifactMetadata) -> Runner: ...

@@ -1,0 +1,91 @@
+"""The ``sovpack`` command group and what every command shares: error funnel, JSON output, progress bars.
+
+Each command parses options, calls one library function and renders its result (a table, or one JSON
+object with ``--json``). Only SovpackError is caught: its message goes to stderr and the exit code is 1.
+Usage errors exit 2 (click's convention).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from sovpack import __version__
+from sovpack.errors import SovpackError, UsageError
+
+DEBUG = {"on": False}
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def stderr_console():  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@contextmanager
+def progress_bar(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar on stderr (silent when not a terminal or with --json)."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda _d, _c, _t: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=stderr_console(), transient=False,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(description: str, completed: int, total: int) -> None:
+            if description not in tasks:
+                tasks[description] = bar.add_task(description, total=total)
+            bar.update(tasks[description], completed=completed, total=total)
+
+        yield update
+
+
+class SovpackGroup(click.Group):
+    """Turns SovpackError into a one-line message and exit code 1 (UsageError: exit 2)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as e:
+            if DEBUG["on"]:
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+        except SovpackError as e:
+            if DEBUG["on"]:
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=SovpackGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sovpack")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def cli(debug: bool) -> None:
+    """Package open-weight models into signed, parity-checked artifacts for ONNX Runtime, llama.cpp and
+    OpenVINO.
+
+    \b
+    Typical flow:
+      sovpack inspect ./checkpoint
+      sovpack run ./checkpoint --prompt "Hello"
+      sovpack convert ./checkpoint -t onnx:fp16 -o ./out/onnx-fp16
+      sovpack keygen -o keys
+      sovpack build ./checkpoint -o model.oci -t onnx:fp16 -t gguf:q8_0 -t openvino:fp16 --key keys/private.pem
+      sovpack verify model.oci --key keys/public.pem
+      sovpack extract model.oci -t gguf:q8_0 -o ./deploy --key keys/public.pem
+    """
+    DEBUG["on"] = debug

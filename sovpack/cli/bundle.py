@@ -1,0 +1,316 @@
+"""Bundle commands: ``build``, ``keygen``, ``verify``, ``extract``, ``parity`` (registered on ``sovpack.cli.cli``).
+
+Each is a thin shell over sovpack.bundle / sovpack.attest.dsse / sovpack.verify: parse options, call one library
+function, render a summary (or one JSON object with ``--json``). Failures are SovpackErrors: one line on
+stderr, exit 1 (usage problems exit 2).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from sovpack.cli._app import cli, echo_json
+from sovpack.cli.transfer import BUNDLE, current_registry_options, human_size, registry_options
+from sovpack.errors import ParityError, VerificationError
+
+if TYPE_CHECKING:
+    from sovpack.verify.policy import Policy
+
+
+def _is_stage(description: str) -> bool:
+    """Build-level stages ("[2/3] gguf:q8_0: convert + parity", "parity reference"), not per-tensor steps."""
+    return description.startswith("[") or description.startswith("parity reference")
+
+
+@contextmanager
+def _stages(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """Progress on stderr: a line per build stage as it starts, plus (on a terminal) one live bar for the step."""
+    if quiet:
+        yield lambda _d, _c, _t: None
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    seen: set[str] = set()
+
+    def announce(description: str) -> None:
+        if _is_stage(description) and description not in seen:
+            seen.add(description)
+            console.print(f"sovpack build: {description}", highlight=False)
+
+    if not sys.stderr.isatty():
+        yield lambda description, _completed, _total: announce(description)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+        transient=True,
+    ) as bar:
+        step = bar.add_task("starting", total=1)
+
+        def update(description: str, completed: int, total: int) -> None:
+            announce(description)
+            bar.update(step, description=description, completed=completed, total=max(total, 1))
+
+        yield update
+
+
+# ------------------------------------------------------------------------------------------------- keygen
+
+
+@cli.command()
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Directory for the keys.")
+@click.option("--password-file", type=click.Path(path_type=Path), help="Encrypt the private key with this password.")
+@click.option("--password-env", metavar="VAR", help="Encrypt the private key with the password in $VAR.")
+@click.option("--force", is_flag=True, help="Replace existing key files.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def keygen(output: Path, password_file: Path | None, password_env: str | None, force: bool, as_json: bool) -> None:
+    """Write an ECDSA P-256 signing key pair: OUTPUT/private.pem (0600) and OUTPUT/public.pem."""
+    from sovpack.attest.dsse import generate_key_pair, read_password
+
+    pair = generate_key_pair(output, password=read_password(password_file, password_env), force=force)
+    if as_json:
+        echo_json(pair.to_dict())
+        return
+    encrypted = "encrypted" if pair.encrypted else "unencrypted"
+    click.echo(f"wrote {pair.private_key} ({encrypted}) and {pair.public_key}; key id {pair.key_id}")
+
+
+# -------------------------------------------------------------------------------------------------- build
+
+
+@cli.command()
+@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle directory (an OCI image layout).")
+@click.option("-t", "--target", "targets", multiple=True, help="FORMAT:PRECISION to include (repeatable).")
+@click.option("--key", type=click.Path(path_type=Path), help="Private signing key (PEM).")
+@click.option("--password-file", type=click.Path(path_type=Path), help="File holding the key's password.")
+@click.option("--password-env", metavar="VAR", help="Environment variable holding the key's password.")
+@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path), help="A sovpack.toml build config.")
+@click.option("--name", help="Bundle name (default: the checkpoint's name).")
+@click.option("--tag", help="OCI tag of the bundle (default: latest).")
+@click.option("--license", "licenses", multiple=True, help="SPDX license of the model (repeatable).")
+@click.option("--prompt", "prompts", multiple=True, help="Parity prompt (repeatable; replaces the built-ins).")
+@click.option("--threshold", "thresholds", multiple=True, help="Parity threshold override for all targets: NAME=VALUE.")
+@click.option("--allow-nonfinite", is_flag=True, help="Convert weights that contain NaN or Inf.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def build(
+    checkpoint: Path | None,
+    output: Path | None,
+    targets: tuple[str, ...],
+    key: Path | None,
+    password_file: Path | None,
+    password_env: str | None,
+    config_path: Path | None,
+    name: str | None,
+    tag: str | None,
+    licenses: tuple[str, ...],
+    prompts: tuple[str, ...],
+    thresholds: tuple[str, ...],
+    allow_nonfinite: bool,
+    force: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Convert CHECKPOINT to every target, check parity on each runtime, and write one signed OCI bundle.
+
+    \b
+    Example:
+      sovpack build ./ckpt -o model.oci -t onnx:fp16 -t gguf:q8_0 -t openvino:fp16 --key keys/private.pem
+      sovpack build --config sovpack.toml
+    """
+    import dataclasses
+
+    from sovpack.attest.dsse import SigningKey, read_password
+    from sovpack.bundle import build_bundle
+    from sovpack.bundle.config import BuildConfig, BundleMetadata, load_build_config
+    from sovpack.errors import UsageError
+    from sovpack.parity import parse_threshold_overrides
+
+    config = load_build_config(config_path) if config_path is not None else BuildConfig()
+    updates: dict[str, Any] = {}
+    for field_name, value in (("checkpoint", checkpoint), ("output", output), ("key", key), ("tag", tag)):
+        if value is not None:
+            updates[field_name] = value
+    if targets:
+        updates["targets"] = targets
+    if prompts:
+        updates["prompts"] = prompts
+    if thresholds:
+        updates["thresholds"] = {**config.thresholds, **parse_threshold_overrides(thresholds)}
+    if allow_nonfinite:
+        updates["allow_nonfinite"] = True
+    if password_file is not None or password_env is not None:
+        updates["password_file"], updates["password_env"] = password_file, password_env
+    updates["metadata"] = config.metadata.merged(BundleMetadata(name=name, licenses=licenses))
+    config = dataclasses.replace(config, **updates)
+    if config.key is None:
+        raise UsageError("no signing key: pass --key KEY.pem (or 'key' under [signing] in the config file)")
+    signing_key = SigningKey.load(config.key, read_password(config.password_file, config.password_env))
+    started = time.monotonic()
+    with _stages(quiet) as progress:
+        result = build_bundle(config, key=signing_key, force=force, progress=progress)
+    elapsed = time.monotonic() - started
+    if as_json:
+        echo_json({**result.to_dict(), "seconds": round(elapsed, 1)})
+        return
+    click.echo(
+        f"wrote {result.output} (tag {result.tag}, {human_size(result.size)}, {elapsed:.1f} s), "
+        f"signed with key {result.key_id[:16]}…"
+    )
+    for target in result.targets:
+        click.echo(f"  {target.target:<16} {target.parity:<7} {human_size(target.size):>10}  {target.manifest_digest}")
+
+
+# ------------------------------------------------------------------------------------------------- verify
+
+
+def _policy(policy_path: Path | None) -> Policy | None:
+    from sovpack.verify import Policy
+
+    return Policy.load(policy_path) if policy_path is not None else None
+
+
+@cli.command()
+@click.argument("bundle", type=BUNDLE)
+@registry_options
+@click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path), help="Trusted public key (repeatable).")
+@click.option("--require-target", "required", multiple=True, help="A target that must be present and valid.")
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy file (JSON or TOML).")
+@click.option("--tag", help="Which tagged bundle of the layout (default: the only one).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (also on failure).")
+def verify(
+    bundle: Path, keys: tuple[Path, ...], required: tuple[str, ...], policy_path: Path | None, tag: str | None,
+    as_json: bool,
+) -> None:
+    """Verify every blob, manifest, signature, provenance and parity attestation of BUNDLE.
+
+    Exit 0 when everything checks out, 1 with the reason (which blob, target and check) otherwise. Parity
+    WARNED is accepted unless the policy's allowed_parity says otherwise.
+    """
+    from sovpack.transport import bundle_location
+    from sovpack.verify import verify_with_policy
+
+    with bundle_location(bundle, current_registry_options()) as source:
+        report = verify_with_policy(
+            source, key_paths=keys, policy=_policy(policy_path), required_targets=required, tag=tag
+        )
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        for target in report.targets:
+            signers = ", ".join(s[:16] + "…" for s in target.signers) or "none"
+            parity = target.parity or "?"
+            click.echo(f"{target.name:<16} parity {parity:<7} signed by {signers}  {target.manifest_digest}")
+        if report.ok:
+            click.echo(f"OK: {report.path} ({len(report.targets)} targets, {report.blobs_checked} blobs, "
+                       f"{human_size(report.bytes_checked)} checked)")
+    report.raise_for_failures()
+
+
+# ------------------------------------------------------------------------------------------------ extract
+
+
+@cli.command()
+@click.argument("bundle", type=BUNDLE)
+@registry_options
+@click.option("-t", "--target", required=True, help="The target to extract, e.g. gguf:q8_0.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path), help="Trusted public key (repeatable).")
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy file (JSON or TOML).")
+@click.option("--tag", help="Which tagged bundle of the layout (default: the only one).")
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def extract(
+    bundle: Path, target: str, output: Path, keys: tuple[Path, ...], policy_path: Path | None, tag: str | None,
+    force: bool, as_json: bool,
+) -> None:
+    """Verify BUNDLE, then write one target's runnable files and its model-signing signature (model.sig).
+
+    The directory then verifies with: model_signing verify key --signature DIR/model.sig --public_key PUB DIR
+    """
+    from sovpack.attest.dsse import load_trusted_keys
+    from sovpack.transport import local_bundle
+    from sovpack.verify import DEFAULT_ALLOWED_PARITY, Policy, extract_target
+
+    policy = _policy(policy_path) or Policy()
+    with local_bundle(bundle, current_registry_options()) as local:
+        result = extract_target(
+            local,
+            target,
+            output,
+            keys=load_trusted_keys([*policy.keys, *keys]),
+            tag=tag or policy.tag,
+            allowed_parity=policy.allowed_parity or DEFAULT_ALLOWED_PARITY,
+            force=force,
+        )
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    click.echo(f"{result.target}: wrote {result.out_dir} ({len(result.files)} files + {result.signature.name})")
+
+
+# ------------------------------------------------------------------------------------------------- parity
+
+
+@cli.command("parity")
+@click.argument("bundle", type=BUNDLE)
+@registry_options
+@click.option("-t", "--target", "targets", multiple=True, help="Target to re-check (repeatable; default all).")
+@click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path), help="Trusted public key (repeatable).")
+@click.option("--tag", help="Which tagged bundle of the layout (default: the only one).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def parity_command(bundle: Path, targets: tuple[str, ...], keys: tuple[Path, ...], tag: str | None,
+                   as_json: bool) -> None:
+    """Re-run parity of BUNDLE's targets on this machine's runtimes, against the reference stored in it.
+
+    No checkpoint needed: the bundle carries the prompts' token ids, the reference greedy tokens and logits.
+    With --key the bundle is verified first and the result is compared with the signed report.
+    """
+    from sovpack.attest.dsse import load_trusted_keys
+    from sovpack.transport import local_bundle
+    from sovpack.verify import recheck_parity
+
+    with local_bundle(bundle, current_registry_options()) as local:
+        results = recheck_parity(local, targets=targets, keys=load_trusted_keys(keys), tag=tag)
+    if as_json:
+        echo_json({"ok": all(r.ok for r in results), "targets": [r.to_dict() for r in results]})
+    else:
+        for r in results:
+            note = "" if r.signature_verified else " (signature not verified: pass --key)"
+            change = f" (signed: {r.signed_status})" if r.changed else ""
+            click.echo(f"{r.target:<16} {r.status}{change} on {r.runtime.get('runtime', '?')}{note}")
+            for reason in r.reasons:
+                click.echo(f"  {reason}")
+    failed = [r.target for r in results if not r.ok]
+    if failed:
+        raise ParityError(f"{bundle}: parity re-check FAILED for {', '.join(failed)}")
+
+
+def render_bundle_info(info: dict[str, Any]) -> None:
+    """``sovpack inspect BUNDLE`` as text (the JSON form is the dict itself); digests are never shortened."""
+    click.echo(f"bundle {info['name']} (tag {info['tag']}), {human_size(info['size'])}")
+    click.echo(f"index {info['index_digest']}")
+    for t in info["targets"]:
+        parity = (t.get("parity") or {}).get("status", "?")
+        signers = ", ".join(s[:16] + "…" for s in t["signers"]) or "none"
+        click.echo(
+            f"  {t['name']:<16} {t['precision']:<8} {human_size(t['size']):>10}  parity {parity:<7} "
+            f"signers (unverified) {signers}"
+        )
+        click.echo(f"  {'':<16} manifest {t['manifest_digest']}")
+    for problem in info.get("problems", []):
+        click.echo(f"problem: {problem}")
+
+
+__all__ = ["VerificationError", "build", "extract", "keygen", "parity_command", "render_bundle_info", "verify"]

@@ -1,0 +1,122 @@
+"""A source model: a checkpoint, its canonical spec and lazy access to canonical tensors.
+
+This is what every stage after reading takes: targets, the reference and parity never see HF names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sovpack._protocols import Family, TensorSource
+from sovpack.converters import family_for_config
+from sovpack.errors import SourceError
+from sovpack.source.checkpoint import Checkpoint
+from sovpack.source.spec import ModelSpec
+
+
+@dataclass
+class SourceModel:
+    """A checkpoint opened and validated against its family's spec."""
+
+    checkpoint: Checkpoint
+    family: Family
+    spec: ModelSpec
+    tensor_map: dict[str, TensorSource]
+    allow_nonfinite: bool = False
+
+    @property
+    def path(self) -> Path:
+        return self.checkpoint.root
+
+    @property
+    def name(self) -> str:
+        return self.checkpoint.root.resolve().name
+
+    def tensor_names(self) -> list[str]:
+        return list(self.tensor_map)
+
+    def stored(self, name: str) -> np.ndarray:
+        """A canonical tensor in its stored dtype, without copying when it can (no norm offset applied)."""
+        source = self.tensor_map[name]
+        array = self.checkpoint.read(source.name)
+        if source.rows is not None:
+            array = array[source.rows[0] : source.rows[1]]
+        return array
+
+    def release_pages(self, name: str) -> None:
+        """Let go of the mapped pages behind a canonical tensor once a streaming writer is done with it."""
+        self.checkpoint.shards[self.checkpoint.shard_of(self.tensor_map[name].name)].release_pages()
+
+    def tensor(self, name: str, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        """A canonical tensor as ``dtype`` (float32 by default) with family adjustments applied.
+
+        Raises SourceError on NaN/Inf unless the model was opened with ``allow_nonfinite``.
+        """
+        source = self.tensor_map[name]
+        array = self.stored(name).astype(np.float32) if source.add else self.stored(name)
+        if source.add:
+            array = array + np.float32(source.add)
+        out = np.asarray(array, dtype=dtype)
+        if not self.allow_nonfinite and np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
+            where = self.checkpoint.shard_of(source.name)
+            raise SourceError(
+                f"{self.checkpoint.root / where}: tensor {source.name!r} contains NaN or Inf values "
+                "(pass --allow-nonfinite to convert it anyway)"
+            )
+        return out
+
+    def tensors(self, dtype: np.dtype | type = np.float32) -> Iterator[tuple[str, np.ndarray]]:
+        """Canonical tensors one at a time, in a fixed order, for streaming writers."""
+        for name in self.tensor_map:
+            yield name, self.tensor(name, dtype)
+
+    def validate(self) -> None:
+        """Every canonical tensor exists with the shape the config implies; errors name file and tensor."""
+        shapes = self.spec.tensor_shapes()
+        stored = self.checkpoint.tensors
+        config_path = self.checkpoint.root / "config.json"
+        for name, source in self.tensor_map.items():
+            info = stored.get(source.name)
+            if info is None:
+                raise SourceError(
+                    f"{self.checkpoint.root}: tensor {source.name!r} is missing "
+                    f"(the {self.spec.family} layout in {config_path.name} needs it)"
+                )
+            if info.dtype not in ("F32", "F16", "BF16"):
+                raise SourceError(
+                    f"{info.path}: tensor {source.name!r} is stored as {info.dtype}; only F32, F16 and BF16 "
+                    "weights are supported"
+                )
+            expected = shapes[name]
+            if source.rows is not None:
+                if len(info.shape) != len(expected) or info.shape[1:] != expected[1:] or info.shape[0] < source.rows[1]:
+                    raise SourceError(
+                        f"{info.path}: fused tensor {source.name!r} has shape {list(info.shape)}, too small for "
+                        f"rows {source.rows[0]}:{source.rows[1]} of shape {list(expected)} ({config_path.name})"
+                    )
+            elif info.shape != expected:
+                raise SourceError(
+                    f"{info.path}: tensor {source.name!r} has shape {list(info.shape)} but {config_path.name} "
+                    f"implies {list(expected)}"
+                )
+
+
+def open_model(path: str | Path, *, allow_nonfinite: bool = False) -> SourceModel:
+    """Open a checkpoint directory, pick its family, build the spec and check every tensor's shape."""
+    checkpoint = Checkpoint(Path(path))
+    where = str(checkpoint.root / "config.json")
+    family = family_for_config(checkpoint.config, where)
+    spec = family.build_spec(checkpoint.config, where)
+    model = SourceModel(
+        checkpoint=checkpoint,
+        family=family,
+        spec=spec,
+        tensor_map=family.tensor_map(spec),
+        allow_nonfinite=allow_nonfinite,
+    )
+    model.validate()
+    return model

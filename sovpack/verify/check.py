@@ -1,0 +1,343 @@
+"""``verify``: every blob, manifest, signature, provenance and parity attestation of a bundle.
+
+What ``verify`` checks, and what it trusts:
+
+- the layout: ``oci-layout``, ``index.json`` (one tagged entry, whose tag must match the bundle index's own),
+  and *every* blob under ``blobs/sha256`` against its name, plus every descriptor's digest and size;
+- every manifest in the bundle index: target manifests (ModelPack config valid, layer media types known, file
+  paths safe and unique), the parity reference, and attestation manifests (one Sigstore bundle layer each,
+  an OCI ``subject``); anything else is refused;
+- every attestation's DSSE signature against the trusted keys; the signed statement decides what the
+  attestation is (predicate type) and which target it covers (its subject): the model-signing signature
+  must list exactly the target's files and digests, provenance and parity must name the target manifest
+  digest, and the parity result must match the signed ``parity.json`` and the bundle's parity reference;
+- each target has all three attestations from a trusted key; required targets exist; each target's parity
+  status is allowed (PASSED and WARNED by default).
+
+Index annotations (``dev.sovpack.*``) are a convenience mapping for tools; they must agree with the signed
+content but are never trusted on their own.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sovpack.attest import oms, provenance
+from sovpack.attest.dsse import Statement, VerifyingKey, load_trusted_keys, verify_bundle_signature
+from sovpack.errors import ParityError, UsageError, VerificationError
+from sovpack.oci.blobs import BlobSource
+from sovpack.oci.descriptor import Descriptor
+from sovpack.oci.media import ATTESTATION_KINDS, KIND_REFERENCE, PARITY_PREDICATE_TYPE
+from sovpack.parity.report import PARITY_FILE
+from sovpack.verify.policy import DEFAULT_ALLOWED_PARITY, PARITY_STATUSES, Policy
+from sovpack.verify.view import AttestationEntry, BundleView, TargetEntry, read_bundle
+
+if TYPE_CHECKING:
+    from sovpack.parity import ParityReport
+
+PREDICATE_KINDS = {
+    oms.PREDICATE_TYPE: "signature",
+    provenance.PREDICATE_TYPE: "provenance",
+    PARITY_PREDICATE_TYPE: "parity",
+}
+KIND_LABELS = {
+    "signature": f"model-signing signature ({oms.PREDICATE_TYPE})",
+    "provenance": f"SLSA provenance ({provenance.PREDICATE_TYPE})",
+    "parity": f"parity test-result ({PARITY_PREDICATE_TYPE})",
+}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VerifiedTarget:
+    """One target's verification outcome."""
+
+    name: str
+    format: str
+    precision: str
+    manifest_digest: str
+    size: int
+    files: tuple[str, ...]
+    parity: str | None
+    signers: tuple[str, ...]  # key ids that signed all three attestations
+    attestations: Mapping[str, tuple[str, ...]]  # kind -> key ids with a valid attestation
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "format": self.format,
+            "precision": self.precision,
+            "manifest_digest": self.manifest_digest,
+            "size": self.size,
+            "files": list(self.files),
+            "parity": self.parity,
+            "signers": list(self.signers),
+            "attestations": {k: list(v) for k, v in self.attestations.items()},
+        }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VerifyReport:
+    """The outcome of ``verify_bundle``: ok, or every problem found, each naming its blob/target/check."""
+
+    path: str
+    tag: str | None
+    name: str | None
+    index_digest: str
+    trusted_keys: tuple[str, ...]
+    targets: tuple[VerifiedTarget, ...]
+    failures: tuple[str, ...]
+    blobs_checked: int
+    bytes_checked: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "path": self.path,
+            "tag": self.tag,
+            "name": self.name,
+            "index_digest": self.index_digest,
+            "trusted_keys": list(self.trusted_keys),
+            "targets": [t.to_dict() for t in self.targets],
+            "failures": list(self.failures),
+            "blobs_checked": self.blobs_checked,
+            "bytes_checked": self.bytes_checked,
+        }
+
+    def raise_for_failures(self) -> None:
+        if not self.failures:
+            return
+        first = self.failures[0]
+        more = len(self.failures) - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''}; --json lists them all)" if more else ""
+        raise VerificationError(f"{self.path}: verification failed: {first}{suffix}")
+
+
+def _check_attestation(
+    view: BundleView, att: AttestationEntry, target: TargetEntry, statement: Statement, kind: str
+) -> str | None:
+    """Kind-specific binding checks; returns the parity status for parity attestations."""
+    digest = target.descriptor.digest
+    if kind == "signature":
+        manifest = oms.parse_statement(statement)
+        expected = {path: layer.digest.split(":", 1)[1] for path, layer in target.files.items()}
+        if dict(manifest.files) != expected:
+            missing = sorted(set(expected) - set(manifest.files))
+            extra = sorted(set(manifest.files) - set(expected))
+            changed = sorted(p for p in set(expected) & set(manifest.files) if expected[p] != manifest.files[p])
+            detail = "; ".join(
+                part
+                for part in (
+                    f"unsigned files {missing}" if missing else "",
+                    f"signed files not in the target {extra}" if extra else "",
+                    f"files whose digest differs from the signed one {changed}" if changed else "",
+                )
+                if part
+            )
+            raise VerificationError(f"the signed file list does not match the target's files: {detail}")
+        return None
+    provenance.check_subject(statement, digest)
+    if kind == "provenance":
+        provenance.check(statement, manifest_digest=digest, target=target.name)
+        return None
+    predicate = statement.predicate
+    result = predicate.get("result")
+    if result not in PARITY_STATUSES:
+        raise VerificationError(f"parity result {result!r} is not one of {', '.join(PARITY_STATUSES)}")
+    configuration = predicate.get("configuration")
+    if not isinstance(configuration, list):
+        raise VerificationError("parity attestation has no configuration list")
+    named = {
+        str(c.get("name")): (c.get("digest") or {}).get("sha256")
+        for c in configuration
+        if isinstance(c, Mapping) and isinstance(c.get("digest"), Mapping)
+    }
+    report_layer = target.files.get(PARITY_FILE)
+    if report_layer is None:
+        raise VerificationError(f"the target has no {PARITY_FILE}")
+    if named.get(PARITY_FILE) != report_layer.digest.split(":", 1)[1]:
+        raise VerificationError(
+            f"the signed {PARITY_FILE} digest is sha256:{named.get(PARITY_FILE)}, the bundle's is {report_layer.digest}"
+        )
+    if view.reference is not None and named.get(KIND_REFERENCE) != view.reference.descriptor.digest.split(":", 1)[1]:
+        raise VerificationError("the parity attestation names a different parity reference than this bundle's")
+    report = load_report(view, report_layer, f"target {target.name} {PARITY_FILE}")
+    if report.status != result:
+        raise VerificationError(f"the signed result is {result} but {PARITY_FILE} says {report.status}")
+    if report.target != target.name:
+        raise VerificationError(f"{PARITY_FILE} is the report of {report.target!r}")
+    return str(result)
+
+
+def load_report(view: BundleView, layer: Descriptor, where: str) -> ParityReport:
+    """A target's ``parity.json`` from the bundle (digest-checked), as a report."""
+    from sovpack.parity import ParityReport
+
+    data = view.layout.read(layer, where)
+    try:
+        return ParityReport.from_dict(json.loads(data))
+    except (UnicodeDecodeError, json.JSONDecodeError, ParityError) as e:
+        raise VerificationError(f"{where}: not a valid parity report: {e}") from e
+
+
+def verify_view(
+    view: BundleView,
+    keys: Sequence[VerifyingKey],
+    *,
+    required_targets: Sequence[str] = (),
+    allowed_parity: Sequence[str] = DEFAULT_ALLOWED_PARITY,
+    check_signatures: bool = True,
+) -> VerifyReport:
+    """Check a parsed bundle (signatures, bindings, policy); every failure is listed in the report, none raised."""
+    failures = list(view.problems)
+    by_digest = {t.descriptor.digest: t for t in view.targets}
+    valid: dict[str, dict[str, list[str]]] = {t.name: {k: [] for k in ATTESTATION_KINDS} for t in view.targets}
+    parity_status: dict[str, str] = {}
+    if check_signatures and not keys:
+        raise UsageError("no trusted public key: pass --key PUB.pem (or keys in a --policy file)")
+    for att in view.attestations:
+        where = f"attestation {att.descriptor.digest}"
+        if att.kind_hint:
+            where += f" ({att.kind_hint})"
+        target = by_digest.get(att.subject)
+        if target is None:
+            failures.append(
+                f"{where}: refers to manifest {att.subject}, which is not a target of this bundle "
+                "(an attestation from another bundle?)"
+            )
+            continue
+        where = f"target {target.name}: {where}"
+        try:
+            if check_signatures:
+                verified = verify_bundle_signature(att.bundle, keys)
+                statement, signer = verified.statement, verified.signer.key_id
+            else:
+                statement, signer = att.bundle.envelope.statement(), "unverified"
+            kind = PREDICATE_KINDS.get(statement.predicate_type)
+            if kind is None:
+                raise VerificationError(f"unknown predicate type {statement.predicate_type!r}")
+            if att.predicate_hint is not None and att.predicate_hint != statement.predicate_type:
+                raise VerificationError(
+                    f"the manifest says {att.predicate_hint!r} but the signed statement is {statement.predicate_type!r}"
+                )
+            if att.kind_hint is not None and att.kind_hint != kind:
+                raise VerificationError(f"the manifest says {att.kind_hint!r} but the signed statement is a {kind}")
+            status = _check_attestation(view, att, target, statement, kind)
+        except VerificationError as e:
+            failures.append(f"{where}: {e}")
+            continue
+        valid[target.name][kind].append(signer)
+        if status is not None:
+            parity_status[target.name] = status
+    results = []
+    for target in view.targets:
+        kinds = valid[target.name]
+        for kind in ATTESTATION_KINDS:
+            if not kinds[kind]:
+                who = "signed by a trusted key" if check_signatures else "present"
+                failures.append(f"target {target.name}: no valid {KIND_LABELS[kind]} {who}")
+        status = parity_status.get(target.name)
+        if status is not None and status not in allowed_parity:
+            failures.append(
+                f"target {target.name}: parity {status} is not allowed (allowed: {', '.join(allowed_parity)})"
+            )
+        signers = set.intersection(*(set(v) for v in kinds.values())) if kinds else set()
+        results.append(
+            VerifiedTarget(
+                name=target.name,
+                format=target.format,
+                precision=target.precision,
+                manifest_digest=target.descriptor.digest,
+                size=target.size,
+                files=tuple(sorted(target.files)),
+                parity=status,
+                signers=tuple(sorted(signers)),
+                attestations={k: tuple(sorted(set(v))) for k, v in kinds.items()},
+            )
+        )
+    names = {t.name for t in view.targets}
+    for required in required_targets:
+        if required not in names:
+            failures.append(f"required target {required} is not in the bundle (targets: {', '.join(sorted(names))})")
+    if view.reference is None:
+        failures.append("the bundle has no parity reference manifest")
+    failures.extend(view.layout.stray_blob_problems())
+    return VerifyReport(
+        path=str(view.layout.root),
+        tag=view.tag,
+        name=view.name,
+        index_digest=view.index_descriptor.digest,
+        trusted_keys=tuple(k.key_id for k in keys),
+        targets=tuple(results),
+        failures=tuple(dict.fromkeys(failures)),
+        blobs_checked=view.layout.blobs_checked,
+        bytes_checked=view.layout.bytes_checked,
+    )
+
+
+def normalize_targets(names: Sequence[str]) -> tuple[str, ...]:
+    """``gguf`` -> ``gguf:<default precision>`` etc., via the target registry when it knows the format."""
+    from sovpack.targets.base import TargetRef
+    out = []
+    for name in names:
+        try:
+            out.append(str(TargetRef.parse(name)))
+        except UsageError:
+            out.append(name.strip().lower())
+    return tuple(out)
+
+
+def verify_bundle(
+    path: str | Path | BlobSource,
+    *,
+    keys: Sequence[VerifyingKey] = (),
+    tag: str | None = None,
+    required_targets: Sequence[str] = (),
+    allowed_parity: Sequence[str] = DEFAULT_ALLOWED_PARITY,
+) -> VerifyReport:
+    """Verify everything (see the module docstring); failures are listed in the report, not raised."""
+    bad = sorted(set(allowed_parity) - set(PARITY_STATUSES))
+    if bad:
+        raise UsageError(f"unknown parity status(es) {', '.join(bad)}; known: {', '.join(PARITY_STATUSES)}")
+    view = read_bundle(path, tag=tag, deep=True)
+    return verify_view(
+        view, keys, required_targets=normalize_targets(required_targets), allowed_parity=allowed_parity
+    )
+
+
+def verify_with_policy(
+    path: str | Path | BlobSource,
+    *,
+    key_paths: Sequence[str | Path] = (),
+    policy: Policy | None = None,
+    required_targets: Sequence[str] = (),
+    tag: str | None = None,
+) -> VerifyReport:
+    """``verify_bundle`` with keys and requirements from the command line plus an optional policy."""
+    policy = policy or Policy()
+    keys = load_trusted_keys([*policy.keys, *key_paths])
+    return verify_bundle(
+        path,
+        keys=keys,
+        tag=tag or policy.tag,
+        required_targets=[*policy.required_targets, *required_targets],
+        allowed_parity=policy.allowed_parity,
+    )
+
+
+__all__ = [
+    "VerifiedTarget",
+    "VerifyReport",
+    "load_report",
+    "normalize_targets",
+    "verify_bundle",
+    "verify_view",
+    "verify_with_policy",
+]

@@ -1,0 +1,243 @@
+"""``extract`` and ``run`` from a bundle: a verified target written out as the runnable files it was built as.
+
+Runtimes need real files with their names, so ``run`` (and ``parity``) extract a verified copy to a
+temporary directory and remove it afterwards. Every file is hashed while it is copied; a blob that changed
+since verification raises before anything is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sovpack._io import atomic_directory, check_relative_path, hashing_copy
+from sovpack._protocols import Runner
+from sovpack.artifact import ARTIFACT_FILE, ArtifactMetadata
+from sovpack.attest import oms
+from sovpack.attest.dsse import VerifyingKey, verify_bundle_signature
+from sovpack.errors import UsageError, VerificationError
+from sovpack.oci.descriptor import Descriptor
+from sovpack.oci.reader import Layout
+from sovpack.verify.check import normalize_targets, verify_view
+from sovpack.verify.policy import DEFAULT_ALLOWED_PARITY, PARITY_STATUSES
+from sovpack.verify.view import BundleView, TargetEntry, read_bundle
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExtractResult:
+    """What ``extract_target`` wrote."""
+
+    target: str
+    out_dir: Path
+    manifest_digest: str
+    files: tuple[str, ...]
+    signature: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "output": str(self.out_dir),
+            "manifest_digest": self.manifest_digest,
+            "files": list(self.files),
+            "signature": str(self.signature),
+        }
+
+
+def _copy_verified(layout: Layout, layer: Descriptor, dest: Path, where: str) -> None:
+    """Copy a blob to ``dest`` (a new file), hashing while copying; a mismatch raises before anything is used."""
+    source = layout.blob_path(layer.digest)
+    if source.is_symlink() or not source.is_file():
+        raise VerificationError(f"{where}: blob {layer.digest} is missing (or a symbolic link)")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(dest, flags, 0o644)
+    with os.fdopen(fd, "wb") as dst:
+        actual, size = hashing_copy(source, dst)
+    if actual != layer.digest or size != layer.size:
+        dest.unlink()
+        raise VerificationError(f"{where}: blob {layer.digest} changed while copying (got {actual}, {size} bytes)")
+
+
+def write_target_files(view: BundleView, target: TargetEntry, tmp: Path, signature: bytes | None) -> list[str]:
+    """Write a target's files (and model.sig) into the fresh directory ``tmp``; paths are re-checked here."""
+    layout = view.local_layout()
+    written: list[str] = []
+    root = tmp.resolve()
+    for path, layer in sorted(target.files.items()):
+        where = f"target {target.name} file {path!r}"
+        check_relative_path(path, where)
+        if path == oms.SIGNATURE_FILE:
+            raise VerificationError(f"{where}: the name is reserved for the signature")
+        dest = tmp / path
+        parent = dest.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        real_parent = parent.resolve()
+        if parent.is_symlink() or not (real_parent == root or real_parent.is_relative_to(root)):
+            raise VerificationError(f"{where}: resolves outside the output directory")
+        try:
+            _copy_verified(layout, layer, dest, where)
+        except FileExistsError:
+            raise VerificationError(f"{where}: written twice") from None
+        written.append(path)
+    if signature is not None:
+        fd = os.open(tmp / oms.SIGNATURE_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(signature)
+    return written
+
+
+def _signature_bytes(view: BundleView, target: TargetEntry, keys: Sequence[VerifyingKey]) -> bytes:
+    """The verified OMS Sigstore bundle of a target, as stored (it becomes model.sig)."""
+    for att in view.attestations:
+        if att.subject != target.descriptor.digest:
+            continue
+        # NOTE: the bundle was verified as a whole already; an attestation no trusted key signed is simply
+        # not the one we are looking for (several signers may attest one target).
+        try:
+            verified = verify_bundle_signature(att.bundle, keys)
+        except VerificationError:
+            continue
+        if verified.statement.predicate_type == oms.PREDICATE_TYPE:
+            return view.layout.read(att.layer, f"target {target.name} signature")
+    raise VerificationError(f"target {target.name}: no model-signing signature by a trusted key")
+
+
+def _verified_view(
+    path: str | Path,
+    target: str,
+    keys: Sequence[VerifyingKey],
+    *,
+    tag: str | None,
+    allowed_parity: Sequence[str],
+) -> tuple[BundleView, TargetEntry]:
+    (name,) = normalize_targets([target])
+    view = read_bundle(path, tag=tag, deep=True)
+    report = verify_view(view, keys, required_targets=(name,), allowed_parity=allowed_parity)
+    report.raise_for_failures()
+    return view, view.target(name)
+
+
+def extract_target(
+    path: str | Path,
+    target: str,
+    out_dir: str | Path,
+    *,
+    keys: Sequence[VerifyingKey],
+    tag: str | None = None,
+    allowed_parity: Sequence[str] = DEFAULT_ALLOWED_PARITY,
+    force: bool = False,
+) -> ExtractResult:
+    """Verify the bundle, then write the target's runnable files plus model.sig, atomically."""
+    view, entry = _verified_view(path, target, keys, tag=tag, allowed_parity=allowed_parity)
+    signature = _signature_bytes(view, entry, keys)
+    out = Path(out_dir)
+    with atomic_directory(out, force=force) as tmp:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # a normal directory, not the private mode of a temporary one
+        files = write_target_files(view, entry, tmp, signature)
+    return ExtractResult(
+        target=entry.name,
+        out_dir=out,
+        manifest_digest=entry.descriptor.digest,
+        files=tuple(files),
+        signature=out / oms.SIGNATURE_FILE,
+    )
+
+
+@contextlib.contextmanager
+def extracted_target(
+    path: str | Path,
+    target: str,
+    *,
+    keys: Sequence[VerifyingKey],
+    tag: str | None = None,
+    verify: bool = True,
+    allowed_parity: Sequence[str] = PARITY_STATUSES,
+) -> Iterator[tuple[Path, BundleView, TargetEntry]]:
+    """A verified copy of one target in a temporary directory, removed on exit."""
+    if verify:
+        view, entry = _verified_view(path, target, keys, tag=tag, allowed_parity=allowed_parity)
+    else:
+        (name,) = normalize_targets([target])
+        view = read_bundle(path, tag=tag, deep=True)
+        if view.problems:
+            raise VerificationError(f"{path}: {view.problems[0]}")
+        entry = view.target(name)
+    tmp = Path(tempfile.mkdtemp(prefix="sovpack-target-"))
+    try:
+        write_target_files(view, entry, tmp, None)
+        yield tmp, view, entry
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def artifact_metadata(directory: Path, entry: TargetEntry, missing: str) -> ArtifactMetadata:
+    """The extracted target's ``sovpack-artifact.json``; ``missing`` ends the error when the bundle has none."""
+    if not (directory / ARTIFACT_FILE).is_file():
+        raise VerificationError(f"target {entry.name}: {missing}")
+    return ArtifactMetadata.load(directory)
+
+
+def open_target_runner(directory: Path, entry: TargetEntry, metadata: ArtifactMetadata) -> Runner:
+    """A runner on an extracted target, on the runtime of the format the bundle says it is."""
+    from sovpack.targets.base import TARGETS
+    return TARGETS.get(entry.format).open_runner(directory, metadata)
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def _single_target(path: str | Path, target: str | None, tag: str | None) -> str:
+    if target is not None:
+        return target
+    view = read_bundle(path, tag=tag, deep=False)
+    if len(view.targets) == 1:
+        return view.targets[0].name
+    names = ", ".join(t.name for t in view.targets)
+    raise UsageError(f"{path}: the bundle holds several targets ({names}); choose one with -t")
+
+
+def open_bundle_runner(
+    path: str | Path, target: str | None, keys: Sequence[VerifyingKey], tag: str | None = None
+) -> tuple[Runner, Path | None, tuple[int, ...]]:
+    """A runner on a verified, extracted copy of one target (removed when the runner is garbage-collected).
+
+    Returns what ``sovpack.run.open_runner`` returns: the runner, its tokenizer.json (if any) and stop ids.
+    The caller owns the runner and closes it.
+    """
+    if not keys:
+        raise UsageError("running from a bundle verifies it first: pass --key PUB.pem")
+    name = _single_target(path, target, tag)
+    manager = extracted_target(path, name, keys=keys, tag=tag, allowed_parity=DEFAULT_ALLOWED_PARITY)
+    directory, _view, entry = manager.__enter__()
+    # NOTE: the runner outlives this call, so the extracted copy cannot be a ``with`` block here: it is removed
+    # when the runner is garbage-collected (or at exit), never while the runner may still read it.
+    try:
+        metadata = artifact_metadata(directory, entry, "no sovpack-artifact.json in the bundle")
+        runner = open_target_runner(directory, entry, metadata)
+    except BaseException:
+        manager.__exit__(None, None, None)
+        raise
+    cleanup = weakref.finalize(runner, manager.__exit__, None, None, None)
+    cleanup.atexit = True
+    tokenizer = directory / "tokenizer.json"
+    stop = tuple(int(i) for i in metadata.spec.eos_token_ids)
+    return runner, tokenizer if tokenizer.is_file() else None, stop
+
+
+__all__ = [
+    "ExtractResult",
+    "artifact_metadata",
+    "extract_target",
+    "extracted_target",
+    "open_bundle_runner",
+    "open_target_runner",
+    "write_target_files",
+]

@@ -1,0 +1,223 @@
+"""The GGUF tensors of a model, in file order, each produced on demand from the checkpoint, and their encoding.
+
+Tensors are named with gguf-py's tables (``gguf.TENSOR_NAMES`` for the architecture's ``gguf.MODEL_TENSORS``)
+and encoded by ``gguf.quants.quantize``. A tensor is read from the memory-mapped checkpoint in row blocks, so
+the only whole-tensor buffer is the encoded output of the tensor being written. For llama.cpp's ``llama``
+architecture q and k rows (and biases) are permuted per head so that row 2i holds HF row i and row 2i+1 holds
+HF row i + d/2 (interleaved-pair RoPE). Llama 3 RoPE scaling is stored as llama.cpp expects it: a
+``rope_freqs.weight`` tensor of per-frequency divisors computed here from the spec.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sovpack.errors import ConversionError
+from sovpack.source.model import SourceModel
+from sovpack.source.spec import ModelSpec
+from sovpack.targets.gguf.arch import ArchPlan
+from sovpack.targets.gguf.runtime import import_gguf
+
+# Float32 rows converted at a time: a tensor is read from the memory-mapped checkpoint in row blocks of about
+# this size, so the only whole-tensor buffer is the encoded (f16 / quantized) output of the tensor being written.
+BLOCK_BYTES = 32 * 2**20
+
+# The head (output projection, or the tied embedding) stays at 8 bits under q4_0, as llama.cpp's own q4_0
+# recipe keeps it at a higher type: a 4-bit head moves every logit and costs far more than it saves.
+Q4_0_HEAD = "Q8_0"
+
+Blocks = Callable[[], Iterator[np.ndarray]]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TensorJob:
+    """One GGUF tensor: its name, logical shape (rows, cols) and its float32 data as consecutive row blocks."""
+
+    name: str
+    shape: tuple[int, ...]
+    blocks: Blocks
+    head: bool = False  # the output projection (or the tied embedding that serves as one)
+
+
+def row_blocks(model: SourceModel, canonical: str, *, align: int = 1) -> Iterator[np.ndarray]:
+    """A canonical tensor as float32 row blocks (row counts a multiple of ``align``), read lazily.
+
+    1-D tensors and tensors with a family offset (Gemma's norms) come whole through ``SourceModel.tensor``;
+    a block with NaN/Inf defers to it too, so the error is the one every target raises.
+    """
+    view = model.stored(canonical)
+    if view.ndim == 1 or model.tensor_map[canonical].add:
+        yield model.tensor(canonical, np.float32)
+        return
+    rows = max(align, BLOCK_BYTES // max(1, 4 * math.prod(view.shape[1:])) // align * align)
+    for start in range(0, view.shape[0], rows):
+        block = np.asarray(view[start : start + rows], dtype=np.float32)
+        if not model.allow_nonfinite and not np.isfinite(block).all():
+            model.tensor(canonical, np.float32)  # raises SourceError naming the file and tensor
+        yield block
+
+
+def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder q/k rows (or bias entries) per head from HF's rotate-half layout to interleaved pairs."""
+    rows = w.shape[0]
+    head_dim = rows // n_heads
+    rest = w.shape[1:]
+    out = w.reshape(n_heads, 2, head_dim // 2, *rest).swapaxes(1, 2)
+    return np.ascontiguousarray(out.reshape(rows, *rest))
+
+
+def llama3_rope_factors(spec: ModelSpec) -> np.ndarray:
+    """llama.cpp's rope_freqs for Llama 3 scaling: per-frequency divisors of the unscaled frequencies."""
+    s = spec.rope_scaling
+    if not (s.low_freq_factor and s.high_freq_factor and s.original_max_position_embeddings):
+        raise ConversionError(
+            f"{spec.family}: Llama 3 RoPE scaling without low_freq_factor, high_freq_factor and "
+            "original_max_position_embeddings"
+        )
+    dim = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    wavelen = 2.0 * math.pi / inv_freq
+    old = float(s.original_max_position_embeddings)
+    low_wavelen = old / s.low_freq_factor
+    high_wavelen = old / s.high_freq_factor
+    factors = np.ones_like(inv_freq)
+    for i, w in enumerate(wavelen):
+        if w > low_wavelen:
+            factors[i] = s.factor
+        elif w >= high_wavelen:
+            smooth = (old / w - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+            factors[i] = 1.0 / ((1.0 - smooth) / s.factor + smooth)
+    return factors.astype(np.float32)
+
+
+def tensor_plan(model: SourceModel, plan: ArchPlan) -> list[TensorJob]:
+    """Every GGUF tensor in file order, each produced on demand from canonical tensors."""
+    gguf = import_gguf()
+    spec = model.spec
+    arch = gguf.MODEL_ARCH[plan.arch]
+    allowed = set(gguf.MODEL_TENSORS[arch])
+    t = gguf.MODEL_TENSOR
+    jobs: list[TensorJob] = []
+
+    def add(name: str, shape: tuple[int, ...], blocks: Blocks, *, head: bool = False) -> None:
+        jobs.append(TensorJob(name=name, shape=shape, blocks=blocks, head=head))
+
+    def name(kind: Any, suffix: str, bid: int | None = None) -> str:
+        if kind not in allowed:
+            raise ConversionError(f"llama.cpp's {plan.arch.lower()} architecture has no tensor {kind.name}")
+        base = gguf.TENSOR_NAMES[kind]
+        return (base.format(bid=bid) if bid is not None else base) + "." + suffix
+
+    def read(canonical: str) -> Blocks:
+        return lambda: row_blocks(model, canonical)
+
+    def permuted(canonical: str, heads: int) -> Blocks:
+        head_dim = spec.head_dim
+
+        def blocks() -> Iterator[np.ndarray]:
+            for block in row_blocks(model, canonical, align=head_dim):
+                yield permute_rope_rows(block, block.shape[0] // head_dim)
+
+        return blocks
+
+    def concat(*parts: Blocks) -> Blocks:
+        return lambda: (block for part in parts for block in part())
+
+    shapes = spec.tensor_shapes()
+    add(name(t.TOKEN_EMBD, "weight"), shapes["embed"], read("embed"), head=spec.tie_word_embeddings)
+    if spec.rope_scaling.kind == "llama3":
+        factors = llama3_rope_factors(spec)
+        add(name(t.ROPE_FREQS, "weight"), factors.shape, lambda: iter([factors]))
+    h, q, kv, ff = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
+    for i in range(spec.num_layers):
+        c = f"layers.{i}."
+
+        def qk(proj: str, heads: int, c: str = c) -> Blocks:
+            return permuted(c + proj, heads) if plan.permute_qk else read(c + proj)
+
+        add(name(t.ATTN_NORM, "weight", i), (h,), read(c + "attn_norm"))
+        if plan.fused_qkv:
+            add(
+                name(t.ATTN_QKV, "weight", i),
+                (q + 2 * kv, h),
+                concat(qk("q", spec.num_heads), qk("k", spec.num_kv_heads), read(c + "v")),
+            )
+            if spec.qkv_bias:
+                add(
+                    name(t.ATTN_QKV, "bias", i),
+                    (q + 2 * kv,),
+                    concat(qk("q_bias", spec.num_heads), qk("k_bias", spec.num_kv_heads), read(c + "v_bias")),
+                )
+        else:
+            add(name(t.ATTN_Q, "weight", i), (q, h), qk("q", spec.num_heads))
+            add(name(t.ATTN_K, "weight", i), (kv, h), qk("k", spec.num_kv_heads))
+            add(name(t.ATTN_V, "weight", i), (kv, h), read(c + "v"))
+            if spec.qkv_bias:
+                add(name(t.ATTN_Q, "bias", i), (q,), qk("q_bias", spec.num_heads))
+                add(name(t.ATTN_K, "bias", i), (kv,), qk("k_bias", spec.num_kv_heads))
+                add(name(t.ATTN_V, "bias", i), (kv,), read(c + "v_bias"))
+        if spec.qk_norm:
+            add(name(t.ATTN_Q_NORM, "weight", i), (spec.head_dim,), read(c + "q_norm"))
+            add(name(t.ATTN_K_NORM, "weight", i), (spec.head_dim,), read(c + "k_norm"))
+        add(name(t.ATTN_OUT, "weight", i), (h, q), read(c + "o"))
+        add(name(t.FFN_NORM, "weight", i), (h,), read(c + "mlp_norm"))
+        if plan.fused_gate_up:
+            add(name(t.FFN_UP, "weight", i), (2 * ff, h), concat(read(c + "gate"), read(c + "up")))
+        else:
+            add(name(t.FFN_GATE, "weight", i), (ff, h), read(c + "gate"))
+            add(name(t.FFN_UP, "weight", i), (ff, h), read(c + "up"))
+        add(name(t.FFN_DOWN, "weight", i), (h, ff), read(c + "down"))
+    add(name(t.OUTPUT_NORM, "weight"), (h,), read("final_norm"))
+    if not spec.tie_word_embeddings:
+        add(name(t.OUTPUT, "weight"), shapes["lm_head"], read("lm_head"), head=True)
+    return jobs
+
+
+def storage_type(job: TensorJob, precision: str) -> tuple[Any, str | None]:
+    """(GGML type, fallback note or None) for one tensor at a gguf-py precision."""
+    gguf = import_gguf()
+    q = gguf.GGMLQuantizationType
+    if len(job.shape) == 1:
+        return q.F32, None
+    want = {"f32": q.F32, "f16": q.F16, "bf16": q.BF16, "q8_0": q.Q8_0, "q4_0": q.Q4_0}[precision]
+    if precision == "q4_0" and job.head:
+        want = q[Q4_0_HEAD]
+    block, _ = gguf.GGML_QUANT_SIZES[want]
+    if job.shape[-1] % block:
+        return q.F16, f"{job.name}: row length {job.shape[-1]} is not a multiple of the {want.name} block {block}; F16"
+    return want, None
+
+
+def tensor_nbytes(shape: Sequence[int], qtype: Any) -> int:
+    """Bytes of a tensor of ``shape`` stored as ``qtype`` (whole quantization blocks per row)."""
+    gguf = import_gguf()
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return math.prod(shape[:-1]) * (shape[-1] // block) * size
+
+
+def encode(job: TensorJob, qtype: Any, model: SourceModel) -> np.ndarray:
+    """The tensor's bytes in ``qtype``, encoded block by block into one preallocated buffer."""
+    gguf = import_gguf()
+    out: np.ndarray | None = None
+    row = 0
+    for block in job.blocks():
+        encoded = gguf.quants.quantize(np.ascontiguousarray(block, dtype=np.float32), qtype)
+        if qtype == gguf.GGMLQuantizationType.F16 and not np.isfinite(encoded).all():
+            raise ConversionError(
+                f"{model.path}: tensor {job.name} has values beyond the float16 range; convert to bf16 or f32 instead"
+            )
+        if len(job.shape) == 1:
+            out, row = encoded, job.shape[0]
+            continue
+        if out is None:
+            out = np.empty((job.shape[0], *encoded.shape[1:]), dtype=encoded.dtype)
+        out[row : row + encoded.shape[0]] = encoded
+        row += encoded.shape[0]
+    if out is None or row != job.shape[0] or out.shape[0] != job.shape[0]:
+        raise ConversionError(f"{job.name}: produced {row} rows, expected shape {list(job.shape)}")
+    return out

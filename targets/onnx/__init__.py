@@ -1,0 +1,37 @@
+"""The ``onnx`` target: a decoder graph for ONNX Runtime and onnxruntime-genai, with its runners.
+
+An artifact directory holds ``model.onnx`` (graph only), ``model.onnx.data`` (every weight, external data),
+``genai_config.json`` (so ``onnxruntime_genai.Model(dir)`` loads it) and the source tokenizer files. Its I/O is
+the Optimum / onnxruntime-genai decoder convention: ``input_ids``, ``attention_mask`` (past + new),
+``position_ids`` and ``past_key_values.{i}.key/value`` in; ``logits`` and ``present.{i}.key/value`` out, KV
+tensors [batch, kv_heads, seq, head_dim].
+
+Modules: ``target`` (the registered target: precision table, writer, ``open_runner``), ``precisions``
+(storage plans, minimum-onnxruntime rule), ``graph`` (the decoder graph), ``external_data`` (the weight file),
+``quantize`` (MatMulNBits int8/int4), ``genai`` (genai_config.json), ``runner`` (onnxruntime and genai runners).
+
+Heavy packages (onnx, onnxruntime, onnxruntime_genai) are imported inside functions, so importing this package
+costs nothing and a missing runtime becomes a MissingDependencyError naming the ``onnx`` extra.
+
+Errors: writer problems are ConversionError, a runtime failing on an artifact is ParityError, a missing
+runtime package is MissingDependencyError, unreadable or invalid input files are SourceError.
+"""
+
+from __future__ import annotations
+
+from sovpack.targets.onnx.external_data import DATA_FILE
+from sovpack.targets.onnx.genai import GENAI_CONFIG, GENAI_MODEL_TYPES, genai_config
+from sovpack.targets.onnx.graph import MODEL_FILE
+from sovpack.targets.onnx.runner import GenaiRunner, OnnxRunner
+from sovpack.targets.onnx.target import OnnxTarget
+
+__all__ = [
+    "DATA_FILE",
+    "GENAI_CONFIG",
+    "GENAI_MODEL_TYPES",
+    "MODEL_FILE",
+    "GenaiRunner",
+    "OnnxRunner",
+    "OnnxTarget",
+    "genai_config",
+]

@@ -1,0 +1,90 @@
+"""``genai_config.json``: what ``onnxruntime_genai.Model(dir)`` needs to load an onnx artifact.
+
+The per-family model types below are also the onnx target's list of families it can write: a family genai
+has no decoder type for is refused by name, never written under another family's type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sovpack.errors import ConversionError
+from sovpack.source.spec import ModelSpec
+
+GENAI_CONFIG = "genai_config.json"
+
+# onnxruntime-genai model types (the decoder-only types it knows) per sovpack family.
+GENAI_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "gemma": "gemma",
+}
+
+
+def genai_model_type(spec: ModelSpec) -> str:
+    """onnxruntime-genai's model type for ``spec``'s family; a ConversionError naming any other family."""
+    model_type = GENAI_MODEL_TYPES.get(spec.family)
+    if model_type is None:
+        raise ConversionError(
+            f"onnx: model family {spec.family!r} has no onnxruntime-genai model type; supported: "
+            f"{', '.join(sorted(GENAI_MODEL_TYPES))}"
+        )
+    return model_type
+
+
+def genai_config(spec: ModelSpec, model_file: str) -> dict[str, Any]:
+    """The onnxruntime-genai configuration for a graph with sovpack's decoder I/O, greedy by default."""
+    eos = [int(t) for t in spec.eos_token_ids]
+    pad = spec.pad_token_id if spec.pad_token_id is not None else (eos[0] if eos else 0)
+    bos = spec.bos_token_id if spec.bos_token_id is not None else (eos[0] if eos else pad)
+    return {
+        "model": {
+            "bos_token_id": int(bos),
+            "context_length": int(spec.max_position_embeddings),
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": model_file,
+                "head_size": spec.head_dim,
+                "hidden_size": spec.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": spec.num_heads,
+                "num_hidden_layers": spec.num_layers,
+                "num_key_value_heads": spec.num_kv_heads,
+            },
+            "eos_token_id": eos[0] if len(eos) == 1 else (eos or int(pad)),
+            "pad_token_id": int(pad),
+            "type": genai_model_type(spec),
+            "vocab_size": spec.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": int(spec.max_position_embeddings),
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            # Our graph concatenates past + new into present (it does not write into a preallocated buffer).
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }

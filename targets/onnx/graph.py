@@ -1,0 +1,378 @@
+"""The ONNX decoder graph, built straight from a ModelSpec while the weights stream to one external data file.
+
+No torch, no tracing: every node is written here from the spec, in standard ONNX ops (default domain, opset
+17) plus ``com.microsoft.MatMulNBits`` for the int8/int4 weight-only precisions (quantize.py).
+
+# NOTE: graph library. The graph is built with ``onnx.helper`` and raw ``TensorProto`` messages, not onnx_ir.
+# What matters for a >2 GB model is that no weight bytes ever enter a protobuf message: every initializer is
+# a TensorProto whose ``external_data`` (location/offset/length) points into ``model.onnx.data``, which we
+# append to ourselves one tensor at a time (chunked, aligned; external_data.py). With plain protobuf that is a
+# handful of fields we control exactly; ``model.onnx`` then holds only the graph and is written with
+# ``SerializeToString``. onnx_ir could do the same through lazy tensors, but it adds a dependency the ``onnx``
+# extra does not declare and hides the offsets we want to own; onnx.helper ships with onnx, which we need for
+# the checker.
+#
+# NOTE: fp16. "fp16" stores fp16 weights (half the disk of fp32) but computes in fp32: each fp16 matrix goes
+# through a Cast to float before its Gemm (ONNX Runtime folds that Cast at load time, so a session holds
+# those matrices as fp32) and embeddings are gathered from the fp16 table and cast. Activations, the KV cache
+# and the logits stay float32. Reasons: ONNX Runtime's CPU provider has fp16 kernels for only some ops and
+# silently inserts float casts around the rest, so "fp16 compute" would mean a per-op, per-version mix of
+# precisions; on x86 without AVX512-FP16 the fp16 kernels convert internally anyway (no speed gain); and fp16
+# accumulation over long residual streams costs accuracy the parity thresholds would have to absorb. 1-D
+# parameters (norm weights, biases) stay fp32 in every precision: they are tiny and the reference applies
+# them in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sovpack._io import Progress
+from sovpack.errors import ConversionError
+from sovpack.reference import rope_inv_freq
+from sovpack.source.model import SourceModel
+from sovpack.source.spec import ModelSpec
+from sovpack.targets.onnx.external_data import DATA_FILE, ExternalData, converted_chunks
+from sovpack.targets.onnx.precisions import F32, plan_for
+from sovpack.targets.onnx.quantize import QUANT_BLOCK_SIZE, quantize_matmul_weight
+
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+MODEL_FILE = "model.onnx"
+
+
+@dataclass
+class Graph:
+    """Nodes, initializers and helpers for unique names and small constants."""
+
+    nodes: list[Any] = field(default_factory=list)
+    initializers: list[Any] = field(default_factory=list)
+    _names: dict[str, int] = field(default_factory=dict)
+    _consts: dict[tuple[Any, ...], str] = field(default_factory=dict)
+
+    def unique(self, base: str) -> str:
+        n = self._names.get(base, 0)
+        self._names[base] = n + 1
+        return base if n == 0 else f"{base}_{n}"
+
+    def op(self, op_type: str, *inputs: str, name: str | None = None, out: str | None = None,
+           n_out: int = 1, domain: str = "", **attrs: Any) -> Any:
+        from onnx import helper
+
+        node_name = self.unique(name or op_type)
+        outputs = [out] if out is not None else [f"{node_name}/out{i}" if n_out > 1 else f"{node_name}/out"
+                                                  for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=node_name, domain=domain, **attrs))
+        return outputs[0] if n_out == 1 else outputs
+
+    def const(self, value: Any, dtype: Any, *, scalar: bool = False) -> str:
+        """A small inline initializer (shape constants, eps, ...), shared between uses."""
+        from onnx import numpy_helper
+
+        array = np.asarray(value, dtype=dtype)
+        if not scalar and array.ndim == 0:
+            array = array.reshape(1)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        name = self._consts.get(key)
+        if name is None:
+            name = self.unique(f"const/{array.dtype.name}")
+            self.initializers.append(numpy_helper.from_array(array, name))
+            self._consts[key] = name
+        return name
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BuiltModel:
+    """The finished model proto (graph only) and what the writer reports about it."""
+
+    proto: Any
+    opset: int
+    ir_version: int
+    contrib_ops: list[tuple[str, dict[str, Any]]]
+    largest_tensor_bytes: int
+    data_bytes: int
+
+
+class DecoderBuilder:
+    """Builds the decoder graph for one SourceModel and precision, writing weights as it goes."""
+
+    def __init__(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress) -> None:
+        self.plan = plan_for(precision)
+        self.model = model
+        self.spec: ModelSpec = model.spec
+        self.out_dir = out_dir
+        self.progress = progress
+        self.g = Graph()
+        self.data = ExternalData(out_dir / DATA_FILE)
+        self.contrib: list[tuple[str, dict[str, Any]]] = []
+        self._weights: dict[tuple[str, str], str] = {}
+        self._total = len(model.tensor_names())
+        self._done = 0
+
+    # -- weights ---------------------------------------------------------------------------------------
+    def _tick(self, name: str) -> None:
+        self._done += 1
+        self.progress(f"onnx:{self.plan.name} {name}", min(self._done, self._total), self._total)
+
+    def _source(self, name: str) -> np.ndarray:
+        return self.model.tensor(name, np.float32)
+
+    def _store(self, name: str, dtype: np.dtype) -> str:
+        """Write canonical tensor ``name`` as ``dtype`` in its canonical layout; returns the initializer name."""
+        key = (name, np.dtype(dtype).str)
+        if key in self._weights:
+            return self._weights[key]
+        array = self._source(name)
+        tensor = self.data.write(name, array.shape, dtype, converted_chunks(name, array, np.dtype(dtype)))
+        self.model.release_pages(name)
+        del array
+        self.g.initializers.append(tensor)
+        self._weights[key] = name
+        self._tick(name)
+        return name
+
+    def _as_float(self, init: str, dtype: np.dtype) -> str:
+        if np.dtype(dtype) == np.float32:
+            return init
+        from onnx import TensorProto
+
+        return self.g.op("Cast", init, name=f"{init}/cast", to=TensorProto.FLOAT)
+
+    # -- building blocks -------------------------------------------------------------------------------
+    def dense(self, x: str, weight: str, dtype: np.dtype, bias: str | None = None) -> str:
+        """x [M, in] @ weight[out, in]^T (+ bias) -> [M, out] as a Gemm over the stored (HF-layout) matrix."""
+        w = self._as_float(self._store(weight, dtype), dtype)
+        inputs = [x, w] + ([self._store(bias, F32)] if bias else [])
+        return self.g.op("Gemm", *inputs, name=f"{weight}/gemm", transB=1)
+
+    def linear(self, x: str, weight: str, bias: str | None = None) -> str:
+        """An attention/MLP projection: a Gemm, or MatMulNBits (+ Add for the bias) when quantized."""
+        bits = self.plan.bits
+        if bits is None:
+            return self.dense(x, weight, self.plan.matrix_dtype, bias)
+        y = self.quantized_linear(x, weight, bits)
+        if bias:
+            y = self.g.op("Add", y, self._store(bias, F32), name=f"{weight}/bias")
+        return y
+
+    def quantized_linear(self, x: str, weight: str, bits: int) -> str:
+        """x [M, in] @ weight^T as MatMulNBits over ``bits``-bit blocks of the transposed weight."""
+        prefix = weight
+
+        def transposed() -> np.ndarray:
+            source = self._source(weight)
+            out = np.ascontiguousarray(source.T)
+            self.model.release_pages(weight)
+            return out
+
+        attrs, arrays = quantize_matmul_weight(transposed, bits, QUANT_BLOCK_SIZE, OPSET)
+        names = []
+        for suffix, array in zip(("q", "scales", "zero_points"), arrays, strict=False):
+            init_name = f"{prefix}.{suffix}{bits if suffix == 'q' else ''}"
+            self.g.initializers.append(self.data.write_array(init_name, array))
+            names.append(init_name)
+        self.contrib.append(("MatMulNBits", dict(attrs)))
+        self._tick(weight)
+        return self.g.op("MatMulNBits", x, *names, name=f"{prefix}/matmulnbits", domain=MS_DOMAIN, **attrs)
+
+    def rms_norm(self, x: str, weight: str, name: str) -> str:
+        w = self._store(weight, F32)
+        sq = self.g.op("Mul", x, x, name=f"{name}/square")
+        mean = self.g.op("ReduceMean", sq, name=f"{name}/mean", axes=[-1], keepdims=1)
+        eps = self.g.const(self.spec.norm_eps, np.float32)
+        denom = self.g.op("Sqrt", self.g.op("Add", mean, eps, name=f"{name}/add_eps"), name=f"{name}/sqrt")
+        normed = self.g.op("Div", x, denom, name=f"{name}/div")
+        return self.g.op("Mul", normed, w, name=f"{name}/scale")
+
+    def activation(self, x: str, name: str) -> str:
+        kind = self.spec.activation
+        g = self.g
+        if kind == "silu":
+            return g.op("Mul", x, g.op("Sigmoid", x, name=f"{name}/sigmoid"), name=f"{name}/silu")
+        half = g.const(0.5, np.float32)
+        one = g.const(1.0, np.float32)
+        if kind == "gelu_tanh":
+            cube = g.op("Mul", g.op("Mul", x, x, name=f"{name}/x2"), x, name=f"{name}/x3")
+            inner = g.op("Add", x, g.op("Mul", cube, g.const(0.044715, np.float32), name=f"{name}/cube_coef"),
+                         name=f"{name}/inner")
+            scaled = g.op("Mul", inner, g.const(math.sqrt(2.0 / math.pi), np.float32), name=f"{name}/scale")
+            tanh = g.op("Tanh", scaled, name=f"{name}/tanh")
+            return g.op("Mul", g.op("Mul", x, half, name=f"{name}/half"),
+                        g.op("Add", tanh, one, name=f"{name}/one_plus"), name=f"{name}/gelu")
+        if kind == "gelu":
+            erf = g.op("Erf", g.op("Mul", x, g.const(1.0 / math.sqrt(2.0), np.float32), name=f"{name}/div_sqrt2"),
+                       name=f"{name}/erf")
+            return g.op("Mul", g.op("Mul", x, half, name=f"{name}/half"),
+                        g.op("Add", erf, one, name=f"{name}/one_plus"), name=f"{name}/gelu")
+        raise ConversionError(f"onnx: activation {kind!r} is not supported")
+
+    def rope(self, x: str, cos: str, sin: str, name: str) -> str:
+        half = self.spec.head_dim // 2
+        g = self.g
+        x1, x2 = g.op("Split", x, g.const([half, half], np.int64), name=f"{name}/split", n_out=2, axis=-1)
+        rotated = g.op("Concat", g.op("Neg", x2, name=f"{name}/neg"), x1, name=f"{name}/rotate_half", axis=-1)
+        with_cos = g.op("Mul", x, cos, name=f"{name}/mul_cos")
+        with_sin = g.op("Mul", rotated, sin, name=f"{name}/mul_sin")
+        return g.op("Add", with_cos, with_sin, name=f"{name}/rope")
+
+    # -- the model -------------------------------------------------------------------------------------
+    def build(self) -> BuiltModel:
+        try:
+            proto = self._build()
+        finally:
+            self.data.close()
+        return BuiltModel(
+            proto=proto,
+            opset=OPSET,
+            ir_version=proto.ir_version,
+            contrib_ops=self.contrib,
+            largest_tensor_bytes=self.data.largest,
+            data_bytes=self.data.offset,
+        )
+
+    def _build(self) -> Any:
+        from onnx import TensorProto, helper
+
+        s = self.spec
+        g = self.g
+        kv, heads, dim = s.num_kv_heads, s.num_heads, s.head_dim
+        if heads % kv:
+            raise ConversionError(f"onnx: {heads} attention heads are not a multiple of {kv} KV heads")
+        group = heads // kv
+        f32 = TensorProto.FLOAT
+        i64 = TensorProto.INT64
+
+        inputs = [
+            helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
+            helper.make_tensor_value_info("attention_mask", i64, ["batch_size", "total_sequence_length"]),
+            helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"]),
+        ]
+        outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", s.vocab_size])]
+        for i in range(s.num_layers):
+            for kind in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(
+                    f"past_key_values.{i}.{kind}", f32, ["batch_size", kv, "past_sequence_length", dim]))
+                outputs.append(helper.make_tensor_value_info(
+                    f"present.{i}.{kind}", f32, ["batch_size", kv, "total_sequence_length", dim]))
+
+        # Shapes: batch B, new tokens T, total S = past + T.
+        batch = g.op("Shape", "input_ids", name="shape/batch", start=0, end=1)
+        steps = g.op("Shape", "input_ids", name="shape/steps", start=1, end=2)
+        total = g.op("Shape", "attention_mask", name="shape/total", start=1, end=2)
+        q_shape = g.op("Concat", batch, steps, g.const([kv, group, dim], np.int64), name="shape/q", axis=0)
+        kv_shape = g.op("Concat", batch, steps, g.const([kv, dim], np.int64), name="shape/kv", axis=0)
+        scores5_shape = g.op("Concat", g.const([0, 0, group, -1], np.int64), total, name="shape/scores5", axis=0)
+        probs4_shape = g.op("Concat", g.const([0, 0, -1], np.int64), total, name="shape/probs4", axis=0)
+        ctx5_shape = g.const([0, 0, group, -1, dim], np.int64)
+        flat_q_shape = g.const([-1, s.q_size], np.int64)
+        logits_shape = g.op("Concat", batch, steps, g.const([s.vocab_size], np.int64), name="shape/logits", axis=0)
+
+        # Attention bias [B, 1, 1, T, S]: causal on cache indices (query t sits at index past + t), the
+        # caller's padding mask, and the sliding window. Masked scores get the float32 minimum rather than
+        # -inf so fully masked rows (left padding) stay finite instead of turning into NaN.
+        total_s = g.op("Squeeze", total, name="mask/total_scalar")
+        steps_s = g.op("Squeeze", steps, name="mask/steps_scalar")
+        past_s = g.op("Sub", total_s, steps_s, name="mask/past_len")
+        one_i = g.const(1, np.int64, scalar=True)
+        zero_i = g.const(0, np.int64, scalar=True)
+        q_idx = g.op("Range", past_s, total_s, one_i, name="mask/query_index")
+        k_idx = g.op("Range", zero_i, total_s, one_i, name="mask/key_index")
+        dist = g.op("Sub", g.op("Unsqueeze", q_idx, g.const([1], np.int64), name="mask/q_col"),
+                    g.op("Unsqueeze", k_idx, g.const([0], np.int64), name="mask/k_row"), name="mask/distance")
+        allowed = g.op("GreaterOrEqual", dist, g.const(0, np.int64, scalar=True), name="mask/causal")
+        if s.sliding_window is not None:
+            inside = g.op("Less", dist, g.const(s.sliding_window, np.int64, scalar=True), name="mask/window")
+            allowed = g.op("And", allowed, inside, name="mask/causal_window")
+        padding = g.op("Unsqueeze", g.op("Cast", "attention_mask", name="mask/padding_bool", to=TensorProto.BOOL),
+                       g.const([1, 2, 3], np.int64), name="mask/padding")
+        allowed = g.op("And", allowed, padding, name="mask/allowed")
+        bias = g.op("Where", allowed, g.const(0.0, np.float32, scalar=True),
+                    g.const(np.finfo(np.float32).min, np.float32, scalar=True), name="mask/bias")
+
+        # Rotary tables from the caller's position_ids: [B, T, head_dim], unsqueezed for q and k layouts.
+        inv_freq, rope_scale = rope_inv_freq(s)
+        pos = g.op("Unsqueeze", g.op("Cast", "position_ids", name="rope/positions", to=f32),
+                   g.const([2], np.int64), name="rope/positions_col")
+        freqs = g.op("Mul", pos, g.const(inv_freq.astype(np.float32), np.float32), name="rope/freqs")
+        emb = g.op("Concat", freqs, freqs, name="rope/emb", axis=-1)
+        cos = g.op("Cos", emb, name="rope/cos")
+        sin = g.op("Sin", emb, name="rope/sin")
+        if rope_scale != 1.0:
+            cos = g.op("Mul", cos, g.const(rope_scale, np.float32), name="rope/cos_scaled")
+            sin = g.op("Mul", sin, g.const(rope_scale, np.float32), name="rope/sin_scaled")
+        cos_k = g.op("Unsqueeze", cos, g.const([1], np.int64), name="rope/cos_k")
+        sin_k = g.op("Unsqueeze", sin, g.const([1], np.int64), name="rope/sin_k")
+        cos_q = g.op("Unsqueeze", cos, g.const([1, 2], np.int64), name="rope/cos_q")
+        sin_q = g.op("Unsqueeze", sin, g.const([1, 2], np.int64), name="rope/sin_q")
+
+        # Embedding: gathered from the stored table, cast to float32, flattened to [B*T, hidden].
+        embed = self._store("embed", self.plan.embed_dtype)
+        x = g.op("Gather", embed, "input_ids", name="embed/gather", axis=0)
+        if self.plan.embed_dtype != np.float32:
+            x = g.op("Cast", x, name="embed/cast", to=f32)
+        x = g.op("Reshape", x, g.const([-1, s.hidden_size], np.int64), name="embed/flatten")
+        if s.embedding_multiplier != 1.0:
+            x = g.op("Mul", x, g.const(s.embedding_multiplier, np.float32), name="embed/scale")
+
+        scale = g.const(1.0 / math.sqrt(dim), np.float32)
+        for i in range(s.num_layers):
+            p = f"layers.{i}."
+            h = self.rms_norm(x, p + "attn_norm", f"{p}attn_norm")
+            q = self.linear(h, p + "q", p + "q_bias" if s.qkv_bias else None)
+            k = self.linear(h, p + "k", p + "k_bias" if s.qkv_bias else None)
+            v = self.linear(h, p + "v", p + "v_bias" if s.qkv_bias else None)
+            q = g.op("Reshape", q, q_shape, name=f"{p}attn/q_heads")  # [B, T, KV, G, D]
+            k = g.op("Reshape", k, kv_shape, name=f"{p}attn/k_heads")  # [B, T, KV, D]
+            v = g.op("Reshape", v, kv_shape, name=f"{p}attn/v_heads")
+            if s.qk_norm:
+                q = self.rms_norm(q, p + "q_norm", f"{p}attn/q_norm")
+                k = self.rms_norm(k, p + "k_norm", f"{p}attn/k_norm")
+            q = g.op("Transpose", q, name=f"{p}attn/q_t", perm=[0, 2, 3, 1, 4])  # [B, KV, G, T, D]
+            k = g.op("Transpose", k, name=f"{p}attn/k_t", perm=[0, 2, 1, 3])  # [B, KV, T, D]
+            v = g.op("Transpose", v, name=f"{p}attn/v_t", perm=[0, 2, 1, 3])
+            q = self.rope(q, cos_q, sin_q, f"{p}attn/q_rope")
+            k = self.rope(k, cos_k, sin_k, f"{p}attn/k_rope")
+            keys = g.op("Concat", f"past_key_values.{i}.key", k, name=f"{p}attn/present_key",
+                        out=f"present.{i}.key", axis=2)
+            values = g.op("Concat", f"past_key_values.{i}.value", v, name=f"{p}attn/present_value",
+                          out=f"present.{i}.value", axis=2)
+            # Grouped-query attention without repeating K/V: the G query heads sharing a KV head are folded
+            # into the row dimension, [B, KV, G*T, D] @ [B, KV, D, S].
+            q = g.op("Reshape", q, g.const([0, 0, -1, dim], np.int64), name=f"{p}attn/q_rows")
+            keys_t = g.op("Transpose", keys, name=f"{p}attn/keys_t", perm=[0, 1, 3, 2])
+            scores = g.op("MatMul", q, keys_t, name=f"{p}attn/scores")
+            scores = g.op("Reshape", scores, scores5_shape, name=f"{p}attn/scores5")  # [B, KV, G, T, S]
+            scores = g.op("Add", g.op("Mul", scores, scale, name=f"{p}attn/scale"), bias, name=f"{p}attn/mask")
+            probs = g.op("Softmax", scores, name=f"{p}attn/softmax", axis=-1)
+            probs = g.op("Reshape", probs, probs4_shape, name=f"{p}attn/probs_rows")
+            ctx = g.op("MatMul", probs, values, name=f"{p}attn/context")  # [B, KV, G*T, D]
+            ctx = g.op("Reshape", ctx, ctx5_shape, name=f"{p}attn/context5")
+            ctx = g.op("Transpose", ctx, name=f"{p}attn/context_t", perm=[0, 3, 1, 2, 4])  # [B, T, KV, G, D]
+            ctx = g.op("Reshape", ctx, flat_q_shape, name=f"{p}attn/context_flat")
+            x = g.op("Add", x, self.linear(ctx, p + "o"), name=f"{p}attn/residual")
+
+            h = self.rms_norm(x, p + "mlp_norm", f"{p}mlp_norm")
+            gate = self.activation(self.linear(h, p + "gate"), f"{p}mlp/act")
+            up = self.linear(h, p + "up")
+            down = self.linear(g.op("Mul", gate, up, name=f"{p}mlp/gated"), p + "down")
+            x = g.op("Add", x, down, name=f"{p}mlp/residual")
+
+        x = self.rms_norm(x, "final_norm", "final_norm")
+        # The head reads the (tied) embedding table in place: Gemm with transB needs no transposed copy.
+        head = "embed" if s.tie_word_embeddings else "lm_head"
+        head_dtype = self.plan.embed_dtype if s.tie_word_embeddings else self.plan.head_dtype
+        logits = self.dense(x, head, head_dtype)
+        g.op("Reshape", logits, logits_shape, name="lm_head/unflatten", out="logits")
+
+        graph = helper.make_graph(g.nodes, f"sovpack_{s.family}", inputs, outputs, initializer=g.initializers)
+        opsets = [helper.make_opsetid("", OPSET)]
+        if self.contrib:
+            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+        proto = helper.make_model(graph, opset_imports=opsets, producer_name="sovpack")
+        proto.ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+        return proto

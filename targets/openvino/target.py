@@ -1,0 +1,191 @@
+"""The ``openvino`` target: its precision table and the writer of the IR directory; runners in ``runner``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sovpack._io import Progress
+from sovpack._protocols import Precision, RunnerTraits, WrittenArtifact
+from sovpack.errors import ConversionError, UsageError
+from sovpack.parity.thresholds import DEFAULT_THRESHOLDS
+from sovpack.source.model import SourceModel
+from sovpack.targets.base import SUPPORT_FILES, TargetRef, copy_support_files, precision_table, register_target
+from sovpack.targets.openvino.runner import OpenvinoRunner
+from sovpack.targets.openvino.runtime import (
+    DETOKENIZER_XML,
+    GENERATION_CONFIG,
+    MODEL_BIN,
+    MODEL_XML,
+    PARITY_CONFIG,
+    TOKENIZER_XML,
+    require_openvino,
+    require_tokenizers,
+)
+
+if TYPE_CHECKING:
+    from sovpack.artifact import ArtifactMetadata
+
+
+def _row(name: str, weights: str) -> Precision:
+    return Precision(name=name, weights=weights, quantized=weights.startswith("int"),
+                     thresholds=DEFAULT_THRESHOLDS[name])
+
+
+# One row per scheme in ``weights.SCHEMES``; ``weights`` is the ModelPack precision of the stored matrices.
+PRECISION_TABLE = precision_table(
+    _row("fp32", "float32"),
+    _row("fp16", "float16"),
+    _row("int8", "int8"),
+    _row("int8_sym", "int8"),
+    _row("int4", "int4"),
+    _row("int4_sym", "int4"),
+)
+PRECISIONS: tuple[str, ...] = tuple(PRECISION_TABLE)
+
+# NOTE: the graph has no per-family code: it is built from the spec's features (RMSNorm, activation, q/k norms,
+# biases, sliding window, RoPE scaling), and ``build_model`` refuses a feature it lacks. These are the families
+# whose specs it has been checked on end to end (tests/targets/test_openvino.py); another one is refused.
+FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"})
+
+
+@register_target
+class OpenvinoTarget:
+    """OpenVINO IR for openvino-genai, built with the OpenVINO graph API."""
+
+    name = "openvino"
+    precisions = PRECISION_TABLE
+    default_precision = "fp16"
+    runtime_packages: tuple[str, ...] = ("openvino", "openvino-tokenizers", "openvino-genai", "nncf")
+    families = FAMILIES
+
+    def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress) -> WrittenArtifact:
+        if precision not in self.precisions:
+            raise UsageError(f"target 'openvino' has no precision {precision!r}; known: {', '.join(PRECISIONS)}")
+        TargetRef(format=self.name, precision=precision).check_family(model.spec)
+        ov = require_openvino()
+        openvino_tokenizers = require_tokenizers()
+        from sovpack import __version__
+        from sovpack.targets.openvino.graph import INPUT_NAMES, OUTPUT_NAME, build_model, state_names
+        from sovpack.targets.openvino.weights import SCHEMES, WeightFactory, mark_fp16_decompression
+
+        scheme = SCHEMES[precision]
+        out = Path(out_dir)
+        label = f"openvino:{precision}: weights"
+        total = len(model.tensor_map)
+        done = {"n": 0}
+
+        def on_tensor(_name: str) -> None:
+            done["n"] += 1
+            progress(label, min(done["n"], total), total)
+
+        weights = WeightFactory(model, scheme, on_tensor)
+        progress(label, 0, total)
+        graph = build_model(model.spec, weights)
+        for key, value in (("sovpack_version", __version__), ("precision", precision),
+                           ("family", model.spec.family), ("architecture", model.spec.architecture)):
+            graph.set_rt_info(str(value), ["sovpack", key])
+        _save_model(ov, graph, out / MODEL_XML)
+        del graph
+        fp16 = scheme.kind == "float" and scheme.float_dtype == np.float16
+        marked = mark_fp16_decompression(out / MODEL_XML) if fp16 else 0
+        progress(label, total, total)
+
+        files = [MODEL_XML, MODEL_BIN]
+        tokenizer_info = _write_tokenizer(ov, model, out, files)
+        files.extend(_write_support_files(model, out))
+
+        stats = weights.stats
+        format_metadata: dict[str, Any] = {
+            "openvino_version": ov.get_version(),
+            "openvino_tokenizers_version": openvino_tokenizers.__version__,
+            "precision": precision,
+            "weights": {
+                "scheme": precision,
+                "tensors": stats.tensors,
+                "float_tensors": stats.float_tensors,
+                "float_dtype": "f16" if precision == "fp16" else "f32",
+                "int8_tensors": stats.int8_layers,
+                "int4_tensors": stats.int4_layers,
+                "int4_group_sizes": sorted(stats.group_sizes),
+                "symmetric": scheme.symmetric if scheme.kind == "int" else None,
+                "fp16_decompression_marked": marked,
+            },
+            "inputs": list(INPUT_NAMES),
+            "outputs": [OUTPUT_NAME],
+            "kv_cache": {
+                "kind": "stateful (ReadValue/Assign), reordered by beam_idx",
+                "layout": "[batch, kv_heads, seq, head_dim]",
+                "dtype": "f32",
+                "variables": [name for i in range(model.spec.num_layers) for name in state_names(i)],
+            },
+            "tokenizer": tokenizer_info,
+            "parity_compile_config": dict(PARITY_CONFIG),
+        }
+        # OpenVINO with PARITY_CONFIG has no known deviations to excuse: the runner judges at the defaults.
+        return WrittenArtifact(files=tuple(files), format_metadata=format_metadata, traits=RunnerTraits())
+
+    def open_runner(self, artifact_dir: Path, metadata: ArtifactMetadata) -> OpenvinoRunner:
+        return OpenvinoRunner(Path(artifact_dir), metadata)
+
+
+def _save_model(ov: Any, graph: Any, path: Path) -> None:
+    """``ov.save_model`` without fp16 compression; a failure (a weight maker's included) is a ConversionError."""
+    try:
+        ov.save_model(graph, path, compress_to_fp16=False)
+    except ConversionError:
+        raise
+    except Exception as e:  # broad: a failing weight maker surfaces as whatever the binding wraps it in
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, ConversionError):
+            raise cause from e
+        raise ConversionError(f"{path}: writing the OpenVINO IR failed: {e}") from e
+
+
+def _write_tokenizer(ov: Any, model: SourceModel, out: Path, files: list[str]) -> dict[str, Any]:
+    """openvino_tokenizer/detokenizer IRs converted from tokenizer.json; returns their format metadata."""
+    from sovpack.targets.openvino.tokenizer import convert_tokenizer
+
+    checkpoint = model.checkpoint
+    if checkpoint.tokenizer_json is None:
+        return {"converted": False, "reason": "the checkpoint has no tokenizer.json"}
+    spec = model.spec
+    tokenizer, detokenizer = convert_tokenizer(
+        checkpoint.tokenizer_json,
+        checkpoint.tokenizer_config,
+        chat_template=checkpoint.chat_template,
+        bos_token_id=spec.bos_token_id,
+        eos_token_id=spec.eos_token_ids[0] if spec.eos_token_ids else None,
+        pad_token_id=spec.pad_token_id,
+    )
+    _save_model(ov, tokenizer, out / TOKENIZER_XML)
+    _save_model(ov, detokenizer, out / DETOKENIZER_XML)
+    for xml in (TOKENIZER_XML, DETOKENIZER_XML):
+        files.append(xml)
+        if (out / xml).with_suffix(".bin").is_file():
+            files.append(str(Path(xml).with_suffix(".bin")))
+    return {
+        "converted": True,
+        "route": "tokenizer.json -> openvino_tokenizers pipeline steps (no transformers)",
+        "chat_template": checkpoint.chat_template is not None,
+    }
+
+
+def _write_support_files(model: SourceModel, out: Path) -> list[str]:
+    """The checkpoint's tokenizer/config files, and a generation_config.json that always names the stop ids."""
+    copied = copy_support_files(model, out, [n for n in SUPPORT_FILES if n != GENERATION_CONFIG])
+    spec = model.spec
+    generation = dict(model.checkpoint.generation_config or {})
+    if generation.get("eos_token_id") is None and spec.eos_token_ids:
+        ids = list(spec.eos_token_ids)
+        generation["eos_token_id"] = ids[0] if len(ids) == 1 else ids
+    if generation.get("bos_token_id") is None and spec.bos_token_id is not None:
+        generation["bos_token_id"] = spec.bos_token_id
+    if generation.get("pad_token_id") is None and spec.pad_token_id is not None:
+        generation["pad_token_id"] = spec.pad_token_id
+    text = json.dumps(generation, indent=2, sort_keys=True) + "\n"
+    (out / GENERATION_CONFIG).write_text(text, encoding="utf-8")
+    return [*copied, GENERATION_CONFIG]
