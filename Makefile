@@ -30,7 +30,7 @@ demo: $(VENV)/.demo-installed
 		-t onnx:fp16 -t gguf:q8_0 -t openvino:fp16 --license Apache-2.0
 	$(BIN)/sovpack verify $(DEMO_OUT)/bundle --key $(DEMO_OUT)/keys/public.pem \
 		--require-target onnx:fp16 --require-target gguf:q8_0 --require-target openvino:fp16
-	$(BIN)/sovpack inspect $(DEMO_OUT)/bundle
+	$(BIN)/sovpack inspect $(DEMO_OUT)/bundle --key $(DEMO_OUT)/keys/public.pem
 	$(BIN)/sovpack run $(DEMO_OUT)/bundle -t gguf:q8_0 --key $(DEMO_OUT)/keys/public.pem \
 		--prompt "The capital of France is" --max-new-tokens 12
 

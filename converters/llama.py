@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sovpack.converters.base import ConfigReader, DecoderFamily, register_family
+from sovpack.converters.base import ConfigReader, DecoderFamily, refuse_attention_bias, register_family
 
 
 @register_family
@@ -15,7 +15,9 @@ class LlamaFamily(DecoderFamily):
     def features(self, cfg: ConfigReader, common: dict[str, Any]) -> dict[str, Any]:
         if cfg.flag("mlp_bias", False):
             raise cfg.fail("'mlp_bias': true is not supported")
-        return {**super().features(cfg, common), "qkv_bias": cfg.flag("attention_bias", False)}
+        # NOTE: Llama's attention_bias also biases o_proj, which the spec does not model
+        refuse_attention_bias(cfg)
+        return super().features(cfg, common)
 
 
 @register_family
@@ -24,4 +26,4 @@ class MistralFamily(LlamaFamily):
     architectures = ("MistralForCausalLM",)
 
     def features(self, cfg: ConfigReader, common: dict[str, Any]) -> dict[str, Any]:
-        return {**super().features(cfg, common), "sliding_window": cfg.optional_int("sliding_window")}
+        return {**super().features(cfg, common), "sliding_window": cfg.optional_positive("sliding_window")}

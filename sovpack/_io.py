@@ -6,6 +6,7 @@ Atomic output writes into a temporary sibling, then renames, so no half-written 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -55,12 +56,27 @@ def hashing_copy(source: Path | BinaryIO, dest: Path | BinaryIO | None) -> tuple
 
 
 def read_capped(path: Path, limit: int, *, error: type[SovpackError] = VerificationError) -> bytes:
-    """A small document read whole, refused (not slurped) past ``limit`` bytes."""
-    with open(path, "rb") as fh:
-        data = fh.read(limit + 1)
+    """A small document read whole, refused (not slurped) past ``limit`` bytes; only a regular file is opened."""
+    with open_regular(path, error=error) as fh:
+        try:
+            data = fh.read(limit + 1)
+        except OSError as e:
+            raise error(f"{path}: cannot read: {e.strerror or e}") from e
     if len(data) > limit:
         raise error(f"{path}: larger than {limit} bytes; refused")
     return data
+
+
+def shorten(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters.
+
+    Untrusted input can hold a key, name or number megabytes long; an int too long to print whole (Python
+    refuses past 4300 digits) is described by its size instead.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        return f"<an integer of {value.bit_length()} bits>"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_relative_path(path: str, where: str, *, error: type[SovpackError] = VerificationError) -> str:
@@ -85,23 +101,94 @@ def check_output_dir(out_dir: Path, *, force: bool) -> None:
         raise UsageError(f"{out_dir}: exists and is not empty (pass --force to replace it)")
 
 
-@contextlib.contextmanager
-def atomic_directory(out_dir: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to ``out_dir``; on success it replaces ``out_dir``, on error it is removed."""
-    check_output_dir(out_dir, force=force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+def _resolved(path: Path, error: type[SovpackError]) -> Path:
     try:
+        return path.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python 3.11)
+        raise error(f"{path}: cannot resolve the path: {e}") from e
+
+
+def check_not_input(output: Path, inputs: Sequence[Path], *, error: type[SovpackError] = UsageError) -> None:
+    """Refuse an output path that equals, contains or lies inside any input path.
+
+    Paths are compared resolved (symlinks followed, ``..`` collapsed), so a link to the input or a path that
+    reaches it another way is caught too. Writing there would replace or change the input: ``convert CK -o CK
+    --force`` would delete the checkpoint it reads.
+    """
+    out = _resolved(Path(output), error)
+    for given in inputs:
+        inp = _resolved(Path(given), error)
+        if out == inp:
+            raise error(f"{output}: the output is the input {given}; refusing to overwrite an input")
+        if out.is_relative_to(inp):
+            raise error(f"{output}: the output lies inside the input {given}; refusing to write into an input")
+        if inp.is_relative_to(out):
+            raise error(f"{output}: the output contains the input {given}; refusing to replace an input")
+
+
+# NOTE: an OSError about the output (its file name is the output, its temporary sibling or a file in it), or
+# one without a file name that can only mean "the destination cannot take it" (full, read-only), becomes one
+# message naming the output. Any other OSError (e.g. an input that cannot be read) keeps its own file name
+# and reaches the CLI funnel.
+_OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def _output_failure(out: Path, tmp: Path | None, e: OSError, error: type[SovpackError]) -> SovpackError | None:
+    """The SovpackError for an OSError met while writing ``out`` (through ``tmp``), or None if it is not one."""
+    if isinstance(e.filename, str | os.PathLike):
+        filename = Path(e.filename)
+        related = filename == out or filename.parent == out.parent or (
+            tmp is not None and filename.is_relative_to(tmp)
+        )
+        if not related:
+            return None
+    elif e.errno not in _OUTPUT_ERRNOS:
+        return None
+    return error(f"{out}: cannot write the output: {e.strerror or e}; nothing was written")
+
+
+@contextlib.contextmanager
+def atomic_directory(
+    out_dir: Path,
+    *,
+    force: bool = False,
+    inputs: Sequence[Path] = (),
+    error: type[SovpackError] = SovpackError,
+) -> Iterator[Path]:
+    """Yield a temporary directory next to ``out_dir``; on success it replaces ``out_dir``, on error it is removed.
+
+    ``inputs``: paths the caller reads; an ``out_dir`` that equals, contains or is inside one is refused
+    (UsageError) before anything is touched. A destination that cannot take the output (read-only, full, no
+    permission) raises ``error`` naming ``out_dir``, with the temporary directory removed.
+    """
+    check_not_input(out_dir, inputs)
+    check_output_dir(out_dir, force=force)
+    tmp: Path | None = None
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
         yield tmp
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             out_dir.rename(old)
-            tmp.rename(out_dir)
+            try:
+                tmp.rename(out_dir)
+            except OSError:
+                old.rename(out_dir)  # put the previous output back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out_dir)
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        failure = _output_failure(out_dir, tmp, e, error)
+        if failure is None:
+            raise
+        raise failure from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -194,15 +281,19 @@ def parse_json(data: bytes | str, where: str, *, error: type[SovpackError] = Sou
     return value
 
 
-def open_regular(path: Path, *, error: type[SovpackError] = SourceError) -> BinaryIO:
-    """Open a file for reading only if it is a regular file (a FIFO or device named like one would block)."""
+def open_regular(path: Path, *, error: type[SovpackError] = SourceError, where: str | None = None) -> BinaryIO:
+    """Open a file for reading only if it is a regular file (a FIFO or device named like one would block).
+
+    ``where`` names the file in messages (default: the path).
+    """
+    display = where or str(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        raise error(f"{path}: cannot read: {e.strerror or e}") from e
+        raise error(f"{display}: cannot read: {e.strerror or e}") from e
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise error(f"{path}: not a regular file")
+            raise error(f"{display}: not a regular file")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -214,7 +305,7 @@ def read_json_file(path: Path, limit: int, *, where: str | None = None, error: t
                    ) -> Any:
     """A local JSON document: a regular file, at most ``limit`` bytes, parsed by :func:`parse_json`."""
     display = where or str(path)
-    with open_regular(path, error=error) as fh:
+    with open_regular(path, error=error, where=display) as fh:
         try:
             data = fh.read(limit + 1)
         except OSError as e:

@@ -21,6 +21,7 @@ SCHEMA_FILES = (
     "model-signing-predicate",
     "in-toto-statement",
     "sigstore-bundle",
+    "release-predicate",
 )
 
 

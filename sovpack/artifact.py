@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sovpack._io import atomic_write_bytes, check_relative_path, read_capped
+from sovpack._io import atomic_write_bytes, check_relative_path, read_json_file
 from sovpack._protocols import RunnerTraits
 from sovpack.errors import SourceError
 from sovpack.source.checkpoint import SourceFile
@@ -105,14 +105,7 @@ class ArtifactMetadata:
     @classmethod
     def load(cls, directory: Path) -> ArtifactMetadata:
         path = directory / ARTIFACT_FILE
-        try:
-            raw = read_capped(path, MAX_METADATA_BYTES, error=SourceError)
-            data = json.loads(raw)
-        except OSError as e:
-            raise SourceError(f"{path}: cannot read: {e.strerror or e}") from e
-        except (ValueError, RecursionError) as e:
-            raise SourceError(f"{path}: not valid JSON: {e}") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_json_file(path, MAX_METADATA_BYTES, error=SourceError), str(path))
 
 
 def is_artifact_dir(path: Path) -> bool:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sovpack import __version__
-from sovpack._io import Progress, atomic_directory, no_progress
+from sovpack._io import Progress, atomic_directory, check_not_input, no_progress
 from sovpack.artifact import ARTIFACT_FILE, ArtifactMetadata
-from sovpack.errors import ParityError
+from sovpack.errors import ConversionError, ParityError
 from sovpack.parity.recorded import RecordedReference, record_reference
 from sovpack.parity.report import PARITY_FILE, ParityReport
 from sovpack.source.model import SourceModel, open_model
@@ -52,13 +52,16 @@ def convert(
     against them); otherwise both are made here.
     """
     ref = target if isinstance(target, TargetRef) else TargetRef.parse(target)
+    out = Path(out_dir)
     if isinstance(checkpoint, SourceModel):
         model = checkpoint
     else:
+        check_not_input(out, [Path(checkpoint)])  # before reading anything: `-o CK --force` would delete CK
         model = open_model(checkpoint, allow_nonfinite=allow_nonfinite)
     ref.check_family(model.spec)
-    out = Path(out_dir)
-    with atomic_directory(out, force=force) as tmp:
+    # NOTE: the output may neither be, contain nor lie inside the checkpoint; a destination that cannot take
+    # the output (read-only, full) is a ConversionError naming it, with nothing left behind.
+    with atomic_directory(out, force=force, inputs=[model.checkpoint.root], error=ConversionError) as tmp:
         written = ref.target.write(model, ref.precision, tmp, progress)
         metadata = ArtifactMetadata(
             sovpack_version=__version__,

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sovpack.artifact import ArtifactMetadata, is_artifact_dir
+from sovpack._io import check_relative_path
+from sovpack.artifact import ARTIFACT_FILE, ArtifactMetadata, is_artifact_dir
+from sovpack.attest.dsse import VerifyingKey
 from sovpack.errors import SourceError
 from sovpack.parity.report import PARITY_FILE, ParityReport
 from sovpack.source.model import open_model
 
 
-def inspect_path(path: str | Path) -> dict[str, Any]:
-    """What a path holds: ``kind`` is "checkpoint", "artifact" or "bundle"."""
+def inspect_path(path: str | Path, *, keys: Sequence[VerifyingKey] = ()) -> dict[str, Any]:
+    """What a path holds: ``kind`` is "checkpoint", "artifact" or "bundle" (its release checked with ``keys``)."""
     from sovpack.oci.store import is_bundle_dir
 
     root = Path(path)
     if is_bundle_dir(root):
         from sovpack.verify import inspect_bundle
 
-        return inspect_bundle(root)
+        return inspect_bundle(root, keys=keys)
     if is_artifact_dir(root):
         return inspect_artifact(root, ArtifactMetadata.load(root))
     return inspect_checkpoint(root)
@@ -46,11 +49,14 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
 
 def inspect_artifact(path: Path, metadata: ArtifactMetadata) -> dict[str, Any]:
     files = []
+    where = str(path / ARTIFACT_FILE)
     for name in metadata.files:
-        file_path = path / name
-        if not file_path.is_file():
-            raise SourceError(f"{file_path}: listed in the artifact metadata but missing")
-        files.append({"path": name, "size": file_path.stat().st_size})
+        # NOTE: the metadata is unsigned input: a listed path must stay inside the artifact directory and name
+        # a regular file there (not ../../etc/passwd, not a link out, not a FIFO).
+        file_path = path / check_relative_path(name, where, error=SourceError)
+        if file_path.is_symlink() or not file_path.is_file():
+            raise SourceError(f"{file_path}: listed in the artifact metadata but missing (or not a regular file)")
+        files.append({"path": name, "size": file_path.lstat().st_size})
     parity = None
     if (path / PARITY_FILE).is_file():
         report = ParityReport.load(path / PARITY_FILE)

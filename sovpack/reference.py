@@ -4,6 +4,14 @@ It is the oracle every target is checked against, and is itself checked against 
 (see tests/test_reference_oracle.py). It follows transformers' arithmetic: float32 everywhere, rotate-half
 rotary embeddings, softmax in float32.
 
+NOTE: LongRoPE (Phi-3.5 / Phi-4-mini) switches exactly as transformers' ``dynamic_rope_update`` does: each forward
+pass rotates all of its positions with the long factors when the largest position it sees is at or beyond
+``original_max_position_embeddings`` (it "sees" that many positions), else with the short ones -- per sequence
+here, as if each sequence of a batch ran alone. Keys already in the KV cache keep the rotation they were stored
+with (transformers' cache does not re-rotate them), so a decode that crosses the switch attends from long-rotated
+queries to short-rotated keys of the prompt, exactly as transformers generates; a runtime that instead picks the
+factors from its context size (llama.cpp) matches only while prompt and generation stay on one side of it.
+
 Weights are read lazily from the memory-mapped checkpoint. Small models keep their float32 copies (fast
 decode); models whose float32 weights exceed ``cache_budget_bytes`` re-read each tensor per forward pass, so
 memory stays bounded by the largest tensor whatever the model size.
@@ -26,13 +34,24 @@ from sovpack.source.spec import ModelSpec
 DEFAULT_CACHE_BUDGET = 2 * 1024**3
 
 
-def rope_inv_freq(spec: ModelSpec) -> tuple[np.ndarray, float]:
-    """Inverse frequencies [head_dim/2] and the cos/sin scale, per the spec's rope scaling kind."""
-    dim = spec.head_dim
-    base = spec.rope_theta
+def _default_inv_freq(dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+    """base ** (2i / dim) and its inverse, [dim/2], in float32 as transformers computes them."""
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
     pos_freqs = np.power(np.float32(base), exponents, dtype=np.float32)
-    inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    return pos_freqs, (np.float32(1.0) / pos_freqs).astype(np.float32)
+
+
+def rope_inv_freq(spec: ModelSpec, *, local: bool = False, long: bool = False) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [rotary_size/2] and the cos/sin scale of one rotary embedding of the spec.
+
+    ``local``: the sliding layers' embedding (``rope_local_theta``, never scaled) where the spec has one.
+    ``long``: longrope's long-context factors instead of the short ones (see the module docstring).
+    """
+    dim = spec.rotary_size
+    if local and spec.rope_local_theta is not None:
+        return _default_inv_freq(dim, spec.rope_local_theta)[1], 1.0
+    base = spec.rope_theta
+    pos_freqs, inv_freq = _default_inv_freq(dim, base)
     scaling = spec.rope_scaling
     if scaling.kind == "linear":
         return (inv_freq / np.float32(scaling.factor)).astype(np.float32), 1.0
@@ -73,7 +92,55 @@ def rope_inv_freq(spec: ModelSpec) -> tuple[np.ndarray, float]:
         interpolation = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
         blended = interpolation * (1 - extrapolation_factor) + inv_freq * extrapolation_factor
         return blended.astype(np.float32), float(attention)
+    if scaling.kind == "longrope":
+        factors = scaling.long_factor if long else scaling.short_factor
+        if factors is None or len(factors) != dim // 2 or scaling.attention_factor is None:
+            raise ValueError(f"longrope needs {dim // 2} short and long factors and a resolved attention factor")
+        ext = np.asarray(factors, dtype=np.float32)
+        return (np.float32(1.0) / (ext * pos_freqs)).astype(np.float32), scaling.attention_factor
     return inv_freq, 1.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RopeTable:
+    """One rotary embedding as the forward pass applies it: frequencies and cos/sin scale, plus longrope's
+    long-context frequencies, used by a pass that sees more than ``long_after`` positions."""
+
+    inv_freq: np.ndarray
+    scale: float
+    long_inv_freq: np.ndarray | None = None
+    long_after: int | None = None
+
+    @classmethod
+    def of(cls, spec: ModelSpec, *, local: bool) -> RopeTable:
+        inv_freq, scale = rope_inv_freq(spec, local=local)
+        if spec.rope_scaling.kind != "longrope" or (local and spec.rope_local_theta is not None):
+            return cls(inv_freq=inv_freq, scale=scale)
+        return cls(
+            inv_freq=inv_freq,
+            scale=scale,
+            long_inv_freq=rope_inv_freq(spec, local=local, long=True)[0],
+            long_after=spec.rope_scaling.original_max_position_embeddings,
+        )
+
+    def cos_sin(self, positions: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin [batch, 1, T, rotary] at ``positions`` [batch, T]; ``seen`` [batch]: how many positions
+        each sequence's forward pass sees (its largest position + 1), which picks longrope's factors."""
+        inv = self.inv_freq[None]
+        if self.long_inv_freq is not None and self.long_after is not None:
+            inv = np.where((seen > self.long_after)[:, None], self.long_inv_freq[None], inv)
+        freqs = positions.astype(np.float32)[..., None] * inv[:, None, :]
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        cos = (np.cos(emb) * np.float32(self.scale)).astype(np.float32)[:, None]
+        sin = (np.sin(emb) * np.float32(self.scale)).astype(np.float32)[:, None]
+        return cos, sin
+
+
+def soft_cap(x: np.ndarray, cap: float | None) -> np.ndarray:
+    """cap * tanh(x / cap) in float32 (Gemma 2's attention and final-logit soft-capping); x unchanged if None."""
+    if cap is None:
+        return x
+    return (np.tanh(x / np.float32(cap)) * np.float32(cap)).astype(np.float32)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -83,7 +150,8 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 def activation(kind: str, x: np.ndarray) -> np.ndarray:
     if kind == "silu":
-        return x / (np.float32(1.0) + np.exp(-x))
+        with np.errstate(over="ignore"):  # exp(-x) overflows to inf for x < -88: x / inf is the exact -0.0
+            return x / (np.float32(1.0) + np.exp(-x))
     if kind == "gelu_tanh":
         c = np.float32(math.sqrt(2.0 / math.pi))
         return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(c * (x + np.float32(0.044715) * x**3)))
@@ -144,7 +212,7 @@ class ReferenceModel:
         fp32_bytes = 4 * self.spec.parameter_count()
         self._cache_weights = fp32_bytes <= cache_budget_bytes
         self._weights: dict[str, np.ndarray] = {}
-        self.inv_freq, self.rope_scale = rope_inv_freq(self.spec)
+        self.rope_tables = {kind: RopeTable.of(self.spec, local=kind == "local") for kind in ("global", "local")}
 
     def runtime_info(self) -> dict[str, str]:
         info = {"runtime": self.name, "numpy": np.__version__, "python": platform.python_version()}
@@ -176,13 +244,22 @@ class ReferenceModel:
             y = y + self._w(bias)
         return y.astype(np.float32)
 
-    def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """x: [batch, heads, T, head_dim]; positions: [batch, T]."""
-        freqs = positions.astype(np.float32)[..., None] * self.inv_freq[None, None, :]
-        emb = np.concatenate([freqs, freqs], axis=-1)
-        cos = (np.cos(emb) * np.float32(self.rope_scale)).astype(np.float32)[:, None]
-        sin = (np.sin(emb) * np.float32(self.rope_scale)).astype(np.float32)[:, None]
-        return (x * cos + rotate_half(x) * sin).astype(np.float32)
+    def _rotate(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """Rotate-half rope on the leading ``cos.shape[-1]`` dims of x [batch, heads, T, head_dim]."""
+        rotary = cos.shape[-1]
+        if rotary == x.shape[-1]:
+            return (x * cos + rotate_half(x) * sin).astype(np.float32)
+        turned, kept = x[..., :rotary], x[..., rotary:]
+        return np.concatenate([turned * cos + rotate_half(turned) * sin, kept], axis=-1).astype(np.float32)
+
+    def _residual(self, x: np.ndarray, out: np.ndarray, post_norm: str) -> np.ndarray:
+        """x plus a sublayer's output, after its post norm and residual multiplier where the spec has them."""
+        s = self.spec
+        if s.post_norms:
+            out = rms_norm(out, self._w(post_norm), s.norm_eps)
+        if s.residual_multiplier != 1.0:
+            out = (out * np.float32(s.residual_multiplier)).astype(np.float32)
+        return (x + out).astype(np.float32)
 
     def _check_ids(self, ids: np.ndarray) -> None:
         if ids.size == 0:
@@ -213,33 +290,43 @@ class ReferenceModel:
         key_pos = positions if first_pass else np.concatenate([cache.positions, positions], axis=1)
         q_pos = positions[:, :, None]
         k_pos = key_pos[:, None, :]
-        allowed = (k_pos >= 0) & (k_pos <= q_pos)
-        if s.sliding_window is not None:
-            allowed &= (q_pos - k_pos) < s.sliding_window
+        causal = (k_pos >= 0) & (k_pos <= q_pos)
         # A padding query attends to nothing real; let it see its own slot so its (discarded) row stays finite.
-        own = np.zeros_like(allowed)
+        own = np.zeros_like(causal)
         own[:, np.arange(steps), key_pos.shape[1] - steps + np.arange(steps)] = True
-        allowed |= (positions < 0)[:, :, None] & own
-        mask = np.where(allowed, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)[:, None]
+        own &= (positions < 0)[:, :, None]
+        masks: dict[int | None, np.ndarray] = {}
         rope_pos = np.maximum(positions, 0)
+        seen = positions.max(axis=1) + 1
+        kinds = {s.layer_rope(i) for i in range(s.num_layers)} - {"none"}
+        rotations = {kind: self.rope_tables[kind].cos_sin(rope_pos, seen) for kind in kinds}
         group = s.num_heads // s.num_kv_heads
-        scale = np.float32(1.0 / math.sqrt(s.head_dim))
+        scale = np.float32(1.0 / math.sqrt(s.head_dim) if s.attention_scale is None else s.attention_scale)
         for i in range(s.num_layers):
             p = f"layers.{i}."
-            h = rms_norm(x, self._w(p + "attn_norm"), s.norm_eps)
+            window = s.layer_window(i)
+            if window not in masks:
+                allowed = causal if window is None else causal & ((q_pos - k_pos) < window)
+                masks[window] = np.where(allowed | own, np.float32(0.0), np.float32(-np.inf))[:, None]
+            h = rms_norm(x, self._w(p + "attn_norm"), s.norm_eps) if s.pre_norms else x
             bias = s.qkv_bias
             q = self._linear(h, p + "q", p + "q_bias" if bias else None)
             k = self._linear(h, p + "k", p + "k_bias" if bias else None)
             v = self._linear(h, p + "v", p + "v_bias" if bias else None)
+            if s.qk_norm and s.qk_norm_scope == "projection":
+                q = rms_norm(q, self._w(p + "q_norm"), s.norm_eps)
+                k = rms_norm(k, self._w(p + "k_norm"), s.norm_eps)
             q = q.reshape(batch, steps, s.num_heads, s.head_dim)
             k = k.reshape(batch, steps, s.num_kv_heads, s.head_dim)
             v = v.reshape(batch, steps, s.num_kv_heads, s.head_dim)
-            if s.qk_norm:
+            if s.qk_norm and s.qk_norm_scope == "head":
                 q = rms_norm(q, self._w(p + "q_norm"), s.norm_eps)
                 k = rms_norm(k, self._w(p + "k_norm"), s.norm_eps)
-            q = self._rope(q.transpose(0, 2, 1, 3), rope_pos)
-            k = self._rope(k.transpose(0, 2, 1, 3), rope_pos)
-            v = v.transpose(0, 2, 1, 3)
+            q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+            rope = s.layer_rope(i)
+            if rope != "none":
+                q = self._rotate(q, *rotations[rope])
+                k = self._rotate(k, *rotations[rope])
             if first_pass:
                 cache.keys.append(k)
                 cache.values.append(v)
@@ -248,19 +335,22 @@ class ReferenceModel:
                 cache.values[i] = np.concatenate([cache.values[i], v], axis=2)
             keys = np.repeat(cache.keys[i], group, axis=1)
             values = np.repeat(cache.values[i], group, axis=1)
-            scores = (q @ keys.transpose(0, 1, 3, 2)) * scale + mask
+            scores = soft_cap((q @ keys.transpose(0, 1, 3, 2)) * scale, s.attn_logit_softcap) + masks[window]
             scores = scores - scores.max(axis=-1, keepdims=True)
             weights = np.exp(scores)
             weights = weights / weights.sum(axis=-1, keepdims=True)
             attn = (weights @ values).transpose(0, 2, 1, 3).reshape(batch, steps, s.q_size)
-            x = x + self._linear(attn, p + "o")
-            h = rms_norm(x, self._w(p + "mlp_norm"), s.norm_eps)
+            x = self._residual(x, self._linear(attn, p + "o"), p + "post_attn_norm")
+            h = rms_norm(x, self._w(p + "mlp_norm"), s.norm_eps) if s.pre_norms else x
             gated = activation(s.activation, self._linear(h, p + "gate")) * self._linear(h, p + "up")
-            x = x + self._linear(gated.astype(np.float32), p + "down")
+            x = self._residual(x, self._linear(gated.astype(np.float32), p + "down"), p + "post_mlp_norm")
         cache.positions = key_pos
         x = rms_norm(x, self._w("final_norm"), s.norm_eps)
         head = "embed" if s.tie_word_embeddings else "lm_head"
-        return (x @ self._w(head).T).astype(np.float32)
+        logits = (x @ self._w(head).T).astype(np.float32)
+        if s.logits_divisor != 1.0:
+            logits = (logits / np.float32(s.logits_divisor)).astype(np.float32)
+        return soft_cap(logits, s.final_logit_softcap)
 
     def prefill_logits(self, ids: Sequence[int]) -> np.ndarray:
         return self.forward(ids, KVCache())

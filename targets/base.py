@@ -10,12 +10,12 @@ format is one package and nothing else. Orchestration (temp dirs, atomic rename,
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar, cast
 
+from sovpack._io import hashing_copy, open_regular
 from sovpack._plugins import Plugins, import_submodules
 from sovpack._protocols import Precision, Target
 from sovpack.errors import ConversionError, UsageError
@@ -124,6 +124,8 @@ def copy_support_files(model: SourceModel, out_dir: Path, names: Sequence[str] =
     for name in names:
         path = model.checkpoint.file(name)
         if path is not None:
-            shutil.copyfile(path, out_dir / name)
+            # NOTE: only regular files (a FIFO swapped in after the checks would block a plain copy).
+            with open_regular(path) as src:
+                hashing_copy(src, out_dir / name)
             copied.append(name)
     return copied

@@ -28,7 +28,7 @@ LAYERS: dict[str, int] = {
     "sovpack.schemas": 1,
     "sovpack._protocols": 2,
     "sovpack.source": 3,  # reading a checkpoint: safetensors, config, tokenizer, the canonical spec
-    "sovpack.attest": 3,
+    "sovpack.attest": 4,  # statements name source files
     "sovpack.converters": 4,  # families: HF config -> canonical spec
     "sovpack.source.model": 5,  # opening a model picks its family
     "sovpack.oci": 5,

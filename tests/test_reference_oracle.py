@@ -25,10 +25,15 @@ PROMPTS = [
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # 12345",
 ]
 NEW_TOKENS = 8
+# Prompt lengths in tokens (None: the whole prompt, 34-40 tokens). All are longer than every fixture's sliding
+# window (8); with the longrope fixtures' switch at 24 positions, 20 tokens + 8 generated cross it during
+# decoding, 24 is the last short-factor prefill and 25 the first long-factor one.
+LENGTHS: tuple[int | None, ...] = (None, 20)
+LONGROPE_LENGTHS: tuple[int | None, ...] = (None, 25, 24, 20)
+MAX_PROMPT = 40
 
 
-def hf_logits_and_greedy(path: Path, ids: list[int]) -> tuple[np.ndarray, list[int]]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+def hf_logits_and_greedy(model: object, ids: list[int]) -> tuple[np.ndarray, list[int]]:
     # transformers >= 5.2x renamed past_key_values to cache; 4.x only knows the old name.
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
@@ -45,24 +50,39 @@ def hf_logits_and_greedy(path: Path, ids: list[int]) -> tuple[np.ndarray, list[i
     return logits, generated
 
 
-def assert_matches_oracle(path: Path) -> None:
+def assert_matches_oracle(path: Path) -> float:
+    """Reference vs transformers on every prompt at every length; returns the largest |logit difference|."""
     tokenizer = SourceTokenizer(path / "tokenizer.json")
     reference = ReferenceModel(open_model(path))
+    spec = reference.spec
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert type(model).__name__ == spec.architecture
+    lengths = LONGROPE_LENGTHS if spec.rope_scaling.kind == "longrope" else LENGTHS
+    worst = 0.0
     for prompt in PROMPTS:
-        ids = tokenizer.encode(prompt)[:40]
-        expected_logits, expected_tokens = hf_logits_and_greedy(path, ids)
-        logits = reference.prefill_logits(ids)
-        error = float(np.abs(logits - expected_logits).max())
-        assert error <= 1e-4, f"{path.name}: max |logits difference| {error:.3g} > 1e-4 on {prompt[:20]!r}"
-        assert reference.greedy(ids, NEW_TOKENS) == expected_tokens, path.name
-        assert float(np.abs(expected_logits).max()) > 1.0  # the comparison is not between near-zero logits
+        for length in lengths:
+            ids = tokenizer.encode(prompt)[: length or MAX_PROMPT]
+            assert length is None or len(ids) == length, "the prompt is shorter than the length it should test"
+            expected_logits, expected_tokens = hf_logits_and_greedy(model, ids)
+            logits = reference.prefill_logits(ids)
+            error = float(np.abs(logits - expected_logits).max())
+            worst = max(worst, error)
+            assert error <= 1e-4, f"{path.name}: max |logits difference| {error:.3g} > 1e-4 on {prompt[:20]!r}"
+            assert reference.greedy(ids, NEW_TOKENS) == expected_tokens, (path.name, length)
+            assert float(np.abs(expected_logits).max()) > 1.0  # the comparison is not between near-zero logits
+    return worst
 
 
-@pytest.mark.parametrize(
-    "variant", ["llama3", "llama2", "mistral", "qwen2", "qwen3", "phi3", "gemma"]
-)
+FIRST_SEVEN = ["llama3", "llama2", "mistral", "qwen2", "qwen3", "phi3", "gemma"]
+NEWER = ["gemma2", "gemma3", "gemma3-vlm", "phi3.5", "phi4-mini", "smollm3", "olmo2", "granite"]
+
+
+@pytest.mark.parametrize("variant", FIRST_SEVEN + NEWER)
 def test_reference_matches_transformers(checkpoints: dict[str, Path], variant: str) -> None:
     assert_matches_oracle(checkpoints[variant])
+    window = open_model(checkpoints[variant]).spec.sliding_window
+    if variant in NEWER and window is not None:
+        assert window < min(LENGTHS[1:]), "windowed layers must really drop context"
 
 
 @pytest.mark.parametrize(
@@ -72,7 +92,37 @@ def test_reference_matches_transformers(checkpoints: dict[str, Path], variant: s
         ("qwen2", {"config_dialect": "v4"}),
         ("mistral", {"sliding_window": 8}),  # prompts are longer than the window
         ("gemma", {"dtype": "bfloat16"}),
+        # The newer families in the other config dialect (and layout) than their fixture's.
+        ("gemma2", {"config_dialect": "v4"}),  # layer pattern derived, rope_theta
+        # query_pre_attn_scalar other than head_dim (Gemma 2 27B does that)
+        ("gemma2", {"extra_config": {"query_pre_attn_scalar": 24, "attn_logit_softcapping": 8.0,
+                                     "final_logit_softcapping": 20.0}}),
+        ("gemma3", {"config_dialect": "v4"}),  # rope_local_base_freq, sliding_window_pattern, rope_scaling
+        ("gemma3", {"config_dialect": "v4", "global_every": 2, "dtype": "float32"}),  # another pattern
+        # Gemma3ForCausalLM applies a final soft-cap when its config has one
+        ("gemma3", {"extra_config": {"query_pre_attn_scalar": 48, "final_logit_softcapping": 10.0}}),
+        ("gemma3-vlm", {"config_dialect": "v4", "layout": "vlm_legacy"}),  # hub names: language_model.model.*
+        ("gemma3-vlm", {"tie_word_embeddings": False, "dtype": "bfloat16"}),  # an untied head: lm_head.weight
+        ("phi3.5", {"config_dialect": "v4"}),  # rope_scaling {"type": "longrope", ...}
+        ("phi4-mini", {"config_dialect": "v5"}),  # partial_rotary_factor inside rope_parameters
+        ("smollm3", {"config_dialect": "v4"}),
+        ("smollm3", {"sliding_window": 8}),  # SmolLM3's optional window on its NoPE layers (< every length)
+        ("olmo2", {"config_dialect": "v4", "tie_word_embeddings": True}),
+        ("granite", {"config_dialect": "v4"}),
     ],
 )
 def test_reference_matches_transformers_variants(tmp_path: Path, variant: str, overrides: dict) -> None:
     assert_matches_oracle(make_checkpoint(variant, tmp_path / variant, **overrides))
+
+
+def test_longrope_switches_where_transformers_does(checkpoints: dict[str, Path]) -> None:
+    """The factor switch is real in the fixture: a 25-token pass rotates its early positions differently from a
+    24-token one (transformers and the reference agree on both, see LONGROPE_LENGTHS). Position 0 never rotates."""
+    path = checkpoints["phi3.5"]
+    reference = ReferenceModel(open_model(path))
+    ids = SourceTokenizer(path / "tokenizer.json").encode(PROMPTS[0])
+    assert reference.spec.rope_scaling.original_max_position_embeddings == 24
+    short = reference.prefill_logits(ids[:24])
+    long = reference.prefill_logits(ids[:25])
+    np.testing.assert_array_equal(short[0], long[0])
+    assert float(np.abs(short[1:24] - long[1:24]).max()) > 1e-2

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sovpack._io import parse_json, read_capped
 from sovpack.errors import UsageError, VerificationError
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -31,6 +32,7 @@ SIGSTORE_BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 SUPPORTED_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 PRIVATE_KEY_FILE = "private.pem"
 PUBLIC_KEY_FILE = "public.pem"
+MAX_KEY_BYTES = 64 * 1024  # PEM keys and password files are a few hundred bytes
 
 
 def canonical_json(data: Any) -> bytes:
@@ -77,17 +79,20 @@ class VerifyingKey:
 
     @classmethod
     def from_pem(cls, pem: bytes, source: str) -> VerifyingKey:
-        """Read a public key (or derive it from an unencrypted private key)."""
+        """Read a public key. A private key is refused: trust is configured with public keys only, and a
+        private key lying where a deploy site keeps its trust roots is a leak to fix, not a key to use."""
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
 
+        if b"PRIVATE KEY-----" in pem:
+            raise UsageError(
+                f"{source}: is a private key; verification takes the public key (sovpack keygen writes public.pem; "
+                "`openssl ec -in KEY -pubout` derives it)"
+            )
         try:
             key: Any = serialization.load_pem_public_key(pem)
-        except ValueError:
-            try:
-                key = serialization.load_pem_private_key(pem, None).public_key()
-            except (ValueError, TypeError) as e:
-                raise UsageError(f"{source}: not a PEM public key ({e})") from e
+        except ValueError as e:
+            raise UsageError(f"{source}: not a PEM public key ({e})") from e
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise UsageError(f"{source}: not an elliptic-curve key (sovpack signs with ECDSA P-256/P-384/P-521)")
         _hash_for_curve(key.curve.name, key.curve.key_size)
@@ -97,11 +102,7 @@ class VerifyingKey:
     @classmethod
     def load(cls, path: str | Path) -> VerifyingKey:
         path = Path(path)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise UsageError(f"{path}: cannot read key: {e.strerror or e}") from e
-        return cls.from_pem(data, str(path))
+        return cls.from_pem(read_capped(path, MAX_KEY_BYTES, error=UsageError), str(path))
 
     def verify(self, signature: bytes, message: bytes) -> bool:
         """True if ``signature`` (DER ECDSA) is this key's signature over ``message``."""
@@ -143,10 +144,7 @@ class SigningKey:
         from cryptography.hazmat.primitives import serialization
 
         path = Path(path)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise UsageError(f"{path}: cannot read key: {e.strerror or e}") from e
+        data = read_capped(path, MAX_KEY_BYTES, error=UsageError)
         try:
             key = serialization.load_pem_private_key(data, password)
         except TypeError as e:
@@ -173,10 +171,7 @@ def read_password(password_file: str | Path | None = None, password_env: str | N
         raise UsageError("give the key password either as a file or as an environment variable, not both")
     if password_file is not None:
         path = Path(password_file)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise UsageError(f"{path}: cannot read password file: {e.strerror or e}") from e
+        data = read_capped(path, MAX_KEY_BYTES, error=UsageError)
         data = data.removesuffix(b"\n").removesuffix(b"\r")
         if not data:
             raise UsageError(f"{path}: the password file is empty")
@@ -372,11 +367,7 @@ class Envelope:
     def statement(self) -> Statement:
         if self.payload_type != IN_TOTO_PAYLOAD_TYPE:
             raise VerificationError(f"DSSE payload type is {self.payload_type!r}, expected {IN_TOTO_PAYLOAD_TYPE!r}")
-        try:
-            data = json.loads(self.payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise VerificationError(f"the DSSE payload is not JSON: {e}") from e
-        return Statement.from_dict(data)
+        return Statement.from_dict(parse_json(self.payload, "the DSSE payload", error=VerificationError))
 
 
 def sign_statement(statement: Statement, key: SigningKey) -> Envelope:
@@ -411,10 +402,7 @@ class SigstoreBundle:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SigstoreBundle:
-        try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise VerificationError(f"not a JSON Sigstore bundle: {e}") from e
+        doc = parse_json(data, "Sigstore bundle", error=VerificationError)
         if not isinstance(doc, Mapping):
             raise VerificationError("not a Sigstore bundle (not a JSON object)")
         if doc.get("mediaType") != SIGSTORE_BUNDLE_MEDIA_TYPE:

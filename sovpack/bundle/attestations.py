@@ -18,6 +18,7 @@ from sovpack.oci.media import (
     EMPTY_JSON,
     KIND_ATTESTATION,
     KIND_REFERENCE,
+    KIND_RELEASE,
     MT_EMPTY,
     MT_MANIFEST,
     MT_PARITY_REPORT,
@@ -89,3 +90,19 @@ def attestation_manifest(
     )
 
 
+
+
+def release_manifest(store: BlobStore, *, statement: Statement, key: SigningKey, created: str | None) -> Descriptor:
+    """Sign the release statement and store it as its own manifest (no subject: it covers the whole bundle)."""
+    signed = SigstoreBundle.sign(statement, key)
+    layer = store.add(signed.to_bytes(), AT_SIGSTORE)
+    empty = store.add(EMPTY_JSON, MT_EMPTY)
+    annotations = {
+        ANN_BUNDLE_CONTENT: "dsse-envelope",
+        ANN_PREDICATE_TYPE: statement.predicate_type,
+        ANN_KIND: KIND_RELEASE,
+    }
+    if created:
+        annotations[ANN_CREATED] = created
+    doc = manifest_document(artifact_type=AT_SIGSTORE, config=empty, layers=[layer], annotations=annotations)
+    return store.add(canonical_json(doc), MT_MANIFEST, artifact_type=AT_SIGSTORE, annotations={ANN_KIND: KIND_RELEASE})

@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from sovpack import __version__
-from sovpack._io import Progress, atomic_directory, no_progress, source_date
+from sovpack._io import Progress, atomic_directory, check_not_input, no_progress, source_date
 from sovpack.artifact import ARTIFACT_FILE
 from sovpack.attest.dsse import SigningKey, Statement, Subject, canonical_json, pretty_json
-from sovpack.bundle.attestations import attestation_manifest, parity_predicate, subject_name
+from sovpack.attest.release import Release, ReleaseTarget, parse_time
+from sovpack.bundle.attestations import attestation_manifest, parity_predicate, release_manifest, subject_name
 from sovpack.bundle.config import BuildConfig
 from sovpack.bundle.modelpack import layer_media_type, list_artifact_files, modelpack_config
 from sovpack.convert import ConvertResult
-from sovpack.errors import ParityError, SourceError, UsageError
+from sovpack.errors import ParityError, SourceError, UsageError, VerificationError
 from sovpack.oci.descriptor import Descriptor
 from sovpack.oci.media import (
     ANN_BUNDLE_VERSION,
@@ -110,6 +111,13 @@ def _resolve_targets(config: BuildConfig) -> tuple[Path, Path, list[TargetRef]]:
         raise UsageError("no targets given (-t FORMAT:PRECISION, or 'targets' in the config file)")
     if not TAG_RE.match(config.tag):
         raise UsageError(f"tag {config.tag!r} is not a valid OCI tag ([A-Za-z0-9_][A-Za-z0-9._-]*, max 128)")
+    if config.sequence < 0:
+        raise UsageError(f"sequence must be a non-negative integer, got {config.sequence}")
+    if config.expires is not None:
+        try:
+            parse_time(config.expires, "expires")
+        except VerificationError as e:
+            raise UsageError(str(e)) from None
     refs: list[TargetRef] = []
     for text in config.targets:
         ref = TargetRef.parse(text)
@@ -144,16 +152,18 @@ def build_bundle(
     name = config.metadata.name or model.name
     context = _BuildContext(config=config, name=name, created=source_date(), key=key)
 
+    check_not_input(output, [checkpoint])
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.work.", dir=output.parent))
     try:
-        with atomic_directory(output, force=force) as tmp:
+        with atomic_directory(output, force=force, inputs=[checkpoint]) as tmp:
             store = BlobStore(tmp)
             reference = record_reference(model, config.prompts, progress=progress)
             ref_manifest = _store_reference(store, reference, model, context)
             entries: list[Descriptor] = []
             attestations: list[Descriptor] = []
             built: list[BuiltTarget] = []
+            released: list[ReleaseTarget] = []
             for i, ref in enumerate(refs, start=1):
                 stage = f"[{i}/{len(refs)}] {ref}"
                 progress(f"{stage}: convert + parity", 0, 1)
@@ -172,9 +182,21 @@ def build_bundle(
                 entries.append(manifest)
                 attestations.extend(signed)
                 built.append(stored)
+                released.append(
+                    ReleaseTarget(
+                        target=stored.target,
+                        manifest=manifest.digest,
+                        attestations={kind: d.digest for kind, d in zip(ATTESTATION_KINDS, signed, strict=True)},
+                        parity=stored.parity,
+                        thresholds=result.parity.thresholds.to_dict() if result.parity is not None else {},
+                        threshold_overrides=dict(sorted(config.overrides_for(stored.target).items())),
+                    )
+                )
                 shutil.rmtree(result.out_dir, ignore_errors=True)  # stored: free the disk before the next target
                 progress(f"{stage}: store + sign", 1, 1)
-            bundle_index = _store_index(store, refs, [*entries, ref_manifest, *attestations], context)
+            release = _release(context, model, ref_manifest, released)
+            release_desc = release_manifest(store, statement=release.statement(), key=key, created=context.created)
+            bundle_index = _store_index(store, refs, [*entries, ref_manifest, *attestations, release_desc], context)
             write_layout(tmp, store, bundle_index, config.tag)
             size = sum(p.stat().st_size for p in store.dir.iterdir())
     finally:
@@ -187,6 +209,28 @@ def build_bundle(
         key_id=key.key_id,
         targets=tuple(built),
         size=size,
+    )
+
+
+def _release(
+    context: _BuildContext, model: SourceModel, ref_manifest: Descriptor, targets: list[ReleaseTarget]
+) -> Release:
+    """What the build vouches for as a whole (see sovpack.attest.release)."""
+    config = context.config
+    return Release(
+        name=context.name,
+        tag=config.tag,
+        sequence=config.sequence,
+        version=config.metadata.version,
+        created=context.created,
+        expires=config.expires,
+        licenses=tuple(config.metadata.licenses),
+        metadata=config.metadata.to_dict(),
+        sovpack_version=__version__,
+        source=tuple(model.checkpoint.source_files),
+        prompts=tuple(config.prompts) if config.prompts else None,
+        reference=ref_manifest.digest,
+        targets=tuple(targets),
     )
 
 

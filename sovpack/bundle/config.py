@@ -6,6 +6,8 @@ file's directory)::
     checkpoint = "fixtures/tiny-llama3"
     output = "dist/tiny-llama3.oci"
     tag = "v0.1.0"
+    sequence = 7                            # release sequence number: verify policies refuse older ones
+    expires = "2027-12-31T00:00:00Z"        # optional: verify refuses the release after this time
     targets = ["onnx:fp16", "gguf:q8_0", "openvino:fp16"]
 
     [signing]
@@ -36,9 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sovpack._io import read_capped
 from sovpack.errors import UsageError
 
 DEFAULT_TAG = "latest"
+MAX_CONFIG_BYTES = 1024 * 1024
 METADATA_KEYS = (
     "name",
     "version",
@@ -102,6 +106,8 @@ class BuildConfig:
     checkpoint: Path | None = None
     output: Path | None = None
     tag: str = DEFAULT_TAG
+    sequence: int = 0
+    expires: str | None = None
     targets: tuple[str, ...] = ()
     key: Path | None = None
     password_file: Path | None = None
@@ -119,6 +125,10 @@ class BuildConfig:
     def to_dict(self) -> dict[str, Any]:
         """The JSON-equivalent document (the schema's shape); None fields are left out."""
         doc: dict[str, Any] = {"tag": self.tag, "targets": list(self.targets)}
+        if self.sequence:
+            doc["sequence"] = self.sequence
+        if self.expires is not None:
+            doc["expires"] = self.expires
         if self.checkpoint is not None:
             doc["checkpoint"] = str(self.checkpoint)
         if self.output is not None:
@@ -173,6 +183,8 @@ class BuildConfig:
             checkpoint=resolve(doc.get("checkpoint")),
             output=resolve(doc.get("output")),
             tag=str(doc.get("tag", DEFAULT_TAG)),
+            sequence=int(doc.get("sequence", 0)),
+            expires=doc.get("expires"),
             targets=tuple(doc.get("targets", ())),
             key=resolve(signing.get("key")),
             password_file=resolve(signing.get("password_file")),
@@ -197,10 +209,7 @@ def _thresholds_to_doc(values: Mapping[str, float | bool | None]) -> dict[str, A
 def load_build_config(path: str | Path) -> BuildConfig:
     """Read and validate a sovpack.toml."""
     path = Path(path)
-    try:
-        text = path.read_bytes()
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read: {e.strerror or e}") from e
+    text = read_capped(path, MAX_CONFIG_BYTES, error=UsageError)
     try:
         doc = tomllib.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:

@@ -53,8 +53,24 @@ def progress_bar(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
         yield update
 
 
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError: the file(s) it names, then the system's reason."""
+    reason = e.strerror or str(e) or type(e).__name__
+    files = [str(f) for f in (e.filename, e.filename2) if f is not None]
+    return f"{' -> '.join(files)}: {reason}" if files else reason
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())  # an error line is one line, whatever a file name or reason contains
+
+
 class SovpackGroup(click.Group):
-    """Turns SovpackError into a one-line message and exit code 1 (UsageError: exit 2)."""
+    """Turns SovpackError into a one-line message and exit code 1 (UsageError: exit 2).
+
+    The backstop: an OSError (disk full, permission denied, a file vanishing), MemoryError or RecursionError
+    that escapes a command is also one line naming the file when known, exit 1. The specific cases are handled
+    where they arise; this only keeps a missed one from becoming a traceback. ``--debug`` re-raises all of them.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -68,6 +84,21 @@ class SovpackGroup(click.Group):
             if DEBUG["on"]:
                 raise
             click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+        except OSError as e:
+            if DEBUG["on"]:
+                raise
+            click.echo(f"error: {_one_line(os_error_message(e))}", err=True)
+            ctx.exit(1)
+        except MemoryError:
+            if DEBUG["on"]:
+                raise
+            click.echo("error: out of memory; the input is larger than this machine can hold", err=True)
+            ctx.exit(1)
+        except RecursionError:
+            if DEBUG["on"]:
+                raise
+            click.echo("error: input nested too deeply to process (recursion limit reached)", err=True)
             ctx.exit(1)
 
 

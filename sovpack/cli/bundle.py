@@ -98,6 +98,8 @@ def keygen(output: Path, password_file: Path | None, password_env: str | None, f
 @click.option("--name", help="Bundle name (default: the checkpoint's name).")
 @click.option("--tag", help="OCI tag of the bundle (default: latest).")
 @click.option("--license", "licenses", multiple=True, help="SPDX license of the model (repeatable).")
+@click.option("--sequence", type=click.IntRange(min=0), help="Release sequence number (signed; default 0).")
+@click.option("--expires", metavar="TIME", help="Signed expiry, RFC 3339 UTC (e.g. 2027-12-31T00:00:00Z).")
 @click.option("--prompt", "prompts", multiple=True, help="Parity prompt (repeatable; replaces the built-ins).")
 @click.option("--threshold", "thresholds", multiple=True, help="Parity threshold override for all targets: NAME=VALUE.")
 @click.option("--allow-nonfinite", is_flag=True, help="Convert weights that contain NaN or Inf.")
@@ -115,6 +117,8 @@ def build(
     name: str | None,
     tag: str | None,
     licenses: tuple[str, ...],
+    sequence: int | None,
+    expires: str | None,
     prompts: tuple[str, ...],
     thresholds: tuple[str, ...],
     allow_nonfinite: bool,
@@ -139,7 +143,10 @@ def build(
 
     config = load_build_config(config_path) if config_path is not None else BuildConfig()
     updates: dict[str, Any] = {}
-    for field_name, value in (("checkpoint", checkpoint), ("output", output), ("key", key), ("tag", tag)):
+    for field_name, value in (
+        ("checkpoint", checkpoint), ("output", output), ("key", key), ("tag", tag), ("sequence", sequence),
+        ("expires", expires),
+    ):
         if value is not None:
             updates[field_name] = value
     if targets:
@@ -187,11 +194,13 @@ def _policy(policy_path: Path | None) -> Policy | None:
 @click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path), help="Trusted public key (repeatable).")
 @click.option("--require-target", "required", multiple=True, help="A target that must be present and valid.")
 @click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy file (JSON or TOML).")
-@click.option("--tag", help="Which tagged bundle of the layout (default: the only one).")
+@click.option("--tag", help="Which tagged bundle of the layout (default: the only one); must be the signed tag.")
+@click.option("--trust-state", type=click.Path(path_type=Path),
+              help="Local file remembering the newest release seen per bundle name; older ones are refused.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (also on failure).")
 def verify(
     bundle: Path, keys: tuple[Path, ...], required: tuple[str, ...], policy_path: Path | None, tag: str | None,
-    as_json: bool,
+    trust_state: Path | None, as_json: bool,
 ) -> None:
     """Verify every blob, manifest, signature, provenance and parity attestation of BUNDLE.
 
@@ -203,7 +212,8 @@ def verify(
 
     with bundle_location(bundle, current_registry_options()) as source:
         report = verify_with_policy(
-            source, key_paths=keys, policy=_policy(policy_path), required_targets=required, tag=tag
+            source, key_paths=keys, policy=_policy(policy_path), required_targets=required, tag=tag,
+            trust_state=trust_state,
         )
     if as_json:
         echo_json(report.to_dict())
@@ -212,8 +222,10 @@ def verify(
             signers = ", ".join(s[:16] + "…" for s in target.signers) or "none"
             parity = target.parity or "?"
             click.echo(f"{target.name:<16} parity {parity:<7} signed by {signers}  {target.manifest_digest}")
-        if report.ok:
-            click.echo(f"OK: {report.path} ({len(report.targets)} targets, {report.blobs_checked} blobs, "
+        if report.ok and report.release is not None:
+            release = report.release
+            click.echo(f"OK: {report.path}: release {release.name} tag {release.tag} sequence {release.sequence} "
+                       f"({len(report.targets)} targets, {report.blobs_checked} blobs, "
                        f"{human_size(report.bytes_checked)} checked)")
     report.raise_for_failures()
 
@@ -241,18 +253,12 @@ def extract(
     """
     from sovpack.attest.dsse import load_trusted_keys
     from sovpack.transport import local_bundle
-    from sovpack.verify import DEFAULT_ALLOWED_PARITY, Policy, extract_target
+    from sovpack.verify import Policy, extract_target
 
-    policy = _policy(policy_path) or Policy()
+    policy = (_policy(policy_path) or Policy()).narrowed(key_paths=keys, tag=tag)
     with local_bundle(bundle, current_registry_options()) as local:
         result = extract_target(
-            local,
-            target,
-            output,
-            keys=load_trusted_keys([*policy.keys, *keys]),
-            tag=tag or policy.tag,
-            allowed_parity=policy.allowed_parity or DEFAULT_ALLOWED_PARITY,
-            force=force,
+            local, target, output, keys=load_trusted_keys(policy.keys), tag=policy.tag, policy=policy, force=force
         )
     if as_json:
         echo_json(result.to_dict())
@@ -268,10 +274,12 @@ def extract(
 @registry_options
 @click.option("-t", "--target", "targets", multiple=True, help="Target to re-check (repeatable; default all).")
 @click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path), help="Trusted public key (repeatable).")
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy file (JSON or TOML).")
 @click.option("--tag", help="Which tagged bundle of the layout (default: the only one).")
+@click.option("--insecure", is_flag=True, help="Run without a key: nothing is verified (integrity only).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def parity_command(bundle: Path, targets: tuple[str, ...], keys: tuple[Path, ...], tag: str | None,
-                   as_json: bool) -> None:
+def parity_command(bundle: Path, targets: tuple[str, ...], keys: tuple[Path, ...], policy_path: Path | None,
+                   tag: str | None, insecure: bool, as_json: bool) -> None:
     """Re-run parity of BUNDLE's targets on this machine's runtimes, against the reference stored in it.
 
     No checkpoint needed: the bundle carries the prompts' token ids, the reference greedy tokens and logits.
@@ -279,17 +287,26 @@ def parity_command(bundle: Path, targets: tuple[str, ...], keys: tuple[Path, ...
     """
     from sovpack.attest.dsse import load_trusted_keys
     from sovpack.transport import local_bundle
-    from sovpack.verify import recheck_parity
+    from sovpack.verify import Policy, recheck_parity
 
+    policy = (_policy(policy_path) or Policy()).narrowed(key_paths=keys, tag=tag)
     with local_bundle(bundle, current_registry_options()) as local:
-        results = recheck_parity(local, targets=targets, keys=load_trusted_keys(keys), tag=tag)
+        results = recheck_parity(
+            local, targets=targets, keys=load_trusted_keys(policy.keys), tag=policy.tag, policy=policy,
+            insecure=insecure,
+        )
     if as_json:
         echo_json({"ok": all(r.ok for r in results), "targets": [r.to_dict() for r in results]})
     else:
+        if results and not results[0].signature_verified:
+            click.echo("UNVERIFIED: no --key, so nothing about these files was verified; the stored report's status "
+                       "is only what the file claims", err=True)
         for r in results:
-            note = "" if r.signature_verified else " (signature not verified: pass --key)"
-            change = f" (signed: {r.signed_status})" if r.changed else ""
-            click.echo(f"{r.target:<16} {r.status}{change} on {r.runtime.get('runtime', '?')}{note}")
+            if r.signature_verified:
+                change = f" (signed: {r.signed_status})" if r.changed else ""
+            else:
+                change = f" (unverified report claims: {r.signed_status})" if r.changed else ""
+            click.echo(f"{r.target:<16} {r.status}{change} on {r.runtime.get('runtime', '?')}")
             for reason in r.reasons:
                 click.echo(f"  {reason}")
     failed = [r.target for r in results if not r.ok]
@@ -299,7 +316,20 @@ def parity_command(bundle: Path, targets: tuple[str, ...], keys: tuple[Path, ...
 
 def render_bundle_info(info: dict[str, Any]) -> None:
     """``sovpack inspect BUNDLE`` as text (the JSON form is the dict itself); digests are never shortened."""
-    click.echo(f"bundle {info['name']} (tag {info['tag']}), {human_size(info['size'])}")
+    signed = info.get("signed")
+    if signed:
+        version = f", version {signed['version']}" if signed.get("version") else ""
+        licenses = f", licences {' AND '.join(signed['licenses'])}" if signed.get("licenses") else ""
+        click.echo(
+            f"bundle {signed['name']} (tag {signed['tag']}, sequence {signed['sequence']}{version}{licenses}), "
+            f"{human_size(info['size'])}; release signed by {str(signed['signer'])[:16]}…"
+        )
+    else:
+        unsigned = info.get("unsigned") or {}
+        click.echo(
+            f"bundle {unsigned.get('name')} (tag {unsigned.get('tag')}), {human_size(info['size'])} — UNSIGNED: "
+            "name, tag and annotations are not verified (pass --key PUB.pem to check the signed release)"
+        )
     click.echo(f"index {info['index_digest']}")
     for t in info["targets"]:
         parity = (t.get("parity") or {}).get("status", "?")

@@ -8,21 +8,28 @@ import click
 
 from sovpack.cli._app import cli, echo_json, progress_bar
 from sovpack.cli.transfer import BUNDLE, current_registry_options, registry_options
-from sovpack.errors import UsageError
+from sovpack.errors import SovpackError, UsageError
 
 
 @cli.command()
 @click.argument("path", type=BUNDLE)
 @registry_options
+@click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path),
+              help="For a bundle: check the signed release with this public key and report its facts as signed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def inspect(path: Path, as_json: bool) -> None:
-    """Describe a checkpoint, artifact directory or bundle (directory, oci-archive: or docker:// reference)."""
+def inspect(path: Path, keys: tuple[Path, ...], as_json: bool) -> None:
+    """Describe a checkpoint, artifact directory or bundle (directory, oci-archive: or docker:// reference).
+
+    A bundle's name, tag and licences are reported as signed only with --key; without, they are marked unsigned.
+    """
+    from sovpack.attest.dsse import load_trusted_keys
     from sovpack.inspection import inspect_path
     from sovpack.transport import bundle_location
     from sovpack.verify import inspect_bundle
 
+    trusted = load_trusted_keys(keys)
     with bundle_location(path, current_registry_options()) as source:
-        info = inspect_path(source) if isinstance(source, Path) else inspect_bundle(source)
+        info = inspect_path(source, keys=trusted) if isinstance(source, Path) else inspect_bundle(source, keys=trusted)
     if as_json:
         echo_json(info)
         return
@@ -55,6 +62,16 @@ def inspect(path: Path, as_json: bool) -> None:
     Console().print(table)
 
 
+def _check_logits_out(logits_out: Path, source: Path | str) -> None:
+    """Refuse, before running anything, a --logits-out that is a directory or would overwrite the input."""
+    from sovpack._io import check_not_input
+
+    if logits_out.is_dir():
+        raise UsageError(f"{logits_out}: --logits-out names a directory; give a file name such as logits.npy")
+    if isinstance(source, Path) and source.exists():
+        check_not_input(logits_out, [source])
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         return [int(part) for part in text.replace(" ", "").split(",") if part]
@@ -70,20 +87,34 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(0, 4096))
 @click.option("--logits-out", type=click.Path(path_type=Path), help="Save prefill logits [tokens, vocab] as .npy.")
 @click.option("-t", "--target", help="For a bundle: which target to run, e.g. gguf:q8_0.")
-@click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path), help="For a bundle: trusted public key.")
+@click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path),
+              help="Trusted public key: a bundle is verified, an extracted directory checked against its model.sig.")
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy file (JSON or TOML).")
+@click.option("--insecure", is_flag=True, help="Run a bundle without a key (nothing is verified).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def run(path: Path, prompt: str | None, ids: str | None, max_new_tokens: int, logits_out: Path | None,
-        target: str | None, keys: tuple[Path, ...], as_json: bool) -> None:
-    """Greedy-generate from a checkpoint (numpy reference), an artifact directory or a bundle (its runtime)."""
+        target: str | None, keys: tuple[Path, ...], policy_path: Path | None, insecure: bool, as_json: bool) -> None:
+    """Greedy-generate from a checkpoint (numpy reference), an artifact directory or a bundle (its runtime).
+
+    With --key, a bundle is verified and an extracted directory is checked against its model.sig before anything
+    is loaded (and only a private, hashed copy is run); without, a bundle needs --insecure.
+    """
     from sovpack.attest.dsse import load_trusted_keys
     from sovpack.run import run as run_model
     from sovpack.transport import local_bundle
+    from sovpack.verify import Policy
 
+    if logits_out is not None:
+        _check_logits_out(logits_out, path)
+    policy = Policy.load(policy_path).narrowed(key_paths=keys) if policy_path is not None else None
+    trusted = load_trusted_keys(policy.keys if policy is not None else keys)
     with local_bundle(path, current_registry_options()) as local:
         result = run_model(
             local, prompt=prompt, ids=_parse_ids(ids) if ids is not None else None, max_new_tokens=max_new_tokens,
-            target=target, keys=load_trusted_keys(keys),
+            target=target, keys=trusted, policy=policy, insecure=insecure,
         )
+    if result.verified is False:
+        click.echo(f"warning: {path}: nothing was verified (no --key): running the files as they are", err=True)
     if logits_out is not None:
         import io
 
@@ -93,7 +124,10 @@ def run(path: Path, prompt: str | None, ids: str | None, max_new_tokens: int, lo
 
         buffer = io.BytesIO()
         np.save(buffer, result.logits.astype(np.float32))
-        atomic_write_bytes(logits_out, buffer.getvalue())
+        try:
+            atomic_write_bytes(logits_out, buffer.getvalue())
+        except OSError as e:  # full, read-only, no permission: nothing is left behind by atomic_write_bytes
+            raise SovpackError(f"{logits_out}: cannot write the logits: {e.strerror or e}") from e
     if as_json:
         echo_json(result.to_dict())
         return

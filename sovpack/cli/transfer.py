@@ -1,9 +1,11 @@
 """Registry options shared by every command that takes a bundle, and the ``sovpack copy`` command.
 
 A BUNDLE argument is a layout directory, ``oci-archive:FILE.tar`` or ``docker://HOST[:PORT]/REPO[:TAG]``.
-``@registry_options`` adds ``--plain-http``, ``--ca-file`` and ``--creds`` to a command without changing its
-signature (values go to the click context; ``current_registry_options()`` reads them), so the same options
-work on ``copy``, ``verify``, ``inspect``, ``extract``, ``run`` and ``parity``.
+``@registry_options`` adds ``--plain-http``, ``--ca-file``, ``--creds`` and ``--stall-timeout`` to a command
+without changing its signature (values go to the click context; ``current_registry_options()`` reads them),
+so the same options work on ``copy``, ``verify``, ``inspect``, ``extract``, ``run`` and ``parity``. Those
+commands may stage a bundle in a temporary directory, so ``@registry_options`` also turns SIGTERM into a normal
+exit while they run: the staging directory is removed whichever way the command ends (short of SIGKILL).
 
 Credentials, first match wins: ``--creds USER:PASS``; ``SOVPACK_REGISTRY_USERNAME`` +
 ``SOVPACK_REGISTRY_PASSWORD``; the registry's ``auths`` entry in ``$DOCKER_CONFIG/config.json`` (default
@@ -12,16 +14,20 @@ Credentials, first match wins: ``--creds USER:PASS``; ``SOVPACK_REGISTRY_USERNAM
 
 from __future__ import annotations
 
+import functools
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar
 
 import click
 
 from sovpack.cli._app import cli
-from sovpack.transport.auth import DEFAULT_CHUNK, RegistryOptions
+from sovpack.transport.auth import DEFAULT_CHUNK, DEFAULT_STALL_TIMEOUT, RegistryOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 _META_KEY = "sovpack.registry_options"
@@ -50,8 +56,37 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     return value
 
 
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _exit_cleanly_on_sigterm(func: F) -> F:
+    """Run ``func`` with SIGTERM raising SystemExit, so ``finally`` blocks (staging clean-up) run on ``kill``.
+
+    Only from the main thread, and only where SIGTERM still has its default action (an embedding program's
+    own handler is left alone).
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread() or (
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        ):
+            return func(*args, **kwargs)
+        signal.signal(signal.SIGTERM, _terminate)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def registry_options(func: F) -> F:
-    """Add ``--plain-http``, ``--ca-file`` and ``--creds`` (read back with ``current_registry_options``)."""
+    """Add ``--plain-http``, ``--ca-file``, ``--creds`` and ``--stall-timeout`` (read back with
+    ``current_registry_options``); SIGTERM ends the command through its clean-up (see the module docstring)."""
+    # NOTE: wrapped before the options are attached, so click reads them from the wrapper itself
+    func = _exit_cleanly_on_sigterm(func)
     decorators = [
         click.option("--plain-http", is_flag=True, expose_value=False, callback=_remember,
                      help="Talk to docker:// registries over plain HTTP (no TLS), e.g. a loopback registry."),
@@ -59,6 +94,9 @@ def registry_options(func: F) -> F:
                      callback=_remember, help="PEM bundle of the CA(s) that signed the registry's TLS certificate."),
         click.option("--creds", metavar="USER:PASS", expose_value=False, callback=_remember,
                      help="Registry credentials (else SOVPACK_REGISTRY_USERNAME/_PASSWORD, else docker config)."),
+        click.option("--stall-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+                     default=DEFAULT_STALL_TIMEOUT, show_default=True, expose_value=False, callback=_remember,
+                     help="Fail a registry request that moves less than 64 KiB in this many seconds."),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)
@@ -69,10 +107,12 @@ def current_registry_options(**overrides: Any) -> RegistryOptions:
     """The registry options of the running command (defaults outside a click command)."""
     ctx = click.get_current_context(silent=True)
     values: dict[str, Any] = dict(ctx.meta.get(_META_KEY, {})) if ctx is not None else {}
+    stall = values.get("stall_timeout")
     return RegistryOptions(
         plain_http=bool(values.get("plain_http")),
         ca_file=values.get("ca_file"),
         creds=values.get("creds"),
+        stall_timeout=DEFAULT_STALL_TIMEOUT if stall is None else float(stall),
         **overrides,
     )
 
@@ -120,7 +160,11 @@ def copy_command(source: str | Path, destination: str | Path, force: bool, chunk
     Every blob is checked against its digest before it lands. A directory gets index.json last (an
     interrupted copy never looks complete; run it again to continue); a registry gets the tag last. An
     oci-archive tar is deterministic (sorted entries, fixed times and owners): carry it into an air-gapped
-    site, then `sovpack copy oci-archive:FILE.tar DIR` or straight to the site's registry.
+    site, then `sovpack copy oci-archive:FILE.tar DIR` or straight to the site's registry; only the blobs the
+    bundle references are imported from it.
+
+    The bundle keeps the tag it was built (and signed) with: a docker:// DESTINATION may leave the tag out
+    (it gets the bundle's own) or name that same tag; another tag is refused (rebuild with --tag NEW).
 
     \b
     Examples:
@@ -148,6 +192,9 @@ def copy_command(source: str | Path, destination: str | Path, force: bool, chunk
     click.echo(f"bundle index {result.digest}{' tagged ' + tag.lstrip(':') if tag else ''}")
     if result.referrer_tags:
         click.echo(f"referrers: {len(result.referrer_tags)} fallback tag(s) (the registry has no referrers API)")
+    if result.blobs_unreferenced:
+        click.echo(f"skipped {result.blobs_unreferenced} blob(s) of the archive that the bundle does not reference "
+                   "(not part of what was signed; not imported)")
 
 
 __all__ = ["BUNDLE", "BundleArgument", "copy_command", "current_registry_options", "registry_options"]

@@ -12,18 +12,19 @@ descriptor before returning them, so callers never see unverified content.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from sovpack._io import parse_json
 from sovpack.errors import VerificationError
 from sovpack.oci.descriptor import Descriptor
-from sovpack.oci.media import ANN_REF_NAME, DIGEST_RE, INDEX_TYPES, MANIFEST_TYPES
+from sovpack.oci.media import ANN_REF_NAME, DIGEST_RE, INDEX_TYPES, MANIFEST_TYPES, TAG_RE
 
 # NOTE: Docker's own manifest types are accepted when reading (a registry may answer with them); sovpack
 # only ever writes the OCI ones.
 MAX_DEPTH = 8  # indexes nested deeper than this are refused (a bundle nests two)
+MAX_GRAPH = 10_000  # manifests + distinct blobs one bundle may reach (a bundle of ten targets reaches ~300)
 
 
 @runtime_checkable
@@ -55,11 +56,12 @@ class BlobSource(Protocol):
 
 
 def json_object(data: bytes, context: str) -> dict[str, Any]:
-    """Parse verified bytes that must hold one JSON object; ``context`` starts the error message."""
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VerificationError(f"{context} is not JSON: {e}") from e
+    """Parse verified bytes that must hold one JSON object; ``context`` starts the error message.
+
+    Through :func:`sovpack._io.parse_json`: standard JSON only, unique keys, bounded nesting (a hash check
+    says the bytes are the ones named, not that they are harmless).
+    """
+    doc = parse_json(data, context, error=VerificationError)
     if not isinstance(doc, dict):
         raise VerificationError(f"{context} is not a JSON object")
     return doc
@@ -120,10 +122,17 @@ class ManifestNode:
 
     @property
     def tag(self) -> str | None:
-        """The tag the bundle was built with (the ref.name annotation of the bundle index), if any."""
+        """The tag the bundle was built with (the ref.name annotation of the bundle index), if any.
+
+        A value that is not a valid OCI tag is refused: it would become part of a registry URL.
+        """
         annotations = self.document.get("annotations")
         tag = annotations.get(ANN_REF_NAME) if isinstance(annotations, Mapping) else None
-        return tag if isinstance(tag, str) else None
+        if tag is None:
+            return None
+        if not isinstance(tag, str) or not TAG_RE.match(tag):
+            raise VerificationError(f"bundle index {self.descriptor.digest}: its tag {tag!r} is not a valid OCI tag")
+        return tag
 
     def referrer_descriptor(self) -> dict[str, Any]:
         """How a referrers index lists this manifest: artifactType and annotations copied up."""
@@ -161,44 +170,58 @@ class Graph:
         return items
 
 
+def references(desc: Descriptor, doc: Mapping[str, Any]) -> tuple[list[Descriptor], list[Descriptor]]:
+    """What one parsed index or manifest points at: (child manifests, blobs); malformed lists are refused."""
+    media_type = doc.get("mediaType") or desc.media_type
+    if media_type in INDEX_TYPES or (media_type not in MANIFEST_TYPES and "manifests" in doc):
+        children = doc.get("manifests")
+        if not isinstance(children, list):
+            raise VerificationError(f"index {desc.digest}: no manifests list")
+        return [Descriptor.from_dict(raw, f"index {desc.digest} manifests[{i}]") for i, raw in enumerate(children)], []
+    if media_type in MANIFEST_TYPES or "layers" in doc:
+        config = doc.get("config")
+        parts = [config] if config is not None else []
+        layers = doc.get("layers") or []
+        if not isinstance(layers, list):
+            raise VerificationError(f"manifest {desc.digest}: layers is not a list")
+        return [], [Descriptor.from_dict(raw, f"manifest {desc.digest} blob {i}")
+                    for i, raw in enumerate([*parts, *layers])]
+    raise VerificationError(f"manifest {desc.digest}: unknown media type {media_type!r}")
+
+
 def collect(read_manifest: Callable[[Descriptor], bytes], top: Descriptor) -> Graph:
-    """Walk indexes and manifests from ``top``; ``read_manifest`` returns verified bytes."""
+    """Walk indexes and manifests from ``top``; ``read_manifest`` returns verified bytes.
+
+    Iterative (an explicit stack, children in order), so no input can exhaust the interpreter's stack;
+    nesting deeper than ``MAX_DEPTH`` is refused.
+    """
     blobs: dict[str, Descriptor] = {}
     manifests: list[ManifestNode] = []
     seen: set[str] = set()
-
-    def visit(desc: Descriptor, depth: int) -> None:
+    # (descriptor, depth, expanded): a node is appended to ``manifests`` after its children (children first)
+    stack: list[tuple[Descriptor, int, ManifestNode | None]] = [(top, 0, None)]
+    while stack:
+        desc, depth, node = stack.pop()
+        if node is not None:
+            manifests.append(node)
+            continue
         if desc.digest in seen:
-            return
+            continue
         if depth > MAX_DEPTH:
             raise VerificationError(f"manifest {desc.digest}: indexes nested deeper than {MAX_DEPTH}")
         seen.add(desc.digest)
         data = read_manifest(desc)
         doc = json_object(data, f"manifest {desc.digest}")
-        media_type = doc.get("mediaType") or desc.media_type
-        if media_type in INDEX_TYPES or (media_type not in MANIFEST_TYPES and "manifests" in doc):
-            children = doc.get("manifests")
-            if not isinstance(children, list):
-                raise VerificationError(f"index {desc.digest}: no manifests list")
-            for i, raw in enumerate(children):
-                visit(Descriptor.from_dict(raw, f"index {desc.digest} manifests[{i}]"), depth + 1)
-        elif media_type in MANIFEST_TYPES or "layers" in doc:
-            config = doc.get("config")
-            parts = [config] if config is not None else []
-            layers = doc.get("layers") or []
-            if not isinstance(layers, list):
-                raise VerificationError(f"manifest {desc.digest}: layers is not a list")
-            for i, raw in enumerate([*parts, *layers]):
-                blob = Descriptor.from_dict(raw, f"manifest {desc.digest} blob {i}")
-                known = blobs.get(blob.digest)
-                if known is not None and known.size != blob.size:
-                    raise VerificationError(f"blob {blob.digest} is listed with sizes {known.size} and {blob.size}")
-                blobs.setdefault(blob.digest, blob)
-        else:
-            raise VerificationError(f"manifest {desc.digest}: unknown media type {media_type!r}")
-        manifests.append(ManifestNode(descriptor=desc, data=data, document=doc))
-
-    visit(top, 0)
+        children, parts = references(desc, doc)
+        for blob in parts:
+            known = blobs.get(blob.digest)
+            if known is not None and known.size != blob.size:
+                raise VerificationError(f"blob {blob.digest} is listed with sizes {known.size} and {blob.size}")
+            blobs.setdefault(blob.digest, blob)
+        if len(seen) + len(stack) + len(children) + len(blobs) > MAX_GRAPH:  # counted before anything is read
+            raise VerificationError(f"bundle {top.digest}: reaches more than {MAX_GRAPH} manifests and blobs; refused")
+        stack.append((desc, depth, ManifestNode(descriptor=desc, data=data, document=doc)))
+        stack.extend((child, depth + 1, None) for child in reversed(children))
     return Graph(top=top, blobs=tuple(blobs.values()), manifests=tuple(manifests))
 
 
@@ -209,4 +232,5 @@ __all__ = [
     "VerifiedReads",
     "collect",
     "json_object",
+    "references",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,9 @@ from typing import Any
 
 from sovpack.errors import VerificationError
 from sovpack.oci.media import BLOBS_DIR, DIGEST_RE
+
+# RFC 6838 section 4.2: type "/" subtype, restricted-name characters (no spaces, CR/LF or parameters).
+MEDIA_TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -38,6 +42,8 @@ class Descriptor:
         media_type, digest, size = data.get("mediaType"), data.get("digest"), data.get("size")
         if not isinstance(media_type, str) or not media_type:
             raise VerificationError(f"{where}: descriptor has no mediaType")
+        if not MEDIA_TYPE_RE.match(media_type):
+            raise VerificationError(f"{where}: descriptor mediaType {media_type[:80]!r} is not a media type (RFC 6838)")
         if not isinstance(digest, str) or not DIGEST_RE.match(digest):
             raise VerificationError(f"{where}: descriptor digest {digest!r} is not a sha256 digest")
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:

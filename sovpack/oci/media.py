@@ -59,6 +59,7 @@ ANN_BUNDLE_CONTENT = "dev.sigstore.bundle.content"
 KIND_TARGET = "target"
 KIND_REFERENCE = "parity-reference"
 KIND_ATTESTATION = "attestation"
+KIND_RELEASE = "release"  # the signed release statement (sovpack.attest.release)
 ATTESTATION_KINDS = ("signature", "provenance", "parity")
 BUNDLE_FORMAT_VERSION = "1"
 PARITY_PREDICATE_TYPE = "https://in-toto.io/attestation/test-result/v0.1"

@@ -7,11 +7,10 @@ read a bundle directory through (``sovpack.transport.RegistryLayout`` is the reg
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from sovpack._io import hashing_copy, read_capped
+from sovpack._io import hashing_copy, open_regular, read_capped, read_json_file
 from sovpack.errors import UsageError, VerificationError
 from sovpack.oci.blobs import BlobSource, VerifiedReads
 from sovpack.oci.descriptor import Descriptor, blob_path
@@ -55,10 +54,7 @@ class Layout(VerifiedReads):
         path = self.root / name
         if path.is_symlink() or not path.is_file():
             raise VerificationError(f"{path}: missing (or a symbolic link)")
-        try:
-            return json.loads(read_capped(path, MAX_JSON_DOCUMENT))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise VerificationError(f"{path}: not valid JSON: {e}") from e
+        return read_json_file(path, MAX_JSON_DOCUMENT, error=VerificationError)
 
     def blob_path(self, digest: str) -> Path:
         return blob_path(self.root, digest)
@@ -74,7 +70,8 @@ class Layout(VerifiedReads):
         elif not path.is_file():
             problem = f"blob {digest} is missing"
         else:
-            actual, size = hashing_copy(path, None)
+            with open_regular(path, error=VerificationError) as fh:
+                actual, size = hashing_copy(fh, None)
             self.bytes_checked += size
             if actual != digest:
                 problem = f"blob {digest} is corrupt: its content hashes to {actual}"

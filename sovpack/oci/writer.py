@@ -13,13 +13,13 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import Protocol
 
-from sovpack._io import CHUNK, atomic_write_bytes, read_capped, sha256_file
-from sovpack.errors import UsageError, VerificationError
+from sovpack._io import CHUNK, atomic_write_bytes, open_regular, read_capped, sha256_file
+from sovpack.errors import SovpackError, UsageError, VerificationError
 from sovpack.oci.descriptor import Descriptor, blob_path, sha256_digest
 from sovpack.oci.media import (
     BLOBS_DIR,
@@ -37,6 +37,12 @@ TEMP_PREFIX = ".blob."
 PieceSource = Callable[[int], Iterable[bytes]]
 
 
+class Readable(Protocol):
+    """What blob copies read from: a file, an HTTP body, one member of a tar."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
 @dataclass(kw_only=True)
 class TransferCounts:
     """What a copy moved, counted as it goes."""
@@ -48,6 +54,7 @@ class TransferCounts:
     mounted: int = 0
     bytes: int = 0
     manifests: int = 0
+    unreferenced: int = 0  # blobs an oci-archive held that the bundle does not reach: skipped, never written
     referrer_tags: list[str] = field(default_factory=list)
 
 
@@ -66,7 +73,7 @@ class HashingReader:
     The one streaming hasher for readers that hand the stream on (tarfile, ``shutil.copyfileobj``).
     """
 
-    def __init__(self, fh: IO[bytes], *, limit: int | None = None, where: str = "") -> None:
+    def __init__(self, fh: Readable, *, limit: int | None = None, where: str = "") -> None:
         self._fh = fh
         self._limit = limit
         self._where = where
@@ -134,19 +141,34 @@ class _ResumedMismatch(Exception):
     """A download continued from a kept .partial did not verify (retried once from zero)."""
 
 
+def _refuse_symlink(path: Path) -> None:
+    """Nothing of a destination layout may be a symbolic link: what is written through it lands elsewhere."""
+    if path.is_symlink():
+        raise UsageError(f"{path}: a symbolic link inside the destination layout; refused (files written through "
+                         "it would land outside the destination)")
+
+
 class LayoutWriter:
-    """Fills an OCI layout directory; ``oci-layout`` and ``index.json`` are written by ``finish`` only."""
+    """Fills an OCI layout directory; ``oci-layout`` and ``index.json`` are written by ``finish`` only.
+
+    It remembers what this run added (blobs landed, directories created) so a failure can say exactly what is
+    left (:meth:`abandon`): landed blobs are verified and stay, so running the same copy again continues.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.blobs = LocalBlobs(self.root)
+        self.landed = 0  # blobs this run renamed into place
+        self.unindexed = False  # this run removed the index.json of the bundle that was there (--force)
+        self._created: list[Path] = []  # directories this run made, parents first
 
     def prepare(self, index_bytes: bytes | None, *, force: bool) -> None:
-        """Refuse foreign directories and complete layouts of another bundle (unless forced).
+        """Refuse foreign directories, symbolic links and complete layouts of another bundle (unless forced).
 
         ``index_bytes``: the index.json this copy will write, if known; an existing identical one may stay.
         """
         root = self.root
+        _refuse_symlink(root)
         if root.exists() and not root.is_dir():
             raise UsageError(f"{root}: exists and is not a directory")
         if root.is_dir():
@@ -154,16 +176,29 @@ class LayoutWriter:
                              if p.name not in (BLOBS_DIR, OCI_LAYOUT_FILE, INDEX_FILE) and not p.name.startswith("."))
             if unknown:
                 raise UsageError(f"{root}: not empty and not an OCI layout (holds {', '.join(unknown[:3])})")
+            for name in (BLOBS_DIR, f"{BLOBS_DIR}/sha256", INDEX_FILE, OCI_LAYOUT_FILE):
+                _refuse_symlink(root / name)
+            for name in (INDEX_FILE, OCI_LAYOUT_FILE):
+                if (root / name).exists() and not (root / name).is_file():
+                    raise UsageError(f"{root / name}: not a regular file; refused")
             index = root / INDEX_FILE
-            same = index.is_file() and index_bytes is not None and index.read_bytes() == index_bytes
-            if index.is_file() and not same and not force:
+            same = index.is_file() and index_bytes is not None and (
+                read_capped(index, MAX_JSON_DOCUMENT, error=UsageError) == index_bytes
+            )
+            if index.exists() and not same and not force:
                 raise UsageError(f"{root}: already holds another bundle (pass --force to replace it)")
             if not same:
                 # from here until finish() the directory must not look complete
+                self.unindexed = index.exists()
                 for name in (INDEX_FILE, OCI_LAYOUT_FILE):
                     with contextlib.suppress(FileNotFoundError):  # cleanup: it may not be there
                         (root / name).unlink()
-        self.blobs.dir.mkdir(parents=True, exist_ok=True)
+        self._created += reversed([p for p in (root, *root.parents) if not p.exists()])  # parents first
+        root.mkdir(parents=True, exist_ok=True)
+        for directory in (root / BLOBS_DIR, self.blobs.dir):
+            if not directory.is_dir():
+                directory.mkdir()
+                self._created.append(directory)
 
     def has(self, desc: Descriptor) -> bool:
         return self.blobs.present(desc, verify=True)
@@ -172,14 +207,14 @@ class LayoutWriter:
         if digest != desc.digest or size != desc.size:
             tmp.unlink(missing_ok=True)
             raise VerificationError(
-                f"{where}: blob {desc.digest} arrived as {digest} ({size} bytes, {desc.size} expected); "
-                "nothing was written"
+                f"{where}: blob {desc.digest} arrived as {digest} ({size} bytes, {desc.size} expected); discarded"
             )
         os.chmod(tmp, 0o644)
         os.replace(tmp, self.blobs.path(desc.digest))
+        self.landed += 1
 
-    def put_stream(self, desc: Descriptor, stream: IO[bytes], where: str) -> None:
-        """Copy a stream in, hashing as it goes; lands only if digest and size match."""
+    def put_stream(self, desc: Descriptor, stream: Readable, where: str) -> None:
+        """Copy a stream in, hashing as it goes; lands only if digest and size match (more bytes are refused)."""
         fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.blobs.dir)
         tmp = Path(name)
         reader = HashingReader(stream, limit=desc.size, where=f"{where}: blob {desc.digest}")
@@ -192,7 +227,7 @@ class LayoutWriter:
             raise
 
     def put_file(self, desc: Descriptor, source: Path, where: str) -> None:
-        with open(source, "rb") as fh:
+        with open_regular(source, error=VerificationError) as fh:
             self.put_stream(desc, fh, where)
 
     def put_bytes(self, desc: Descriptor, data: bytes, where: str) -> None:
@@ -200,6 +235,7 @@ class LayoutWriter:
         if not self.blobs.present(desc, verify=False):
             atomic_write_bytes(self.blobs.path(desc.digest), data)
             os.chmod(self.blobs.path(desc.digest), 0o644)
+            self.landed += 1
 
     def download(self, desc: Descriptor, pieces: PieceSource, where: str, progress: Callable[[int], None]) -> int:
         """Pull one blob into ``.<hex>.partial`` (continuing one a killed run left), verify, rename.
@@ -213,22 +249,28 @@ class LayoutWriter:
         except _ResumedMismatch:
             return self._download(desc, pieces, where, progress)
 
+    def _partial(self, desc: Descriptor) -> Path:
+        return self.blobs.dir / f".{desc.digest.split(':', 1)[1]}{PARTIAL_SUFFIX}"
+
     def _download(self, desc: Descriptor, pieces: PieceSource, where: str, progress: Callable[[int], None]) -> int:
-        partial = self.blobs.dir / f".{desc.digest.split(':', 1)[1]}{PARTIAL_SUFFIX}"
+        partial = self._partial(desc)
+        _refuse_symlink(partial)
         hasher = hashlib.sha256()
         offset = 0
-        if partial.is_file() and not partial.is_symlink():
+        if partial.is_file():
             offset = partial.stat().st_size
             if offset > desc.size:
                 partial.unlink()
                 offset = 0
             else:
-                with open(partial, "rb") as fh:
+                with open_regular(partial, error=UsageError) as fh:
                     while chunk := fh.read(CHUNK):
                         hasher.update(chunk)
         received = 0
+        # O_NOFOLLOW: a link planted after the check above is refused by the kernel, not followed
+        fd = os.open(partial, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         try:
-            with open(partial, "ab") as out:
+            with os.fdopen(fd, "ab") as out:
                 for piece in pieces(offset):
                     hasher.update(piece)
                     out.write(piece)
@@ -237,6 +279,11 @@ class LayoutWriter:
         except VerificationError:
             partial.unlink(missing_ok=True)
             raise
+        except BaseException:
+            with contextlib.suppress(OSError):  # cleanup only: an empty .partial has nothing to continue from
+                if partial.stat().st_size == 0:
+                    partial.unlink()
+            raise
         actual = "sha256:" + hasher.hexdigest()
         size = partial.stat().st_size
         if actual != desc.digest or size != desc.size:
@@ -244,12 +291,56 @@ class LayoutWriter:
             if offset > 0:
                 raise _ResumedMismatch()
             raise VerificationError(
-                f"{where}: blob {desc.digest} arrived as {actual} ({size} bytes, {desc.size} expected); "
-                "discarded, nothing landed"
+                f"{where}: blob {desc.digest} arrived as {actual} ({size} bytes, {desc.size} expected); discarded"
             )
         os.chmod(partial, 0o644)
         os.replace(partial, self.blobs.path(desc.digest))
+        self.landed += 1
         return received
+
+    def abandon(self) -> str:
+        """After a failure: remove the directories this run made if it landed nothing; say what is left.
+
+        Landed blobs are verified and stay (a re-run skips them), as does a ``.partial`` download (a re-run
+        continues it): the returned sentence says so, or that nothing was written.
+        """
+        ours = self.blobs.dir.is_dir() and not any(  # (a refused symbolic link is not looked through)
+            p.is_symlink() for p in (self.root, self.root / BLOBS_DIR, self.blobs.dir))
+        partials = [p for p in self.blobs.dir.glob(f".*{PARTIAL_SUFFIX}") if p.is_file() and not p.is_symlink()
+                    ] if ours else []
+        if self.landed == 0 and not partials and not self.unindexed:
+            for directory in reversed(self._created):
+                with contextlib.suppress(OSError):  # cleanup only: a directory something else filled stays
+                    directory.rmdir()
+            return f"nothing was written to {self.root}"
+        kept = ["the blobs of the bundle it held (its index.json was removed to replace it)"] if self.unindexed else []
+        if self.landed:
+            kept.append(f"{self.landed} verified blob{'s' if self.landed != 1 else ''} this run added")
+        if partials:
+            kept.append(f"{len(partials)} partial download{'s' if len(partials) != 1 else ''}")
+        return (f"{self.root} keeps {' and '.join(kept)} but no index.json (it is not a bundle); run the same copy "
+                "again to continue from there")
+
+    @contextlib.contextmanager
+    def filling(self, *, scratch: bool = False) -> Iterator[LayoutWriter]:
+        """Fill the layout; a SovpackError on the way gets :meth:`abandon`'s account of what is left appended.
+
+        ``scratch``: the layout is a staging directory its caller removes, so there is nothing to account for.
+        """
+        try:
+            yield self
+        except SovpackError as e:
+            note = self.abandon()
+            if scratch:
+                raise
+            try:
+                annotated = type(e)(f"{e}; {note}")
+            except TypeError:  # an error class with its own constructor keeps its message
+                raise e from None
+            raise annotated from e
+        except BaseException:
+            self.abandon()
+            raise
 
     def finish(self, top: Descriptor, tag: str | None) -> None:
         """Write ``oci-layout`` and then ``index.json``: only now does the directory look complete.
@@ -274,6 +365,7 @@ __all__ = [
     "LayoutWriter",
     "LocalBlobs",
     "PieceSource",
+    "Readable",
     "TransferCounts",
     "check_bytes",
     "layout_index_bytes",

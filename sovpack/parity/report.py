@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from sovpack._io import atomic_write_bytes, read_json_file
 from sovpack.errors import ParityError
 from sovpack.parity.thresholds import Thresholds
 
 PARITY_FILE = "parity.json"  # the report's name inside an artifact directory
+MAX_REPORT_BYTES = 16 * 1024 * 1024
 SCHEMA_VERSION = 1
 SCHEMA_FILE = "parity-report.schema.json"
 SIGNIFICANT_DIGITS = 9  # floats in reports are rounded to this many digits so reruns give identical bytes
@@ -259,35 +258,20 @@ class ParityReport:
 
     def save(self, path: str | Path) -> None:
         """Write the JSON atomically (temporary sibling, then os.replace): readers never see half a report."""
-        path = Path(path)
-        data = self.to_json().encode("utf-8")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(Path(path), self.to_json().encode("utf-8"))
 
     @classmethod
     def load(cls, path: str | Path) -> ParityReport:
         """Read and validate a saved report; errors name the file."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise ParityError(f"{path}: cannot read parity report: {e.strerror or e}") from e
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ParityError(f"{path}: not a JSON parity report: {e}") from e
+        return cls.parse(read_json_file(Path(path), MAX_REPORT_BYTES, error=ParityError), str(path))
+
+    @classmethod
+    def parse(cls, data: Any, where: str) -> ParityReport:
+        """A report from an already parsed JSON document; errors name ``where``."""
         try:
             return cls.from_dict(data)
         except ParityError as e:
-            raise ParityError(f"{path}: {e}") from e
+            raise ParityError(f"{where}: {e}") from e
 
     def raise_if_failed(self) -> None:
         """Raise ParityError carrying the reasons if the verdict is FAILED."""

@@ -1,12 +1,14 @@
 """Reading a local Hugging Face-style checkpoint directory, safely and lazily.
 
 Only JSON, safetensors and tokenizer files are ever opened. Pickle-based weights are refused, never loaded:
-unpickling runs arbitrary code. Tensors are memory-mapped views read one at a time.
+unpickling runs arbitrary code. Tensors are memory-mapped views read one at a time. Every file opened must be a
+regular file inside the directory (a FIFO or device named ``model.safetensors`` would block or never end), and
+every document read whole is size-capped before it is read.
 """
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -14,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from sovpack._io import sha256_file
+from sovpack._io import hashing_copy, open_regular, read_json_file, shorten
 from sovpack.errors import SourceError
 from sovpack.source.safetensors import SafetensorsFile, TensorInfo
 
+MIB = 1024 * 1024
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -29,6 +32,28 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "added_tokens.json",
 )
+# NOTE: size caps for the documents read whole. Real config-like files are a few KB; tokenizer_config.json
+# lists every added token and reaches ~1 MB (Gemma 3), so 16 MiB is ample. Indexes list every tensor: ~9 MB for
+# DeepSeek-V3's 90k tensors, hence 64 MiB. tokenizer.json holds the whole vocabulary and merges: Gemma 3's
+# 262k-token one is ~33 MB and the largest seen ~35 MB, so 128 MiB leaves room for 4x larger vocabularies while
+# still refusing a file that would take gigabytes once parsed into Python objects. tokenizer.model
+# (SentencePiece protobuf) is a few MB; it gets the same cap.
+MAX_CONFIG_BYTES = 16 * MIB
+MAX_INDEX_BYTES = 64 * MIB
+MAX_TOKENIZER_BYTES = 128 * MIB
+FILE_LIMITS: dict[str, int] = {
+    "config.json": MAX_CONFIG_BYTES,
+    "generation_config.json": MAX_CONFIG_BYTES,
+    "tokenizer_config.json": MAX_CONFIG_BYTES,
+    "special_tokens_map.json": MAX_CONFIG_BYTES,
+    "added_tokens.json": MAX_CONFIG_BYTES,
+    "chat_template.jinja": MAX_CONFIG_BYTES,
+    INDEX_NAME: MAX_INDEX_BYTES,
+    "tokenizer.json": MAX_TOKENIZER_BYTES,
+    "tokenizer.model": MAX_TOKENIZER_BYTES,
+}
+# A shard named by an index: one plain file name in the checkpoint directory (no path, no hidden file).
+_SHARD_NAME = re.compile(r"[^/\\\x00-\x1f.][^/\\\x00-\x1f]*\.safetensors")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -43,17 +68,11 @@ class SourceFile:
         return {"path": self.path, "size": self.size, "sha256": self.sha256}
 
 
-def _read_json(path: Path, display: str) -> Any:
+def _resolve(path: Path, display: str) -> Path:
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise SourceError(f"{display}: cannot read: {e.strerror or e}") from e
-    except UnicodeDecodeError as e:
-        raise SourceError(f"{display}: not UTF-8 text ({e.reason})") from e
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SourceError(f"{display}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+        return path.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python 3.11)
+        raise SourceError(f"{display}: cannot resolve: {e}") from e
 
 
 class Checkpoint:
@@ -63,9 +82,12 @@ class Checkpoint:
         self.root = Path(root)
         self._real_root = self._check_root()
         self._check_links()
+        self._check_sizes()
         self.config: dict[str, Any] = self._load_config()
         self.generation_config: dict[str, Any] | None = self._optional_json("generation_config.json")
         self.tokenizer_config: dict[str, Any] | None = self._optional_json("tokenizer_config.json")
+        # Not used by sovpack itself, but runtimes read it beside the weights: a broken one is refused here.
+        self._optional_json("special_tokens_map.json")
         self.shards: dict[str, SafetensorsFile] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._tensor_shard: dict[str, str] = {}
@@ -77,15 +99,22 @@ class Checkpoint:
             raise SourceError(f"{self.root}: no such directory")
         if not self.root.is_dir():
             raise SourceError(f"{self.root}: not a directory (expected a Hugging Face checkpoint folder)")
-        return self.root.resolve()
+        return _resolve(self.root, str(self.root))
 
     def _check_links(self) -> None:
         """Refuse any entry that links out of the directory, before reading anything."""
         for entry in sorted(self.root.iterdir()):
-            if entry.is_symlink() and not entry.resolve().is_relative_to(self._real_root):
-                raise SourceError(
-                    f"{entry}: a symlink that leaves the checkpoint directory ({entry.resolve()})"
-                )
+            if entry.is_symlink():
+                real = _resolve(entry, str(entry))
+                if not real.is_relative_to(self._real_root):
+                    raise SourceError(f"{entry}: a symlink that leaves the checkpoint directory ({real})")
+
+    def _check_sizes(self) -> None:
+        """Refuse an oversized document by its size before reading anything (cheap; reads are capped too)."""
+        for name, limit in FILE_LIMITS.items():
+            path = self.file(name)
+            if path is not None and path.stat().st_size > limit:
+                raise SourceError(f"{self._display(name)}: larger than {limit} bytes; refused")
 
     def _display(self, name: str) -> str:
         return str(self.root / name)
@@ -95,7 +124,7 @@ class Checkpoint:
         path = self.root / name
         if not path.exists() and not path.is_symlink():
             return None
-        real = path.resolve()
+        real = _resolve(path, self._display(name))
         if not real.is_relative_to(self._real_root):
             raise SourceError(f"{self._display(name)}: a symlink that leaves the checkpoint directory ({real})")
         if not real.exists():
@@ -108,9 +137,24 @@ class Checkpoint:
         path = self.file(name)
         if path is None:
             return None
-        data = _read_json(path, self._display(name))
+        data = read_json_file(path, FILE_LIMITS[name], where=self._display(name))
         if not isinstance(data, dict):
             raise SourceError(f"{self._display(name)}: expected a JSON object")
+        return data
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """A checkpoint file's bytes (None if absent), read only if it is a regular file within its size cap."""
+        path = self.file(name)
+        if path is None:
+            return None
+        limit = FILE_LIMITS.get(name, MAX_CONFIG_BYTES)
+        with open_regular(path, where=self._display(name)) as fh:
+            try:
+                data = fh.read(limit + 1)
+            except OSError as e:
+                raise SourceError(f"{self._display(name)}: cannot read: {e.strerror or e}") from e
+        if len(data) > limit:
+            raise SourceError(f"{self._display(name)}: larger than {limit} bytes; refused")
         return data
 
     def _load_config(self) -> dict[str, Any]:
@@ -120,28 +164,34 @@ class Checkpoint:
 
     # -- weights ----------------------------------------------------------------------------------------
     def _open_weights(self) -> None:
-        index_path = self.file(INDEX_NAME)
-        if index_path is not None:
-            index = _read_json(index_path, self._display(INDEX_NAME))
-            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        index = self._optional_json(INDEX_NAME)
+        if index is not None:
+            weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise SourceError(f"{self._display(INDEX_NAME)}: no 'weight_map' object")
+            for tensor, shard in weight_map.items():
+                if not isinstance(shard, str) or not _SHARD_NAME.fullmatch(shard):
+                    raise SourceError(
+                        f"{self._display(INDEX_NAME)}: tensor {shorten(tensor)} has an invalid shard name "
+                        f"{shorten(shard)} (expected a file name like model-00001-of-00002.safetensors in the "
+                        "checkpoint directory)"
+                    )
             shard_names = sorted(set(weight_map.values()))
             for shard in shard_names:
-                if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
-                    raise SourceError(f"{self._display(INDEX_NAME)}: invalid shard name {shard!r}")
                 if self.file(shard) is None:
                     raise SourceError(f"{self._display(shard)}: missing shard (listed in {INDEX_NAME})")
             self._add_shards(shard_names)
             for name, shard in weight_map.items():
                 if self._tensor_shard.get(name) != shard:
                     raise SourceError(
-                        f"{self._display(INDEX_NAME)}: tensor {name!r} is listed in {shard} but not stored there"
+                        f"{self._display(INDEX_NAME)}: tensor {shorten(name)} is listed in {shard} but not stored there"
                     )
         elif self.file(SINGLE_NAME) is not None:
             self._add_shards([SINGLE_NAME])
         else:
             others = sorted(p.name for p in self.root.glob("*.safetensors"))
+            for name in others:
+                self.file(name)  # a link out of the directory or a non-regular file is refused by name
             if others:
                 self._add_shards(others)
             else:
@@ -154,7 +204,7 @@ class Checkpoint:
             for name, info in st.tensors.items():
                 if name in self.tensors:
                     raise SourceError(
-                        f"{self._display(shard)}: tensor {name!r} is also stored in {self._tensor_shard[name]}"
+                        f"{self._display(shard)}: tensor {shorten(name)} is also stored in {self._tensor_shard[name]}"
                     )
                 self.tensors[name] = info
                 self._tensor_shard[name] = shard
@@ -176,7 +226,7 @@ class Checkpoint:
         try:
             shard = self._tensor_shard[tensor]
         except KeyError:
-            raise SourceError(f"{self.root}: tensor {tensor!r} is not in the checkpoint") from None
+            raise SourceError(f"{self.root}: tensor {shorten(tensor)} is not in the checkpoint") from None
         return self.shards[shard].read(tensor)
 
     # -- tokenizer ---------------------------------------------------------------------------------------
@@ -191,14 +241,23 @@ class Checkpoint:
     @cached_property
     def chat_template(self) -> str | None:
         """The chat template from chat_template.jinja (transformers 5) or tokenizer_config.json."""
-        path = self.file("chat_template.jinja")
-        if path is not None:
-            return path.read_text(encoding="utf-8")
+        raw = self.read_bytes("chat_template.jinja")
+        if raw is not None:
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SourceError(f"{self._display('chat_template.jinja')}: not UTF-8 text ({e.reason})") from e
         template = (self.tokenizer_config or {}).get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
-        return template if isinstance(template, str) else None
+            if not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in template):
+                raise SourceError(
+                    f"{self._display('tokenizer_config.json')}: 'chat_template' must be a string or a list of "
+                    "{\"name\": ..., \"template\": ...} objects with string names"
+                )
+            template = next((t.get("template") for t in template if t["name"] == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise SourceError(f"{self._display('tokenizer_config.json')}: 'chat_template' is not a string")
+        return template
 
     # -- provenance --------------------------------------------------------------------------------------
     def source_paths(self) -> list[str]:
@@ -214,9 +273,15 @@ class Checkpoint:
         """sha256 and size of every file sovpack reads (a full read: computed once, on demand)."""
         records = []
         for name in self.source_paths():
-            path = self.root / name
-            digest = sha256_file(path).removeprefix("sha256:")
-            records.append(SourceFile(path=name, size=path.stat().st_size, sha256=digest))
+            path = self.file(name)
+            if path is None:
+                raise SourceError(f"{self._display(name)}: disappeared while the checkpoint was read")
+            with open_regular(path, where=self._display(name)) as fh:
+                try:
+                    digest, size = hashing_copy(fh, None)
+                except OSError as e:
+                    raise SourceError(f"{self._display(name)}: cannot read: {e.strerror or e}") from e
+            records.append(SourceFile(path=name, size=size, sha256=digest.removeprefix("sha256:")))
         return tuple(records)
 
     def stored_dtypes(self) -> dict[str, int]:

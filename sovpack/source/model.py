@@ -5,6 +5,7 @@ This is what every stage after reading takes: targets, the reference and parity 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 
 from sovpack._protocols import Family, TensorSource
 from sovpack.converters import family_for_config
+from sovpack.converters.base import check_generation_config, stored_layout
 from sovpack.errors import SourceError
 from sovpack.source.checkpoint import Checkpoint
 from sovpack.source.spec import ModelSpec
@@ -105,17 +107,50 @@ class SourceModel:
                 )
 
 
+# A stack's layer tensors: "<prefix>layers.<i>.<rest>" (digits capped: an index is never 10 digits long). The
+# prefix tells stacks apart: a vision-language checkpoint stores its vision tower's layers beside the decoder's.
+_LAYER_INDEX = re.compile(r"^(|.*\.)layers\.(\d{1,9})\.")
+
+
+def check_layer_count(spec: ModelSpec, checkpoint: Checkpoint, where: str) -> None:
+    """The config's layer count matches the layers the checkpoint stores, before anything is built per layer.
+
+    The config is a few bytes and can claim a billion layers; the tensor map and every check after it grow with
+    the layer count, so it must first be held against what is actually stored (bounded by the header size).
+    One stack of layers (tensors sharing the prefix before ``layers.<i>.``) must have exactly that many.
+    """
+    stacks: dict[str, set[int]] = {}
+    for name in checkpoint.tensors:
+        if m := _LAYER_INDEX.match(name):
+            stacks.setdefault(m.group(1), set()).add(int(m.group(2)))
+    if any(len(indices) == spec.num_layers for indices in stacks.values()):
+        return
+    stored = max(stacks.values(), key=len, default=set())
+    held = f"{len(stored)} layers" if stored else "no layers"
+    span = f" (indices {min(stored)} to {max(stored)})" if stored else ""
+    raise SourceError(f"{where}: 'num_hidden_layers' is {spec.num_layers} but the checkpoint stores {held}{span}")
+
+
 def open_model(path: str | Path, *, allow_nonfinite: bool = False) -> SourceModel:
-    """Open a checkpoint directory, pick its family, build the spec and check every tensor's shape."""
+    """Open a checkpoint directory, pick its family, build the spec and check every tensor's shape.
+
+    Cheap checks come first: config types and ranges (ConfigReader), then the layer count against the stored
+    tensor names, and only then the per-layer tensor map and the shapes of every stored tensor.
+    """
     checkpoint = Checkpoint(Path(path))
     where = str(checkpoint.root / "config.json")
     family = family_for_config(checkpoint.config, where)
     spec = family.build_spec(checkpoint.config, where)
+    if checkpoint.generation_config is not None:
+        check_generation_config(
+            checkpoint.generation_config, spec.vocab_size, str(checkpoint.root / "generation_config.json")
+        )
+    check_layer_count(spec, checkpoint, where)
     model = SourceModel(
         checkpoint=checkpoint,
         family=family,
         spec=spec,
-        tensor_map=family.tensor_map(spec),
+        tensor_map=stored_layout(family.tensor_map(spec), checkpoint.tensors),
         allow_nonfinite=allow_nonfinite,
     )
     model.validate()

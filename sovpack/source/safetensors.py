@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import ml_dtypes
 import numpy as np
 
+from sovpack._io import open_regular, parse_json, shorten
 from sovpack.errors import SourceError
 
 # Spec: https://github.com/huggingface/safetensors#format
@@ -37,6 +39,7 @@ DTYPES: dict[str, np.dtype] = {
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_DIMS = 32  # numpy refuses more than 64 dimensions; real weights have at most a handful
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -65,15 +68,20 @@ class SafetensorsFile:
         self.tensors: dict[str, TensorInfo] = {}
         self._mmap: mmap.mmap | None = None
         self._data_start = 0
+        self._size = 0
         self._parse()
 
     def _fail(self, problem: str) -> SourceError:
         return SourceError(f"{self.display}: {problem}")
 
+    def _open(self) -> BinaryIO:
+        """The file, opened only if it is a regular file (a FIFO or device would block or never end)."""
+        return open_regular(self.path, where=self.display)
+
     def _parse(self) -> None:
-        try:
-            size = self.path.stat().st_size
-            with self.path.open("rb") as fh:
+        with self._open() as fh:
+            try:
+                size = os.fstat(fh.fileno()).st_size
                 prefix = fh.read(8)
                 if len(prefix) < 8:
                     raise self._fail(f"not a safetensors file: {size} bytes, too short for a header")
@@ -85,20 +93,26 @@ class SafetensorsFile:
                         f"corrupt header: length {header_len} runs past the end of the file ({size} bytes)"
                     )
                 raw = fh.read(header_len)
-        except OSError as e:
-            raise self._fail(f"cannot read: {e.strerror or e}") from e
+            except OSError as e:
+                raise self._fail(f"cannot read: {e.strerror or e}") from e
+        if len(raw) != header_len:
+            raise self._fail(f"corrupt header: the file ended after {len(raw)} of {header_len} header bytes")
+        # NOTE: parse_json refuses duplicate tensor names (json.loads keeps the last one, so a second entry could
+        # silently re-point a tensor at other bytes), NaN/Infinity and deep nesting.
         try:
-            header = json.loads(raw.decode("utf-8").rstrip(" "))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise self._fail(f"corrupt header: not valid JSON ({e})") from e
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self._fail(f"corrupt header: not UTF-8 text ({e.reason})") from e
+        header = parse_json(text.rstrip(" "), f"{self.display}: corrupt header")
         if not isinstance(header, dict):
             raise self._fail("corrupt header: expected a JSON object")
         self._data_start = 8 + header_len
+        self._size = size
         data_size = size - self._data_start
         meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict):
-            raise self._fail("corrupt header: __metadata__ is not an object")
-        self.metadata = {str(k): str(v) for k, v in meta.items()}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise self._fail("corrupt header: __metadata__ is not an object of strings")
+        self.metadata = dict(meta)
         spans: list[tuple[int, int, str]] = []
         for name, entry in header.items():
             info = self._entry(name, entry, data_size)
@@ -107,34 +121,40 @@ class SafetensorsFile:
         spans.sort()
         for (_, prev_end, prev_name), (begin, _, name) in itertools.pairwise(spans):
             if begin < prev_end:
-                raise self._fail(f"corrupt header: tensors {prev_name!r} and {name!r} overlap")
+                raise self._fail(f"corrupt header: tensors {shorten(prev_name)} and {shorten(name)} overlap")
 
     def _entry(self, name: str, entry: object, data_size: int) -> TensorInfo:
+        label = shorten(name)
         if not isinstance(entry, dict):
-            raise self._fail(f"corrupt header: entry {name!r} is not an object")
+            raise self._fail(f"corrupt header: entry {label} is not an object")
         dtype = entry.get("dtype")
-        if dtype not in DTYPES:
-            raise self._fail(f"tensor {name!r} has unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise self._fail(f"tensor {label} has unknown dtype {shorten(dtype)}; known: {', '.join(DTYPES)}")
         shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise self._fail(f"corrupt header: tensor {name!r} has an invalid shape {shape!r}")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise self._fail(f"corrupt header: tensor {label} has an invalid shape {shorten(shape)}")
         offsets = entry.get("data_offsets")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets)
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]
         ):
-            raise self._fail(f"corrupt header: tensor {name!r} has invalid data_offsets {offsets!r}")
+            raise self._fail(f"corrupt header: tensor {label} has invalid data_offsets {shorten(offsets)}")
         begin, end = offsets
         expected = math.prod(shape) * DTYPES[dtype].itemsize
         if end - begin != expected:
             raise self._fail(
-                f"corrupt header: tensor {name!r} spans {end - begin} bytes but {dtype}{shape} needs {expected}"
+                f"corrupt header: tensor {label} spans {shorten(end - begin)} bytes but {dtype}{shorten(shape)} needs "
+                f"{shorten(expected)}"
             )
         if end > data_size:
             raise self._fail(
-                f"truncated or corrupt: tensor {name!r} ends at byte {end} of the data section, "
+                f"truncated or corrupt: tensor {label} ends at byte {shorten(end)} of the data section, "
                 f"which has only {data_size} bytes"
             )
         return TensorInfo(name=name, path=self.path, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
@@ -143,8 +163,15 @@ class SafetensorsFile:
         """A read-only, zero-copy view of one tensor in its stored dtype."""
         info = self.tensors[name]
         if self._mmap is None:
-            with self.path.open("rb") as fh:
-                self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            with self._open() as fh:
+                # A file that shrank since its header was checked would make reading the map a SIGBUS crash.
+                size = os.fstat(fh.fileno()).st_size
+                if size < self._size:
+                    raise self._fail(f"shrank from {self._size} to {size} bytes while being read")
+                try:
+                    self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                except (OSError, ValueError) as e:
+                    raise self._fail(f"cannot map: {e}") from e
         dtype = DTYPES[info.dtype]
         count = math.prod(info.shape)
         if count == 0:

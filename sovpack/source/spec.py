@@ -6,6 +6,9 @@ config again. Canonical tensor names are listed here too, so every target agrees
 NOTE: canonical norm weights are *effective* weights: a family whose norm computes ``x * (offset + w)``
 (Gemma) folds the offset in when it maps tensors, so every consumer applies a plain ``x * w``.
 ``norm_weight_offset`` records what the source did, for provenance and for targets that want to know.
+
+NOTE: fields added for newer families (Gemma 2/3, Phi-3.5/4-mini, SmolLM3, OLMo 2, Granite) come after
+``source_dtype`` and default to what the first seven families do, so their specs keep their meaning.
 """
 
 from __future__ import annotations
@@ -14,8 +17,15 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-RopeKind = Literal["none", "linear", "llama3", "yarn"]
+RopeKind = Literal["none", "linear", "llama3", "yarn", "longrope"]
 Activation = Literal["silu", "gelu_tanh", "gelu"]
+# "full": a layer attends to every earlier position; "sliding": only to the last ``sliding_window`` ones.
+LayerType = Literal["full", "sliding"]
+# Which sublayer norms exist: "pre" normalises each sublayer's input (Llama); "post" its output, before the
+# residual add (OLMo 2); "sandwich" both (Gemma 2/3).
+NormPlacement = Literal["pre", "sandwich", "post"]
+# q/k RMSNorm over each head's head_dim values (Qwen3, Gemma 3) or over the whole projection (OLMo 2).
+QKNormScope = Literal["head", "projection"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -27,19 +37,31 @@ class RopeScaling:
     # llama3
     low_freq_factor: float | None = None
     high_freq_factor: float | None = None
-    original_max_position_embeddings: int | None = None
+    original_max_position_embeddings: int | None = None  # llama3, yarn; longrope: where the long factors start
     # yarn
     beta_fast: float | None = None
     beta_slow: float | None = None
-    attention_factor: float | None = None
+    attention_factor: float | None = None  # cos/sin multiplier (yarn: None = its default; longrope: resolved)
     truncate: bool | None = None
+    # longrope: per-frequency divisors [rotary_dim / 2]; ``short_factor`` while a forward pass sees at most
+    # original_max_position_embeddings positions, ``long_factor`` once it sees more (see sovpack.reference)
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        data = {k: v for k, v in asdict(self).items() if v is not None}
+        for key in ("short_factor", "long_factor"):
+            if key in data:
+                data[key] = list(data[key])
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RopeScaling:
-        return cls(**data)
+        values = dict(data)
+        for key in ("short_factor", "long_factor"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -73,6 +95,29 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     source_dtype: str = "float32"
+    # Per layer: "sliding" layers attend within sliding_window, "full" ones to everything; () means every
+    # layer is "sliding" when sliding_window is set and "full" otherwise.
+    layer_types: tuple[LayerType, ...] = ()
+    # Rope base of "sliding" layers, which are never frequency-scaled (Gemma 3); None: they rotate like full ones.
+    rope_local_theta: float | None = None
+    # Layers that apply no rotary embedding at all (SmolLM3's NoPE layers).
+    no_rope_layers: tuple[int, ...] = ()
+    # Leading dims of each q/k head that rotate (rotate-half among them); the rest pass through. None: head_dim.
+    rotary_dim: int | None = None
+    # Multiplier of q.k in attention scores; None: 1/sqrt(head_dim).
+    attention_scale: float | None = None
+    # Attention scores become cap * tanh(scores / cap) after scaling, before the mask (Gemma 2).
+    attn_logit_softcap: float | None = None
+    # Which sublayer RMSNorms exist and where (NormPlacement): pre, post or sandwich.
+    norm_placement: NormPlacement = "pre"
+    # q/k norms (when qk_norm) per head or over the whole projection (QKNormScope).
+    qk_norm_scope: QKNormScope = "head"
+    # Each sublayer's output is multiplied by this before the residual add (Granite).
+    residual_multiplier: float = 1.0
+    # The output head's logits are divided by this (Granite's logits_scaling), before any final soft-capping.
+    logits_divisor: float = 1.0
+    # Logits become cap * tanh(logits / cap) (Gemma 2).
+    final_logit_softcap: float | None = None
 
     @property
     def q_size(self) -> int:
@@ -82,26 +127,62 @@ class ModelSpec:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def rotary_size(self) -> int:
+        """How many leading dims of each head rotate."""
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
+
+    def layer_type(self, layer: int) -> LayerType:
+        if self.layer_types:
+            return self.layer_types[layer]
+        return "sliding" if self.sliding_window is not None else "full"
+
+    def layer_window(self, layer: int) -> int | None:
+        """The attention window of one layer (None: unlimited)."""
+        return self.sliding_window if self.layer_type(layer) == "sliding" else None
+
+    def layer_rope(self, layer: int) -> Literal["none", "local", "global"]:
+        """Which rotary embedding a layer applies: none, the local one (rope_local_theta) or the global one."""
+        if layer in self.no_rope_layers:
+            return "none"
+        if self.rope_local_theta is not None and self.layer_type(layer) == "sliding":
+            return "local"
+        return "global"
+
+    @property
+    def pre_norms(self) -> bool:
+        """attn_norm / mlp_norm normalise each sublayer's input."""
+        return self.norm_placement in ("pre", "sandwich")
+
+    @property
+    def post_norms(self) -> bool:
+        """post_attn_norm / post_mlp_norm normalise each sublayer's output before the residual add."""
+        return self.norm_placement in ("post", "sandwich")
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["rope_scaling"] = self.rope_scaling.to_dict()
-        data["eos_token_ids"] = list(self.eos_token_ids)
+        for key in ("eos_token_ids", "layer_types", "no_rope_layers"):
+            data[key] = list(data[key])
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         values = dict(data)
         values["rope_scaling"] = RopeScaling.from_dict(values.get("rope_scaling", {}))
-        values["eos_token_ids"] = tuple(values.get("eos_token_ids", ()))
+        for key in ("eos_token_ids", "layer_types", "no_rope_layers"):
+            values[key] = tuple(values.get(key, ()))
         return cls(**values)
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Canonical tensor name -> shape, in HF ``Linear`` layout ([out_features, in_features])."""
         h, kv, q = self.hidden_size, self.kv_size, self.q_size
+        qk_norm = (self.head_dim, self.head_dim) if self.qk_norm_scope == "head" else (q, kv)
         shapes: dict[str, tuple[int, ...]] = {"embed": (self.vocab_size, h)}
         for i in range(self.num_layers):
             p = f"layers.{i}."
-            shapes[p + "attn_norm"] = (h,)
+            if self.pre_norms:
+                shapes[p + "attn_norm"] = (h,)
             shapes[p + "q"] = (q, h)
             shapes[p + "k"] = (kv, h)
             shapes[p + "v"] = (kv, h)
@@ -111,12 +192,17 @@ class ModelSpec:
                 shapes[p + "k_bias"] = (kv,)
                 shapes[p + "v_bias"] = (kv,)
             if self.qk_norm:
-                shapes[p + "q_norm"] = (self.head_dim,)
-                shapes[p + "k_norm"] = (self.head_dim,)
-            shapes[p + "mlp_norm"] = (h,)
+                shapes[p + "q_norm"] = (qk_norm[0],)
+                shapes[p + "k_norm"] = (qk_norm[1],)
+            if self.post_norms:
+                shapes[p + "post_attn_norm"] = (h,)
+            if self.pre_norms:
+                shapes[p + "mlp_norm"] = (h,)
             shapes[p + "gate"] = (self.intermediate_size, h)
             shapes[p + "up"] = (self.intermediate_size, h)
             shapes[p + "down"] = (h, self.intermediate_size)
+            if self.post_norms:
+                shapes[p + "post_mlp_norm"] = (h,)
         shapes["final_norm"] = (h,)
         if not self.tie_word_embeddings:
             shapes["lm_head"] = (self.vocab_size, h)

@@ -27,6 +27,7 @@ from sovpack.transport.endpoints import (
 )
 from sovpack.transport.reference import Reference, is_registry_reference
 from sovpack.transport.remote import RegistryLayout, bundle_location, local_bundle
+from sovpack.transport.session import StallError
 
 __all__ = [
     "ArchiveEndpoint",
@@ -42,6 +43,7 @@ __all__ = [
     "RegistryEndpoint",
     "RegistryLayout",
     "RegistryOptions",
+    "StallError",
     "bundle_location",
     "collect",
     "copy_bundle",

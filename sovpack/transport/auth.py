@@ -9,7 +9,6 @@ challenge's realm for the challenge's (and our) scope.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
 import urllib.parse
@@ -17,12 +16,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sovpack._io import parse_json, read_json_file
 from sovpack.errors import RegistryError, UsageError
 
 DEFAULT_CHUNK = 16 * 1024 * 1024
 ENV_USERNAME = "SOVPACK_REGISTRY_USERNAME"
 ENV_PASSWORD = "SOVPACK_REGISTRY_PASSWORD"
 MAX_TOKEN_ANSWER = 1024 * 1024
+MAX_DOCKER_CONFIG = 4 * 1024 * 1024
+DEFAULT_STALL_TIMEOUT = 60.0
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{1,16384}$")  # RFC 6750 b64token: safe inside a header
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -37,6 +40,7 @@ class RegistryOptions:
     max_backoff: float = 8.0
     timeout: float = 120.0
     chunk_size: int = DEFAULT_CHUNK
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT  # seconds a request may move less than 64 KiB before it fails
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +79,9 @@ def resolve_credentials(
     if env.get(ENV_USERNAME) is not None:
         return Credentials(env[ENV_USERNAME], env.get(ENV_PASSWORD, ""), ENV_USERNAME)
     path = _docker_config_path(env)
-    if not path.is_file():
+    if not path.exists():
         return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: cannot read the docker config: {e}") from e
+    config = read_json_file(path, MAX_DOCKER_CONFIG, where=f"{path} (docker config)", error=UsageError)
     auths = config.get("auths") if isinstance(config, dict) else None
     if not isinstance(auths, dict):
         return None
@@ -123,7 +124,11 @@ class Auth:
 
     def header(self, url: str, scope: str | None) -> dict[str, str]:
         """The ``Authorization`` header for a request to ``url`` (none for another host)."""
-        if urllib.parse.urlsplit(url).netloc != self.registry:
+        try:
+            netloc = urllib.parse.urlsplit(url).netloc
+        except ValueError:
+            return {}  # NOTE: a URL that does not parse gets no credentials (and is refused when it is connected to)
+        if netloc != self.registry:
             return {}  # never send credentials to a redirect target on another host
         if scope is not None and scope in self._tokens:
             return {"Authorization": f"Bearer {self._tokens[scope]}"}
@@ -164,14 +169,14 @@ class Auth:
             headers["Authorization"] = self.credentials.basic()
         status, body = fetch_token(token_url, headers)
         if status != 200:
-            raise RegistryError(f"token endpoint {realm}: HTTP {status} {body[:200].decode('utf-8', 'replace')}")
-        try:
-            data = json.loads(body)
-        except ValueError as e:
-            raise RegistryError(f"token endpoint {realm}: the answer is not JSON") from e
-        token = data.get("token") or data.get("access_token") if isinstance(data, dict) else None
+            detail = "".join(c if c.isprintable() else " " for c in body[:200].decode("utf-8", "replace")).strip()
+            raise RegistryError(f"token endpoint {realm}: HTTP {status} {detail}")
+        data = parse_json(body, f"token endpoint {realm}: the answer", error=RegistryError)
+        token = (data.get("token") or data.get("access_token")) if isinstance(data, dict) else None
         if not isinstance(token, str) or not token:
             raise RegistryError(f"token endpoint {realm}: the answer holds no token")
+        if not _TOKEN_RE.match(token):
+            raise RegistryError(f"token endpoint {realm}: the token is not a bearer token (odd characters or too long)")
         key = scope or " ".join(scopes)
         if key in self._tokens and self._tokens[key] == token:
             raise RegistryError(f"{url}: the registry refused the token for {key!r} (insufficient access?)")
@@ -180,6 +185,7 @@ class Auth:
 
 __all__ = [
     "DEFAULT_CHUNK",
+    "DEFAULT_STALL_TIMEOUT",
     "ENV_PASSWORD",
     "ENV_USERNAME",
     "Auth",

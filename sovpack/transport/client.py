@@ -22,19 +22,22 @@ import contextlib
 import hashlib
 import http.client
 import io
-import json
 import re
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from sovpack._io import parse_json
 from sovpack.errors import RegistryError, VerificationError
 from sovpack.oci.descriptor import sha256_digest
 from sovpack.oci.media import DIGEST_RE, MAX_JSON_DOCUMENT, MT_INDEX
 from sovpack.transport.auth import DEFAULT_CHUNK, RegistryOptions
 from sovpack.transport.reference import ACCEPT_MANIFESTS, Reference, fallback_tag
-from sovpack.transport.session import READ_PIECE, Session
+from sovpack.transport.session import READ_PIECE, Session, StallError, join_url
+
+# RFC 6838 type/subtype (+suffix): what a Content-Type header may carry (never CR/LF or parameters)
+MEDIA_TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$")
 
 
 class RegistryClient(Session):
@@ -47,8 +50,8 @@ class RegistryClient(Session):
         reply.drain()
         if reply.status == 404:
             return None
-        length = reply.header("Content-Length")
-        return int(length) if length and length.isdigit() else -1
+        length = reply.content_length()
+        return -1 if length is None else length
 
     def iter_blob(self, repository: str, digest: str, size: int, start: int = 0) -> Iterator[bytes]:
         """The blob's bytes from ``start`` in pieces; a dropped connection resumes with Range (bounded).
@@ -64,12 +67,17 @@ class RegistryClient(Session):
                                  scope=self.pull_scope(repository), ok=(200, 206), follow=True)
             skip = 0
             if reply.status == 206:
-                match = re.match(r"bytes (\d+)-", reply.header("Content-Range") or "")
+                match = re.match(r"bytes ([0-9]{1,19})-", reply.header("Content-Range") or "")
                 if not match or int(match.group(1)) != position:
                     reply.close()
                     raise RegistryError(f"{reply.url}: the registry answered a range that was not asked for")
             elif position > 0:
                 skip = position  # Range ignored: read past what we have
+            declared, expected = reply.content_length(), size - position + skip
+            if declared is not None and declared > expected:
+                reply.close()
+                raise VerificationError(f"blob {digest} from {self.registry}/{repository}: the registry sends "
+                                        f"{declared} bytes where the descriptor leaves {expected}; refused")
             try:
                 while True:
                     piece = reply.read(READ_PIECE)
@@ -119,8 +127,8 @@ class RegistryClient(Session):
             )
         media_type = (reply.header("Content-Type") or "").split(";")[0].strip()
         try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            doc = parse_json(data, f"manifest {digest} from {self.registry}/{repository}", error=VerificationError)
+        except VerificationError:
             # NOTE: not swallowed: the Content-Type stays the media type, and whoever parses the manifest
             # (the graph walk, verify) refuses bytes that are not a JSON object, naming the digest.
             doc = None
@@ -137,6 +145,9 @@ class RegistryClient(Session):
 
     def put_manifest(self, repository: str, reference: str, data: bytes, media_type: str) -> Mapping[str, str]:
         """PUT a manifest (by digest or tag); returns the response headers (``OCI-Subject`` tells referrers)."""
+        if not MEDIA_TYPE_RE.match(media_type):
+            raise VerificationError(f"manifest {sha256_digest(data)}: media type {media_type[:100]!r} is not a "
+                                    "media type; not pushed")
         reply = self.request("PUT", f"/v2/{repository}/manifests/{reference}", body=data,
                              headers={"Content-Type": media_type}, scope=self.push_scope(repository), ok=(201, 200))
         headers = {k.lower(): v for k, v in reply.headers.items()}
@@ -205,7 +216,7 @@ class RegistryClient(Session):
             return None, "mounted"
         if not location:
             raise RegistryError(f"POST {path}: no Location for the upload session")
-        return urllib.parse.urljoin(reply.url, location), "session"
+        return join_url(reply.url, location), "session"
 
     def mount_blob(self, repository: str, digest: str, source_repository: str) -> bool:
         """Cross-repository mount; True if the registry linked the blob (no bytes moved)."""
@@ -223,15 +234,17 @@ class RegistryClient(Session):
         """GET the upload URL: (next offset, new location), or None if the registry lost/refuses the session."""
         try:
             reply = self.request("GET", location, scope=self.push_scope(repository), ok=(204, 200, 404, 400, 416))
+        except StallError:
+            raise
         except RegistryError:
             return None
         status = reply.status
         range_header = reply.header("Range")
-        new_location = urllib.parse.urljoin(location, reply.header("Location") or location)
+        new_location = join_url(location, reply.header("Location") or location)
         reply.drain()
         if status not in (200, 204):
             return None
-        match = re.match(r"^(?:bytes=)?0-(\d+)$", (range_header or "").strip())
+        match = re.match(r"^(?:bytes=)?0-([0-9]{1,19})$", (range_header or "").strip())
         if not match:
             return 0, new_location
         end = int(match.group(1))
@@ -281,6 +294,8 @@ class RegistryClient(Session):
             reply = self.request("PUT", self._finish_url(location, digest), body=data, retry=False,
                                  headers={"Content-Type": "application/octet-stream"},
                                  scope=self.push_scope(repository), ok=(201, 204))
+        except StallError:
+            raise
         except RegistryError as e:
             raise _RestartUpload(str(e)) from e
         reply.drain()
@@ -319,8 +334,10 @@ class RegistryClient(Session):
             try:
                 reply = self.request("PATCH", location, body=chunk, headers=headers, scope=scope, ok=(202,),
                                      retry=False)
-                next_location = urllib.parse.urljoin(location, reply.header("Location") or location)
+                next_location = join_url(location, reply.header("Location") or location)
                 reply.drain()
+            except StallError:
+                raise
             except RegistryError as e:
                 failures += 1
                 if failures > self.options.retries:
@@ -350,6 +367,8 @@ class RegistryClient(Session):
         try:
             reply = self.request("PUT", self._finish_url(location, digest), headers={"Content-Length": "0"}, body=b"",
                                  scope=scope, ok=(201, 204), retry=False)
+        except StallError:
+            raise
         except RegistryError as e:
             raise _RestartUpload(str(e)) from e
         reply.drain()
@@ -365,10 +384,7 @@ def _referrer_descriptors(data: bytes, where: str, *, tagged: bool) -> list[dict
     ``tagged``: the index sits under a fallback tag, where anything but an image index with a manifests list
     is refused (the referrers API may leave out an empty list).
     """
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RegistryError(f"{where}: the referrers index is not JSON: {e}") from e
+    doc = parse_json(data, f"{where}: the referrers index", error=RegistryError)
     manifests = doc.get("manifests", None if tagged else []) if isinstance(doc, dict) else None
     if not isinstance(manifests, list) or (tagged and doc.get("mediaType", MT_INDEX) != MT_INDEX):
         raise RegistryError(f"{where}: holds no referrers index (an OCI image index with a manifests list)")

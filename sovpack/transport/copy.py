@@ -13,6 +13,15 @@ Why it is safe to interrupt anywhere:
   fallback tags, and the tag itself last: a partial push never leaves a tag pointing at missing content;
 - into an archive, the tar is written to a temporary sibling and renamed (:mod:`sovpack.oci.archive`).
 
+A failed copy into a directory says exactly what it leaves: nothing (the directories it made are removed), or
+the verified blobs it landed and any ``.partial`` download, which the same command run again continues from.
+Staging directories (archive -> registry, registry -> archive) are removed on every exit path.
+
+The tag: a bundle's tag is part of what was signed, so a copy keeps it (:func:`destination_tag`): a
+destination without a tag gets the bundle's own, and one that names another tag is refused (rebuild, i.e.
+re-sign, the bundle under the new tag instead). What ``copy`` pushed therefore verifies by the reference it
+was pushed to.
+
 Signatures and attestations are manifests listed in the bundle index, so they travel with it. Their OCI
 ``subject`` makes them referrers of the target manifest: a registry with the OCI 1.1 referrers API indexes
 them itself (it answers the manifest PUT with ``OCI-Subject``); for one without (Distribution 2.8), the
@@ -31,13 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sovpack._io import Progress, no_progress
+from sovpack._io import Progress, check_not_input, no_progress
 from sovpack.attest.dsse import canonical_json
 from sovpack.errors import UsageError, VerificationError
 from sovpack.oci.archive import read_archive, write_archive
 from sovpack.oci.blobs import Graph, collect
 from sovpack.oci.descriptor import Descriptor
-from sovpack.oci.media import INDEX_TYPES, MT_INDEX
+from sovpack.oci.media import INDEX_TYPES, MT_INDEX, TAG_RE
 from sovpack.oci.writer import (
     LayoutWriter,
     LocalBlobs,
@@ -66,6 +75,7 @@ class CopyResult:
     blobs_transferred: int
     blobs_skipped: int
     blobs_mounted: int
+    blobs_unreferenced: int  # blobs an oci-archive held that the bundle does not reach: not imported
     bytes_transferred: int
     manifests: int
     referrers: str  # how attestations are discoverable as referrers at a registry destination
@@ -83,6 +93,7 @@ class CopyResult:
             "blobs_transferred": self.blobs_transferred,
             "blobs_skipped": self.blobs_skipped,
             "blobs_mounted": self.blobs_mounted,
+            "blobs_unreferenced": self.blobs_unreferenced,
             "bytes_transferred": self.bytes_transferred,
             "manifests": self.manifests,
             "referrers": self.referrers,
@@ -181,6 +192,31 @@ def _copy_blob_to_registry(source: _Source, client: RegistryClient, ref: Referen
         shutil.rmtree(spool, ignore_errors=True)  # cleanup only: scratch space
 
 
+def destination_tag(bundle_tag: str | None, source_tag: str | None, dst: Endpoint, digest: str) -> str | None:
+    """The tag a copy gives the bundle at ``dst``: a bundle's tag is part of what was signed, so copy keeps it.
+
+    A destination without a tag (a directory, an archive, ``docker://HOST/REPO``) gets the bundle's own tag (the
+    ``org.opencontainers.image.ref.name`` annotation of its bundle index, written by ``sovpack build``); a
+    reference naming another tag is refused: the bundle must be rebuilt (re-signed) under that tag. Only a
+    bundle built without a tag takes the destination's tag, else the source's.
+    """
+    requested = None
+    if isinstance(dst, RegistryEndpoint):
+        requested = dst.ref.tag
+        if dst.ref.digest is not None and dst.ref.digest != digest:
+            raise UsageError(f"{dst}: pins {dst.ref.digest}, but the bundle index being copied is {digest}")
+    if isinstance(dst, RegistryEndpoint) and bundle_tag is not None and requested not in (None, bundle_tag):
+        raise UsageError(
+            f"{dst}: names the tag {requested!r}, but the bundle was built and signed as {bundle_tag!r}; a bundle's "
+            f"tag is part of what was signed, so copy keeps it: copy to {dst.ref.with_tag(None)} (it gets "
+            f"{bundle_tag!r}), or rebuild the bundle with --tag {requested} to sign it under the new tag"
+        )
+    tag = bundle_tag or requested or source_tag
+    if tag is not None and not TAG_RE.match(tag):
+        raise VerificationError(f"{dst}: the source names the bundle {tag!r}, which is not a valid OCI tag")
+    return tag
+
+
 def transfer(
     src: LayoutEndpoint | RegistryEndpoint,
     dst: LayoutEndpoint | RegistryEndpoint,
@@ -189,16 +225,16 @@ def transfer(
     force: bool,
     progress: Progress,
     clients: Clients,
+    scratch: bool = False,
 ) -> tuple[Graph, str | None, TransferCounts, str]:
-    """Copy between a directory and/or registries: (graph, tag, counts, how referrers are discoverable)."""
+    """Copy between a directory and/or registries: (graph, tag, counts, how referrers are discoverable).
+
+    ``scratch``: a directory destination is a staging directory the caller removes.
+    """
     source = _Source(src, options, clients)
     graph = collect(source.read_manifest, source.top)
     top_node = graph.manifests[-1]
-    tag: str | None
-    if isinstance(dst, RegistryEndpoint):
-        tag = dst.ref.tag or source.tag or top_node.tag or "latest"
-    else:
-        tag = source.tag or top_node.tag
+    tag = destination_tag(top_node.tag, source.tag, dst, graph.top.digest)
     counts = TransferCounts(blobs=len(graph.blobs), manifests=len(graph.manifests))
     total = len(graph.blobs) + len(graph.manifests)
     done = 0
@@ -210,23 +246,26 @@ def transfer(
         return report
 
     if isinstance(dst, LayoutEndpoint):
+        top = Descriptor(media_type=graph.top.media_type, digest=graph.top.digest, size=graph.top.size)
         writer = LayoutWriter(dst.path)
-        writer.prepare(layout_index_bytes(graph.top, tag), force=force)
-        for desc in graph.blobs:
-            progress("blobs", done, total)
-            if writer.has(desc):
-                counts.skipped += 1
-            else:
-                _copy_blob_to_layout(source, writer, desc, counts, step(f"blob {desc.short}"))
-            done += 1
-        for node in graph.manifests:
-            writer.put_bytes(node.descriptor, node.data, str(src))
-            done += 1
-            progress("manifests", done, total)
-        writer.finish(graph.top, tag)
+        with writer.filling(scratch=scratch):
+            writer.prepare(layout_index_bytes(top, tag), force=force)
+            for desc in graph.blobs:
+                progress("blobs", done, total)
+                if writer.has(desc):
+                    counts.skipped += 1
+                else:
+                    _copy_blob_to_layout(source, writer, desc, counts, step(f"blob {desc.short}"))
+                done += 1
+            for node in graph.manifests:
+                writer.put_bytes(node.descriptor, node.data, str(src))
+                done += 1
+                progress("manifests", done, total)
+            writer.finish(top, tag)
         return graph, tag, counts, "none"
 
     ref = dst.ref
+    tag = tag or "latest"
     client = _client(clients, ref.registry, options)
     push = client.push_scope(ref.repository)
     spool_dir = spool_directory()
@@ -260,7 +299,7 @@ def transfer(
     for subject, entries in sorted(by_subject.items()):
         counts.referrer_tags.append(_push_referrers_fallback(client, ref.repository, subject, entries))
     referrers = "none" if api is None else "api" if api else "tag-fallback"
-    client.put_manifest(ref.repository, tag or "latest", top_node.data, graph.top.media_type)  # the tag, last
+    client.put_manifest(ref.repository, tag, top_node.data, graph.top.media_type)  # the tag, last
     progress("manifests", total, total)
     return graph, tag, counts, referrers
 
@@ -317,14 +356,17 @@ def copy_bundle(
         src.path.resolve() == dst.path.resolve()
     ):
         raise UsageError(f"{src}: source and destination are the same directory")
+    if not isinstance(src, RegistryEndpoint) and not isinstance(dst, RegistryEndpoint):
+        check_not_input(dst.path, [src.path])  # writing into (or over) the source would change what is read
     started = time.monotonic()
     clients: Clients = {}
     how = "none"
     origin = src
+    unreferenced = 0
     with contextlib.ExitStack() as stack:
         if isinstance(src, ArchiveEndpoint) and not isinstance(dst, LayoutEndpoint):
             staging = stack.enter_context(staging_directory(spool_directory()))
-            read_archive(src.path, staging, force=True)
+            unreferenced = read_archive(src.path, staging, force=True, scratch=True)[2].unreferenced
             src = LayoutEndpoint(staging)
         if isinstance(src, ArchiveEndpoint) and isinstance(dst, LayoutEndpoint):  # unpack straight into it
             top, tag, counts = read_archive(src.path, dst.path, force=force)
@@ -333,7 +375,7 @@ def copy_bundle(
             if isinstance(src, RegistryEndpoint):  # pull next to the archive, then write the tar
                 staging = stack.enter_context(staging_directory(dst.path.parent))
                 transfer(src, LayoutEndpoint(staging), options=options, force=True, progress=progress,
-                         clients=clients)
+                         clients=clients, scratch=True)
                 src = LayoutEndpoint(staging)
             top, tag, counts = write_archive(src.path, dst.path, force=force)
             digest = top.digest
@@ -343,6 +385,7 @@ def copy_bundle(
             digest = graph.top.digest
         else:  # pragma: no cover  (archive -> archive was turned into directory -> archive above)
             raise UsageError(f"cannot copy {source} to {destination}")
+    counts.unreferenced = counts.unreferenced or unreferenced
     return _result(origin, dst, digest, tag, counts, how, started, clients)
 
 
@@ -352,12 +395,15 @@ def _result(src: Endpoint, dst: Endpoint, digest: str, tag: str | None, counts: 
     for client in clients.values():
         for key, value in client.stats.items():
             stats[key] = stats.get(key, 0) + value
+    if isinstance(dst, RegistryEndpoint) and tag and dst.ref.tag is None:
+        dst = RegistryEndpoint(dst.ref.with_tag(tag))  # where the bundle went: its own tag
     return CopyResult(
         source=str(src), destination=str(dst), digest=digest, tag=tag, blobs=counts.blobs,
         blobs_transferred=counts.transferred, blobs_skipped=counts.skipped, blobs_mounted=counts.mounted,
-        bytes_transferred=counts.bytes, manifests=counts.manifests, referrers=referrers,
+        blobs_unreferenced=counts.unreferenced, bytes_transferred=counts.bytes, manifests=counts.manifests,
+        referrers=referrers,
         referrer_tags=tuple(counts.referrer_tags), seconds=time.monotonic() - started, stats=stats,
     )
 
 
-__all__ = ["CopyResult", "copy_bundle", "spool_directory", "staging_directory", "transfer"]
+__all__ = ["CopyResult", "copy_bundle", "destination_tag", "spool_directory", "staging_directory", "transfer"]

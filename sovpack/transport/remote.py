@@ -135,10 +135,10 @@ def bundle_location(arg: str | os.PathLike[str], options: RegistryOptions, *, st
         return
     with staging_directory(spool_directory()) as staging:
         if isinstance(endpoint, ArchiveEndpoint):
-            read_archive(endpoint.path, staging, force=True)
+            read_archive(endpoint.path, staging, force=True, scratch=True)
         else:
             transfer(endpoint, LayoutEndpoint(staging), options=options, force=True,
-                     progress=no_progress, clients={})
+                     progress=no_progress, clients={}, scratch=True)
         yield staging
 
 

@@ -4,35 +4,127 @@ Connection errors, 5xx and 429 are retried with exponential backoff (``Retry-Aft
 is answered through :class:`~sovpack.transport.auth.Auth`. TLS failures that will fail the same way again
 (a wrong protocol, an unknown CA) are not retried and come with a hint. The distribution API itself is in
 :mod:`sovpack.transport.client`.
+
+Every request is watched until its reply is closed (:class:`Watchdog`): a connection that moves less than
+``STALL_PIECE`` bytes in ``stall_timeout`` seconds (a registry that trickles a byte every few seconds, or
+never answers) is shut down and the request fails with :class:`StallError`, which is not retried: a stalled
+registry rarely recovers, and the next run resumes whatever had arrived. Bodies are read in pieces of at most
+``STALL_PIECE`` bytes so progress is seen, and never more than a caller's limit; a declared Content-Length
+beyond it is refused before anything is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
-import json
+import re
+import socket
 import ssl
+import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+from sovpack._io import parse_json
 from sovpack.errors import RegistryError, UsageError
 from sovpack.oci.media import MAX_JSON_DOCUMENT
 from sovpack.transport.auth import MAX_TOKEN_ANSWER, Auth, RegistryOptions, resolve_credentials
 
 READ_PIECE = 1024 * 1024
+STALL_PIECE = 64 * 1024  # progress is this many bytes (or a finished step) within the stall timeout
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 USER_AGENT = "sovpack-registry-client"
 MAX_ERROR_BODY = 64 * 1024
+MAX_DRAIN = 64 * 1024  # a body read only to be dropped: beyond this the connection is simply closed
 MAX_REDIRECTS = 6
+_DECIMAL = re.compile(r"^[0-9]{1,19}$")  # ASCII digits only ("²".isdigit() is True); below 2**63
+
+
+def decimal_header(value: str | None) -> int | None:
+    """A header that must be a non-negative decimal (Content-Length, Retry-After); None if absent or not one."""
+    text = (value or "").strip()
+    return int(text) if _DECIMAL.match(text) else None
+
+
+class StallError(RegistryError):
+    """A request moved less than ``STALL_PIECE`` bytes in ``stall_timeout`` seconds; not retried."""
+
+
+class _Watch:
+    """One request's progress clock; the watchdog shuts its socket down once it stalls."""
+
+    __slots__ = ("conn", "last", "shut", "sock", "stalled")
+
+    def __init__(self, conn: http.client.HTTPConnection) -> None:
+        self.conn = conn
+        # NOTE: http.client hands the socket to the response (conn.sock becomes None) once headers are read
+        self.sock: socket.socket | None = None
+        self.last = time.monotonic()
+        self.stalled = False
+        self.shut = False
+
+    def progress(self) -> None:
+        self.last = time.monotonic()
+
+    def trip(self) -> None:
+        """Unblock whatever waits on the socket (recv or send then fails); retried until the socket exists."""
+        self.stalled = True
+        sock = self.conn.sock if self.conn.sock is not None else self.sock  # during a TLS handshake: the TCP one
+        if sock is not None and not self.shut:
+            self.shut = True
+            # NOTE: an OSError means the socket is already closed: nothing left to unblock. And
+            # socket.socket.shutdown, not SSLSocket's (which also drops the TLS object under the reader).
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class Watchdog:
+    """Watches a session's open requests from one daemon thread, which exits when none is open."""
+
+    def __init__(self, stall_timeout: float) -> None:
+        self.stall_timeout = stall_timeout
+        self._poll = max(0.05, min(1.0, stall_timeout / 4))
+        self._watches: set[_Watch] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, conn: http.client.HTTPConnection) -> _Watch:
+        watch = _Watch(conn)
+        with self._lock:
+            self._watches.add(watch)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="sovpack-stall-watchdog", daemon=True)
+                self._thread.start()
+        return watch
+
+    def release(self, watch: _Watch) -> None:
+        with self._lock:
+            self._watches.discard(watch)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._poll)
+            with self._lock:
+                if not self._watches:
+                    self._thread = None
+                    return
+                now = time.monotonic()
+                for watch in self._watches:
+                    if watch.stalled or now - watch.last > self.stall_timeout:
+                        watch.trip()
 
 
 class Reply:
     """One HTTP response whose body is read on demand; ``close`` also closes its connection."""
 
-    def __init__(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse, url: str) -> None:
+    def __init__(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse, url: str,
+                 watch: _Watch, watchdog: Watchdog, method: str = "GET") -> None:
         self._conn = conn
         self._response = response
+        self._watch = watch
+        self._watchdog = watchdog
+        self.method = method
         self.url = url
         self.status = response.status
         self.headers = response.headers
@@ -40,35 +132,60 @@ class Reply:
     def header(self, name: str, default: str | None = None) -> str | None:
         return self.headers.get(name, default)
 
-    def read(self, n: int = -1) -> bytes:
-        return self._response.read(n)
+    def content_length(self) -> int | None:
+        return decimal_header(self.header("Content-Length"))
+
+    def stall_error(self) -> StallError:
+        return StallError(
+            f"{self.method} {self.url}: less than {STALL_PIECE // 1024} KiB arrived in "
+            f"{self._watchdog.stall_timeout:g} s; the registry stalled (--stall-timeout SECONDS sets the limit)"
+        )
+
+    def read(self, n: int = READ_PIECE) -> bytes:
+        """Up to ``n`` bytes of the body (fewer only at its end), read in pieces so progress is seen."""
+        pieces: list[bytes] = []
+        left = n
+        try:
+            while left > 0:
+                piece = self._response.read(min(STALL_PIECE, left))
+                if not piece:
+                    break
+                self._watch.progress()
+                pieces.append(piece)
+                left -= len(piece)
+        except (OSError, http.client.HTTPException) as e:
+            if self._watch.stalled or isinstance(e, TimeoutError):  # the watchdog, or the socket's own timeout
+                self.close()
+                raise self.stall_error() from e
+            raise
+        if self._watch.stalled:  # the watchdog shut the socket: a short body is its doing, not the registry's end
+            self.close()
+            raise self.stall_error()
+        return b"".join(pieces)
 
     def read_limited(self, limit: int) -> bytes:
         """The whole body (at most ``limit`` bytes); a body cut short raises http.client.IncompleteRead."""
-        pieces: list[bytes] = []
-        total = 0
-        while piece := self._response.read(min(READ_PIECE, limit + 1 - total)):
-            pieces.append(piece)
-            total += len(piece)
-            if total > limit:
-                self.close()
-                raise RegistryError(f"{self.url}: response larger than {limit} bytes; refused")
-        data = b"".join(pieces)
-        declared = self.header("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) != len(data):
-            raise http.client.IncompleteRead(data, int(declared) - len(data))
+        declared = self.content_length()
+        if declared is not None and declared > limit:
+            self.close()
+            raise RegistryError(f"{self.url}: the response declares {declared} bytes, more than {limit}; refused")
+        data = self.read(limit + 1)
+        if len(data) > limit:
+            self.close()
+            raise RegistryError(f"{self.url}: response larger than {limit} bytes; refused")
+        if declared is not None and declared != len(data):
+            raise http.client.IncompleteRead(data, declared - len(data))
         return data
 
     def drain(self) -> None:
-        """Read and drop the rest of the body, then close (a body lost to a dropped connection does not matter)."""
-        try:
-            while self._response.read(READ_PIECE):
-                pass
-        except (OSError, http.client.HTTPException):
-            pass  # NOTE: cleanup only: the status and headers were already read and are what counts
+        """Drop the rest of a (small) body, then close: nothing is reused, so a large one is simply cut off."""
+        # NOTE: cleanup only: the status and headers were already read and are what counts
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            self._response.read(MAX_DRAIN)
         self.close()
 
     def close(self) -> None:
+        self._watchdog.release(self._watch)
         self._response.close()
         self._conn.close()
 
@@ -82,10 +199,31 @@ def _error_detail(reply: Reply) -> str:
     finally:
         reply.close()
     try:
-        errors = json.loads(body).get("errors") or []
-        return "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict))
-    except (ValueError, AttributeError):
-        return body[:200].decode("utf-8", "replace").strip()
+        doc = parse_json(body, f"{reply.url}: error body", error=RegistryError)
+    except RegistryError:
+        doc = None  # NOTE: not JSON: the body's first line is the detail instead
+    errors = doc.get("errors") if isinstance(doc, dict) else None
+    if isinstance(errors, list) and errors:
+        text = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict))
+    else:
+        text = body.decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else " " for c in text[:200]).strip()
+
+
+def join_url(base: str, reference: str) -> str:
+    """``reference`` (a Location header, a token realm) resolved against ``base``; a malformed one is refused."""
+    try:
+        return urllib.parse.urljoin(base, reference)
+    except ValueError as e:  # e.g. "Invalid IPv6 URL"
+        raise RegistryError(f"{reference[:200]!r}: not a usable URL ({e})") from e
+
+
+def _pieces(body: bytes | memoryview, watch: _Watch) -> Iterator[memoryview]:
+    """A request body in ``STALL_PIECE`` slices; each slice handed over means the previous one was sent."""
+    view = memoryview(body)
+    for start in range(0, len(view), STALL_PIECE):
+        yield view[start : start + STALL_PIECE]
+        watch.progress()
 
 
 class Session:
@@ -111,47 +249,77 @@ class Session:
             if ca is not None and not Path(ca).is_file():
                 raise UsageError(f"--ca-file {ca}: no such file")
             self._ssl = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+        if not self.options.stall_timeout > 0:
+            raise UsageError("--stall-timeout must be a positive number of seconds")
         self.credentials = resolve_credentials(registry, self.options, environ)
         self.auth = Auth(registry, self.credentials)
+        self.watchdog = Watchdog(self.options.stall_timeout)
         self._sleep = sleep
         self.stats: dict[str, int] = {"retries": 0, "resumed_uploads": 0, "restarted_uploads": 0,
                                       "resumed_downloads": 0}
 
     def _url(self, path_or_url: str) -> str:
-        return urllib.parse.urljoin(self.base + "/", path_or_url)
+        return join_url(self.base + "/", path_or_url)
 
     def _connect(self, url: str) -> tuple[http.client.HTTPConnection, str]:
-        parts = urllib.parse.urlsplit(url)
+        """A connection for ``url`` (not yet opened); a URL a registry or token realm made up is checked first."""
+        try:
+            parts = urllib.parse.urlsplit(url)
+            netloc = parts.netloc
+            parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
+        except ValueError as e:
+            raise RegistryError(f"{url[:200]!r}: not a usable URL ({e})") from e
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
+        if not netloc or re.search(r"[\x00-\x20\x7f]", netloc + target):
+            raise RegistryError(f"{url[:200]!r}: not a usable URL")
+        # NOTE: the socket timeout is the stall timeout too: a connect or a read that waits that long is a stall
+        timeout = min(self.options.timeout, self.options.stall_timeout)
         if parts.scheme == "https":
             context = self._ssl or ssl.create_default_context()
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                parts.netloc, timeout=self.options.timeout, context=context
-            )
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(netloc, timeout=timeout, context=context)
         elif parts.scheme == "http":
-            conn = http.client.HTTPConnection(parts.netloc, timeout=self.options.timeout)
+            conn = http.client.HTTPConnection(netloc, timeout=timeout)
         else:
-            raise RegistryError(f"{url}: unsupported URL scheme")
+            raise RegistryError(f"{url[:200]!r}: unsupported URL scheme")
         return conn, target
 
     def _send(self, method: str, url: str, headers: Mapping[str, str], body: bytes | memoryview | None) -> Reply:
         conn, target = self._connect(url)
+        watch = self.watchdog.watch(conn)
+        sent: bytes | memoryview | Iterator[memoryview] | None = body
+        all_headers = {"User-Agent": USER_AGENT, **headers}
+        if body is not None and len(body) > STALL_PIECE:  # sent in slices, so a slow reader is seen progressing
+            sent = _pieces(body, watch)
+            all_headers["Content-Length"] = str(len(body))
         try:
-            conn.request(method, target, body=body, headers={"User-Agent": USER_AGENT, **headers})
+            conn.connect()
+            watch.sock = conn.sock
+            conn.request(method, target, body=sent, headers=all_headers)
+            watch.progress()
             response = conn.getresponse()
-        except BaseException:
+            watch.progress()
+        except BaseException as e:
+            self.watchdog.release(watch)
             conn.close()
+            if isinstance(e, OSError | http.client.HTTPException) and (watch.stalled or isinstance(e, TimeoutError)):
+                raise StallError(
+                    f"{method} {url}: no answer within {self.options.stall_timeout:g} s (less than "
+                    f"{STALL_PIECE // 1024} KiB moved); the registry stalled (--stall-timeout SECONDS sets the limit)"
+                ) from e
+            # http.client refuses a header value a registry made up (CR/LF ...); an SSL error is a ValueError too
+            if isinstance(e, ValueError) and not isinstance(e, OSError):
+                raise RegistryError(f"{method} {url}: cannot send the request: {e}") from e
             raise
-        return Reply(conn, response, url)
+        return Reply(conn, response, url, watch, self.watchdog, method)
 
     def _backoff(self, attempt: int, reply: Reply | None = None) -> None:
         delay = min(self.options.backoff * (2**attempt), self.options.max_backoff)
         if reply is not None:
-            after = reply.header("Retry-After")
-            if after and after.strip().isdigit():
-                delay = min(float(after.strip()), self.options.max_backoff)
+            after = decimal_header(reply.header("Retry-After"))
+            if after is not None:
+                delay = min(float(after), self.options.max_backoff)
         self.stats["retries"] += 1
         self._sleep(delay)
 
@@ -220,7 +388,7 @@ class Session:
         for _hop in range(MAX_REDIRECTS):
             reply = self._retrying(method, url, headers or {}, body, scope=scope, retry=retry)
             if follow and reply.status in (301, 302, 303, 307, 308) and reply.header("Location"):
-                url = urllib.parse.urljoin(url, reply.header("Location") or "")
+                url = join_url(url, reply.header("Location") or "")
                 reply.drain()
                 continue
             if reply.status not in ok:
@@ -247,7 +415,7 @@ class Session:
                 reply = self._retrying("GET", self._url(path_or_url), headers or {}, None, auth=False)
             try:
                 return reply, reply.read_limited(limit)
-            except (OSError, http.client.HTTPException) as e:
+            except (OSError, http.client.HTTPException) as e:  # (a stall is a StallError, never retried)
                 failures += 1
                 if failures > self.options.retries:
                     raise RegistryError(f"GET {reply.url}: {e} (gave up after {failures} tries)") from e
@@ -272,4 +440,4 @@ class Session:
             raise RegistryError(f"{self.base}/v2/: HTTP {status}; not an OCI distribution registry?")
 
 
-__all__ = ["Reply", "Session"]
+__all__ = ["STALL_PIECE", "Reply", "Session", "StallError", "Watchdog", "decimal_header", "join_url"]

@@ -20,20 +20,29 @@ content but are never trusted on their own.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sovpack._io import parse_json
 from sovpack.attest import oms, provenance
 from sovpack.attest.dsse import Statement, VerifyingKey, load_trusted_keys, verify_bundle_signature
+from sovpack.attest.release import Release
 from sovpack.errors import ParityError, UsageError, VerificationError
 from sovpack.oci.blobs import BlobSource
 from sovpack.oci.descriptor import Descriptor
 from sovpack.oci.media import ATTESTATION_KINDS, KIND_REFERENCE, PARITY_PREDICATE_TYPE
 from sovpack.parity.report import PARITY_FILE
+from sovpack.verify.enforce import release_failures, role_key_ids, signer_failures, target_failures
 from sovpack.verify.policy import DEFAULT_ALLOWED_PARITY, PARITY_STATUSES, Policy
+from sovpack.verify.release import (
+    check_attestation_membership,
+    check_provenance_agrees,
+    check_release,
+    check_thresholds_agree,
+)
+from sovpack.verify.trust import TrustState
 from sovpack.verify.view import AttestationEntry, BundleView, TargetEntry, read_bundle
 
 if TYPE_CHECKING:
@@ -86,6 +95,8 @@ class VerifyReport:
     path: str
     tag: str | None
     name: str | None
+    release: Release | None
+    release_signer: str | None
     index_digest: str
     trusted_keys: tuple[str, ...]
     targets: tuple[VerifiedTarget, ...]
@@ -103,6 +114,7 @@ class VerifyReport:
             "path": self.path,
             "tag": self.tag,
             "name": self.name,
+            "release": release_summary(self.release, self.release_signer),
             "index_digest": self.index_digest,
             "trusted_keys": list(self.trusted_keys),
             "targets": [t.to_dict() for t in self.targets],
@@ -121,9 +133,28 @@ class VerifyReport:
 
 
 def _check_attestation(
-    view: BundleView, att: AttestationEntry, target: TargetEntry, statement: Statement, kind: str
-) -> str | None:
-    """Kind-specific binding checks; returns the parity status for parity attestations."""
+    view: BundleView,
+    att: AttestationEntry,
+    target: TargetEntry,
+    statement: Statement,
+    kind: str,
+    release: Release | None,
+) -> ParityReport | None:
+    """Kind-specific binding checks; returns the (signed) parity report for parity attestations."""
+    report = _check_binding(view, att, target, statement, kind, release)
+    if release is not None:  # after the specific binding checks, whose messages say more
+        check_attestation_membership(release, target.name, kind, att.descriptor.digest)
+    return report
+
+
+def _check_binding(
+    view: BundleView,
+    att: AttestationEntry,
+    target: TargetEntry,
+    statement: Statement,
+    kind: str,
+    release: Release | None,
+) -> ParityReport | None:
     digest = target.descriptor.digest
     if kind == "signature":
         manifest = oms.parse_statement(statement)
@@ -146,6 +177,8 @@ def _check_attestation(
     provenance.check_subject(statement, digest)
     if kind == "provenance":
         provenance.check(statement, manifest_digest=digest, target=target.name)
+        if release is not None:
+            check_provenance_agrees(release, statement)
         return None
     predicate = statement.predicate
     result = predicate.get("result")
@@ -173,7 +206,28 @@ def _check_attestation(
         raise VerificationError(f"the signed result is {result} but {PARITY_FILE} says {report.status}")
     if report.target != target.name:
         raise VerificationError(f"{PARITY_FILE} is the report of {report.target!r}")
-    return str(result)
+    if release is not None:
+        check_thresholds_agree(release, target.name, report.thresholds.to_dict())
+    return report
+
+
+def release_summary(release: Release | None, signer: str | None) -> dict[str, Any] | None:
+    """The signed facts of a release, as verify and inspect report them."""
+    if release is None:
+        return None
+    return {
+        "name": release.name,
+        "tag": release.tag,
+        "sequence": release.sequence,
+        "version": release.version,
+        "created": release.created,
+        "expires": release.expires,
+        "licenses": list(release.licenses),
+        "metadata": dict(release.metadata),
+        "sovpack_version": release.sovpack_version,
+        "targets": [t.target for t in release.targets],
+        "signer": signer,
+    }
 
 
 def load_report(view: BundleView, layer: Descriptor, where: str) -> ParityReport:
@@ -182,8 +236,8 @@ def load_report(view: BundleView, layer: Descriptor, where: str) -> ParityReport
 
     data = view.layout.read(layer, where)
     try:
-        return ParityReport.from_dict(json.loads(data))
-    except (UnicodeDecodeError, json.JSONDecodeError, ParityError) as e:
+        return ParityReport.parse(parse_json(data, where, error=ParityError), where)
+    except ParityError as e:
         raise VerificationError(f"{where}: not a valid parity report: {e}") from e
 
 
@@ -194,14 +248,27 @@ def verify_view(
     required_targets: Sequence[str] = (),
     allowed_parity: Sequence[str] = DEFAULT_ALLOWED_PARITY,
     check_signatures: bool = True,
+    policy: Policy | None = None,
 ) -> VerifyReport:
-    """Check a parsed bundle (signatures, bindings, policy); every failure is listed in the report, none raised."""
+    """Check a parsed bundle (signatures, bindings, policy); every failure is listed in the report, none raised.
+
+    ``policy`` adds its ceiling (key roles, signers, parity limits, name/tag/sequence/index pins); without one
+    the default policy applies (one signing identity per target, the targets' own parity limits).
+    """
+    policy = policy or Policy()
     failures = list(view.problems)
     by_digest = {t.descriptor.digest: t for t in view.targets}
     valid: dict[str, dict[str, list[str]]] = {t.name: {k: [] for k in ATTESTATION_KINDS} for t in view.targets}
-    parity_status: dict[str, str] = {}
+    reports: dict[str, ParityReport] = {}
     if check_signatures and not keys:
         raise UsageError("no trusted public key: pass --key PUB.pem (or keys in a --policy file)")
+    roles = role_key_ids(policy, tuple(keys)) if check_signatures else {}
+    release_check = check_release(view, keys, check_signatures=check_signatures)
+    failures.extend(release_check.failures)
+    release = release_check.release
+    if release_check.signer is not None and check_signatures:
+        failures.extend(signer_failures("release statement", "release", release_check.signer, roles))
+    failures.extend(release_failures(view, policy, release))
     for att in view.attestations:
         where = f"attestation {att.descriptor.digest}"
         if att.kind_hint:
@@ -229,13 +296,17 @@ def verify_view(
                 )
             if att.kind_hint is not None and att.kind_hint != kind:
                 raise VerificationError(f"the manifest says {att.kind_hint!r} but the signed statement is a {kind}")
-            status = _check_attestation(view, att, target, statement, kind)
+            report = _check_attestation(view, att, target, statement, kind, release)
         except VerificationError as e:
             failures.append(f"{where}: {e}")
             continue
+        role_problems = signer_failures(where, kind, signer, roles) if check_signatures else []
+        if role_problems:
+            failures.extend(role_problems)
+            continue
         valid[target.name][kind].append(signer)
-        if status is not None:
-            parity_status[target.name] = status
+        if report is not None:
+            reports[target.name] = report
     results = []
     for target in view.targets:
         kinds = valid[target.name]
@@ -243,12 +314,15 @@ def verify_view(
             if not kinds[kind]:
                 who = "signed by a trusted key" if check_signatures else "present"
                 failures.append(f"target {target.name}: no valid {KIND_LABELS[kind]} {who}")
-        status = parity_status.get(target.name)
+        report = reports.get(target.name)
+        status = report.status if report is not None else None
         if status is not None and status not in allowed_parity:
             failures.append(
                 f"target {target.name}: parity {status} is not allowed (allowed: {', '.join(allowed_parity)})"
             )
         signers = set.intersection(*(set(v) for v in kinds.values())) if kinds else set()
+        if check_signatures:
+            failures.extend(target_failures(view, target, policy, report, signers))
         results.append(
             VerifiedTarget(
                 name=target.name,
@@ -271,8 +345,10 @@ def verify_view(
     failures.extend(view.layout.stray_blob_problems())
     return VerifyReport(
         path=str(view.layout.root),
-        tag=view.tag,
-        name=view.name,
+        tag=release.tag if release is not None else view.tag,
+        name=release.name if release is not None else view.name,
+        release=release,
+        release_signer=release_check.signer,
         index_digest=view.index_descriptor.digest,
         trusted_keys=tuple(k.key_id for k in keys),
         targets=tuple(results),
@@ -301,6 +377,7 @@ def verify_bundle(
     tag: str | None = None,
     required_targets: Sequence[str] = (),
     allowed_parity: Sequence[str] = DEFAULT_ALLOWED_PARITY,
+    policy: Policy | None = None,
 ) -> VerifyReport:
     """Verify everything (see the module docstring); failures are listed in the report, not raised."""
     bad = sorted(set(allowed_parity) - set(PARITY_STATUSES))
@@ -308,7 +385,8 @@ def verify_bundle(
         raise UsageError(f"unknown parity status(es) {', '.join(bad)}; known: {', '.join(PARITY_STATUSES)}")
     view = read_bundle(path, tag=tag, deep=True)
     return verify_view(
-        view, keys, required_targets=normalize_targets(required_targets), allowed_parity=allowed_parity
+        view, keys, required_targets=normalize_targets(required_targets), allowed_parity=allowed_parity,
+        policy=policy,
     )
 
 
@@ -319,17 +397,32 @@ def verify_with_policy(
     policy: Policy | None = None,
     required_targets: Sequence[str] = (),
     tag: str | None = None,
+    trust_state: str | Path | None = None,
 ) -> VerifyReport:
-    """``verify_bundle`` with keys and requirements from the command line plus an optional policy."""
-    policy = policy or Policy()
-    keys = load_trusted_keys([*policy.keys, *key_paths])
-    return verify_bundle(
+    """``verify_bundle`` under a policy narrowed by command-line flags, and an optional trust-state file.
+
+    With ``trust_state``, a release older than (or conflicting with) one accepted before is refused, and an
+    accepted release is recorded.
+    """
+    effective = (policy or Policy()).narrowed(key_paths=key_paths, tag=tag, required_targets=required_targets)
+    keys = load_trusted_keys(effective.keys)
+    report = verify_bundle(
         path,
         keys=keys,
-        tag=tag or policy.tag,
-        required_targets=[*policy.required_targets, *required_targets],
-        allowed_parity=policy.allowed_parity,
+        tag=effective.tag,
+        required_targets=effective.required_targets,
+        allowed_parity=effective.allowed_parity,
+        policy=effective,
     )
+    if trust_state is None or report.release is None:
+        return report
+    state = TrustState.load(trust_state)
+    problems = state.problems(report.release, report.index_digest)
+    if problems:
+        return replace(report, failures=(*report.failures, *problems))
+    if report.ok:
+        state.record(report.release, report.index_digest)
+    return report
 
 
 __all__ = [

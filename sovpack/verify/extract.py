@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sovpack._io import atomic_directory, check_relative_path, hashing_copy
+from sovpack._io import atomic_directory, check_not_input, check_relative_path, hashing_copy
 from sovpack._protocols import Runner
 from sovpack.artifact import ARTIFACT_FILE, ArtifactMetadata
 from sovpack.attest import oms
@@ -26,7 +26,7 @@ from sovpack.errors import UsageError, VerificationError
 from sovpack.oci.descriptor import Descriptor
 from sovpack.oci.reader import Layout
 from sovpack.verify.check import normalize_targets, verify_view
-from sovpack.verify.policy import DEFAULT_ALLOWED_PARITY, PARITY_STATUSES
+from sovpack.verify.policy import Policy
 from sovpack.verify.view import BundleView, TargetEntry, read_bundle
 
 
@@ -114,13 +114,23 @@ def _verified_view(
     keys: Sequence[VerifyingKey],
     *,
     tag: str | None,
-    allowed_parity: Sequence[str],
+    policy: Policy | None,
 ) -> tuple[BundleView, TargetEntry]:
+    """The whole bundle verified (under ``policy``), before any of its bytes is used."""
     (name,) = normalize_targets([target])
-    view = read_bundle(path, tag=tag, deep=True)
-    report = verify_view(view, keys, required_targets=(name,), allowed_parity=allowed_parity)
+    effective = policy or Policy()
+    view = read_bundle(path, tag=tag or effective.tag, deep=True)
+    report = verify_view(
+        view, keys, required_targets=(*effective.required_targets, name), allowed_parity=effective.allowed_parity,
+        policy=effective,
+    )
     report.raise_for_failures()
     return view, view.target(name)
+
+
+def copy_verified_blob(view: BundleView, layer: Descriptor, dest: Path, where: str) -> None:
+    """A blob copied into a private file, hashed while copied: what a runtime then reads cannot change under it."""
+    _copy_verified(view.local_layout(), layer, dest, where)
 
 
 def extract_target(
@@ -130,14 +140,18 @@ def extract_target(
     *,
     keys: Sequence[VerifyingKey],
     tag: str | None = None,
-    allowed_parity: Sequence[str] = DEFAULT_ALLOWED_PARITY,
+    policy: Policy | None = None,
     force: bool = False,
 ) -> ExtractResult:
-    """Verify the bundle, then write the target's runnable files plus model.sig, atomically."""
-    view, entry = _verified_view(path, target, keys, tag=tag, allowed_parity=allowed_parity)
+    """Verify the bundle, then write the target's runnable files plus model.sig, atomically.
+
+    The output may not be (or contain, or lie inside) the bundle itself.
+    """
+    check_not_input(Path(out_dir), [Path(path)])
+    view, entry = _verified_view(path, target, keys, tag=tag, policy=policy)
     signature = _signature_bytes(view, entry, keys)
     out = Path(out_dir)
-    with atomic_directory(out, force=force) as tmp:
+    with atomic_directory(out, force=force, inputs=[Path(path)]) as tmp:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # a normal directory, not the private mode of a temporary one
@@ -159,11 +173,14 @@ def extracted_target(
     keys: Sequence[VerifyingKey],
     tag: str | None = None,
     verify: bool = True,
-    allowed_parity: Sequence[str] = PARITY_STATUSES,
+    policy: Policy | None = None,
 ) -> Iterator[tuple[Path, BundleView, TargetEntry]]:
-    """A verified copy of one target in a temporary directory, removed on exit."""
+    """A verified copy of one target in a private temporary directory, removed on exit.
+
+    ``verify=False`` (``--insecure``) only checks digests: nothing is known about who made the bytes.
+    """
     if verify:
-        view, entry = _verified_view(path, target, keys, tag=tag, allowed_parity=allowed_parity)
+        view, entry = _verified_view(path, target, keys, tag=tag, policy=policy)
     else:
         (name,) = normalize_targets([target])
         view = read_bundle(path, tag=tag, deep=True)
@@ -205,17 +222,25 @@ def _single_target(path: str | Path, target: str | None, tag: str | None) -> str
 
 
 def open_bundle_runner(
-    path: str | Path, target: str | None, keys: Sequence[VerifyingKey], tag: str | None = None
+    path: str | Path,
+    target: str | None,
+    keys: Sequence[VerifyingKey],
+    tag: str | None = None,
+    *,
+    policy: Policy | None = None,
+    insecure: bool = False,
 ) -> tuple[Runner, Path | None, tuple[int, ...]]:
     """A runner on a verified, extracted copy of one target (removed when the runner is garbage-collected).
 
     Returns what ``sovpack.run.open_runner`` returns: the runner, its tokenizer.json (if any) and stop ids.
     The caller owns the runner and closes it.
     """
-    if not keys:
-        raise UsageError("running from a bundle verifies it first: pass --key PUB.pem")
+    if not keys and not insecure:
+        raise UsageError(
+            "running from a bundle verifies it first: pass --key PUB.pem (or --insecure to run unverified files)"
+        )
     name = _single_target(path, target, tag)
-    manager = extracted_target(path, name, keys=keys, tag=tag, allowed_parity=DEFAULT_ALLOWED_PARITY)
+    manager = extracted_target(path, name, keys=keys, tag=tag, policy=policy, verify=bool(keys))
     directory, _view, entry = manager.__enter__()
     # NOTE: the runner outlives this call, so the extracted copy cannot be a ``with`` block here: it is removed
     # when the runner is garbage-collected (or at exit), never while the runner may still read it.
@@ -235,6 +260,7 @@ def open_bundle_runner(
 __all__ = [
     "ExtractResult",
     "artifact_metadata",
+    "copy_verified_blob",
     "extract_target",
     "extracted_target",
     "open_bundle_runner",

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sovpack.attest.dsse import VerifyingKey
-from sovpack.errors import VerificationError
+from sovpack.errors import UsageError, VerificationError
 from sovpack.parity.recorded import RecordedReference, ReferenceConfig
 from sovpack.parity.report import PARITY_FILE
-from sovpack.verify.extract import artifact_metadata, extracted_target, open_target_runner
+from sovpack.verify.extract import artifact_metadata, copy_verified_blob, extracted_target, open_target_runner
+from sovpack.verify.policy import Policy
 from sovpack.verify.view import BundleView, read_bundle
 
 if TYPE_CHECKING:
@@ -67,7 +68,9 @@ class ParityRecheck:
         return {
             "target": self.target,
             "manifest_digest": self.manifest_digest,
-            "signed_status": self.signed_status,
+            # Without a verified signature the stored report is only a claim: never call it "signed".
+            "signed_status": self.signed_status if self.signature_verified else None,
+            "claimed_status": None if self.signature_verified else self.signed_status,
             "status": self.status,
             "changed": self.changed,
             "ok": self.ok,
@@ -79,23 +82,29 @@ class ParityRecheck:
         }
 
 
-def stored_reference(view: BundleView) -> tuple[StoredReference, Path | None]:
-    """The bundle's parity reference as a Runner (logits memory-mapped from the blobs), and its tokenizer.json."""
+def stored_reference(view: BundleView, private_dir: Path) -> tuple[StoredReference, Path | None]:
+    """The bundle's parity reference as a Runner, and its tokenizer.json.
+
+    Logits and tokenizer are first copied into ``private_dir`` (hashed while copied) and loaded from there, so
+    blobs swapped after verification can never be what the comparison uses.
+    """
     if view.reference is None:
         raise VerificationError(f"{view.layout.root}: the bundle has no parity reference")
-    layout = view.local_layout()
     ref = view.reference
+    private_dir.mkdir(mode=0o700, exist_ok=True)
     logits = {}
     for prompt in ref.config.prompts:
         layer = ref.layers[prompt.logits]
-        layout.check(layer, f"parity reference {prompt.logits}")
-        array = np.load(layout.blob_path(layer.digest), mmap_mode="r", allow_pickle=False)
+        copy = private_dir / f"logits-{prompt.index:04d}.npy"
+        copy_verified_blob(view, layer, copy, f"parity reference {prompt.logits}")
+        array = np.load(copy, mmap_mode="r", allow_pickle=False)
         if array.ndim != 2 or array.shape[0] != prompt.rows or array.shape[1] != ref.config.vocab_size:
             raise VerificationError(f"parity reference {prompt.logits}: shape {array.shape} does not fit its prompt")
         logits[prompt.index] = array
     tokenizer = None
     if ref.config.tokenizer is not None:
-        tokenizer = layout.blob_path(ref.layers[ref.config.tokenizer].digest)
+        tokenizer = private_dir / "tokenizer.json"
+        copy_verified_blob(view, ref.layers[ref.config.tokenizer], tokenizer, "parity reference tokenizer")
     return StoredReference(ref.config, logits), tokenizer
 
 
@@ -105,21 +114,31 @@ def recheck_parity(
     targets: Sequence[str] = (),
     keys: Sequence[VerifyingKey] = (),
     tag: str | None = None,
+    policy: Policy | None = None,
+    insecure: bool = False,
 ) -> list[ParityRecheck]:
     """Re-run parity for targets (default: all) on this machine's runtimes against the stored reference.
 
-    With keys the bundle is verified first and the comparison is with the *signed* report; without, the
-    blobs are integrity-checked only and the result says ``signature_verified: false``.
+    With keys the bundle is verified first (under ``policy``) and the comparison is with the *signed* report.
+    Without keys nothing is known about who made the bytes, so it runs only with ``insecure=True``, and the
+    results say ``signature_verified: false`` (the "signed" status is then only what the file claims).
     """
     from sovpack.parity import ParityReport, check_parity
 
     verify = bool(keys)
+    if not verify and not insecure:
+        raise UsageError(
+            "parity on a bundle runs its files on this machine's runtimes: pass --key PUB.pem to verify it first "
+            "(or --insecure to run unverified files knowingly)"
+        )
     names = list(targets) or [t.name for t in read_bundle(path, tag=tag, deep=False).targets]
     results = []
     for name in names:
-        with extracted_target(path, name, keys=keys, tag=tag, verify=verify) as (directory, view, entry):
+        with extracted_target(path, name, keys=keys, tag=tag, verify=verify, policy=policy) as (
+            directory, view, entry
+        ):
             signed = ParityReport.load(directory / PARITY_FILE)
-            reference, tokenizer = stored_reference(view)
+            reference, tokenizer = stored_reference(view, directory / ".sovpack-reference")
             try:
                 metadata = artifact_metadata(directory, entry, "no sovpack-artifact.json")
                 runner = open_target_runner(directory, entry, metadata)

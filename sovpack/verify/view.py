@@ -7,14 +7,13 @@ list every problem at once. Nothing here checks signatures: that is :mod:`sovpac
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sovpack._io import check_relative_path
+from sovpack._io import check_relative_path, parse_json
 from sovpack._schemas import validate
 from sovpack.attest import oms
 from sovpack.attest.dsse import SigstoreBundle
@@ -38,6 +37,7 @@ from sovpack.oci.media import (
     INDEX_FILE,
     KIND_ATTESTATION,
     KIND_REFERENCE,
+    KIND_RELEASE,
     KIND_TARGET,
     MODEL_LAYER_TYPES,
     MT_EMPTY,
@@ -84,6 +84,15 @@ class AttestationEntry:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ReleaseEntry:
+    """A release statement manifest (no subject: it vouches for the whole bundle) and its Sigstore bundle."""
+
+    descriptor: Descriptor
+    layer: Descriptor
+    bundle: SigstoreBundle
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ReferenceEntry:
     """The parity reference manifest: config plus layers by title."""
 
@@ -103,6 +112,7 @@ class BundleView:
     annotations: dict[str, str] = field(default_factory=dict)
     targets: list[TargetEntry] = field(default_factory=list)
     attestations: list[AttestationEntry] = field(default_factory=list)
+    releases: list[ReleaseEntry] = field(default_factory=list)
     reference: ReferenceEntry | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -196,6 +206,9 @@ def _read_manifest(view: BundleView, desc: Descriptor, *, deep: bool) -> None:
     elif artifact_type == AT_PARITY_REFERENCE:
         _read_reference(view, desc, config, layers, where, deep=deep)
         expected_kind = KIND_REFERENCE
+    elif artifact_type == AT_SIGSTORE and doc.get("subject") is None and annotations.get(ANN_KIND) == KIND_RELEASE:
+        _read_release(view, desc, config, layers)
+        expected_kind = KIND_RELEASE
     elif artifact_type == AT_SIGSTORE:
         _read_attestation(view, desc, doc, config, layers, annotations, where)
         expected_kind = KIND_ATTESTATION
@@ -273,10 +286,7 @@ def _check_no_link_metadata(layer: Descriptor, where: str) -> None:
     raw = layer.annotations.get("org.cncf.model.file.metadata+json")
     if raw is None:
         return
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        raise VerificationError(f"{where}: file metadata annotation is not JSON") from None
+    meta = parse_json(raw, f"{where}: file metadata annotation", error=VerificationError)
     flag = meta.get("typeflag") if isinstance(meta, dict) else None
     if flag not in (None, 0, 48, "0"):
         raise VerificationError(f"{where}: the file is not a regular file (typeflag {flag!r}); links are refused")
@@ -306,6 +316,17 @@ def _read_reference(
     if ref_config.tokenizer is not None and ref_config.tokenizer not in by_title:
         raise VerificationError(f"{where}: tokenizer {ref_config.tokenizer!r} is not a layer")
     view.reference = ReferenceEntry(descriptor=desc, config=ref_config, layers=by_title)
+
+
+def _read_release(view: BundleView, desc: Descriptor, config: Descriptor, layers: list[Descriptor]) -> None:
+    where = f"release statement {desc.digest}"
+    if config.media_type != MT_EMPTY:
+        raise VerificationError(f"{where}: config media type {config.media_type!r} is not {MT_EMPTY}")
+    view.layout.check(config, f"{where} config")
+    if len(layers) != 1 or layers[0].media_type != AT_SIGSTORE:
+        raise VerificationError(f"{where}: expected exactly one {AT_SIGSTORE} layer")
+    bundle = SigstoreBundle.from_bytes(view.layout.read(layers[0], f"{where} layer"))
+    view.releases.append(ReleaseEntry(descriptor=desc, layer=layers[0], bundle=bundle))
 
 
 def _read_attestation(
@@ -345,4 +366,4 @@ def _read_attestation(
     )
 
 
-__all__ = ["AttestationEntry", "BundleView", "ReferenceEntry", "TargetEntry", "read_bundle"]
+__all__ = ["AttestationEntry", "BundleView", "ReferenceEntry", "ReleaseEntry", "TargetEntry", "read_bundle"]

@@ -7,6 +7,7 @@ model becomes a GGUF SPM vocabulary with its own scores and piece types.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -20,10 +21,17 @@ _SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED, _SP_UNUSED, _SP_BYTE = 1
 _SP_MODEL_BPE = 2
 
 
+_MAX_VARINT_BYTES = 10  # a protobuf varint encodes at most 64 bits
+
+
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    """One base-128 varint at ``pos``: (value, position after it)."""
+    """One base-128 varint at ``pos``: (value, position after it).
+
+    NOTE: capped at 10 bytes like protobuf itself: a long run of continuation bytes would otherwise build an
+    ever larger integer (quadratic time on a hostile file).
+    """
     value = shift = 0
-    while True:
+    for _ in range(_MAX_VARINT_BYTES):
         if pos >= len(buf):
             raise ValueError("truncated varint")
         b = buf[pos]
@@ -32,6 +40,7 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
         if not b & 0x80:
             return value, pos
         shift += 7
+    raise ValueError(f"varint longer than {_MAX_VARINT_BYTES} bytes")
 
 
 def _fields(buf: bytes) -> Iterable[tuple[int, int, Any]]:
@@ -113,6 +122,9 @@ def tokenizer_from_sentencepiece(
         raise SourceError(f"{where}: not a SentencePiece model: {e}") from e
     if not sp.pieces:
         raise SourceError(f"{where}: not a SentencePiece model (no pieces)")
+    bad = next((p for p, score, _ in sp.pieces if not math.isfinite(score)), None)
+    if bad is not None:
+        raise SourceError(f"{where}: piece {bad!r} has a non-finite score")
     if sp.model_type != _SP_MODEL_BPE:
         raise ConversionError(
             f"{where}: SentencePiece model type {sp.model_type} is not BPE (2); only BPE SentencePiece models "

@@ -33,6 +33,7 @@ from typing import Any
 
 from sovpack.errors import ConversionError, SourceError
 from sovpack.source.checkpoint import Checkpoint
+from sovpack.source.tokenizer import check_tokenizer_json, read_tokenizer_json
 from sovpack.targets.gguf.pretokenizer import byte_level_rule, metaspace_split, spm_style
 from sovpack.targets.gguf.sentencepiece import tokenizer_from_sentencepiece
 from sovpack.targets.gguf.special import control_looking_rule, special_ids, strip_rules
@@ -67,10 +68,8 @@ def tokenizer_from_checkpoint(
     template = checkpoint.chat_template
     json_path: Path | None = checkpoint.tokenizer_json
     if json_path is not None:
-        try:
-            data = json.loads(json_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SourceError(f"{json_path}: cannot read tokenizer: {e}") from e
+        # size-capped, regular file only, standard JSON without duplicate keys, then shape-checked
+        data = read_tokenizer_json(json_path)
         return tokenizer_from_json(
             data,
             vocab_size=vocab_size,
@@ -82,11 +81,8 @@ def tokenizer_from_checkpoint(
             where=str(json_path),
         )
     model_path: Path | None = checkpoint.tokenizer_model
-    if model_path is not None:
-        try:
-            raw = model_path.read_bytes()
-        except OSError as e:
-            raise SourceError(f"{model_path}: cannot read tokenizer: {e}") from e
+    raw = checkpoint.read_bytes("tokenizer.model") if model_path is not None else None
+    if model_path is not None and raw is not None:
         return tokenizer_from_sentencepiece(
             raw,
             vocab_size=vocab_size,
@@ -112,7 +108,8 @@ def tokenizer_from_json(
     where: str = "tokenizer.json",
 ) -> GgufTokenizer:
     """Convert a parsed tokenizer.json (see the module docstring for what is supported)."""
-    model = data.get("model") or {}
+    data = check_tokenizer_json(data, where)
+    model = data["model"]
     if model.get("type", "BPE") != "BPE" or "merges" not in model:
         raise ConversionError(
             f"{where}: tokenizer model {model.get('type')!r} is not supported for GGUF: only BPE tokenizers "

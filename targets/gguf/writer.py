@@ -173,13 +173,13 @@ def stated_license(model: SourceModel) -> str | None:
     value = model.checkpoint.config.get("license")
     if isinstance(value, str) and value.strip():
         return value.strip()
-    readme = model.checkpoint.file("README.md")
+    readme = model.checkpoint.read_bytes("README.md")  # a regular file within its size cap, or SourceError
     if readme is None:
         return None
-    # NOTE: the license key is optional, informative metadata: a README that cannot be read as UTF-8 text
-    # states no license, and the conversion goes on without the key.
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        lines = readme.read_text(encoding="utf-8").splitlines()
+    # NOTE: the license key is optional, informative metadata: a README that is not UTF-8 text states no
+    # license, and the conversion goes on without the key.
+    with contextlib.suppress(UnicodeDecodeError):
+        lines = readme.decode("utf-8").splitlines()
         if lines and lines[0].strip() == "---":
             for line in lines[1:]:
                 if line.strip() == "---":

@@ -30,7 +30,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sovpack.errors import ConversionError, SourceError
+from sovpack.errors import ConversionError
+from sovpack.source.tokenizer import read_tokenizer_json
 
 _BEHAVIOURS = {
     "Isolated": "isolate",
@@ -330,16 +331,8 @@ class TokenizerConversion:
 
 
 def _read_tokenizer_json(path: Path) -> dict[str, Any]:
-    """tokenizer.json as a dict with a ``model`` object; SourceError if it is unreadable or not one."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SourceError(f"{path}: cannot read: {e.strerror or e}") from e
-    except (ValueError, RecursionError) as e:
-        raise SourceError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        raise SourceError(f"{path}: not a tokenizer.json (no 'model' object)")
-    return data
+    """tokenizer.json as a dict with a ``model`` object: size-capped, standard JSON, shape-checked (SourceError)."""
+    return read_tokenizer_json(path)
 
 
 def _replacement(content: str) -> str:

@@ -96,7 +96,7 @@ def test_tampering_and_wrong_keys_fail(tmp_path: Path) -> None:
     )
     with pytest.raises(VerificationError):
         verify_bundle_signature(broken, [key.public])
-    with pytest.raises(VerificationError, match="not a JSON"):
+    with pytest.raises(VerificationError, match="malformed JSON"):
         SigstoreBundle.from_bytes(b"{not json")
     with pytest.raises(VerificationError, match="media type"):
         SigstoreBundle.from_bytes(b'{"mediaType": "application/x-other"}')
@@ -160,10 +160,12 @@ def test_openssl_encrypted_key_and_non_ec_keys(tmp_path: Path) -> None:
         VerifyingKey.load(tmp_path / "junk.pem")
 
 
-def test_trusted_keys_are_deduplicated(tmp_path: Path) -> None:
+def test_trusted_keys_are_deduplicated_and_private_keys_refused(tmp_path: Path) -> None:
     pair = generate_key_pair(tmp_path / "k")
-    keys = load_trusted_keys([pair.public_key, pair.public_key, pair.private_key])  # private -> its public part
+    keys = load_trusted_keys([pair.public_key, pair.public_key])
     assert [k.key_id for k in keys] == [pair.key_id]
+    with pytest.raises(UsageError, match="is a private key; verification takes the public key"):
+        load_trusted_keys([pair.public_key, pair.private_key])
 
 
 def test_keygen_cli(tmp_path: Path) -> None:

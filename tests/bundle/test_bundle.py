@@ -351,11 +351,17 @@ def test_verify_ok(built: Any, keys: dict[str, Any]) -> None:
     assert json.loads(result.output)["ok"] is True
 
 
-def test_inspect_json(built: Any) -> None:
+def test_inspect_json(built: Any, keys: dict[str, Any]) -> None:
     result = CliRunner().invoke(cli, ["inspect", str(built.output), "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
-    assert info["kind"] == "bundle" and info["name"] == "llama3" and info["tag"] == "v1"
+    # Without a key nothing is verified: the bundle's identity is reported only as unsigned.
+    assert info["kind"] == "bundle" and info["name"] is None and info["signed"] is None
+    assert info["unsigned"]["name"] == "llama3" and info["unsigned"]["tag"] == "v1"
+    assert info["signatures_verified"] is False
+    signed = inspect_bundle(built.output, keys=[keys["verifying"]])
+    assert signed["name"] == "llama3" and signed["tag"] == "v1" and signed["signatures_verified"] is True
+    assert signed["signed"]["sequence"] == 0 and signed["signed"]["targets"] == [t.target for t in built.targets]
     by_name = {t["name"]: t for t in info["targets"]}
     for t in built.targets:
         assert by_name[t.target]["manifest_digest"] == t.manifest_digest
@@ -584,7 +590,11 @@ def test_source_date_epoch_adds_stable_timestamps(sde_bundles: tuple[Path, Path]
     assert predicate["runDetails"]["metadata"] == {"startedOn": created, "finishedOn": created}
     overrides = predicate["buildDefinition"]["externalParameters"]["parity"]["thresholdOverrides"]
     assert overrides == {"max_abs": 0.01}  # from [parity.targets."onnx:fp32"] in sovpack.toml
-    assert verify_bundle(a, keys=[keys["verifying"]]).ok
+    # A build judged with looser limits than the target's defaults passes only a policy that allows them.
+    default = verify_bundle(a, keys=[keys["verifying"]])
+    assert not default.ok and any("max_abs 0.01 (allowed at most 0.001)" in f for f in default.failures)
+    lenient = Policy(parity_limits={"fp32": {"max_abs": 0.01}})
+    assert verify_bundle(a, keys=[keys["verifying"]], policy=lenient).ok
 
 
 def test_failed_parity_writes_no_bundle(work: Path, checkpoint: Path, keys: dict[str, Any]) -> None:
@@ -622,14 +632,15 @@ def test_skopeo_inspects_and_copies_and_the_copy_verifies(built: Any, keys: dict
     assert [t.manifest_digest for t in report.targets] == [t.manifest_digest for t in built.targets]
     out = extract_target(dest, built.targets[0].target, tmp_path / "out", keys=[keys["verifying"]])
     assert (out.out_dir / "model.sig").is_file()
-    # a re-tagged copy verifies when asked for by its new tag; silently changed tags do not
+    # The tag is part of what was signed: a copy re-tagged by another tool verifies by no tag but the signed one.
     retagged = tmp_path / "retagged"
     subprocess.run(
         ["skopeo", "copy", "--all", f"oci:{built.output}:v1", f"oci:{retagged}:prod"], capture_output=True,
         text=True, check=True, timeout=300,
     )
-    assert verify_bundle(retagged, keys=[keys["verifying"]], tag="prod").ok
-    with pytest.raises(VerificationError, match=r"built as 'v1'.*pass --tag prod"):
+    report = verify_bundle(retagged, keys=[keys["verifying"]], tag="prod")
+    assert not report.ok and any("tagged 'prod' here but was signed as 'v1'" in f for f in report.failures)
+    with pytest.raises(VerificationError, match=r"built as 'v1'"):
         verify_bundle(retagged, keys=[keys["verifying"]])
 
 
@@ -735,7 +746,11 @@ def test_run_a_target_from_the_bundle(built: Any, keys: dict[str, Any], tmp_path
     assert from_bundle.exit_code == 0, from_bundle.output
     extracted = extract_target(built.output, target, tmp_path / "x", keys=[keys["verifying"]])
     from_dir = CliRunner().invoke(cli, ["run", str(extracted.out_dir), *args])
-    assert json.loads(from_bundle.output)["generated_ids"] == json.loads(from_dir.output)["generated_ids"]
+    assert json.loads(from_bundle.stdout)["generated_ids"] == json.loads(from_dir.stdout)["generated_ids"]
+    assert json.loads(from_bundle.stdout)["verified"] is True
+    assert json.loads(from_dir.stdout)["verified"] is False and "nothing was verified" in from_dir.stderr
+    checked = CliRunner().invoke(cli, ["run", str(extracted.out_dir), "--key", str(keys["public"]), *args])
+    assert checked.exit_code == 0 and json.loads(checked.stdout)["verified"] is True
     no_key = CliRunner().invoke(cli, ["run", str(built.output), "-t", target, *args])
     assert no_key.exit_code == 2 and "--key" in no_key.output
 

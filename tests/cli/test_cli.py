@@ -34,7 +34,7 @@ def test_version_and_help() -> None:
 def test_inspect_json(checkpoints: dict[str, Path]) -> None:
     result = CliRunner().invoke(cli, ["inspect", str(checkpoints["qwen3"]), "--json"])
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     assert info["kind"] == "checkpoint" and info["family"] == "qwen3"
     assert info["spec"]["qk_norm"] is True and info["spec"]["head_dim"] == 32
     assert info["parameters"] == open_model(checkpoints["qwen3"]).spec.parameter_count()
@@ -54,7 +54,7 @@ def test_run_prompt_json_and_logits(checkpoints: dict[str, Path], tmp_path: Path
               "--logits-out", str(logits_file)],
     )
     assert result.exit_code == 0, result.output
-    out = json.loads(result.output)
+    out = json.loads(result.stdout)
     tokenizer = SourceTokenizer(path / "tokenizer.json")
     assert out["prompt_ids"] == tokenizer.encode("Hello world")
     reference = ReferenceModel(open_model(path))
@@ -68,7 +68,7 @@ def test_run_prompt_json_and_logits(checkpoints: dict[str, Path], tmp_path: Path
 def test_run_ids(checkpoints: dict[str, Path]) -> None:
     result = CliRunner().invoke(cli, ["run", str(checkpoints["phi3"]), "--ids", "1,5,9", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["prompt_ids"] == [1, 5, 9]
+    assert json.loads(result.stdout)["prompt_ids"] == [1, 5, 9]
 
 
 def test_bad_input_is_one_line_exit_1(tmp_path: Path) -> None:

@@ -29,7 +29,10 @@ def spec_for(arch: str, **extra: object):  # type: ignore[no-untyped-def]
 
 
 def test_every_required_family_is_registered() -> None:
-    assert FAMILIES.names() == ["gemma", "llama", "mistral", "phi3", "qwen2", "qwen3"]
+    assert FAMILIES.names() == [
+        "gemma", "gemma2", "gemma3", "granite", "llama", "mistral", "olmo2", "phi3", "phi3_longrope", "qwen2", "qwen3",
+        "smollm3",
+    ]  # fmt: skip
 
 
 def test_registry_refuses_duplicates_and_lists_known_names() -> None:
@@ -57,16 +60,19 @@ def test_default_rope_in_v5_dialect() -> None:
 
 
 @pytest.mark.parametrize(
-    ("scaling", "message"),
+    ("arch", "scaling", "message"),
     [
-        ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}, "'longrope' (Phi-3 long-context)"),
-        ({"type": "su"}, "'su' (Phi-3 long-context) is not supported yet"),
-        ({"rope_type": "dynamic", "factor": 2.0}, "rope scaling 'dynamic' is not supported"),
+        ("LlamaForCausalLM", {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]},
+         "rope scaling 'longrope' is only supported for Phi-3 (Phi3ForCausalLM) checkpoints"),
+        ("MistralForCausalLM", {"type": "su"}, "rope scaling 'su' is only supported for Phi-3"),
+        ("LlamaForCausalLM", {"rope_type": "dynamic", "factor": 2.0}, "rope scaling 'dynamic' is not supported"),
+        ("Phi3ForCausalLM", {"rope_type": "dynamic", "factor": 2.0}, "rope type 'dynamic' is not supported for Phi-3"),
+        ("Phi3ForCausalLM", {"rope_type": "linear", "factor": 2.0}, "rope type 'linear' is not supported for Phi-3"),
     ],
-)
-def test_unsupported_rope_is_refused(scaling: dict, message: str) -> None:
+)  # fmt: skip
+def test_unsupported_rope_is_refused(arch: str, scaling: dict, message: str) -> None:
     with pytest.raises(SourceError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        spec_for("Phi3ForCausalLM", rope_scaling=scaling)
+        spec_for(arch, rope_scaling=scaling)
 
 
 def test_family_features() -> None:
@@ -90,14 +96,24 @@ def test_bad_config_values_name_the_key() -> None:
     with pytest.raises(SourceError, match="not a multiple of num_key_value_heads"):
         spec_for("LlamaForCausalLM", num_key_value_heads=3)
     with pytest.raises(SourceError, match="partial rotary"):
-        spec_for("Phi3ForCausalLM", partial_rotary_factor=0.5)
+        spec_for("LlamaForCausalLM", partial_rotary_factor=0.5)
+    with pytest.raises(SourceError, match=r"partial rotary embeddings \('rope_parameters.partial_rotary_factor'"):
+        spec_for("Qwen3ForCausalLM", rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5})
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GemmaForCausalLM", "Qwen3ForCausalLM"])
+def test_attention_bias_with_an_o_bias_is_refused(arch: str) -> None:
+    """These families' attention_bias also biases o_proj, which the spec does not model: refused, not dropped."""
+    with pytest.raises(SourceError, match="'attention_bias': true"):
+        spec_for(arch, attention_bias=True)
+    assert not spec_for(arch, attention_bias=False).qkv_bias
 
 
 def test_fixture_specs(checkpoints: dict[str, Path]) -> None:
     for name, path in checkpoints.items():
         model = open_model(path)
         config = json.loads((path / "config.json").read_text())
-        assert model.spec.vocab_size == config["vocab_size"], name
+        assert model.spec.vocab_size == config.get("text_config", config)["vocab_size"], name
         assert set(model.tensor_names()) == set(model.spec.tensor_shapes()), name
         for tensor in model.tensor_names():
             assert model.tensor(tensor).shape == model.spec.tensor_shapes()[tensor], (name, tensor)

@@ -67,13 +67,30 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # Generator: files, determinism, layout
 
 
+FIRST_SEVEN = {"llama3", "llama2", "mistral", "qwen2", "qwen3", "phi3", "gemma"}
+NEWER = {"gemma2", "gemma3", "gemma3-vlm", "phi3.5", "phi4-mini", "smollm3", "olmo2", "granite"}
+
+
 def test_variants_table() -> None:
-    assert set(VARIANTS) == {"llama3", "llama2", "mistral", "qwen2", "qwen3", "phi3", "gemma"}
-    for v in VARIANTS.values():
+    assert set(VARIANTS) == FIRST_SEVEN | NEWER
+    for name, v in VARIANTS.items():
         assert isinstance(v, FixtureVariant)
-        assert v.num_hidden_layers == 2 and v.hidden_size == 64
+        assert v.hidden_size == 64
+        assert v.num_hidden_layers == 2 or name in NEWER
     assert {VARIANTS[n].chat_template_in for n in ("llama3", "qwen3")} == {"jinja_file"}
     hash(VARIANTS["llama3"])  # frozen and hashable despite the rope_scaling dict
+    hash(VARIANTS["granite"])  # and the extra_config dict
+    # Windowed layers are exercised: every window is shorter than the parity and oracle prompts (20-48 tokens).
+    assert all(v.sliding_window is None or v.sliding_window < 20 for n, v in VARIANTS.items() if n in NEWER)
+
+
+def _text_config(config: dict) -> dict:
+    """The language model's config: the config itself, or text_config of a vision-language checkpoint."""
+    return config.get("text_config", config)
+
+
+def _prefix(v: FixtureVariant) -> str:
+    return {"causal_lm": "model.", "vlm": "model.language_model.", "vlm_legacy": "language_model.model."}[v.layout]
 
 
 def test_every_variant_writes_expected_files(generated: dict[str, Path]) -> None:
@@ -121,11 +138,12 @@ def test_weights_match_config(generated: dict[str, Path]) -> None:
     np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
     for name, d in generated.items():
         v = VARIANTS[name]
-        cfg = json.loads((d / "config.json").read_text())
+        cfg = _text_config(json.loads((d / "config.json").read_text()))
         tok = Tokenizer.from_file(str(d / "tokenizer.json"))
         t = _tensors(d)
         vocab = tok.get_vocab_size(with_added_tokens=True)
-        assert cfg["vocab_size"] == vocab == t["model.embed_tokens.weight"].shape[0], name
+        prefix = _prefix(v)
+        assert cfg["vocab_size"] == vocab == t[prefix + "embed_tokens.weight"].shape[0], name
         assert ("lm_head.weight" in t) == (not v.tie_word_embeddings), name
         assert {a.dtype for a in t.values()} == {np.dtype(np_dtype[v.dtype])}, name
         for a in t.values():
@@ -133,8 +151,11 @@ def test_weights_match_config(generated: dict[str, Path]) -> None:
         q = v.num_attention_heads * v.head_dim
         kv = v.num_key_value_heads * v.head_dim
         for i in range(v.num_hidden_layers):
-            p = f"model.layers.{i}."
-            if v.family == "phi3":
+            p = f"{prefix}layers.{i}."
+            assert (p + "input_layernorm.weight" in t) == (v.family != "olmo2")
+            assert (p + "post_feedforward_layernorm.weight" in t) == (v.family in ("gemma2", "gemma3", "olmo2"))
+            assert (p + "pre_feedforward_layernorm.weight" in t) == (v.family in ("gemma2", "gemma3"))
+            if v.family in ("phi3", "phi3_longrope"):
                 assert t[p + "self_attn.qkv_proj.weight"].shape == (q + 2 * kv, v.hidden_size)
                 assert t[p + "mlp.gate_up_proj.weight"].shape == (2 * v.intermediate_size, v.hidden_size)
                 assert p + "self_attn.q_proj.weight" not in t
@@ -144,11 +165,14 @@ def test_weights_match_config(generated: dict[str, Path]) -> None:
                 assert t[p + "mlp.down_proj.weight"].shape == (v.hidden_size, v.intermediate_size)
             assert t[p + "self_attn.o_proj.weight"].shape == (v.hidden_size, q)
             assert (p + "self_attn.q_proj.bias" in t) == (v.family == "qwen2")
-            assert (p + "self_attn.q_norm.weight" in t) == (v.family == "qwen3")
-            if v.family == "qwen3":
+            assert (p + "self_attn.q_norm.weight" in t) == (v.family in ("qwen3", "gemma3", "olmo2"))
+            if v.family in ("qwen3", "gemma3"):
                 assert t[p + "self_attn.k_norm.weight"].shape == (v.head_dim,)
-        norm = t["model.norm.weight"].astype(np.float32)
-        if v.family == "gemma":
+            elif v.family == "olmo2":  # over the whole projection
+                assert t[p + "self_attn.q_norm.weight"].shape == (q,)
+                assert t[p + "self_attn.k_norm.weight"].shape == (kv,)
+        norm = t[prefix + "norm.weight"].astype(np.float32)
+        if v.family in ("gemma", "gemma2", "gemma3"):
             assert abs(float(norm.mean())) < 0.1  # stored as offsets around 0: Gemma computes x * (1 + w)
         else:
             assert abs(float(norm.mean()) - 1.0) < 0.1
@@ -188,9 +212,97 @@ def test_config_dialects_and_family_keys(generated: dict[str, Path]) -> None:
     assert (gemma["bos_token_id"], gemma["eos_token_id"], gemma["pad_token_id"]) == (2, 1, 0)
     assert gemma["num_key_value_heads"] == 1 and gemma["head_dim"] == 32
     for name, c in cfg.items():
+        c = _text_config(c)
         ids = [c["bos_token_id"], c["pad_token_id"]]
         ids += c["eos_token_id"] if isinstance(c["eos_token_id"], list) else [c["eos_token_id"]]
         assert all(i is None or 0 <= i < c["vocab_size"] for i in ids), name
+
+
+def test_newer_family_configs(generated: dict[str, Path], tmp_path: Path) -> None:
+    """Each newer family's config carries its own keys, in the dialect transformers writes them."""
+    cfg = {n: json.loads((generated[n] / "config.json").read_text()) for n in NEWER}
+    gemma2 = cfg["gemma2"]
+    assert gemma2["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+    assert (gemma2["sliding_window"], gemma2["query_pre_attn_scalar"]) == (8, gemma2["head_dim"])
+    assert (gemma2["attn_logit_softcapping"], gemma2["final_logit_softcapping"]) == (8.0, 20.0)
+    gemma3 = cfg["gemma3"]
+    assert gemma3["model_type"] == "gemma3_text" and gemma3["dtype"] == "bfloat16"
+    assert gemma3["layer_types"] == ["sliding_attention"] * 5 + ["full_attention"]  # Gemma 3's 5:1
+    assert gemma3["rope_parameters"] == {
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    }
+    vlm = cfg["gemma3-vlm"]
+    assert vlm["architectures"] == ["Gemma3ForConditionalGeneration"] and vlm["model_type"] == "gemma3"
+    assert vlm["text_config"]["model_type"] == "gemma3_text" and "architectures" not in vlm["text_config"]
+    assert vlm["vision_config"]["num_hidden_layers"] == 8 > vlm["text_config"]["num_hidden_layers"]
+    assert min(vlm["boi_token_index"], vlm["image_token_index"]) >= vlm["text_config"]["vocab_size"]
+    phi35 = cfg["phi3.5"]
+    rope = phi35["rope_parameters"]
+    assert rope["rope_type"] == "longrope" and len(rope["short_factor"]) == len(rope["long_factor"]) == 8
+    assert rope["original_max_position_embeddings"] == phi35["original_max_position_embeddings"] == 24
+    phi4 = cfg["phi4-mini"]  # transformers 4 dialect, as on the hub
+    assert phi4["rope_scaling"]["type"] == "longrope" and len(phi4["rope_scaling"]["short_factor"]) == 6
+    assert phi4["partial_rotary_factor"] == 0.75 and phi4["tie_word_embeddings"] is True
+    smol = cfg["smollm3"]
+    assert smol["no_rope_layers"] == [1, 1, 1, 0] and smol["use_sliding_window"] is False
+    assert smol["layer_types"] == ["full_attention"] * 4
+    assert cfg["olmo2"]["attention_bias"] is False
+    granite = cfg["granite"]
+    assert (granite["embedding_multiplier"], granite["residual_multiplier"]) == (4.0, 0.5)
+    assert (granite["attention_multiplier"], granite["logits_scaling"]) == (0.125, 2.0)
+    # The transformers 4 dialect of each: rope_theta (+ Gemma 3's local base and pattern), no layer_types.
+    g3v4 = json.loads((make_checkpoint("gemma3", tmp_path / "g3v4", config_dialect="v4") / "config.json").read_text())
+    assert (g3v4["rope_theta"], g3v4["rope_local_base_freq"], g3v4["sliding_window_pattern"]) == (1e6, 1e4, 6)
+    assert g3v4["rope_scaling"] == {"rope_type": "linear", "factor": 2.0} and "layer_types" not in g3v4
+    smol_window = make_checkpoint("smollm3", tmp_path / "smol", sliding_window=8)
+    smol_cfg = json.loads((smol_window / "config.json").read_text())
+    assert smol_cfg["use_sliding_window"] is True
+    assert smol_cfg["layer_types"] == ["full_attention"] * 3 + ["sliding_attention"]  # the NoPE layer slides
+
+
+def test_vision_language_layouts(generated: dict[str, Path], tmp_path: Path) -> None:
+    """A Gemma 3 vision-language checkpoint stores a vision tower and projector beside the language model, under
+    transformers 5's names or the hub's pre-4.52 ones; the language model's weights are the same either way."""
+    v5 = _tensors(generated["gemma3-vlm"])
+    assert "model.vision_tower.encoder.layers.3.mlp.fc2.weight" in v5
+    assert "model.multi_modal_projector.mm_input_projection_weight" in v5
+    legacy = _tensors(make_checkpoint("gemma3-vlm", tmp_path / "legacy", layout="vlm_legacy", config_dialect="v4"))
+    assert "vision_tower.vision_model.encoder.layers.3.mlp.fc2.weight" in legacy
+    assert "multi_modal_projector.mm_input_projection_weight" in legacy
+    renamed = {
+        k.replace("language_model.model.", "model.language_model.")
+        .replace("vision_tower.vision_model.", "model.vision_tower.")
+        .replace("multi_modal_projector.", "model.multi_modal_projector."): a
+        for k, a in legacy.items()
+    }
+    assert renamed.keys() == v5.keys()
+    for k, a in v5.items():
+        np.testing.assert_array_equal(a, renamed[k], err_msg=k)
+
+
+@pytest.mark.parametrize(
+    ("variant", "overrides", "message"),
+    [
+        ("llama3", {"global_every": 2}, "global_every is only supported for gemma2, gemma3"),
+        ("gemma2", {"rope_local_theta": 1e4}, "rope_local_theta is only supported for gemma3"),
+        ("gemma2", {"config_dialect": "v4", "global_every": 3}, "gemma2 v4 configs carry no layer_types"),
+        ("gemma3", {"global_every": None}, "gemma3 fixtures need global_every"),
+        ("phi3", {"partial_rotary_factor": 0.5}, "partial_rotary_factor is only supported for phi3_longrope"),
+        ("phi3.5", {"rope_scaling": None}, "phi3_longrope fixtures need longrope scaling"),
+        ("phi4-mini", {"partial_rotary_factor": 0.0}, "partial_rotary_factor must be in"),
+        ("smollm3", {"no_rope_every": 0}, "smollm3 fixtures need no_rope_every"),
+        ("qwen2", {"layout": "vlm"}, "layout is only supported for gemma3"),
+        ("gemma3", {"layout": "vlm2"}, "layout must be one of"),
+        ("olmo2", {"sliding_window": 8}, "sliding_window is only supported for"),
+    ],
+)
+def test_family_fields_stay_with_their_family(
+    tmp_path: Path, variant: str, overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_checkpoint(variant, tmp_path / "x", **overrides)
+    assert not (tmp_path / "x").exists()
 
 
 def test_tokenizer_config_and_chat_template(generated: dict[str, Path]) -> None:

@@ -55,7 +55,8 @@ def run_cli(args: Sequence[str | Path], *, cwd: Path | None = None, env: dict[st
 def assert_refused(outcome: Outcome, *, mentions: Sequence[str] = (), usage: bool = False) -> None:
     """Refused cleanly: exit 1 (2 for usage), one ``error:`` line naming the problem, no traceback."""
     assert not outcome.timed_out, f"hung (no exit within {WALL_SECONDS} s): {outcome.stderr[-500:]}"
-    assert outcome.returncode >= 0, f"killed by signal {-outcome.returncode} (a resource limit?): {outcome.stderr[-500:]}"
+    killed = f"killed by signal {-outcome.returncode} (a resource limit?): {outcome.stderr[-500:]}"
+    assert outcome.returncode >= 0, killed
     assert "Traceback" not in outcome.stderr, outcome.stderr[-2000:]
     expected = 2 if usage else 1
     assert outcome.returncode == expected, f"exit {outcome.returncode}, expected {expected}: {outcome.stderr[-1000:]}"

@@ -459,7 +459,7 @@ def test_invalid_reports_are_rejected(fp16_report: ParityReport, tmp_path: Path)
         ParityReport.from_dict(broken)
     bad = tmp_path / "parity.json"
     bad.write_text("[1, 2", encoding="utf-8")
-    with pytest.raises(ParityError, match="not a JSON parity report"):
+    with pytest.raises(ParityError, match="malformed JSON"):
         ParityReport.load(bad)
     with pytest.raises(ParityError, match="cannot read"):
         ParityReport.load(tmp_path / "missing.json")

@@ -131,7 +131,8 @@ def test_verify_and_inspect_straight_from_the_registry(bundle: BuiltBundle, regi
     info = invoke("inspect", pushed, "--plain-http", "--json")
     assert info.exit_code == 0, info.output
     data = json.loads(info.output)
-    assert data["index_digest"] == bundle.index_digest and data["tag"] == "v1"
+    assert data["index_digest"] == bundle.index_digest
+    assert "v1" in (data.get("tag"), (data.get("unsigned") or {}).get("tag"))  # unsigned without --key
     assert data["size"] == inspect_bundle(bundle.path)["size"]
     text = invoke("inspect", pushed, "--plain-http")
     assert "parity" in text.output and bundle.index_digest in text.output
@@ -233,10 +234,34 @@ def test_no_fallback_tags_where_the_registry_has_the_referrers_api(bundle: Built
 
 @needs_registry
 def test_copy_between_repositories_mounts_blobs(bundle: BuiltBundle, registry: Registry, pushed: str) -> None:
-    mirror = registry.ref("mirror/llama3", "prod")
+    mirror = f"docker://{registry.host}/mirror/llama3"  # no tag: the bundle keeps its own
     result = copy_bundle(pushed, mirror, options=PLAIN)
     assert result.blobs_mounted == result.blobs > 0 and result.blobs_transferred == 0
-    assert verify_bundle(RegistryLayout(Reference.parse(mirror), PLAIN), keys=[bundle.verifying], tag="prod").ok
+    assert result.tag == "v1" and result.destination == f"{mirror}:v1"
+    assert verify_bundle(RegistryLayout(Reference.parse(f"{mirror}:v1"), PLAIN), keys=[bundle.verifying]).ok
+
+
+@needs_registry
+def test_copy_keeps_the_signed_tag_and_verify_agrees(bundle: BuiltBundle, registry: Registry, pushed: str) -> None:
+    """The re-tagging rule: a bundle's tag is part of what was signed, so copy keeps it and refuses another.
+
+    What ``copy`` pushed verifies by the very reference it was pushed to (issue 11: it used not to).
+    """
+    plain = f"docker://{registry.host}/retag/llama3"
+    refused = invoke("copy", str(bundle.path), f"{plain}:prod", "--plain-http")
+    assert refused.exit_code == 2
+    assert "names the tag 'prod', but the bundle was built and signed as 'v1'" in refused.output
+    assert "rebuild the bundle with --tag prod" in refused.output
+    client = RegistryClient(registry.host, PLAIN)
+    assert not client.manifest_exists("retag/llama3", "prod")  # refused before anything was pushed
+    done = invoke("copy", str(bundle.path), plain, "--plain-http", "--json")
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.output)["destination"] == f"{plain}:v1"
+    for where in (f"{plain}:v1", pushed):
+        verified = invoke("verify", where, "--plain-http", "--key", str(bundle.public_key))
+        assert verified.exit_code == 0, verified.output
+    from_registry = invoke("copy", pushed, f"docker://{registry.host}/retag/other:prod", "--plain-http")
+    assert from_registry.exit_code == 2 and "'prod'" in from_registry.output
 
 
 @needs_registry
