@@ -55,15 +55,21 @@ def hashing_copy(source: Path | BinaryIO, dest: Path | BinaryIO | None) -> tuple
     return "sha256:" + hasher.hexdigest(), size
 
 
-def read_capped(path: Path, limit: int, *, error: type[SovpackError] = VerificationError) -> bytes:
-    """A small document read whole, refused (not slurped) past ``limit`` bytes; only a regular file is opened."""
-    with open_regular(path, error=error) as fh:
+def read_capped(
+    path: Path, limit: int, *, error: type[SovpackError] = VerificationError, where: str | None = None
+) -> bytes:
+    """A small document read whole, refused (not slurped) past ``limit`` bytes; only a regular file is opened.
+
+    ``where`` names the file in messages (default: its path).
+    """
+    display = where or str(path)
+    with open_regular(path, error=error, where=display) as fh:
         try:
             data = fh.read(limit + 1)
         except OSError as e:
-            raise error(f"{path}: cannot read: {e.strerror or e}") from e
+            raise error(f"{display}: cannot read: {e.strerror or e}") from e
     if len(data) > limit:
-        raise error(f"{path}: larger than {limit} bytes; refused")
+        raise error(f"{display}: larger than {limit} bytes; refused")
     return data
 
 
@@ -305,11 +311,4 @@ def read_json_file(path: Path, limit: int, *, where: str | None = None, error: t
                    ) -> Any:
     """A local JSON document: a regular file, at most ``limit`` bytes, parsed by :func:`parse_json`."""
     display = where or str(path)
-    with open_regular(path, error=error, where=display) as fh:
-        try:
-            data = fh.read(limit + 1)
-        except OSError as e:
-            raise error(f"{display}: cannot read: {e.strerror or e}") from e
-    if len(data) > limit:
-        raise error(f"{display}: larger than {limit} bytes; refused")
-    return parse_json(data, display, error=error)
+    return parse_json(read_capped(path, limit, error=error, where=display), display, error=error)

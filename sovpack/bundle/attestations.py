@@ -53,6 +53,28 @@ def parity_predicate(report: ParityReport, report_digest: str, reference_digest:
     }
 
 
+def _signed_manifest(
+    store: BlobStore,
+    statement: Statement,
+    key: SigningKey,
+    *,
+    annotations: dict[str, str],
+    index_annotations: dict[str, str],
+    created: str | None,
+    subject: Descriptor | None = None,
+) -> Descriptor:
+    """Sign a statement, store it as one Sigstore bundle layer, and wrap it in a manifest (a referrer if subject)."""
+    signed = SigstoreBundle.sign(statement, key)
+    layer = store.add(signed.to_bytes(), AT_SIGSTORE)
+    empty = store.add(EMPTY_JSON, MT_EMPTY)
+    annotations = {ANN_BUNDLE_CONTENT: "dsse-envelope", ANN_PREDICATE_TYPE: statement.predicate_type, **annotations}
+    if created:
+        annotations[ANN_CREATED] = created
+    doc = manifest_document(artifact_type=AT_SIGSTORE, config=empty, layers=[layer], annotations=annotations,
+                            subject=subject)
+    return store.add(canonical_json(doc), MT_MANIFEST, artifact_type=AT_SIGSTORE, annotations=index_annotations)
+
+
 def attestation_manifest(
     store: BlobStore,
     *,
@@ -63,46 +85,20 @@ def attestation_manifest(
     subject: Descriptor,
     created: str | None,
 ) -> Descriptor:
-    """Sign a statement, store it as a Sigstore bundle layer and wrap it in a referrer manifest."""
-    signed = SigstoreBundle.sign(statement, key)
-    layer = store.add(signed.to_bytes(), AT_SIGSTORE)
-    empty = store.add(EMPTY_JSON, MT_EMPTY)
-    annotations = {
-        ANN_BUNDLE_CONTENT: "dsse-envelope",
-        ANN_PREDICATE_TYPE: statement.predicate_type,
-        ANN_ATTESTATION: kind,
-        ANN_TARGET: target,
-    }
-    if created:
-        annotations[ANN_CREATED] = created
-    doc = manifest_document(artifact_type=AT_SIGSTORE, config=empty, layers=[layer], annotations=annotations,
-                            subject=subject)
-    return store.add(
-        canonical_json(doc),
-        MT_MANIFEST,
-        artifact_type=AT_SIGSTORE,
-        annotations={
-            ANN_KIND: KIND_ATTESTATION,
-            ANN_ATTESTATION: kind,
-            ANN_TARGET: target,
-            ANN_SUBJECT: subject.digest,
-        },
+    """A target's attestation: an OCI 1.1 referrer of the target manifest."""
+    return _signed_manifest(
+        store, statement, key,
+        annotations={ANN_ATTESTATION: kind, ANN_TARGET: target},
+        index_annotations={ANN_KIND: KIND_ATTESTATION, ANN_ATTESTATION: kind, ANN_TARGET: target,
+                           ANN_SUBJECT: subject.digest},
+        created=created,
+        subject=subject,
     )
 
 
-
-
 def release_manifest(store: BlobStore, *, statement: Statement, key: SigningKey, created: str | None) -> Descriptor:
-    """Sign the release statement and store it as its own manifest (no subject: it covers the whole bundle)."""
-    signed = SigstoreBundle.sign(statement, key)
-    layer = store.add(signed.to_bytes(), AT_SIGSTORE)
-    empty = store.add(EMPTY_JSON, MT_EMPTY)
-    annotations = {
-        ANN_BUNDLE_CONTENT: "dsse-envelope",
-        ANN_PREDICATE_TYPE: statement.predicate_type,
-        ANN_KIND: KIND_RELEASE,
-    }
-    if created:
-        annotations[ANN_CREATED] = created
-    doc = manifest_document(artifact_type=AT_SIGSTORE, config=empty, layers=[layer], annotations=annotations)
-    return store.add(canonical_json(doc), MT_MANIFEST, artifact_type=AT_SIGSTORE, annotations={ANN_KIND: KIND_RELEASE})
+    """The release statement's manifest: no subject, it covers the whole bundle."""
+    return _signed_manifest(
+        store, statement, key, annotations={ANN_KIND: KIND_RELEASE}, index_annotations={ANN_KIND: KIND_RELEASE},
+        created=created,
+    )

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sovpack._io import hashing_copy, open_regular, read_json_file, shorten
+from sovpack._io import hashing_copy, open_regular, read_capped, read_json_file, shorten
 from sovpack.errors import SourceError
 from sovpack.source.safetensors import SafetensorsFile, TensorInfo
 
@@ -148,14 +148,7 @@ class Checkpoint:
         if path is None:
             return None
         limit = FILE_LIMITS.get(name, MAX_CONFIG_BYTES)
-        with open_regular(path, where=self._display(name)) as fh:
-            try:
-                data = fh.read(limit + 1)
-            except OSError as e:
-                raise SourceError(f"{self._display(name)}: cannot read: {e.strerror or e}") from e
-        if len(data) > limit:
-            raise SourceError(f"{self._display(name)}: larger than {limit} bytes; refused")
-        return data
+        return read_capped(path, limit, error=SourceError, where=self._display(name))
 
     def _load_config(self) -> dict[str, Any]:
         if self.file("config.json") is None:

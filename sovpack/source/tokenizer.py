@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sovpack._io import open_regular, read_json_file
+from sovpack._io import read_capped, read_json_file
 from sovpack.errors import SourceError
 from sovpack.source.checkpoint import MAX_TOKENIZER_BYTES
 
@@ -30,13 +30,7 @@ def load_tokenizer(tokenizer_json: Path) -> Tokenizer:
     path = Path(tokenizer_json)
     if not path.exists():
         raise SourceError(f"{path}: tokenizer file not found")
-    with open_regular(path) as fh:
-        try:
-            raw = fh.read(MAX_TOKENIZER_BYTES + 1)
-        except OSError as e:
-            raise SourceError(f"{path}: cannot read: {e.strerror or e}") from e
-    if len(raw) > MAX_TOKENIZER_BYTES:
-        raise SourceError(f"{path}: larger than {MAX_TOKENIZER_BYTES} bytes; refused")
+    raw = read_capped(path, MAX_TOKENIZER_BYTES, error=SourceError)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

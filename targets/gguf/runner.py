@@ -23,6 +23,7 @@ from sovpack._io import sha256_file
 from sovpack._protocols import RunnerTraits
 from sovpack.errors import UsageError
 from sovpack.source.spec import ModelSpec
+from sovpack.targets.gguf.arch import ARCHES
 from sovpack.targets.gguf.runtime import (
     N_THREADS,
     extra_buffers_allowed,
@@ -36,6 +37,13 @@ from sovpack.targets.gguf.runtime import (
 SEED = 1234
 MIN_CONTEXT = 512
 MAX_CONTEXT = 8192
+LLAMA_CTX_PAD = 256  # llama.cpp rounds n_ctx up to a multiple of this (llama_context's constructor)
+
+
+def applies_window(spec: ModelSpec) -> bool:
+    """Whether llama.cpp's architecture for the spec's family applies its sliding windows (gemma2, gemma3)."""
+    plan = ARCHES.get(spec.family)
+    return plan is not None and plan.swa_period is not None
 
 
 def kv_cache_type(precision: str) -> str:
@@ -72,20 +80,31 @@ class LlamaCppRunner:
         self._vocab: Any = None
         self.extra_buffers: bool | None = None
         limit = spec.max_position_embeddings if spec is not None else MAX_CONTEXT
-        if spec is not None and spec.sliding_window is not None:
+        if spec is not None and spec.sliding_window is not None and not applies_window(spec):
             limit = min(limit, spec.sliding_window)
+        if spec is not None and spec.rope_scaling.kind == "longrope":
+            # llama.cpp picks LongRoPE's factors by its context size, the source by the positions a pass sees:
+            # they agree on the short factors while the context stays within original_max_position_embeddings.
+            limit = min(limit, spec.rope_scaling.original_max_position_embeddings or limit)
         self.context_limit = min(limit, MAX_CONTEXT)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def _open(self, positions: int) -> Any:
         if positions > self.context_limit:
             window = self.spec.sliding_window if self.spec is not None else None
-            why = (
-                f"llama.cpp does not apply the model's {window}-token sliding window, so the runner stops where "
-                "both agree"
-                if window is not None and window == self.context_limit
-                else "the model's context length"
-            )
+            scaling = self.spec.rope_scaling if self.spec is not None else None
+            if window is not None and window == self.context_limit:
+                why = (
+                    f"llama.cpp does not apply the model's {window}-token sliding window, so the runner stops where "
+                    "both agree"
+                )
+            elif scaling is not None and scaling.original_max_position_embeddings == self.context_limit:
+                why = (
+                    "llama.cpp picks LongRoPE's long factors from its context size, the source from the positions "
+                    "a pass sees: the runner stays in the short-factor regime, where both agree"
+                )
+            else:
+                why = "the model's context length"
             raise UsageError(
                 f"{self.path.name}: {positions} positions exceed the {self.context_limit} the runner allows ({why})"
             )
@@ -93,6 +112,15 @@ class LlamaCppRunner:
             return self._llm
         llama_cpp = import_llama_cpp()
         n_ctx = min(self.context_limit, max(MIN_CONTEXT, 1 << (positions - 1).bit_length()))
+        scaling = self.spec.rope_scaling if self.spec is not None else None
+        if scaling is not None and scaling.kind == "longrope":
+            original = scaling.original_max_position_embeddings or 0
+            if -(-n_ctx // LLAMA_CTX_PAD) * LLAMA_CTX_PAD > original:
+                raise UsageError(
+                    f"{self.path.name}: llama.cpp pads its context to a multiple of {LLAMA_CTX_PAD}, beyond this "
+                    f"model's LongRoPE switch at {original} positions, so it would rotate every pass with the long "
+                    "factors where the source uses the short ones"
+                )
         self.close_model()
         ggml_type = llama_cpp.GGML_TYPE_F32 if self.kv_cache == "f32" else llama_cpp.GGML_TYPE_F16
         kwargs: dict[str, Any] = {}

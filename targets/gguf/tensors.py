@@ -95,6 +95,15 @@ def llama3_rope_factors(spec: ModelSpec) -> np.ndarray:
     return factors.astype(np.float32)
 
 
+def longrope_factors(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's rope_factors_long / rope_factors_short: LongRoPE's per-frequency divisors [rotary_dim / 2]."""
+    s = spec.rope_scaling
+    half = spec.rotary_size // 2
+    if s.long_factor is None or s.short_factor is None or len(s.long_factor) != half or len(s.short_factor) != half:
+        raise ConversionError(f"{spec.family}: LongRoPE needs {half} long and {half} short factors")
+    return np.asarray(s.long_factor, dtype=np.float32), np.asarray(s.short_factor, dtype=np.float32)
+
+
 def tensor_plan(model: SourceModel, plan: ArchPlan) -> list[TensorJob]:
     """Every GGUF tensor in file order, each produced on demand from canonical tensors."""
     gguf = import_gguf()
@@ -129,10 +138,16 @@ def tensor_plan(model: SourceModel, plan: ArchPlan) -> list[TensorJob]:
         return lambda: (block for part in parts for block in part())
 
     shapes = spec.tensor_shapes()
+    # gguf-py lists the sandwich archs' pre-MLP norm as FFN_PRE_NORM: the same "blk.N.ffn_norm" name.
+    mlp_norm = t.FFN_NORM if t.FFN_NORM in allowed else t.FFN_PRE_NORM
     add(name(t.TOKEN_EMBD, "weight"), shapes["embed"], read("embed"), head=spec.tie_word_embeddings)
     if spec.rope_scaling.kind == "llama3":
         factors = llama3_rope_factors(spec)
         add(name(t.ROPE_FREQS, "weight"), factors.shape, lambda: iter([factors]))
+    if spec.rope_scaling.kind == "longrope":
+        long_factors, short_factors = longrope_factors(spec)
+        add(name(t.ROPE_FACTORS_LONG, "weight"), long_factors.shape, lambda: iter([long_factors]))
+        add(name(t.ROPE_FACTORS_SHORT, "weight"), short_factors.shape, lambda: iter([short_factors]))
     h, q, kv, ff = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
     for i in range(spec.num_layers):
         c = f"layers.{i}."
@@ -140,7 +155,8 @@ def tensor_plan(model: SourceModel, plan: ArchPlan) -> list[TensorJob]:
         def qk(proj: str, heads: int, c: str = c) -> Blocks:
             return permuted(c + proj, heads) if plan.permute_qk else read(c + proj)
 
-        add(name(t.ATTN_NORM, "weight", i), (h,), read(c + "attn_norm"))
+        if spec.pre_norms:
+            add(name(t.ATTN_NORM, "weight", i), (h,), read(c + "attn_norm"))
         if plan.fused_qkv:
             add(
                 name(t.ATTN_QKV, "weight", i),
@@ -162,16 +178,21 @@ def tensor_plan(model: SourceModel, plan: ArchPlan) -> list[TensorJob]:
                 add(name(t.ATTN_K, "bias", i), (kv,), qk("k_bias", spec.num_kv_heads))
                 add(name(t.ATTN_V, "bias", i), (kv,), read(c + "v_bias"))
         if spec.qk_norm:
-            add(name(t.ATTN_Q_NORM, "weight", i), (spec.head_dim,), read(c + "q_norm"))
-            add(name(t.ATTN_K_NORM, "weight", i), (spec.head_dim,), read(c + "k_norm"))
+            add(name(t.ATTN_Q_NORM, "weight", i), shapes[c + "q_norm"], read(c + "q_norm"))
+            add(name(t.ATTN_K_NORM, "weight", i), shapes[c + "k_norm"], read(c + "k_norm"))
         add(name(t.ATTN_OUT, "weight", i), (h, q), read(c + "o"))
-        add(name(t.FFN_NORM, "weight", i), (h,), read(c + "mlp_norm"))
+        if spec.post_norms:
+            add(name(t.ATTN_POST_NORM, "weight", i), (h,), read(c + "post_attn_norm"))
+        if spec.pre_norms:
+            add(name(mlp_norm, "weight", i), (h,), read(c + "mlp_norm"))
         if plan.fused_gate_up:
             add(name(t.FFN_UP, "weight", i), (2 * ff, h), concat(read(c + "gate"), read(c + "up")))
         else:
             add(name(t.FFN_GATE, "weight", i), (ff, h), read(c + "gate"))
             add(name(t.FFN_UP, "weight", i), (ff, h), read(c + "up"))
         add(name(t.FFN_DOWN, "weight", i), (h, ff), read(c + "down"))
+        if spec.post_norms:
+            add(name(t.FFN_POST_NORM, "weight", i), (h,), read(c + "post_mlp_norm"))
     add(name(t.OUTPUT_NORM, "weight"), (h,), read("final_norm"))
     if not spec.tie_word_embeddings:
         add(name(t.OUTPUT, "weight"), shapes["lm_head"], read("lm_head"), head=True)

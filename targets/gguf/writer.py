@@ -6,7 +6,11 @@ the source files' digests: ``general.source.file.count`` and, per file i, ``gene
 ``.sha256`` / ``.size`` (the same records as the artifact's sovpack-artifact.json). Hyperparameters and RoPE
 scaling use llama.cpp's keys: linear -> type linear + factor; YaRN -> type yarn + factor + original context
 (+ ``rope.scaling.attn_factor`` = attention_factor / (1 + 0.1 ln factor) when the source sets one, because
-llama.cpp multiplies that default in itself). The tokenizer keys come from ``GgufTokenizer.add_to``.
+llama.cpp multiplies that default in itself); LongRoPE -> original context + attention factor (the factors
+are tensors). Newer families add their llama.cpp keys (``add_family_keys``): Granite's embedding / residual /
+attention / logit scales, Gemma 2's soft-capping, gemma2/gemma3's sliding window and gemma3's
+``rope.freq_base_swa``; ``rope.dimension_count`` is the rotary width. The tokenizer keys come from
+``GgufTokenizer.add_to``.
 
 The file is written under a temporary name and renamed into place, so the model is never in memory as a
 whole and no half-written file is ever seen.
@@ -69,7 +73,7 @@ def write_gguf(
     }
     stats = WriteStats()
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[plan.arch]])
-    add_metadata(writer, model, tok, ftypes[precision])
+    add_metadata(writer, model, tok, ftypes[precision], plan)
     chosen = []
     for job in jobs:
         qtype, note = storage_type(job, precision)
@@ -112,7 +116,7 @@ def read_tensor_types(path: Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def add_metadata(writer: Any, model: SourceModel, tok: GgufTokenizer, file_type: Any) -> None:
+def add_metadata(writer: Any, model: SourceModel, tok: GgufTokenizer, file_type: Any, plan: ArchPlan) -> None:
     """Every key-value of the file: general.*, source digests, hyperparameters, RoPE scaling, tokenizer."""
     gguf = import_gguf()
     spec = model.spec
@@ -133,9 +137,9 @@ def add_metadata(writer: Any, model: SourceModel, tok: GgufTokenizer, file_type:
         writer.add_uint64(SOURCE_FILE_KEY.format(id=i, field="size"), f.size)
 
     writer.add_vocab_size(spec.vocab_size)
-    # llama.cpp's llama / phi3 graphs do not apply a sliding window: advertise only the context where the
-    # file computes what the source does (frontends default their context to this).
-    writer.add_context_length(context_length(spec))
+    # llama.cpp's llama / phi3 / smollm3 graphs do not apply a sliding window: advertise only the context where
+    # the file computes what the source does (frontends default their context to this).
+    writer.add_context_length(context_length(spec, plan))
     writer.add_embedding_length(spec.hidden_size)
     writer.add_block_count(spec.num_layers)
     writer.add_feed_forward_length(spec.intermediate_size)
@@ -143,9 +147,10 @@ def add_metadata(writer: Any, model: SourceModel, tok: GgufTokenizer, file_type:
     writer.add_head_count_kv(spec.num_kv_heads)
     writer.add_key_length(spec.head_dim)
     writer.add_value_length(spec.head_dim)
-    writer.add_rope_dimension_count(spec.head_dim)
+    writer.add_rope_dimension_count(spec.rotary_size)
     writer.add_layer_norm_rms_eps(spec.norm_eps)
     writer.add_rope_freq_base(spec.rope_theta)
+    add_family_keys(writer, spec, plan)
     s = spec.rope_scaling
     if s.kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -162,6 +167,11 @@ def add_metadata(writer: Any, model: SourceModel, tok: GgufTokenizer, file_type:
             writer.add_rope_scaling_yarn_beta_fast(s.beta_fast)
         if (s.beta_slow or 1.0) != 1.0:
             writer.add_rope_scaling_yarn_beta_slow(s.beta_slow)
+    elif s.kind == "longrope":
+        # llama.cpp reads the factors from rope_factors_long / _short and picks one set by its context size;
+        # the cos/sin multiplier is the attention factor, already resolved in the spec.
+        writer.add_rope_scaling_orig_ctx_len(s.original_max_position_embeddings or spec.max_position_embeddings)
+        writer.add_rope_scaling_attn_factors(1.0 if s.attention_factor is None else s.attention_factor)
     elif s.kind == "llama3":
         # The scaling lives in rope_freqs.weight; the type key stays "none" so nothing is scaled twice.
         writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
@@ -190,11 +200,33 @@ def stated_license(model: SourceModel) -> str | None:
     return None
 
 
-def context_length(spec: ModelSpec) -> int:
-    """The context the file advertises: the model's, capped at its sliding window (which llama.cpp ignores)."""
-    if spec.sliding_window is not None:
+def context_length(spec: ModelSpec, plan: ArchPlan) -> int:
+    """The context the file advertises: the model's, capped at its sliding window where llama.cpp's architecture
+    ignores the window."""
+    if spec.sliding_window is not None and plan.swa_period is None:
         return min(spec.max_position_embeddings, spec.sliding_window)
     return spec.max_position_embeddings
+
+
+def add_family_keys(writer: Any, spec: ModelSpec, plan: ArchPlan) -> None:
+    """The keys of the newer architectures: Granite's multipliers, soft-capping, sliding windows, local rope base."""
+    if plan.multipliers:
+        # llama.cpp's granite reads logit_scale (required) and the three others (0 or absent: not applied).
+        writer.add_embedding_scale(spec.embedding_multiplier)
+        writer.add_residual_scale(spec.residual_multiplier)
+        writer.add_attention_scale(
+            1.0 / math.sqrt(spec.head_dim) if spec.attention_scale is None else spec.attention_scale
+        )
+        writer.add_logit_scale(spec.logits_divisor)
+    if spec.attn_logit_softcap is not None:
+        writer.add_attn_logit_softcapping(spec.attn_logit_softcap)
+    if spec.final_logit_softcap is not None:
+        writer.add_final_logit_softcapping(spec.final_logit_softcap)
+    if plan.swa_period is not None and spec.sliding_window is not None:
+        # The layer pattern is llama.cpp's default for the architecture (arch_plan checked it): no pattern key.
+        writer.add_sliding_window(spec.sliding_window)
+        if plan.local_rope:
+            writer.add_rope_freq_base_swa(spec.rope_theta if spec.rope_local_theta is None else spec.rope_local_theta)
 
 
 def yarn_default_mscale(factor: float) -> float:

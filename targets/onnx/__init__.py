@@ -7,7 +7,8 @@ the Optimum / onnxruntime-genai decoder convention: ``input_ids``, ``attention_m
 tensors [batch, kv_heads, seq, head_dim].
 
 Modules: ``target`` (the registered target: precision table, writer, ``open_runner``), ``precisions``
-(storage plans, minimum-onnxruntime rule), ``graph`` (the decoder graph), ``external_data`` (the weight file),
+(storage plans, minimum-onnxruntime rule), ``graph`` (the decoder graph), ``positions`` (attention
+biases per window and rotary tables, longrope's per-pass switch), ``external_data`` (the weight file),
 ``quantize`` (MatMulNBits int8/int4), ``genai`` (genai_config.json), ``runner`` (onnxruntime and genai runners).
 
 Heavy packages (onnx, onnxruntime, onnxruntime_genai) are imported inside functions, so importing this package

@@ -2,6 +2,14 @@
 
 The per-family model types below are also the onnx target's list of families it can write: a family genai
 has no decoder type for is refused by name, never written under another family's type.
+
+# NOTE: model types. onnxruntime-genai runs every "LLM" model type (its ModelType::IsLLM list) through one
+# decoder-only pipeline that feeds input_ids / attention_mask / position_ids / past KV and reads logits / present
+# KV; the graph computes everything else (soft-caps, windows, norms, rope). The types are the ones its model
+# builder writes for each architecture (Gemma3ForCausalLM -> "gemma3_text": plain "gemma3" is its vision-language
+# type; Phi-3.5 / Phi-4-mini long-context -> "phi3"). OLMo 2 has no type of its own in onnxruntime-genai 0.18
+# (its builder knows only OlmoForCausalLM, and the runtime refuses "olmo2"), so it gets genai's generic
+# decoder-only type "decoder" rather than OLMo 1's "olmo"; the artifact's notes say so.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from sovpack.source.spec import ModelSpec
 
 GENAI_CONFIG = "genai_config.json"
 
-# onnxruntime-genai model types (the decoder-only types it knows) per sovpack family.
+# onnxruntime-genai model types (decoder-only types its runtime accepts) per sovpack family.
 GENAI_MODEL_TYPES = {
     "llama": "llama",
     "mistral": "mistral",
@@ -21,6 +29,12 @@ GENAI_MODEL_TYPES = {
     "qwen3": "qwen3",
     "phi3": "phi3",
     "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+    "phi3_longrope": "phi3",
+    "smollm3": "smollm3",
+    "olmo2": "decoder",
+    "granite": "granite",
 }
 
 
@@ -33,6 +47,28 @@ def genai_model_type(spec: ModelSpec) -> str:
             f"{', '.join(sorted(GENAI_MODEL_TYPES))}"
         )
     return model_type
+
+
+def genai_notes(spec: ModelSpec) -> list[str]:
+    """What a reader of the artifact should know about how onnxruntime-genai runs it (format metadata notes)."""
+    notes = []
+    if genai_model_type(spec) == "decoder":
+        notes.append(
+            f"onnxruntime-genai has no model type for {spec.family!r}; genai_config.json declares its generic "
+            "decoder-only type 'decoder' (the graph computes the whole forward pass)"
+        )
+    if any(spec.layer_window(i) is not None for i in range(spec.num_layers)):
+        notes.append(
+            "sliding windows are applied by the graph's attention mask; genai_config.json declares no "
+            "sliding_window, so onnxruntime-genai keeps every position in the KV cache (memory grows with context)"
+        )
+    if spec.rope_scaling.kind == "longrope":
+        notes.append(
+            "longrope: each forward pass picks the short or long factors in the graph from its largest "
+            "position_id + 1 against original_max_position_embeddings; cached keys keep their rotation "
+            "(as transformers does)"
+        )
+    return notes
 
 
 def genai_config(spec: ModelSpec, model_file: str) -> dict[str, Any]:

@@ -34,10 +34,10 @@ import numpy as np
 
 from sovpack._io import Progress
 from sovpack.errors import ConversionError
-from sovpack.reference import rope_inv_freq
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
 from sovpack.targets.onnx.external_data import DATA_FILE, ExternalData, converted_chunks
+from sovpack.targets.onnx.positions import attention_biases, rope_tables
 from sovpack.targets.onnx.precisions import F32, plan_for
 from sovpack.targets.onnx.quantize import QUANT_BLOCK_SIZE, quantize_matmul_weight
 
@@ -212,13 +212,40 @@ class DecoderBuilder:
         raise ConversionError(f"onnx: activation {kind!r} is not supported")
 
     def rope(self, x: str, cos: str, sin: str, name: str) -> str:
-        half = self.spec.head_dim // 2
-        g = self.g
+        """Rotate-half rope on the leading ``rotary_size`` dims of x's last axis; the rest pass through."""
+        s, g = self.spec, self.g
+        rotary = s.rotary_size
+        kept = None
+        if rotary != s.head_dim:  # partial rotary (Phi-4-mini)
+            x, kept = g.op("Split", x, g.const([rotary, s.head_dim - rotary], np.int64), name=f"{name}/split_rotary",
+                           n_out=2, axis=-1)
+        half = rotary // 2
         x1, x2 = g.op("Split", x, g.const([half, half], np.int64), name=f"{name}/split", n_out=2, axis=-1)
         rotated = g.op("Concat", g.op("Neg", x2, name=f"{name}/neg"), x1, name=f"{name}/rotate_half", axis=-1)
         with_cos = g.op("Mul", x, cos, name=f"{name}/mul_cos")
         with_sin = g.op("Mul", rotated, sin, name=f"{name}/mul_sin")
-        return g.op("Add", with_cos, with_sin, name=f"{name}/rope")
+        out = g.op("Add", with_cos, with_sin, name=f"{name}/rope")
+        if kept is not None:
+            out = g.op("Concat", out, kept, name=f"{name}/with_pass_through", axis=-1)
+        return out
+
+    def soft_cap(self, x: str, cap: float | None, name: str) -> str:
+        """cap * tanh(x / cap) (Gemma 2's attention and final-logit soft-capping); x itself when cap is None."""
+        if cap is None:
+            return x
+        g = self.g
+        c = g.const(cap, np.float32)
+        return g.op("Mul", g.op("Tanh", g.op("Div", x, c, name=f"{name}/div_cap"), name=f"{name}/tanh"), c,
+                    name=f"{name}/softcap")
+
+    def residual(self, x: str, out: str, post_norm: str, name: str) -> str:
+        """x plus a sublayer's output, after its post norm and residual multiplier where the spec has them."""
+        s, g = self.spec, self.g
+        if s.post_norms:
+            out = self.rms_norm(out, post_norm, f"{name}/post_norm")
+        if s.residual_multiplier != 1.0:
+            out = g.op("Mul", out, g.const(s.residual_multiplier, np.float32), name=f"{name}/residual_scale")
+        return g.op("Add", x, out, name=f"{name}/residual")
 
     # -- the model -------------------------------------------------------------------------------------
     def build(self) -> BuiltModel:
@@ -272,43 +299,8 @@ class DecoderBuilder:
         flat_q_shape = g.const([-1, s.q_size], np.int64)
         logits_shape = g.op("Concat", batch, steps, g.const([s.vocab_size], np.int64), name="shape/logits", axis=0)
 
-        # Attention bias [B, 1, 1, T, S]: causal on cache indices (query t sits at index past + t), the
-        # caller's padding mask, and the sliding window. Masked scores get the float32 minimum rather than
-        # -inf so fully masked rows (left padding) stay finite instead of turning into NaN.
-        total_s = g.op("Squeeze", total, name="mask/total_scalar")
-        steps_s = g.op("Squeeze", steps, name="mask/steps_scalar")
-        past_s = g.op("Sub", total_s, steps_s, name="mask/past_len")
-        one_i = g.const(1, np.int64, scalar=True)
-        zero_i = g.const(0, np.int64, scalar=True)
-        q_idx = g.op("Range", past_s, total_s, one_i, name="mask/query_index")
-        k_idx = g.op("Range", zero_i, total_s, one_i, name="mask/key_index")
-        dist = g.op("Sub", g.op("Unsqueeze", q_idx, g.const([1], np.int64), name="mask/q_col"),
-                    g.op("Unsqueeze", k_idx, g.const([0], np.int64), name="mask/k_row"), name="mask/distance")
-        allowed = g.op("GreaterOrEqual", dist, g.const(0, np.int64, scalar=True), name="mask/causal")
-        if s.sliding_window is not None:
-            inside = g.op("Less", dist, g.const(s.sliding_window, np.int64, scalar=True), name="mask/window")
-            allowed = g.op("And", allowed, inside, name="mask/causal_window")
-        padding = g.op("Unsqueeze", g.op("Cast", "attention_mask", name="mask/padding_bool", to=TensorProto.BOOL),
-                       g.const([1, 2, 3], np.int64), name="mask/padding")
-        allowed = g.op("And", allowed, padding, name="mask/allowed")
-        bias = g.op("Where", allowed, g.const(0.0, np.float32, scalar=True),
-                    g.const(np.finfo(np.float32).min, np.float32, scalar=True), name="mask/bias")
-
-        # Rotary tables from the caller's position_ids: [B, T, head_dim], unsqueezed for q and k layouts.
-        inv_freq, rope_scale = rope_inv_freq(s)
-        pos = g.op("Unsqueeze", g.op("Cast", "position_ids", name="rope/positions", to=f32),
-                   g.const([2], np.int64), name="rope/positions_col")
-        freqs = g.op("Mul", pos, g.const(inv_freq.astype(np.float32), np.float32), name="rope/freqs")
-        emb = g.op("Concat", freqs, freqs, name="rope/emb", axis=-1)
-        cos = g.op("Cos", emb, name="rope/cos")
-        sin = g.op("Sin", emb, name="rope/sin")
-        if rope_scale != 1.0:
-            cos = g.op("Mul", cos, g.const(rope_scale, np.float32), name="rope/cos_scaled")
-            sin = g.op("Mul", sin, g.const(rope_scale, np.float32), name="rope/sin_scaled")
-        cos_k = g.op("Unsqueeze", cos, g.const([1], np.int64), name="rope/cos_k")
-        sin_k = g.op("Unsqueeze", sin, g.const([1], np.int64), name="rope/sin_k")
-        cos_q = g.op("Unsqueeze", cos, g.const([1, 2], np.int64), name="rope/cos_q")
-        sin_q = g.op("Unsqueeze", sin, g.const([1, 2], np.int64), name="rope/sin_q")
+        biases = attention_biases(g, s, total, steps)
+        ropes = rope_tables(g, s)
 
         # Embedding: gathered from the stored table, cast to float32, flattened to [B*T, hidden].
         embed = self._store("embed", self.plan.embed_dtype)
@@ -319,24 +311,30 @@ class DecoderBuilder:
         if s.embedding_multiplier != 1.0:
             x = g.op("Mul", x, g.const(s.embedding_multiplier, np.float32), name="embed/scale")
 
-        scale = g.const(1.0 / math.sqrt(dim), np.float32)
+        scale = g.const(1.0 / math.sqrt(dim) if s.attention_scale is None else s.attention_scale, np.float32)
         for i in range(s.num_layers):
             p = f"layers.{i}."
-            h = self.rms_norm(x, p + "attn_norm", f"{p}attn_norm")
+            h = self.rms_norm(x, p + "attn_norm", f"{p}attn_norm") if s.pre_norms else x
             q = self.linear(h, p + "q", p + "q_bias" if s.qkv_bias else None)
             k = self.linear(h, p + "k", p + "k_bias" if s.qkv_bias else None)
             v = self.linear(h, p + "v", p + "v_bias" if s.qkv_bias else None)
+            if s.qk_norm and s.qk_norm_scope == "projection":  # OLMo 2: over the whole projection
+                q = self.rms_norm(q, p + "q_norm", f"{p}attn/q_norm")
+                k = self.rms_norm(k, p + "k_norm", f"{p}attn/k_norm")
             q = g.op("Reshape", q, q_shape, name=f"{p}attn/q_heads")  # [B, T, KV, G, D]
             k = g.op("Reshape", k, kv_shape, name=f"{p}attn/k_heads")  # [B, T, KV, D]
             v = g.op("Reshape", v, kv_shape, name=f"{p}attn/v_heads")
-            if s.qk_norm:
+            if s.qk_norm and s.qk_norm_scope == "head":
                 q = self.rms_norm(q, p + "q_norm", f"{p}attn/q_norm")
                 k = self.rms_norm(k, p + "k_norm", f"{p}attn/k_norm")
             q = g.op("Transpose", q, name=f"{p}attn/q_t", perm=[0, 2, 3, 1, 4])  # [B, KV, G, T, D]
             k = g.op("Transpose", k, name=f"{p}attn/k_t", perm=[0, 2, 1, 3])  # [B, KV, T, D]
             v = g.op("Transpose", v, name=f"{p}attn/v_t", perm=[0, 2, 1, 3])
-            q = self.rope(q, cos_q, sin_q, f"{p}attn/q_rope")
-            k = self.rope(k, cos_k, sin_k, f"{p}attn/k_rope")
+            rope = s.layer_rope(i)
+            if rope != "none":
+                table = ropes[rope]
+                q = self.rope(q, table.cos_q, table.sin_q, f"{p}attn/q_rope")
+                k = self.rope(k, table.cos_k, table.sin_k, f"{p}attn/k_rope")
             keys = g.op("Concat", f"past_key_values.{i}.key", k, name=f"{p}attn/present_key",
                         out=f"present.{i}.key", axis=2)
             values = g.op("Concat", f"past_key_values.{i}.value", v, name=f"{p}attn/present_value",
@@ -347,26 +345,31 @@ class DecoderBuilder:
             keys_t = g.op("Transpose", keys, name=f"{p}attn/keys_t", perm=[0, 1, 3, 2])
             scores = g.op("MatMul", q, keys_t, name=f"{p}attn/scores")
             scores = g.op("Reshape", scores, scores5_shape, name=f"{p}attn/scores5")  # [B, KV, G, T, S]
-            scores = g.op("Add", g.op("Mul", scores, scale, name=f"{p}attn/scale"), bias, name=f"{p}attn/mask")
+            scores = self.soft_cap(g.op("Mul", scores, scale, name=f"{p}attn/scale"), s.attn_logit_softcap,
+                                   f"{p}attn")
+            scores = g.op("Add", scores, biases[s.layer_window(i)], name=f"{p}attn/mask")
             probs = g.op("Softmax", scores, name=f"{p}attn/softmax", axis=-1)
             probs = g.op("Reshape", probs, probs4_shape, name=f"{p}attn/probs_rows")
             ctx = g.op("MatMul", probs, values, name=f"{p}attn/context")  # [B, KV, G*T, D]
             ctx = g.op("Reshape", ctx, ctx5_shape, name=f"{p}attn/context5")
             ctx = g.op("Transpose", ctx, name=f"{p}attn/context_t", perm=[0, 3, 1, 2, 4])  # [B, T, KV, G, D]
             ctx = g.op("Reshape", ctx, flat_q_shape, name=f"{p}attn/context_flat")
-            x = g.op("Add", x, self.linear(ctx, p + "o"), name=f"{p}attn/residual")
+            x = self.residual(x, self.linear(ctx, p + "o"), p + "post_attn_norm", f"{p}attn")
 
-            h = self.rms_norm(x, p + "mlp_norm", f"{p}mlp_norm")
+            h = self.rms_norm(x, p + "mlp_norm", f"{p}mlp_norm") if s.pre_norms else x
             gate = self.activation(self.linear(h, p + "gate"), f"{p}mlp/act")
             up = self.linear(h, p + "up")
             down = self.linear(g.op("Mul", gate, up, name=f"{p}mlp/gated"), p + "down")
-            x = g.op("Add", x, down, name=f"{p}mlp/residual")
+            x = self.residual(x, down, p + "post_mlp_norm", f"{p}mlp")
 
         x = self.rms_norm(x, "final_norm", "final_norm")
         # The head reads the (tied) embedding table in place: Gemm with transB needs no transposed copy.
         head = "embed" if s.tie_word_embeddings else "lm_head"
         head_dtype = self.plan.embed_dtype if s.tie_word_embeddings else self.plan.head_dtype
         logits = self.dense(x, head, head_dtype)
+        if s.logits_divisor != 1.0:  # Granite's logits_scaling, before any soft-cap
+            logits = g.op("Div", logits, g.const(s.logits_divisor, np.float32), name="lm_head/divide")
+        logits = self.soft_cap(logits, s.final_logit_softcap, "lm_head")
         g.op("Reshape", logits, logits_shape, name="lm_head/unflatten", out="logits")
 
         graph = helper.make_graph(g.nodes, f"sovpack_{s.family}", inputs, outputs, initializer=g.initializers)

@@ -14,7 +14,13 @@ from sovpack.source.model import SourceModel
 from sovpack.targets.base import copy_support_files, register_target
 from sovpack.targets.onnx.deps import require
 from sovpack.targets.onnx.external_data import DATA_FILE
-from sovpack.targets.onnx.genai import GENAI_CONFIG, GENAI_MODEL_TYPES, genai_config, genai_model_type
+from sovpack.targets.onnx.genai import (
+    GENAI_CONFIG,
+    GENAI_MODEL_TYPES,
+    genai_config,
+    genai_model_type,
+    genai_notes,
+)
 from sovpack.targets.onnx.graph import MODEL_FILE, DecoderBuilder
 from sovpack.targets.onnx.precisions import PRECISIONS, min_onnxruntime, plan_for
 from sovpack.targets.onnx.quantize import QUANT_BLOCK_SIZE
@@ -76,6 +82,7 @@ class OnnxTarget:
             "kv_cache_dtype": "float32",
             "logits_dtype": "float32",
             "genai_model_type": genai_type,
+            "notes": genai_notes(model.spec),
             "data_bytes": built.data_bytes,
             "largest_tensor_bytes": built.largest_tensor_bytes,
             "quantization": None,

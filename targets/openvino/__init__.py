@@ -28,7 +28,7 @@ and nothing else. Both the requested and the effective values are recorded in ``
 
 Modules: ``target`` (precision table, writer), ``runner`` (the artifact on OpenVINO), ``graph`` (the decoder
 graph), ``weights`` (postponed, quantized constants), ``tokenizer`` (tokenizer.json -> OpenVINO tokenizer),
-``runtime`` (file names, parity config, lazy imports).
+``runtime`` (file names, parity config, lazy imports), ``names`` (deterministic node names).
 
 Errors: writer problems raise ConversionError, a runtime failing on an artifact ParityError, unreadable or
 invalid input files SourceError, a missing ``openvino``/``openvino_tokenizers`` MissingDependencyError.

@@ -14,35 +14,38 @@ Interface (batch ``B``, new tokens ``T``, cached tokens ``P``):
   concatenated on axis 2 and written back with ``Assign``.
 
 Attention is the opset13 ``ScaledDotProductAttention`` op with an explicit additive mask (causal, padding
-from ``attention_mask``, optional sliding window), so the CPU plugin can fuse the cache update into its
-stateful SDPA kernel and genai can turn it into paged attention. Grouped-query attention repeats the cached
-keys/values with Unsqueeze/Broadcast/Reshape, as exported Hugging Face models do.
+from ``attention_mask``, the layer's sliding window if it has one: one mask per distinct window), so the CPU
+plugin can fuse the cache update into its stateful SDPA kernel and genai can turn it into paged attention.
+Attention soft-capping (Gemma 2) has no SDPA form and is spelled out. Grouped-query attention repeats the
+cached keys/values with Unsqueeze/Broadcast/Reshape, as exported Hugging Face models do.
 
-The arithmetic follows ``sovpack.reference`` op for op: RMSNorm ``x / sqrt(mean(x^2) + eps) * w``,
-rotate-half RoPE from ``rope_inv_freq(spec)`` (with its cos/sin scale), per-head q/k norms before RoPE,
-q/k/v biases, the embedding multiplier, tied heads and silu / gelu_tanh / gelu MLPs.
+The arithmetic follows ``sovpack.reference`` op for op: RMSNorm ``x / sqrt(mean(x^2) + eps) * w`` before
+and/or after each sublayer (``norm_placement``), rotate-half RoPE from ``rope_inv_freq`` (global, local or
+none per layer, on the leading ``rotary_size`` dims, longrope's table chosen in the graph), q/k norms per head
+or over the projection, q/k/v biases, the attention scale and soft-cap, residual and embedding multipliers,
+tied heads, the logits divisor and final soft-cap, and silu / gelu_tanh / gelu MLPs.
 
 Names: every node gets a deterministic friendly name as it is built (``layers.3.q/matmul``,
 ``layers.3.attn/Reshape_0``: the block, then the role or the op type with a counter local to the block, see
-:class:`NodeNames`). OpenVINO's default names (``Parameter_1126``) come from a process-wide instance counter, so
-a second conversion in the same process would otherwise write a different IR for the same checkpoint, and
-sovpack's artifacts must be byte-identical. :func:`canonicalize_names` does the same after the fact for graphs
-built elsewhere (the tokenizer's) and checks the decoder graph.
+``names``), so the same checkpoint gives the same IR in any process.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from sovpack.errors import ConversionError
 from sovpack.reference import rope_inv_freq
 from sovpack.source.spec import ModelSpec
+from sovpack.targets.openvino.names import NamedOps, NodeNames, canonicalize_names, is_generated_name
+
+__all__ = [
+    "INPUT_NAMES", "MASK_VALUE", "OUTPUT_NAME", "build_model", "canonicalize_names", "is_generated_name",
+    "state_names",
+]
 
 # The additive mask value for disallowed positions. -inf would turn a fully masked row (a left-padded
 # position) into NaN that then leaks through 0 * NaN; the float16 minimum survives f16/bf16 execution too and
@@ -61,89 +64,7 @@ def state_names(layer: int) -> tuple[str, str]:
     )
 
 
-# OpenVINO's generated names: the op type, "_", the process-wide instance number, and for nodes a pass derives
-# from another (PrePostProcessor's Converts) "." and an output index: Parameter_1126, RaggedToDense_129.0.
-_AUTO_NAME = re.compile(r"[A-Z][A-Za-z0-9]*_[0-9]+(?:\.[0-9]+)*")
-
-
-def is_generated_name(name: str) -> bool:
-    """Whether ``name`` looks like one OpenVINO made up from its process-wide counter (``Constant_4711``)."""
-    return _AUTO_NAME.fullmatch(name) is not None
-
-
-class NodeNames:
-    """Deterministic friendly names for the nodes of one graph build.
-
-    Nodes built inside ``scope(block)`` without an explicit name become ``{block}/{OpType}_{k}``, ``k`` counting
-    per block from 0 in build order; explicit names are kept as given (and must not look generated).
-    """
-
-    def __init__(self, scope: str) -> None:
-        self._scope = scope
-        self._counts: dict[str, int] = {}
-
-    @contextmanager
-    def scope(self, block: str) -> Iterator[None]:
-        outer, self._scope = self._scope, block
-        try:
-            yield
-        finally:
-            self._scope = outer
-
-    def next_name(self, type_name: str) -> str:
-        k = self._counts.get(self._scope, 0)
-        self._counts[self._scope] = k + 1
-        return f"{self._scope}/{type_name}_{k}"
-
-    def name(self, node: Any) -> Any:
-        node.set_friendly_name(self.next_name(node.get_type_name()))
-        return node
-
-
-class NamedOps:
-    """An opset module whose factories name each node they make through a :class:`NodeNames`."""
-
-    def __init__(self, opset: Any, names: NodeNames) -> None:
-        self._opset = opset
-        self._names = names
-
-    def __getattr__(self, attr: str) -> Callable[..., Any]:
-        factory = getattr(self._opset, attr)
-        names = self._names
-
-        def make(*args: Any, name: str | None = None, **kwargs: Any) -> Any:
-            made = factory(*args, **kwargs)
-            node = made.get_node() if hasattr(made, "get_node") else made
-            # Set here, not passed on: some factories (unsqueeze, assign) accept ``name=`` and ignore it.
-            if name is None:
-                names.name(node)
-            else:
-                node.set_friendly_name(name)
-            return made
-
-        return make
-
-
-def canonicalize_names(model: Any, prefix: str) -> int:
-    """Replace OpenVINO-generated node and tensor names in ``model`` by deterministic ones; returns how many nodes.
-
-    Nodes are visited in ``get_ordered_ops()`` order (topological, fixed by the graph's structure) and a node whose
-    friendly name is generated becomes ``{prefix}/{OpType}_{k}`` with ``k`` counting from 0. Meaningful names
-    (``input_ids``, ``string_output``, the decoder's ``layers.3.q/matmul``) are kept. Generated tensor names are
-    dropped; a tensor left with no name takes its node's new name (so inputs keep one, as before).
-    """
-    names = NodeNames(prefix)
-    renamed = 0
-    for node in model.get_ordered_ops():
-        if is_generated_name(node.get_friendly_name()) or node.get_friendly_name() == node.get_name():
-            names.name(node)
-            renamed += 1
-        for output in node.outputs():
-            tensor_names = set(output.get_names())
-            kept = {n for n in tensor_names if not is_generated_name(n)}
-            if kept != tensor_names:
-                output.get_tensor().set_names(kept or {node.get_friendly_name()})
-    return renamed
+RopeKind = Literal["local", "global"]
 
 
 class _Builder:
@@ -165,7 +86,6 @@ class _Builder:
     def i64(self, *values: int) -> Any:
         return self.const(list(values), np.int64)
 
-
     def rms_norm(self, x: Any, weight: Any, name: str) -> Any:
         ops = self.ops
         with self.scope(name):
@@ -173,6 +93,13 @@ class _Builder:
             variance = ops.reduce_mean(squared, self.i64(-1), keep_dims=True)
             denom = ops.sqrt(ops.add(variance, self.const(self.spec.norm_eps)))
             return ops.multiply(ops.divide(x, denom), weight, name=f"{name}/normalized")
+
+    def soft_cap(self, x: Any, cap: float, name: str) -> Any:
+        """cap * tanh(x / cap), as ``sovpack.reference.soft_cap``."""
+        ops = self.ops
+        with self.scope(name):
+            capped = ops.tanh(ops.divide(x, self.const(np.float32(cap))))
+            return ops.multiply(capped, self.const(np.float32(cap)), name=f"{name}/output")
 
     def linear(self, x: Any, name: str, bias: str | None = None) -> Any:
         ops = self.ops
@@ -199,9 +126,15 @@ class _Builder:
         return ops.concat([ops.negative(second), first], axis=-1)
 
     def rope(self, x: Any, cos: Any, sin: Any, name: str) -> Any:
-        ops = self.ops
+        """Rotate-half rope on the leading ``rotary_size`` dims of each head; the rest pass through."""
+        ops, s = self.ops, self.spec
         with self.scope(name):
-            return ops.add(ops.multiply(x, cos), ops.multiply(self.rotate_half(x), sin), name=f"{name}/output")
+            if s.rotary_size == s.head_dim:
+                return ops.add(ops.multiply(x, cos), ops.multiply(self.rotate_half(x), sin), name=f"{name}/output")
+            turned, kept = ops.variadic_split(x, self.const(-1, np.int64),
+                                              self.i64(s.rotary_size, s.head_dim - s.rotary_size)).outputs()
+            turned = ops.add(ops.multiply(turned, cos), ops.multiply(self.rotate_half(turned), sin))
+            return ops.concat([turned, kept], axis=-1, name=f"{name}/output")
 
     # -- the model -------------------------------------------------------------------------------------
     def build(self) -> Any:
@@ -225,14 +158,23 @@ class _Builder:
             if s.embedding_multiplier != 1.0:
                 x = ops.multiply(x, self.const(np.float32(s.embedding_multiplier)), name="embed/multiplier")
 
-        with self.scope("attention_mask"):
-            mask = self.attention_mask(attention_mask, steps)
-        with self.scope("rope"):
-            cos, sin = self.rotary(position_ids)
-
+        # One mask per distinct window and one cos/sin pair per rotary embedding, shared by the layers using it.
+        masks: dict[int | None, Any] = {}
+        rotations: dict[RopeKind, tuple[Any, Any]] = {}
         sinks = []
         for i in range(s.num_layers):
-            x, layer_sinks = self.layer(i, x, mask, cos, sin, batch, beam_idx)
+            window = s.layer_window(i)
+            if window not in masks:
+                block = "attention_mask" if window is None else f"attention_mask.window{window}"
+                with self.scope(block):
+                    masks[window] = self.attention_mask(attention_mask, steps, window, block)
+            kind = s.layer_rope(i)
+            if kind != "none" and kind not in rotations:
+                block = "rope" if kind == "global" else "rope.local"
+                with self.scope(block):
+                    rotations[kind] = self.rotary(position_ids, kind, block)
+            x, layer_sinks = self.layer(i, x, masks[window], rotations.get(kind) if kind != "none" else None,
+                                        batch, beam_idx)
             sinks.extend(layer_sinks)
 
         x = self.rms_norm(x, self.w.vector("final_norm"), "final_norm")
@@ -240,22 +182,28 @@ class _Builder:
         with self.scope("lm_head"):
             logits = ops.matmul(x, self.w.matrix(head, role="head"), transpose_a=False, transpose_b=True,
                                 name="lm_head/matmul")
+            if s.logits_divisor != 1.0:
+                logits = ops.divide(logits, self.const(np.float32(s.logits_divisor)), name="lm_head/divisor")
+        if s.final_logit_softcap is not None:
+            logits = self.soft_cap(logits, s.final_logit_softcap, "lm_head.softcap")
+        with self.scope("lm_head"):
             result = ops.result(logits, name=OUTPUT_NAME)
         result.output(0).get_tensor().set_names({OUTPUT_NAME})
         logits.output(0).get_tensor().set_names({OUTPUT_NAME})
         model = ov.Model([result], sinks, params, "sovpack-decoder")
         return model
 
-    def attention_mask(self, attention_mask: Any, steps: Any) -> Any:
+    def attention_mask(self, attention_mask: Any, steps: Any, window: int | None, block: str) -> Any:
         """Additive mask [B, 1, T, P+T]: 0 where a query may attend, MASK_VALUE elsewhere.
 
         With a sliding window the boolean terms are combined in the shape OpenVINO's ``SDPAToPagedAttention``
         recognises as a sliding-window mask (its gpt-oss pattern: ``Greater(k, Add(q, -window))`` in a chain of
         four ``BitwiseAnd``, then ``Broadcast``, ``Select`` and ``Slice``), so genai's paged-attention path,
         which replaces the mask by its own causal logic, keeps the window (as PagedAttention's
-        ``sliding_window`` input) instead of silently attending to everything.
+        ``sliding_window`` input) instead of silently attending to everything. Models mixing windowed and full
+        layers (Gemma 2/3) get one mask of each kind, as gpt-oss does.
         """
-        ops, s = self.ops, self.spec
+        ops = self.ops
         total = ops.gather(ops.shape_of(attention_mask, output_type="i64"), self.i64(1), self.const(0, np.int64))
         past = ops.subtract(total, steps)
         zero, one = self.const(0, np.int64), self.const(1, np.int64)
@@ -266,11 +214,11 @@ class _Builder:
         k_row = ops.unsqueeze(k_pos, self.i64(0))  # [1, S]
         causal = ops.less_equal(k_row, q_col)  # [T, S]
         padding = ops.unsqueeze(ops.not_equal(attention_mask, zero), self.i64(1, 2))  # [B, 1, 1, S]
-        if s.sliding_window is None:
+        if window is None:
             allowed = ops.logical_and(ops.unsqueeze(causal, self.i64(0, 1)), padding)  # [B, 1, T, S]
-            return ops.select(allowed, self.const(0.0), self.const(MASK_VALUE), name="attention_mask/additive")
+            return ops.select(allowed, self.const(0.0), self.const(MASK_VALUE), name=f"{block}/additive")
         # keys strictly after q - window: (q - k) < window, as in the reference
-        within = ops.greater(k_row, ops.add(q_col, self.const(-int(s.sliding_window), np.int64)))
+        within = ops.greater(k_row, ops.add(q_col, self.const(-int(window), np.int64)))
         allowed = ops.bitwise_and(causal, within)  # [T, S]
         allowed = ops.bitwise_and(allowed, padding)  # [B, 1, T, S]
         # Two always-true range checks complete the chain the pattern expects (q and k inside the sequence).
@@ -280,47 +228,100 @@ class _Builder:
         target = ops.concat([batch, self.i64(1), steps, total], axis=0)
         allowed = ops.broadcast(allowed, target)
         additive = ops.select(allowed, self.const(0.0), self.const(MASK_VALUE))
-        return ops.slice(additive, self.i64(0), total, self.i64(1), self.i64(3), name="attention_mask/additive")
+        return ops.slice(additive, self.i64(0), total, self.i64(1), self.i64(3), name=f"{block}/additive")
 
-    def rotary(self, position_ids: Any) -> tuple[Any, Any]:
-        """cos and sin [B, 1, T, head_dim], scaled like the reference."""
-        ops = self.ops
-        inv_freq, scale = rope_inv_freq(self.spec)
-        positions = ops.convert(position_ids, "f32")
-        freqs = ops.multiply(ops.unsqueeze(positions, self.i64(-1)),
-                             self.const(inv_freq.reshape(1, 1, -1).astype(np.float32)))
+    def rotary(self, position_ids: Any, kind: RopeKind, block: str) -> tuple[Any, Any]:
+        """cos and sin [B, 1, T, rotary_size] of one rotary embedding, scaled like the reference.
+
+        LongRoPE picks its table in the graph: the long factors when the largest position of this forward pass
+        + 1 exceeds original_max_position_embeddings, else the short ones; keys already in the cache keep the
+        rotation they were stored with.
+
+        NOTE: the largest position is taken over the whole ``position_ids`` tensor, as transformers does
+        (``torch.max(position_ids) + 1``), not per row: genai's paged-attention rewrite feeds position_ids as
+        [tokens, 1], where a per-row maximum would pick the table token by token. For one sequence (the parity
+        runner, LLMPipeline) that is the reference's per-sequence switch; sequences batched together share it.
+        """
+        ops, s = self.ops, self.spec
+        local = kind == "local"
+        inv_freq, scale = rope_inv_freq(s, local=local)
+        positions = ops.unsqueeze(ops.convert(position_ids, "f32"), self.i64(-1))  # [B, T, 1]
+        inv = self.const(inv_freq.reshape(1, 1, -1).astype(np.float32))
+        if s.rope_scaling.kind == "longrope" and not local:
+            after = s.rope_scaling.original_max_position_embeddings
+            if after is None:
+                raise ConversionError("longrope needs original_max_position_embeddings")
+            long_inv = rope_inv_freq(s, local=local, long=True)[0]
+            last = ops.reduce_max(position_ids, self.i64(0, 1), keep_dims=False)  # scalar: see the NOTE
+            use_long = ops.greater(last, self.const(after - 1, np.int64), name=f"{block}/use_long")
+            inv = ops.select(use_long, self.const(long_inv.reshape(1, 1, -1).astype(np.float32)), inv)
+        freqs = ops.multiply(positions, inv)
         emb = ops.concat([freqs, freqs], axis=-1)
         cos, sin = ops.cos(emb), ops.sin(emb)
         if scale != 1.0:
             cos = ops.multiply(cos, self.const(np.float32(scale)))
             sin = ops.multiply(sin, self.const(np.float32(scale)))
-        return ops.unsqueeze(cos, self.i64(1), name="rope/cos"), ops.unsqueeze(sin, self.i64(1), name="rope/sin")
+        return (ops.unsqueeze(cos, self.i64(1), name=f"{block}/cos"),
+                ops.unsqueeze(sin, self.i64(1), name=f"{block}/sin"))
 
-    def layer(self, i: int, x: Any, mask: Any, cos: Any, sin: Any, batch: Any, beam_idx: Any
+    def layer(self, i: int, x: Any, mask: Any, rotation: tuple[Any, Any] | None, batch: Any, beam_idx: Any
               ) -> tuple[Any, list[Any]]:
-        ov, ops, s = self.ov, self.ops, self.spec
-        from openvino.op.util import Variable, VariableInfo
-
+        ops, s = self.ops, self.spec
         p = f"layers.{i}."
-        h = self.rms_norm(x, self.w.vector(p + "attn_norm"), p + "attn_norm")
+        h = self.rms_norm(x, self.w.vector(p + "attn_norm"), p + "attn_norm") if s.pre_norms else x
         bias = s.qkv_bias
         q = self.linear(h, p + "q", p + "q_bias" if bias else None)
         k = self.linear(h, p + "k", p + "k_bias" if bias else None)
         v = self.linear(h, p + "v", p + "v_bias" if bias else None)
+        if s.qk_norm and s.qk_norm_scope == "projection":  # over the whole projection, before the head split
+            q = self.rms_norm(q, self.w.vector(p + "q_norm"), p + "q_norm")
+            k = self.rms_norm(k, self.w.vector(p + "k_norm"), p + "k_norm")
         with self.scope(p + "attn"):
             q = ops.reshape(q, self.i64(0, 0, s.num_heads, s.head_dim), special_zero=True)
             k = ops.reshape(k, self.i64(0, 0, s.num_kv_heads, s.head_dim), special_zero=True)
             v = ops.reshape(v, self.i64(0, 0, s.num_kv_heads, s.head_dim), special_zero=True)
-        if s.qk_norm:
+        if s.qk_norm and s.qk_norm_scope == "head":
             q = self.rms_norm(q, self.w.vector(p + "q_norm"), p + "q_norm")
             k = self.rms_norm(k, self.w.vector(p + "k_norm"), p + "k_norm")
         with self.scope(p + "attn"):
             q = ops.transpose(q, self.i64(0, 2, 1, 3))  # [B, H, T, D]
             k = ops.transpose(k, self.i64(0, 2, 1, 3))  # [B, KV, T, D]
             v = ops.transpose(v, self.i64(0, 2, 1, 3))
-        q = self.rope(q, cos, sin, p + "attn.q_rope")
-        k = self.rope(k, cos, sin, p + "attn.k_rope")
+        if rotation is not None:
+            q = self.rope(q, *rotation, p + "attn.q_rope")
+            k = self.rope(k, *rotation, p + "attn.k_rope")
 
+        sinks, (keys, values) = self.kv_cache(i, k, v, batch, beam_idx)
+        if s.num_heads // s.num_kv_heads > 1:
+            keys = self.repeat_kv(keys, p + "attn.repeat_k")
+            values = self.repeat_kv(values, p + "attn.repeat_v")
+        attn = self.attention(q, keys, values, mask, p)
+        x = self.residual(x, self.linear(attn, p + "o"), p + "post_attn_norm", p + "attn_residual")
+
+        h = self.rms_norm(x, self.w.vector(p + "mlp_norm"), p + "mlp_norm") if s.pre_norms else x
+        gate = self.linear(h, p + "gate")
+        up = self.linear(h, p + "up")
+        with self.scope(p + "mlp"):
+            gated = ops.multiply(self.activation(gate), up, name=p + "mlp/gated")
+        x = self.residual(x, self.linear(gated, p + "down"), p + "post_mlp_norm", p + "mlp_residual")
+        return x, sinks
+
+    def residual(self, x: Any, out: Any, post_norm: str, name: str) -> Any:
+        """x plus a sublayer's output, after its post norm and residual multiplier where the spec has them."""
+        ops, s = self.ops, self.spec
+        if s.post_norms:
+            out = self.rms_norm(out, self.w.vector(post_norm), post_norm)
+        if s.residual_multiplier != 1.0:
+            with self.scope(name):
+                out = ops.multiply(out, self.const(np.float32(s.residual_multiplier)), name=f"{name}/multiplier")
+        return ops.add(x, out, name=name)
+
+    def kv_cache(self, i: int, k: Any, v: Any, batch: Any, beam_idx: Any) -> tuple[list[Any], list[Any]]:
+        """The layer's ReadValue/Gather(beam_idx)/Concat/Assign state: (sinks, [keys, values] incl. the new)."""
+        ov, ops, s = self.ov, self.ops, self.spec
+        from openvino.op.util import Variable, VariableInfo
+
+        p = f"layers.{i}."
         sinks = []
         cached = []
         with self.scope(p + "attn.cache"):
@@ -341,27 +342,32 @@ class _Builder:
                 present = ops.concat([past, new], axis=2, name=present_name)
                 sinks.append(ops.assign(present, variable, name=f"{var_id}/assign"))
             cached.append(present)
-        keys, values = cached
-        group = s.num_heads // s.num_kv_heads
-        if group > 1:
-            keys = self.repeat_kv(keys, p + "attn.repeat_k")
-            values = self.repeat_kv(values, p + "attn.repeat_v")
+        return sinks, cached
 
+    def attention(self, q: Any, keys: Any, values: Any, mask: Any, p: str) -> Any:
+        """softmax(scale * q.k [soft-capped] + mask) . v, as [B, T, q_size].
+
+        NOTE: without attention soft-capping this is the opset13 ``ScaledDotProductAttention`` op (the CPU
+        plugin's stateful SDPA kernel, genai's paged attention). SDPA has no soft-cap, so Gemma 2's capped
+        scores are spelled out (MatMul, Tanh, Softmax, MatMul); genai's paged-attention rewrite, which looks
+        for SDPA, then leaves the model alone and LLMPipeline runs it on the stateful (SDPA) backend.
+        """
+        ops, s = self.ops, self.spec
+        scale = np.float32(1.0 / math.sqrt(s.head_dim) if s.attention_scale is None else s.attention_scale)
         with self.scope(p + "attn"):
-            scale = self.const(np.float32(1.0 / math.sqrt(s.head_dim)))
-            attn = ops.scaled_dot_product_attention(q, keys, values, mask, scale, causal=False,
-                                                    name=p + "attention")
+            if s.attn_logit_softcap is None:
+                attn = ops.scaled_dot_product_attention(q, keys, values, mask, self.const(scale), causal=False,
+                                                        name=p + "attention")
+            else:
+                scores = ops.multiply(ops.matmul(q, keys, transpose_a=False, transpose_b=True), self.const(scale))
+        if s.attn_logit_softcap is not None:
+            scores = self.soft_cap(scores, s.attn_logit_softcap, p + "attn.softcap")
+            with self.scope(p + "attn"):
+                weights = ops.softmax(ops.add(scores, mask), -1)
+                attn = ops.matmul(weights, values, transpose_a=False, transpose_b=False, name=p + "attention")
+        with self.scope(p + "attn"):
             attn = ops.transpose(attn, self.i64(0, 2, 1, 3))
-            attn = ops.reshape(attn, self.i64(0, 0, s.q_size), special_zero=True)
-        x = ops.add(x, self.linear(attn, p + "o"), name=p + "attn_residual")
-
-        h = self.rms_norm(x, self.w.vector(p + "mlp_norm"), p + "mlp_norm")
-        gate = self.linear(h, p + "gate")
-        up = self.linear(h, p + "up")
-        with self.scope(p + "mlp"):
-            gated = ops.multiply(self.activation(gate), up, name=p + "mlp/gated")
-        x = ops.add(x, self.linear(gated, p + "down"), name=p + "mlp_residual")
-        return x, sinks
+            return ops.reshape(attn, self.i64(0, 0, s.q_size), special_zero=True)
 
     def repeat_kv(self, t: Any, name: str) -> Any:
         """[B, KV, S, D] -> [B, H, S, D], each kv head repeated ``group`` times (like ``np.repeat(axis=1)``)."""
@@ -386,6 +392,8 @@ def build_model(spec: ModelSpec, weights: Any) -> Any:
         raise ConversionError(f"the OpenVINO target supports RMSNorm only, not {spec.norm_kind!r}")
     if spec.num_heads % spec.num_kv_heads:
         raise ConversionError("num_heads must be a multiple of num_kv_heads")
+    if spec.rotary_size % 2 or not 0 < spec.rotary_size <= spec.head_dim:
+        raise ConversionError(f"rotary_dim {spec.rotary_size} must be even and within head_dim {spec.head_dim}")
     model = _Builder(spec, weights).build()
     unnamed = [op.get_name() for op in model.get_ordered_ops() if op.get_friendly_name() == op.get_name()
                or is_generated_name(op.get_friendly_name())]

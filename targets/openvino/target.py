@@ -13,6 +13,7 @@ from sovpack._protocols import Precision, RunnerTraits, WrittenArtifact
 from sovpack.errors import ConversionError, UsageError
 from sovpack.parity.thresholds import DEFAULT_THRESHOLDS
 from sovpack.source.model import SourceModel
+from sovpack.source.spec import ModelSpec
 from sovpack.targets.base import SUPPORT_FILES, TargetRef, copy_support_files, precision_table, register_target
 from sovpack.targets.openvino.runner import OpenvinoRunner
 from sovpack.targets.openvino.runtime import (
@@ -46,10 +47,16 @@ PRECISION_TABLE = precision_table(
 )
 PRECISIONS: tuple[str, ...] = tuple(PRECISION_TABLE)
 
-# NOTE: the graph has no per-family code: it is built from the spec's features (RMSNorm, activation, q/k norms,
-# biases, sliding window, RoPE scaling), and ``build_model`` refuses a feature it lacks. These are the families
-# whose specs it has been checked on end to end (tests/targets/test_openvino.py); another one is refused.
-FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"})
+# NOTE: the graph has no per-family code: it is built from the spec's features (RMSNorm, activation, q/k norms
+# per head or projection, biases, per-layer sliding windows, local/global/no rope, partial rotary, RoPE scaling
+# incl. longrope, attention scale and soft-cap, pre/post/sandwich norms, residual/embedding multipliers, logits
+# divisor and soft-cap), and ``build_model`` refuses a feature it lacks. These are the families whose specs it
+# has been checked on end to end at fp32 and fp16, with openvino-genai (tests/targets/test_openvino.py); another
+# one is refused.
+FAMILIES = frozenset({
+    "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma",
+    "granite", "olmo2", "smollm3", "gemma2", "gemma3", "phi3_longrope",
+})
 
 
 @register_target
@@ -124,12 +131,31 @@ class OpenvinoTarget:
             },
             "tokenizer": tokenizer_info,
             "parity_compile_config": dict(PARITY_CONFIG),
+            "notes": _notes(model.spec),
         }
         # OpenVINO with PARITY_CONFIG has no known deviations to excuse: the runner judges at the defaults.
         return WrittenArtifact(files=tuple(files), format_metadata=format_metadata, traits=RunnerTraits())
 
     def open_runner(self, artifact_dir: Path, metadata: ArtifactMetadata) -> OpenvinoRunner:
         return OpenvinoRunner(Path(artifact_dir), metadata)
+
+
+def _notes(spec: ModelSpec) -> list[str]:
+    """What openvino-genai does differently with this artifact than the parity runner (one sequence, stateful)."""
+    notes = []
+    if spec.attn_logit_softcap is not None:
+        notes.append(
+            "attention soft-capping is built from MatMul/Tanh/Softmax (ScaledDotProductAttention has no soft-cap): "
+            "openvino-genai's paged-attention backend (ATTENTION_BACKEND=PA, ContinuousBatchingPipeline) refuses "
+            "the model; LLMPipeline's default falls back to the stateful backend, which parity checked"
+        )
+    if spec.rope_scaling.kind == "longrope":
+        notes.append(
+            "longrope's long factors apply when the largest position id of a forward pass over the whole batch + 1 "
+            f"exceeds {spec.rope_scaling.original_max_position_embeddings} (as transformers does); sequences "
+            "batched together (batched generate, continuous batching) share that switch"
+        )
+    return notes
 
 
 def _save_model(ov: Any, graph: Any, path: Path) -> None:

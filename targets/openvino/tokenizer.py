@@ -354,7 +354,7 @@ def convert_tokenizer(
     import openvino_tokenizers
     from openvino_tokenizers.utils import change_inputs_type, change_outputs_type
 
-    from sovpack.targets.openvino.graph import canonicalize_names
+    from sovpack.targets.openvino.names import canonicalize_names
 
     conversion = TokenizerConversion(tokenizer_json, tokenizer_config)
     pipeline = conversion.build()

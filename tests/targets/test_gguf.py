@@ -28,6 +28,7 @@ from sovpack.parity.prompts import encode_prompts
 from sovpack.parity.thresholds import DEFAULT_THRESHOLDS, Thresholds
 from sovpack.reference import ReferenceModel, rope_inv_freq, rotate_half
 from sovpack.source.model import SourceModel, open_model
+from sovpack.source.spec import ModelSpec
 from sovpack.targets import gguf as gguf_target
 from sovpack.targets.base import TargetRef
 
@@ -116,6 +117,73 @@ def test_family_parity(converted: Converter, variant: str, precision: str) -> No
     types = metadata.format_metadata["tensor_types"]
     assert GGUF_TYPE_OF[precision] in types
     assert set(types) <= {"F32", GGUF_TYPE_OF[precision], "F16"}
+
+
+# The newer dense families this target writes, each checked at f32 and at the default precision (f16).
+NEW_FAMILIES = ["granite", "olmo2", "smollm3", "gemma2", "gemma3", "gemma3-vlm"]
+NEW_BYTE_LEVEL = ("granite", "olmo2", "smollm3")
+NEW_ARCH = {
+    "granite": "granite",
+    "olmo2": "olmo2",
+    "smollm3": "smollm3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+    "gemma3-vlm": "gemma3",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["f32", "f16"])
+@pytest.mark.parametrize("variant", NEW_FAMILIES)
+def test_new_family_parity(converted: Converter, variant: str, precision: str) -> None:
+    """PASSED on llama.cpp with no override beyond the target's published limits (GELU at f32); parity prompts
+    are longer than the fixtures' 8-token windows, so gemma2/gemma3's sliding layers really drop context."""
+    result = converted(variant, precision)
+    report = result.parity
+    assert report is not None and report.status == "PASSED", report.reasons
+    metrics = report.metrics
+    assert metrics.greedy_agreement == 1.0 and metrics.top1_agreement == 1.0
+    if precision == "f32":
+        assert metrics.max_abs_error < (0.05 if variant.startswith("gemma") else 1e-4)
+    else:
+        assert metrics.mean_kl < 1e-4
+    tok = report.tokenizer
+    assert tok.status == "checked" and tok.mismatched == 0
+    if variant in NEW_BYTE_LEVEL:
+        assert tok.matched == tok.total
+    metadata = ArtifactMetadata.load(result.out_dir)
+    assert metadata.format_metadata["architecture"] == NEW_ARCH[variant]
+    assert tok.known_divergent == len(metadata.traits.known_tokenizer_divergences)
+
+
+def llama_cpp_generate(path: Path, ids: list[int], max_new_tokens: int, kv_f32: bool) -> list[int]:
+    """llama.cpp's own generation loop (llama-cpp-python's Llama.generate, greedy sampler): the format's pipeline."""
+    llama_cpp = gguf_target.import_llama_cpp()
+    kv = llama_cpp.GGML_TYPE_F32 if kv_f32 else llama_cpp.GGML_TYPE_F16
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False, type_k=kv, type_v=kv)
+    try:
+        out: list[int] = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            out.append(int(token))
+            if len(out) == max_new_tokens:
+                break
+        return out
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["f32", "f16"])
+@pytest.mark.parametrize("variant", NEW_FAMILIES)
+def test_new_family_pipeline(converted: Converter, checkpoints: dict[str, Path], variant: str, precision: str) -> None:
+    """llama.cpp's generation loop continues a prompt longer than the sliding window exactly as the reference
+    does (greedy, through llama.cpp's KV cache, past the window)."""
+    result = converted(variant, precision)
+    model = open_model(checkpoints[variant])
+    prompt = max(encode_prompts(model.checkpoint.tokenizer_json), key=len)
+    assert len(prompt) > 8 * 2  # beyond the fixtures' windows
+    expected = ReferenceModel(model).greedy(prompt, 12)
+    assert llama_cpp_generate(gguf_path(result), prompt, 12, precision == "f32") == expected
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +376,152 @@ def test_metadata_rope_scaling_and_layouts(converted: Converter) -> None:
     types = llama2["tokenizer.ggml.token_type"]
     assert sum(t == gguf.TokenType.BYTE for t in types) == 256
     assert types[0] == gguf.TokenType.UNKNOWN and llama2["tokenizer.ggml.unknown_token_id"] == 0
+
+
+def test_metadata_new_families(converted: Converter, checkpoints: dict[str, Path]) -> None:
+    """llama.cpp's own keys and tensors for every spec field the newer families use."""
+    granite = fields(gguf_path(converted("granite", "f16")))
+    extra = VARIANTS["granite"].extra_config or {}
+    assert granite["general.architecture"] == "granite"
+    assert granite["granite.embedding_scale"] == pytest.approx(extra["embedding_multiplier"])
+    assert granite["granite.residual_scale"] == pytest.approx(extra["residual_multiplier"])
+    assert granite["granite.attention.scale"] == pytest.approx(extra["attention_multiplier"])
+    assert granite["granite.logit_scale"] == pytest.approx(extra["logits_scaling"])
+
+    olmo2_path = gguf_path(converted("olmo2", "f16"))
+    olmo2 = tensors(olmo2_path)
+    spec = open_model(checkpoints["olmo2"]).spec
+    assert [int(d) for d in olmo2["blk.0.attn_q_norm.weight"].shape] == [spec.q_size]  # over the projection
+    assert [int(d) for d in olmo2["blk.0.attn_k_norm.weight"].shape] == [spec.kv_size]
+    assert {"blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight"} <= set(olmo2)
+    assert "blk.0.attn_norm.weight" not in olmo2 and "blk.0.ffn_norm.weight" not in olmo2
+
+    smollm3 = fields(gguf_path(converted("smollm3", "f16")))
+    assert smollm3["general.architecture"] == "smollm3"  # NoPE every 4th layer: llama.cpp's fixed interval
+    assert open_model(checkpoints["smollm3"]).spec.no_rope_layers == (3,)
+
+    gemma2_path = gguf_path(converted("gemma2", "f16"))
+    gemma2 = fields(gemma2_path)
+    extra = VARIANTS["gemma2"].extra_config or {}
+    assert gemma2["gemma2.attn_logit_softcapping"] == pytest.approx(extra["attn_logit_softcapping"])
+    assert gemma2["gemma2.final_logit_softcapping"] == pytest.approx(extra["final_logit_softcapping"])
+    assert gemma2["gemma2.attention.sliding_window"] == 8
+    assert gemma2["gemma2.context_length"] == open_model(checkpoints["gemma2"]).spec.max_position_embeddings
+    assert "gemma2.attention.sliding_window_pattern" not in gemma2  # llama.cpp's default pattern is the source's
+    assert {"blk.0.post_attention_norm.weight", "blk.0.ffn_norm.weight", "blk.0.post_ffw_norm.weight"} <= set(
+        tensors(gemma2_path)
+    )
+
+    gemma3 = fields(gguf_path(converted("gemma3", "f16")))
+    spec = open_model(checkpoints["gemma3"]).spec
+    assert gemma3["gemma3.rope.freq_base"] == pytest.approx(spec.rope_theta)
+    assert gemma3["gemma3.rope.freq_base_swa"] == pytest.approx(spec.rope_local_theta)
+    assert gemma3["gemma3.rope.scaling.type"] == "linear"  # global layers only: llama.cpp never scales the local
+    assert gemma3["gemma3.attention.sliding_window"] == 8
+    assert "gemma3.final_logit_softcapping" not in gemma3
+    notes = ArtifactMetadata.load(converted("gemma3", "f16").out_dir).format_metadata["notes"]
+    assert any("applies the 8-token sliding window" in n for n in notes)
+
+
+def spec_of(checkpoints: dict[str, Path], variant: str, **changes: object) -> ModelSpec:
+    return dataclasses.replace(open_model(checkpoints[variant]).spec, **changes)  # type: ignore[arg-type]
+
+
+def test_what_the_architectures_fix_is_refused(checkpoints: dict[str, Path]) -> None:
+    """What llama.cpp derives instead of reading (gemma attention scale, window pattern, NoPE interval, norms)
+    must be what the source computes: anything else is refused, naming the difference."""
+    arch_plan = gguf_target.arch_plan
+    gemma2 = open_model(checkpoints["gemma2"]).spec
+    arch_plan(gemma2)
+    with pytest.raises(ConversionError, match=r"attention scale .* derives"):
+        arch_plan(dataclasses.replace(gemma2, attention_scale=1 / 12))  # query_pre_attn_scalar 144
+    with pytest.raises(ConversionError, match="always applies it"):
+        arch_plan(dataclasses.replace(gemma2, final_logit_softcap=None))
+    gemma3 = open_model(checkpoints["gemma3"]).spec
+    arch_plan(gemma3)
+    with pytest.raises(ConversionError, match=r"layer pattern SSFSSF; llama\.cpp.s gemma3 assumes every 6th"):
+        arch_plan(dataclasses.replace(gemma3, layer_types=("sliding", "sliding", "full") * 2))
+    with pytest.raises(ConversionError, match="attention logit soft-capping"):
+        arch_plan(dataclasses.replace(gemma3, attn_logit_softcap=50.0))
+    smollm3 = open_model(checkpoints["smollm3"]).spec
+    with pytest.raises(ConversionError, match=r"layers without rope \[1, 3\]"):
+        arch_plan(dataclasses.replace(smollm3, no_rope_layers=(1, 3)))
+    olmo2 = open_model(checkpoints["olmo2"]).spec
+    with pytest.raises(ConversionError, match="q/k norm head"):
+        arch_plan(dataclasses.replace(olmo2, qk_norm_scope="head"))
+    granite = open_model(checkpoints["granite"]).spec
+    with pytest.raises(ConversionError, match="residual multiplier"):
+        arch_plan(dataclasses.replace(open_model(checkpoints["llama3"]).spec, residual_multiplier=0.5))
+    with pytest.raises(ConversionError, match="partial rotary"):
+        arch_plan(dataclasses.replace(granite, rotary_dim=8))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# phi3_longrope: written, but refused by the target (llama.cpp picks LongRoPE factors by its context size)
+
+
+def test_phi3_longrope_is_refused_by_name(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """On the fixtures the switch is at 24 positions, below llama.cpp's smallest (256-padded) context, so
+    llama.cpp rotates every pass with the long factors where the source uses the short ones up to 24."""
+    target = gguf_target.GgufTarget()
+    assert "phi3_longrope" not in target.families
+    model = open_model(checkpoints["phi3.5"])
+    with pytest.raises(ConversionError, match="'phi3_longrope'"):
+        convert(checkpoints["phi3.5"], "gguf:f16", tmp_path / "out", parity=False)
+    with pytest.raises(ConversionError, match="'phi3_longrope'"):
+        target.write(model, "f16", tmp_path, lambda *_: None)
+
+
+@pytest.fixture
+def longrope_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer and runner with phi3_longrope allowed, to measure what keeps it refused."""
+    from sovpack.targets.gguf import arch
+
+    families = arch.FAMILIES | {"phi3_longrope"}
+    monkeypatch.setattr(arch, "FAMILIES", families)
+    monkeypatch.setattr(gguf_target.GgufTarget, "families", families)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["phi3.5", "phi4-mini"])
+def test_phi3_longrope_short_and_long_regimes(
+    longrope_enabled: None, checkpoints: dict[str, Path], tmp_path: Path, variant: str
+) -> None:
+    """The file is right in each regime: with the switch at 512 (an override) parity PASSES at f32 and f16 in the
+    short regime; on the fixture (switch at 24) llama.cpp's long factors match the reference's for prompts past
+    the switch, and the runner refuses to compare where the two pick different factors."""
+    ckpt = make_checkpoint(
+        variant, tmp_path / "ckpt", original_max_position_embeddings=512, max_position_embeddings=4096
+    )
+    for precision in ("f32", "f16"):
+        result = convert(ckpt, f"gguf:{precision}", tmp_path / precision)
+        assert result.parity is not None and result.parity.status == "PASSED", result.parity.reasons
+    f = fields(gguf_path(result))
+    spec = open_model(ckpt).spec
+    assert f["phi3.rope.dimension_count"] == spec.rotary_size
+    assert f["phi3.rope.scaling.original_context_length"] == 512
+    assert f["phi3.rope.scaling.attn_factor"] == pytest.approx(spec.rope_scaling.attention_factor)
+    stored = tensors(gguf_path(result))
+    np.testing.assert_array_equal(stored["rope_factors_long.weight"].data, np.float32(spec.rope_scaling.long_factor))
+    np.testing.assert_array_equal(stored["rope_factors_short.weight"].data, np.float32(spec.rope_scaling.short_factor))
+
+    fixture = convert(checkpoints[variant], "gguf:f32", tmp_path / "fixture", parity=False)
+    model = open_model(checkpoints[variant])
+    prompt = max(encode_prompts(model.checkpoint.tokenizer_json), key=len)
+    assert len(prompt) > 24
+    plain = gguf_target.LlamaCppRunner(gguf_path(fixture), kv_cache="f32")  # no spec: llama.cpp's own choice
+    try:
+        np.testing.assert_allclose(
+            plain.prefill_logits(prompt), ReferenceModel(model).prefill_logits(prompt), atol=1e-4
+        )
+    finally:
+        plain.close()
+    runner = gguf_target.GgufTarget().open_runner(fixture.out_dir, ArtifactMetadata.load(fixture.out_dir))
+    try:
+        with pytest.raises(UsageError, match="LongRoPE"):
+            runner.prefill_logits(prompt[:10])
+    finally:
+        runner.close()
 
 
 def test_license_from_readme(checkpoints: dict[str, Path], tmp_path: Path) -> None:
@@ -522,7 +736,10 @@ def test_precision_table_rows_are_consistent() -> None:
 
 def test_a_family_outside_families_is_refused_by_name(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     target = gguf_target.GgufTarget()
-    assert target.families == {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"}
+    assert target.families == {
+        *("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"),
+        *("granite", "olmo2", "smollm3", "gemma2", "gemma3"),
+    }
     model = open_model(checkpoints["llama3"])
     falcon = dataclasses.replace(model, spec=dataclasses.replace(model.spec, family="falcon"))
     with pytest.raises(ConversionError, match="'falcon'"):

@@ -42,7 +42,11 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 # Variants of the families this target writes (tests/test_contract.py checks that it refuses the rest by name).
-FAMILIES = ["gemma", "llama2", "llama3", "mistral", "phi3", "qwen2", "qwen3"]
+# Issue 13's newer dense decoders (fixture variants: sliding windows of 8 tokens and longrope's switch at 24
+# positions lie inside the 20-48-token parity prompts, so windowed layers drop context and greedy decoding crosses
+# the switch).
+NEW_FAMILIES = ["gemma2", "gemma3", "gemma3-vlm", "granite", "olmo2", "phi3.5", "phi4-mini", "smollm3"]
+FAMILIES = ["gemma", "llama2", "llama3", "mistral", "phi3", "qwen2", "qwen3", *NEW_FAMILIES]
 WINDOW = "mistral-window"  # mistral with a sliding window shorter than the parity prompts
 # int4 on the fixtures is converted without judged parity. Their logits are very sharp (std 4-8 over a ~600-token
 # vocabulary), so the noise of round-to-nearest 4-bit weights (~8% relative error per matmul, the floor of
@@ -177,6 +181,95 @@ def test_sliding_window_is_applied(artifact: Callable[..., ConvertResult], ckpts
     assert len(ids) > 5
     plain = OnnxRunner(artifact("mistral", "fp32").out_dir).prefill_logits(ids)  # mistral fixture: window 4096
     assert np.abs(OnnxRunner(windowed.out_dir).prefill_logits(ids) - plain).max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- the newer dense families
+
+# What each new fixture variant must show in its graph: the feature nodes the writer emits for its spec fields.
+_NEW_FAMILY_TYPES = {
+    "gemma2": "gemma2", "gemma3": "gemma3_text", "gemma3-vlm": "gemma3_text", "granite": "granite",
+    "olmo2": "decoder", "phi3.5": "phi3", "phi4-mini": "phi3", "smollm3": "smollm3",
+}
+
+
+def _nodes(out: Path) -> list[Any]:
+    return list(onnx.load(str(out / MODEL_FILE), load_external_data=False).graph.node)
+
+
+@pytest.mark.parametrize("variant", NEW_FAMILIES)
+def test_new_family_metadata_and_genai_type(artifact: Callable[..., ConvertResult], ckpts: dict[str, Path],
+                                            variant: str) -> None:
+    out = artifact(variant, "fp32").out_dir
+    spec = open_model(ckpts[variant]).spec
+    meta = ArtifactMetadata.load(out)
+    fmt = meta.format_metadata
+    config = json.loads((out / GENAI_CONFIG).read_text())
+    assert config["model"]["type"] == fmt["genai_model_type"] == _NEW_FAMILY_TYPES[variant]
+    assert meta.spec.family == spec.family and meta.traits == RunnerTraits()
+    notes = " ".join(fmt["notes"])
+    windowed = any(spec.layer_window(i) is not None for i in range(spec.num_layers))
+    assert ("sliding windows are applied by the graph" in notes) == windowed
+    assert ("longrope" in notes) == (spec.rope_scaling.kind == "longrope")
+    assert ("generic decoder-only type" in notes) == (variant == "olmo2")
+
+
+def test_new_family_features_are_in_the_graph(artifact: Callable[..., ConvertResult],
+                                              ckpts: dict[str, Path]) -> None:
+    def ops(variant: str, op_type: str, contains: str = "") -> list[str]:
+        return [n.name for n in _nodes(artifact(variant, "fp32").out_dir) if n.op_type == op_type and
+                contains in n.name]
+
+    # Gemma 2: attention soft-cap in every layer plus the final one; one bias per window (sliding and full).
+    gemma2 = open_model(ckpts["gemma2"]).spec
+    assert len(ops("gemma2", "Tanh", "attn/tanh")) == gemma2.num_layers
+    assert ops("gemma2", "Tanh", "lm_head/tanh") == ["lm_head/tanh"]
+    assert sorted(ops("gemma2", "Where", "mask/")) == ["mask/full/bias", f"mask/window{gemma2.sliding_window}/bias"]
+    assert len(ops("gemma2", "Mul", "post_norm/scale")) == 2 * gemma2.num_layers  # sandwich norms
+    # Gemma 3: local and global rope tables; q/k norms per head.
+    assert {n.split("/")[1] for n in ops("gemma3", "Cos")} == {"local", "global"}
+    # SmolLM3: no rope nodes in its NoPE layer.
+    smol = open_model(ckpts["smollm3"]).spec
+    roped = {n.split(".")[1] for n in ops("smollm3", "Add", "_rope/rope")}
+    assert roped == {str(i) for i in range(smol.num_layers)} - {str(i) for i in smol.no_rope_layers}
+    # OLMo 2: no pre norms, post norms, q/k norms over the whole projection (before the head split).
+    assert not ops("olmo2", "Mul", "attn_norm/scale") and len(ops("olmo2", "Mul", "post_norm/scale")) == 4
+    # Granite: residual multiplier per sublayer and the logits divisor.
+    assert len(ops("granite", "Mul", "residual_scale")) == 4 and ops("granite", "Div", "lm_head/divide")
+    # Phi-3.5 / Phi-4-mini: longrope's per-pass table selection; Phi-4-mini rotates 12 of 16 dims.
+    assert ops("phi3.5", "Where", "rope/global/inv_freq") and ops("phi3.5", "ReduceMax")
+    assert len(ops("phi4-mini", "Split", "split_rotary")) == 2 * open_model(ckpts["phi4-mini"]).spec.num_layers
+    assert not ops("phi3.5", "Split", "split_rotary")
+
+
+@pytest.mark.parametrize("variant", ["gemma2", "gemma3"])
+def test_new_family_windows_matter(artifact: Callable[..., ConvertResult], ckpts: dict[str, Path],
+                                   tmp_path: Path, variant: str) -> None:
+    """The 8-token windows change these prompts' logits: parity PASSED means the artifact applies them."""
+    wide = make_checkpoint(variant, tmp_path / "wide", sliding_window=512)
+    unwindowed = convert(wide, "onnx:fp32", tmp_path / "wide-out", parity=False).out_dir
+    ids = prompts(ckpts[variant])[0]
+    assert len(ids) > 8
+    windowed = OnnxRunner(artifact(variant, "fp32").out_dir).prefill_logits(ids)
+    np.testing.assert_allclose(windowed, reference(ckpts[variant]).prefill_logits(ids), atol=1e-4, rtol=0)
+    assert np.abs(windowed - OnnxRunner(unwindowed).prefill_logits(ids)).max() > 1e-2
+
+
+@pytest.mark.parametrize("variant", ["phi3.5", "phi4-mini"])
+def test_longrope_switches_per_forward_pass(artifact: Callable[..., ConvertResult], ckpts: dict[str, Path],
+                                            variant: str) -> None:
+    """Short factors up to original_max_position_embeddings positions, long ones beyond; cached keys keep their
+    rotation, so a decode crossing the switch follows the reference token for token."""
+    runner = OnnxRunner(artifact(variant, "fp32").out_dir)
+    ref = reference(ckpts[variant])
+    switch = ref.spec.rope_scaling.original_max_position_embeddings
+    assert switch is not None
+    ids = [i for p in prompts(ckpts[variant]) for i in p][: switch + 1]
+    for n in (switch, switch + 1):  # the last pass with short factors, the first with long ones
+        np.testing.assert_allclose(runner.prefill_logits(ids[:n]), ref.prefill_logits(ids[:n]), atol=1e-4, rtol=0)
+    start = ids[: switch - 3]
+    assert runner.greedy(start, 8) == ref.greedy(start, 8)  # crosses the switch while decoding
+    shorter = runner.prefill_logits(ids[: switch + 1])[:switch]
+    assert np.abs(shorter - runner.prefill_logits(ids[:switch])).max() > 1e-3  # the factors differ
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -353,7 +446,8 @@ def test_artifact_carries_genai_config_and_tokenizer(artifact: Callable[..., Con
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (ckpts["llama3"] / name).read_bytes()
     assert {GENAI_MODEL_TYPES[open_model(ckpts[f]).spec.family] for f in FAMILIES} == {
-        "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"}
+        "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "granite", "decoder",
+        "smollm3"}
 
 
 def test_io_signature_is_the_optimum_genai_one(artifact: Callable[..., ConvertResult],
@@ -412,7 +506,7 @@ def test_genai_runner_close_is_idempotent(artifact: Callable[..., ConvertResult]
 # ------------------------------------------------------------------------------------ batching and padding
 
 
-@pytest.mark.parametrize("variant", ["llama3", "qwen2", WINDOW])
+@pytest.mark.parametrize("variant", ["llama3", "qwen2", WINDOW, "gemma2", "phi4-mini"])
 def test_left_padded_batch_matches_single_runs(artifact: Callable[..., ConvertResult], ckpts: dict[str, Path],
                                                variant: str) -> None:
     runner = OnnxRunner(artifact(variant, "fp32").out_dir)
@@ -474,13 +568,16 @@ def test_genai_runs_other_precisions_like_plain_onnxruntime(artifact: Callable[.
 
 
 # onnxruntime-genai 0.18's own tokenizer (onnxruntime-extensions) differs from `tokenizers` on the
-# SentencePiece-style BPE fixtures: it merges runs of spaces differently (llama2, phi3, mistral) and, for the
-# mistral fixture's Metaspace prepend scheme, adds/omits the leading "▁" around special tokens and leading
-# spaces. The artifact ships the source tokenizer.json unchanged; these are genai's divergences, listed exactly.
+# SentencePiece-style BPE fixtures: it merges runs of spaces differently (llama2, mistral, and phi3 with the
+# phi3.5 / phi4-mini variants sharing its tokenizer) and, for the mistral fixture's Metaspace prepend scheme,
+# adds/omits the leading "▁" around special tokens and leading spaces. The artifact ships the source
+# tokenizer.json unchanged; these are genai's divergences, listed exactly.
 _SPACE_RUNS = {"multiple   spaces    here", "def main():\n    print('hi')\n    return 0\n"}
 GENAI_TOKENIZER_DIVERGENCES = {
     "llama2": _SPACE_RUNS,
     "phi3": _SPACE_RUNS,
+    "phi3.5": _SPACE_RUNS,  # the same phi3-spm tokenizer
+    "phi4-mini": _SPACE_RUNS,
     "mistral": _SPACE_RUNS | {" leading space", "    indented with four spaces", "<s>[INST] Hello [/INST]</s>"},
 }
 

@@ -51,7 +51,13 @@ from sovpack.targets.openvino.weights import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 # Variants of the families this target writes (tests/test_contract.py checks that it refuses the rest by name).
-FAMILIES = ["gemma", "llama2", "llama3", "mistral", "phi3", "qwen2", "qwen3"]
+FAMILIES = ["gemma", "llama2", "llama3", "mistral", "phi3", "qwen2", "qwen3",
+            # issue 13: one variant per new family (gemma3-vlm: Gemma 3's decoder inside a VLM checkpoint;
+            # phi4-mini: longrope with partial rotary); windows of 8 tokens, prompts of 20-48
+            "gemma2", "gemma3", "gemma3-vlm", "granite", "olmo2", "phi3.5", "phi4-mini", "smollm3"]
+# The new families whose graphs keep ScaledDotProductAttention, so genai's paged-attention rewrite applies;
+# Gemma 2's soft-capped attention has no SDPA form (test_gemma2_softcap_runs_on_the_stateful_backend_only).
+PAGED = ["gemma3", "granite", "olmo2", "phi3.5", "phi4-mini", "smollm3"]
 WINDOW = "mistral-window"  # mistral with a sliding window (5) much shorter than the parity prompts
 MAX_NEW = 8
 # Round-to-nearest 4-bit weights on the fixtures' tiny Gaussian matrices (hidden 64, groups of 16) cost ~7%
@@ -489,7 +495,7 @@ def test_chat_template_and_stop_ids_reach_genai(artifact: Callable[[str, str], C
     assert set(pipe.get_generation_config().stop_token_ids) >= {601, 602}
 
 
-@pytest.mark.parametrize("family", ["llama3", WINDOW])
+@pytest.mark.parametrize("family", ["llama3", WINDOW, "gemma3"])
 def test_continuous_batching_paged_attention(artifact: Callable[[str, str], ConvertResult],
                                              ckpts: dict[str, Path], references: Callable[[str], ReferenceModel],
                                              family: str) -> None:
@@ -505,6 +511,82 @@ def test_continuous_batching_paged_attention(artifact: Callable[[str, str], Conv
                             [genai_config(stops)] * len(prompts))
     for ids, result in zip(prompts, results, strict=True):
         assert list(result.m_generation_ids[0]) == ref.greedy(ids, MAX_NEW, stops)
+
+
+# ------------------------------------------------------------------------------- issue 13: newer dense families
+
+
+@pytest.mark.parametrize("family", PAGED)
+def test_new_families_on_genai_paged_attention(artifact: Callable[[str, str], ConvertResult],
+                                               ckpts: dict[str, Path], references: Callable[[str], ReferenceModel],
+                                               family: str) -> None:
+    """The PA rewrite keeps per-layer windows, no-rope layers, partial rotary and the in-graph longrope switch."""
+    out = artifact(family, "fp32").out_dir
+    ref = references(family)
+    stops = ref.spec.eos_token_ids
+    pipe = og.LLMPipeline(str(out), "CPU", ATTENTION_BACKEND="PA", **PARITY_CONFIG)
+    for ids in encode_prompts(ckpts[family] / "tokenizer.json"):
+        result = pipe.generate(ov.Tensor(np.array([ids], dtype=np.int64)), genai_config(stops))
+        assert list(result.tokens[0]) == ref.greedy(ids, MAX_NEW, stops)
+
+
+def test_gemma2_softcap_runs_on_the_stateful_backend_only(artifact: Callable[[str, str], ConvertResult]) -> None:
+    """SDPA has no soft-cap: the capped scores are spelled out, genai's PA backend refuses, the metadata says so."""
+    out = artifact("gemma2", "fp32").out_dir
+    model = ov.Core().read_model(out / "openvino_model.xml")
+    ops = model.get_ops()
+    assert not any(op.get_type_name() == "ScaledDotProductAttention" for op in ops)
+    names = {op.get_friendly_name() for op in ops}
+    spec = ArtifactMetadata.load(out).spec
+    assert {f"layers.{i}.attn.softcap/output" for i in range(spec.num_layers)} <= names
+    assert "lm_head.softcap/output" in names
+    notes = ArtifactMetadata.load(out).format_metadata["notes"]
+    assert any("soft-capping" in n and "ATTENTION_BACKEND=PA" in n for n in notes), notes
+    with pytest.raises(RuntimeError, match="ScaledDotProductAttention"):
+        og.LLMPipeline(str(out), "CPU", ATTENTION_BACKEND="PA", **PARITY_CONFIG)
+
+
+def test_graph_follows_the_new_spec_fields(artifact: Callable[[str, str], ConvertResult]) -> None:
+    """Per-layer masks and rotary tables exist exactly where the spec asks for them."""
+
+    def graph(variant: str) -> tuple[Any, set[str]]:
+        out = artifact(variant, "fp32").out_dir
+        model = ov.Core().read_model(out / "openvino_model.xml")
+        return ArtifactMetadata.load(out), {op.get_friendly_name() for op in model.get_ops()}
+
+    meta, names = graph("gemma3")  # 5 sliding layers (local rope base) : 1 full layer (scaled global rope)
+    assert {"attention_mask/additive", "attention_mask.window8/additive", "rope/cos", "rope.local/cos"} <= names
+    assert meta.format_metadata["notes"] == []
+    meta, names = graph("smollm3")  # every 4th layer has no rope
+    for i in range(meta.spec.num_layers):
+        assert (f"layers.{i}.attn.q_rope/output" in names) == (i not in meta.spec.no_rope_layers), i
+    assert meta.spec.no_rope_layers
+    meta, names = graph("phi4-mini")  # longrope switch in the graph, 12 of 16 dims rotate
+    assert meta.spec.rotary_size < meta.spec.head_dim
+    assert "rope/use_long" in names and "rope.local/cos" not in names
+    assert any("longrope" in n for n in meta.format_metadata["notes"])
+    meta, names = graph("granite")
+    assert {"embed/multiplier", "lm_head/divisor", "layers.0.attn_residual/multiplier"} <= names
+    meta, names = graph("olmo2")  # post norms only, q/k norms over the whole projection
+    assert {"layers.0.post_attn_norm/normalized", "layers.0.q_norm/normalized"} <= names
+    assert "layers.0.attn_norm/normalized" not in names
+
+
+@pytest.mark.parametrize("variant", ["phi3.5", "phi4-mini"])
+def test_longrope_switches_like_the_reference(artifact: Callable[[str, str], ConvertResult],
+                                              references: Callable[[str], ReferenceModel], variant: str) -> None:
+    """Short factors up to original_max_position_embeddings (24) positions, long ones beyond; a decode that
+    crosses the switch keeps the prompt's short-rotated keys, as transformers' cache does."""
+    ref = references(variant)
+    after = ref.spec.rope_scaling.original_max_position_embeddings
+    assert after == 24
+    runner = OpenvinoRunner(artifact(variant, "fp32").out_dir)
+    ids = [(7 * k + 3) % 500 + 5 for k in range(after + 1)]
+    for n in (after, after + 1):
+        np.testing.assert_allclose(runner.prefill_logits(ids[:n]), ref.prefill_logits(ids[:n]), atol=1e-4)
+    prompt = ids[: after - 4]
+    assert runner.greedy(prompt, 10) == ref.greedy(prompt, 10)
+    runner.close()
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
