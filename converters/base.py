@@ -168,6 +168,14 @@ class ConfigReader:
             raise self.fail(f"{self.name(key)} must be a list of strings, got {shorten(value)}")
         return tuple(value)
 
+    def integers(self, key: str, *, maximum: int = MAX_CONFIG_INT) -> tuple[int, ...]:
+        """A list of integers from 0 to ``maximum`` (absent or null: empty)."""
+        value = self.get(key, [])
+        if not isinstance(value, list):
+            raise self.fail(f"{self.name(key)} must be a list of integers, got {shorten(value)}")
+        items = self.child(key, {str(i): v for i, v in enumerate(value)})
+        return tuple(items.integer(str(i), maximum=maximum) for i in range(len(value)))
+
     def numbers(self, key: str, length: int, *, above: float) -> tuple[float, ...]:
         """A list of exactly ``length`` finite numbers, each greater than ``above``."""
         value = self.get(key)

@@ -15,6 +15,9 @@ factors from its context size (llama.cpp) matches only while prompt and generati
 Weights are read lazily from the memory-mapped checkpoint. Small models keep their float32 copies (fast
 decode); models whose float32 weights exceed ``cache_budget_bytes`` re-read each tensor per forward pass, so
 memory stays bounded by the largest tensor whatever the model size.
+
+A mixture-of-experts layer (``spec.moe``) routes each token as transformers does (see ``route``) and runs each
+expert only on the tokens routed to it, so unrouted experts are never read.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 from sovpack._protocols import RunnerTraits
 from sovpack.errors import UsageError
 from sovpack.source.model import SourceModel
-from sovpack.source.spec import ModelSpec
+from sovpack.source.spec import ModelSpec, MoESpec
 
 DEFAULT_CACHE_BUDGET = 2 * 1024**3
 
@@ -168,6 +171,28 @@ def erf(x: np.ndarray) -> np.ndarray:
     return (np.sign(x) * (1.0 - poly * np.exp(-z * z))).astype(np.float32)
 
 
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis in float32."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def route(logits: np.ndarray, moe: MoESpec) -> tuple[np.ndarray, np.ndarray]:
+    """Chosen experts [tokens, k] (best first) and their routing weights [tokens, k] from router logits
+    [tokens, num_experts], as transformers routes: softmax over all experts, top-k of those probabilities,
+    renormalised when ``norm_topk_prob`` (Qwen3-MoE, Mixtral); or top-k logits, softmax over them (gpt-oss)."""
+    k = moe.experts_per_token
+    scores = logits if moe.router_softmax == "after_topk" else softmax(logits)
+    # NOTE: ties keep the lower expert index first (stable sort); exact ties do not occur with real-valued logits
+    chosen = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+    top = np.take_along_axis(scores, chosen, axis=-1)
+    if moe.router_softmax == "after_topk":
+        return chosen, softmax(top)
+    if moe.norm_topk_prob:
+        top = top / top.sum(axis=-1, keepdims=True)
+    return chosen, top.astype(np.float32)
+
+
 def rotate_half(x: np.ndarray) -> np.ndarray:
     half = x.shape[-1] // 2
     return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -243,6 +268,32 @@ class ReferenceModel:
         if bias is not None:
             y = y + self._w(bias)
         return y.astype(np.float32)
+
+    def _gated(self, h: np.ndarray, p: str) -> np.ndarray:
+        """The gated MLP ``down(act(gate(h)) * up(h))`` whose gate/up/down tensors are named ``p`` + gate etc."""
+        gated = activation(self.spec.activation, self._linear(h, p + "gate")) * self._linear(h, p + "up")
+        return self._linear(gated.astype(np.float32), p + "down")
+
+    def _experts(self, h: np.ndarray, p: str) -> np.ndarray:
+        """The mixture of experts on h [..., hidden]: each expert runs on the tokens routed to it only, its
+        output weighted by their routing weights (transformers' order: act(gate) * up, down, then the weight)."""
+        moe = self.spec.moe
+        if moe is None:
+            raise ValueError("the spec has no mixture of experts")
+        flat = h.reshape(-1, h.shape[-1])
+        logits = self._linear(flat, p + "router", p + "router_bias" if moe.router_bias else None)
+        chosen, weights = route(logits, moe)
+        out = np.zeros_like(flat)
+        for expert in np.unique(chosen):
+            rows, slot = np.nonzero(chosen == expert)  # a token picks an expert at most once: rows are unique
+            out[rows] += self._gated(flat[rows], f"{p}experts.{int(expert)}.") * weights[rows, slot, None]
+        if moe.shared_expert_intermediate_size is not None:
+            shared = self._gated(flat, p + "shared_expert.")
+            if moe.shared_expert_gate:
+                score = self._linear(flat, p + "shared_expert_gate")
+                shared = shared * (np.float32(1.0) / (np.float32(1.0) + np.exp(-score)))
+            out = out + shared
+        return out.reshape(h.shape).astype(np.float32)
 
     def _rotate(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """Rotate-half rope on the leading ``cos.shape[-1]`` dims of x [batch, heads, T, head_dim]."""
@@ -342,8 +393,8 @@ class ReferenceModel:
             attn = (weights @ values).transpose(0, 2, 1, 3).reshape(batch, steps, s.q_size)
             x = self._residual(x, self._linear(attn, p + "o"), p + "post_attn_norm")
             h = rms_norm(x, self._w(p + "mlp_norm"), s.norm_eps) if s.pre_norms else x
-            gated = activation(s.activation, self._linear(h, p + "gate")) * self._linear(h, p + "up")
-            x = self._residual(x, self._linear(gated.astype(np.float32), p + "down"), p + "post_mlp_norm")
+            mlp = self._experts(h, p) if s.is_sparse(i) else self._gated(h, p)
+            x = self._residual(x, mlp, p + "post_mlp_norm")
         cache.positions = key_pos
         x = rms_norm(x, self._w("final_norm"), s.norm_eps)
         head = "embed" if s.tie_word_embeddings else "lm_head"

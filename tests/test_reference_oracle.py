@@ -75,9 +75,10 @@ def assert_matches_oracle(path: Path) -> float:
 
 FIRST_SEVEN = ["llama3", "llama2", "mistral", "qwen2", "qwen3", "phi3", "gemma"]
 NEWER = ["gemma2", "gemma3", "gemma3-vlm", "phi3.5", "phi4-mini", "smollm3", "olmo2", "granite"]
+MOE = ["qwen3moe", "mixtral"]
 
 
-@pytest.mark.parametrize("variant", FIRST_SEVEN + NEWER)
+@pytest.mark.parametrize("variant", FIRST_SEVEN + NEWER + MOE)
 def test_reference_matches_transformers(checkpoints: dict[str, Path], variant: str) -> None:
     assert_matches_oracle(checkpoints[variant])
     window = open_model(checkpoints[variant]).spec.sliding_window
@@ -109,10 +110,65 @@ def test_reference_matches_transformers(checkpoints: dict[str, Path], variant: s
         ("smollm3", {"sliding_window": 8}),  # SmolLM3's optional window on its NoPE layers (< every length)
         ("olmo2", {"config_dialect": "v4", "tie_word_embeddings": True}),
         ("granite", {"config_dialect": "v4"}),
+        # Mixture of experts: the other dialect, Qwen3MoeConfig's default (no top-k renormalisation), every
+        # layer sparse, a window shorter than the prompts, top-1 routing, float32 storage.
+        ("qwen3moe", {"config_dialect": "v4", "norm_topk_prob": False}),
+        ("qwen3moe", {"mlp_only_layers": (), "experts_per_token": 3, "dtype": "float32"}),
+        ("qwen3moe", {"decoder_sparse_step": 2, "mlp_only_layers": (),
+                      "extra_config": {"use_sliding_window": True, "sliding_window": 8}}),
+        ("mixtral", {"config_dialect": "v5", "sliding_window": 8}),
+        ("mixtral", {"experts_per_token": 1, "tie_word_embeddings": True}),
     ],
 )
 def test_reference_matches_transformers_variants(tmp_path: Path, variant: str, overrides: dict) -> None:
     assert_matches_oracle(make_checkpoint(variant, tmp_path / variant, **overrides))
+
+
+@pytest.mark.parametrize("variant", MOE)
+def test_moe_fixture_is_saved_as_transformers_saves_it(
+    checkpoints: dict[str, Path], variant: str, tmp_path: Path
+) -> None:
+    """transformers 5 fuses experts in memory; saving the loaded fixture writes back exactly its tensor names
+    and shapes (the per-expert layout the converters map), so the fixture is what transformers 5 saves."""
+    from safetensors import safe_open
+
+    path = checkpoints[variant]
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+
+    def shapes(directory: Path) -> dict[str, list[int]]:
+        found: dict[str, list[int]] = {}
+        for shard in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(shard), "np") as f:
+                found.update({k: list(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118
+        return found
+
+    assert shapes(tmp_path) == shapes(path)
+
+
+@pytest.mark.parametrize("variant", MOE)
+def test_moe_routes_tokens_to_several_experts(
+    checkpoints: dict[str, Path], variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fixtures exercise routing: each sparse layer sends the prompt's tokens to more than k experts."""
+    import sovpack.reference
+
+    path = checkpoints[variant]
+    reference = ReferenceModel(open_model(path))
+    moe = reference.spec.moe
+    assert moe is not None and moe.sparse_layers
+    chosen_per_layer: list[set[int]] = []
+    route = sovpack.reference.route
+
+    def spy(logits: np.ndarray, spec_moe: object) -> tuple[np.ndarray, np.ndarray]:
+        chosen, weights = route(logits, spec_moe)  # type: ignore[arg-type]
+        chosen_per_layer.append({int(e) for e in chosen.ravel()})
+        return chosen, weights
+
+    monkeypatch.setattr(sovpack.reference, "route", spy)
+    reference.prefill_logits(SourceTokenizer(path / "tokenizer.json").encode(PROMPTS[0]))
+    assert len(chosen_per_layer) == len(moe.sparse_layers)
+    assert all(len(experts) > moe.experts_per_token for experts in chosen_per_layer), chosen_per_layer
 
 
 def test_longrope_switches_where_transformers_does(checkpoints: dict[str, Path]) -> None:

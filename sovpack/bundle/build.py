@@ -16,13 +16,14 @@ from sovpack.attest.dsse import SigningKey, Statement, Subject, canonical_json, 
 from sovpack.attest.release import Release, ReleaseTarget, parse_time
 from sovpack.bundle.attestations import attestation_manifest, parity_predicate, release_manifest, subject_name
 from sovpack.bundle.config import BuildConfig
-from sovpack.bundle.modelpack import layer_media_type, list_artifact_files, modelpack_config
+from sovpack.bundle.modelpack import file_metadata, layer_media_type, list_artifact_files, modelpack_config
 from sovpack.convert import ConvertResult
 from sovpack.errors import ParityError, SourceError, UsageError, VerificationError
 from sovpack.oci.descriptor import Descriptor
 from sovpack.oci.media import (
     ANN_BUNDLE_VERSION,
     ANN_CREATED,
+    ANN_FILE_METADATA,
     ANN_FILEPATH,
     ANN_FORMAT,
     ANN_KIND,
@@ -298,7 +299,9 @@ def _store_target(
     if ARTIFACT_FILE not in files or PARITY_FILE not in files:
         raise SourceError(f"{artifact_dir}: converted artifact lacks {ARTIFACT_FILE} or {PARITY_FILE}")
     report = ParityReport.load(artifact_dir / PARITY_FILE)
-    layers = [store_file(store, artifact_dir / rel, rel, layer_media_type(rel)) for rel in files]
+    layers = [
+        store_file(store, artifact_dir / rel, rel, layer_media_type(rel), context.created) for rel in files
+    ]
     by_path = {layer.annotations[ANN_FILEPATH]: layer for layer in layers}
     mp_config = modelpack_config(
         name=context.name,
@@ -397,12 +400,12 @@ def _store_index(store: BlobStore, refs: list[TargetRef], manifests: list[Descri
     return store.add(canonical_json(document), MT_INDEX)
 
 
-def store_file(store: BlobStore, path: Path, rel: str, media_type: str) -> Descriptor:
-    """Store one file as a layer annotated with its relative path."""
+def store_file(store: BlobStore, path: Path, rel: str, media_type: str, created: str | None = None) -> Descriptor:
+    """Store one file as a layer annotated with its relative path and ModelPack file metadata."""
     digest, size = store.put_file(path)
     return Descriptor(
         media_type=media_type,
         digest=digest,
         size=size,
-        annotations={ANN_FILEPATH: rel, ANN_TITLE: rel},
+        annotations={ANN_FILEPATH: rel, ANN_TITLE: rel, ANN_FILE_METADATA: file_metadata(rel, size, created)},
     )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sovpack._io import check_relative_path
 from sovpack._protocols import Precision
+from sovpack.artifact import ARTIFACT_FILE
 from sovpack.bundle.config import BundleMetadata
 from sovpack.errors import SourceError
 from sovpack.oci.descriptor import Descriptor
@@ -18,7 +20,7 @@ from sovpack.parity.report import PARITY_FILE
 def layer_media_type(path: str) -> str:
     """ModelPack layer type for a target file (see the module docstring for the rule)."""
     name = PurePosixPath(path).name
-    if name == PARITY_FILE:
+    if name in (PARITY_FILE, ARTIFACT_FILE):  # reports and packager metadata: documentation, not weights config
         return MT_DOC
     lowered = name.lower()
     if lowered.endswith((".json", ".jinja", ".txt", ".yaml", ".yml")) or "tokenizer" in lowered:
@@ -101,3 +103,24 @@ def modelpack_config(
     }
 
 
+
+
+FILE_MODE = 0o644
+TAR_REGULAR_FILE = ord("0")
+
+
+def file_metadata(rel: str, size: int, mtime: str | None) -> str:
+    """The ModelPack file-metadata annotation of one layer: fixed mode, owner and time, so builds stay identical.
+
+    ``mtime`` is the build's SOURCE_DATE_EPOCH time when pinned, else the Unix epoch (never the wall clock).
+    """
+    document = {
+        "name": PurePosixPath(rel).name,
+        "mode": FILE_MODE,
+        "uid": 0,
+        "gid": 0,
+        "size": size,
+        "mtime": mtime or "1970-01-01T00:00:00Z",
+        "typeflag": TAR_REGULAR_FILE,
+    }
+    return json.dumps(document, sort_keys=True, separators=(",", ":"))

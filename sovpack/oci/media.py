@@ -38,6 +38,7 @@ MT_PARITY_REPORT = "application/vnd.sovpack.parity-report.v1+json"
 AT_SIGSTORE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 
 ANN_FILEPATH = "org.cncf.model.filepath"
+ANN_FILE_METADATA = "org.cncf.model.file.metadata+json"  # ModelPack "File Metadata Annotation Value"
 ANN_REF_NAME = "org.opencontainers.image.ref.name"
 ANN_CREATED = "org.opencontainers.image.created"
 ANN_TITLE = "org.opencontainers.image.title"

@@ -6,7 +6,7 @@ This is what every stage after reading takes: targets, the reference and parity 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +84,7 @@ class SourceModel:
         for name, source in self.tensor_map.items():
             info = stored.get(source.name)
             if info is None:
+                _refuse_fused_experts(source.name, stored, self.checkpoint.root)
                 raise SourceError(
                     f"{self.checkpoint.root}: tensor {source.name!r} is missing "
                     f"(the {self.spec.family} layout in {config_path.name} needs it)"
@@ -105,6 +106,20 @@ class SourceModel:
                     f"{info.path}: tensor {source.name!r} has shape {list(info.shape)} but {config_path.name} "
                     f"implies {list(expected)}"
                 )
+
+
+def _refuse_fused_experts(name: str, stored: Mapping[str, object], root: Path) -> None:
+    """A missing per-expert tensor whose layer stores transformers' fused experts gets a message saying so."""
+    if ".experts." not in name:
+        return
+    layer = name.partition(".experts.")[0].rpartition(".")[0]
+    for block in ("mlp", "block_sparse_moe"):
+        fused = f"{layer}.{block}.experts.gate_up_proj"
+        if fused in stored:
+            raise SourceError(
+                f"{root}: tensor {fused!r} stores every expert fused (transformers' save_original_format=False "
+                "layout); only the per-expert layout (experts.<e>.*.weight, transformers' default) is supported"
+            )
 
 
 # A stack's layer tensors: "<prefix>layers.<i>.<rest>" (digits capped: an index is never 10 digits long). The

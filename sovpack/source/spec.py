@@ -9,6 +9,10 @@ NOTE: canonical norm weights are *effective* weights: a family whose norm comput
 
 NOTE: fields added for newer families (Gemma 2/3, Phi-3.5/4-mini, SmolLM3, OLMo 2, Granite) come after
 ``source_dtype`` and default to what the first seven families do, so their specs keep their meaning.
+
+NOTE: a mixture-of-experts feed-forward (Qwen3-MoE, Mixtral) is one optional ``moe`` field (:class:`MoESpec`);
+None keeps every dense family's spec, tensor names and meaning unchanged. Each expert's gate/up/down is its own
+canonical tensor (``layers.<i>.experts.<e>.gate``), so streaming writers still handle one tensor at a time.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ LayerType = Literal["full", "sliding"]
 NormPlacement = Literal["pre", "sandwich", "post"]
 # q/k RMSNorm over each head's head_dim values (Qwen3, Gemma 3) or over the whole projection (OLMo 2).
 QKNormScope = Literal["head", "projection"]
+# Where a mixture-of-experts router takes its softmax: over all experts, then the top-k of those probabilities
+# (Qwen3-MoE, Mixtral); or over the top-k router logits only (gpt-oss).
+RouterSoftmax = Literal["before_topk", "after_topk"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -62,6 +69,40 @@ class RopeScaling:
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MoESpec:
+    """A sparse mixture-of-experts feed-forward, as every target must route it.
+
+    A token's router logits (``layers.<i>.router`` [num_experts, hidden], plus ``router_bias`` when set) pick
+    ``experts_per_token`` experts; each chosen expert is a gated MLP (``experts.<e>.gate/up/down``, width
+    ``expert_intermediate_size``, the spec's ``activation``) and their outputs are summed, weighted by the
+    routing weights (float32). Layers outside ``sparse_layers`` keep the dense ``gate/up/down`` MLP of width
+    ``intermediate_size`` (Qwen3-MoE's ``mlp_only_layers`` / ``decoder_sparse_step``).
+    """
+
+    num_experts: int
+    experts_per_token: int
+    expert_intermediate_size: int
+    sparse_layers: tuple[int, ...]
+    router_softmax: RouterSoftmax = "before_topk"
+    # Routing weights of the chosen experts are divided by their sum (before_topk only; after_topk sums to 1).
+    norm_topk_prob: bool = True
+    router_bias: bool = False
+    # A shared expert every token passes through (``shared_expert.gate/up/down``), added to the routed sum;
+    # None: no shared expert. ``shared_expert_gate``: its output is scaled by sigmoid(x . shared_expert_gate).
+    shared_expert_intermediate_size: int | None = None
+    shared_expert_gate: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["sparse_layers"] = list(self.sparse_layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoESpec:
+        return cls(**{**data, "sparse_layers": tuple(data.get("sparse_layers", ()))})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -118,6 +159,8 @@ class ModelSpec:
     logits_divisor: float = 1.0
     # Logits become cap * tanh(logits / cap) (Gemma 2).
     final_logit_softcap: float | None = None
+    # Mixture-of-experts feed-forward (MoESpec); None: every layer has the dense gate/up/down MLP.
+    moe: MoESpec | None = None
 
     @property
     def q_size(self) -> int:
@@ -159,9 +202,14 @@ class ModelSpec:
         """post_attn_norm / post_mlp_norm normalise each sublayer's output before the residual add."""
         return self.norm_placement in ("post", "sandwich")
 
+    def is_sparse(self, layer: int) -> bool:
+        """The layer's feed-forward is the mixture of experts (else the dense MLP)."""
+        return self.moe is not None and layer in self.moe.sparse_layers
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["rope_scaling"] = self.rope_scaling.to_dict()
+        data["moe"] = None if self.moe is None else self.moe.to_dict()
         for key in ("eos_token_ids", "layer_types", "no_rope_layers"):
             data[key] = list(data[key])
         return data
@@ -170,6 +218,8 @@ class ModelSpec:
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         values = dict(data)
         values["rope_scaling"] = RopeScaling.from_dict(values.get("rope_scaling", {}))
+        moe = values.get("moe")
+        values["moe"] = None if moe is None else MoESpec.from_dict(moe)
         for key in ("eos_token_ids", "layer_types", "no_rope_layers"):
             values[key] = tuple(values.get(key, ()))
         return cls(**values)
@@ -198,14 +248,37 @@ class ModelSpec:
                 shapes[p + "post_attn_norm"] = (h,)
             if self.pre_norms:
                 shapes[p + "mlp_norm"] = (h,)
-            shapes[p + "gate"] = (self.intermediate_size, h)
-            shapes[p + "up"] = (self.intermediate_size, h)
-            shapes[p + "down"] = (h, self.intermediate_size)
+            if self.moe is not None and i in self.moe.sparse_layers:
+                shapes.update(self._moe_shapes(p, self.moe))
+            else:
+                shapes[p + "gate"] = (self.intermediate_size, h)
+                shapes[p + "up"] = (self.intermediate_size, h)
+                shapes[p + "down"] = (h, self.intermediate_size)
             if self.post_norms:
                 shapes[p + "post_mlp_norm"] = (h,)
         shapes["final_norm"] = (h,)
         if not self.tie_word_embeddings:
             shapes["lm_head"] = (self.vocab_size, h)
+        return shapes
+
+    def _moe_shapes(self, p: str, moe: MoESpec) -> dict[str, tuple[int, ...]]:
+        """One sparse layer's router, experts (one canonical tensor each) and shared expert, in HF order."""
+        h, inter = self.hidden_size, moe.expert_intermediate_size
+        shapes: dict[str, tuple[int, ...]] = {p + "router": (moe.num_experts, h)}
+        if moe.router_bias:
+            shapes[p + "router_bias"] = (moe.num_experts,)
+        for e in range(moe.num_experts):
+            x = f"{p}experts.{e}."
+            shapes[x + "gate"] = (inter, h)
+            shapes[x + "up"] = (inter, h)
+            shapes[x + "down"] = (h, inter)
+        if moe.shared_expert_intermediate_size is not None:
+            shared = moe.shared_expert_intermediate_size
+            shapes[p + "shared_expert.gate"] = (shared, h)
+            shapes[p + "shared_expert.up"] = (shared, h)
+            shapes[p + "shared_expert.down"] = (h, shared)
+            if moe.shared_expert_gate:
+                shapes[p + "shared_expert_gate"] = (1, h)
         return shapes
 
     def parameter_count(self) -> int:

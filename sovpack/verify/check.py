@@ -43,7 +43,7 @@ from sovpack.verify.release import (
     check_thresholds_agree,
 )
 from sovpack.verify.trust import TrustState
-from sovpack.verify.view import AttestationEntry, BundleView, TargetEntry, read_bundle
+from sovpack.verify.view import BundleView, TargetEntry, read_bundle
 
 if TYPE_CHECKING:
     from sovpack.parity import ParityReport
@@ -132,29 +132,14 @@ class VerifyReport:
         raise VerificationError(f"{self.path}: verification failed: {first}{suffix}")
 
 
-def _check_attestation(
+def _check_binding(
     view: BundleView,
-    att: AttestationEntry,
     target: TargetEntry,
     statement: Statement,
     kind: str,
     release: Release | None,
 ) -> ParityReport | None:
     """Kind-specific binding checks; returns the (signed) parity report for parity attestations."""
-    report = _check_binding(view, att, target, statement, kind, release)
-    if release is not None:  # after the specific binding checks, whose messages say more
-        check_attestation_membership(release, target.name, kind, att.descriptor.digest)
-    return report
-
-
-def _check_binding(
-    view: BundleView,
-    att: AttestationEntry,
-    target: TargetEntry,
-    statement: Statement,
-    kind: str,
-    release: Release | None,
-) -> ParityReport | None:
     digest = target.descriptor.digest
     if kind == "signature":
         manifest = oms.parse_statement(statement)
@@ -296,7 +281,9 @@ def verify_view(
                 )
             if att.kind_hint is not None and att.kind_hint != kind:
                 raise VerificationError(f"the manifest says {att.kind_hint!r} but the signed statement is a {kind}")
-            report = _check_attestation(view, att, target, statement, kind, release)
+            report = _check_binding(view, target, statement, kind, release)
+            if release is not None:  # after the specific binding checks, whose messages say more
+                check_attestation_membership(release, target.name, kind, att.descriptor.digest)
         except VerificationError as e:
             failures.append(f"{where}: {e}")
             continue

@@ -34,7 +34,6 @@ from sovpack.oci.media import (
     MT_DOC,
     MT_MODEL_CONFIG,
     MT_WEIGHT,
-    MT_WEIGHT_CONFIG,
 )
 from sovpack.targets import TARGETS, load_targets
 from sovpack.verify import (
@@ -274,8 +273,12 @@ def test_layout_is_oci_with_modelpack_manifests(built: Any) -> None:
         assert "createdAt" not in config["descriptor"]  # no SOURCE_DATE_EPOCH: no timestamps
         types = {layer["annotations"][ANN_FILEPATH]: layer["mediaType"] for layer in manifest["layers"]}
         assert types["parity.json"] == MT_DOC
-        assert types["sovpack-artifact.json"] == MT_WEIGHT_CONFIG
+        assert types["sovpack-artifact.json"] == MT_DOC  # packager metadata
         assert MT_WEIGHT in types.values()
+        for layer in manifest["layers"]:  # ModelPack file attributes, fixed so builds stay byte-identical
+            meta = json.loads(layer["annotations"]["org.cncf.model.file.metadata+json"])
+            assert meta == {"name": layer["annotations"][ANN_FILEPATH].rsplit("/", 1)[-1], "mode": 0o644, "uid": 0,
+                            "gid": 0, "size": layer["size"], "mtime": "1970-01-01T00:00:00Z", "typeflag": 48}
         assert sorted(types) == list(built_target.files)
         # one attestation of each kind, each an OCI 1.1 referrer of the target manifest
         for kind in ("signature", "provenance", "parity"):

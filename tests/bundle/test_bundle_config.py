@@ -119,7 +119,7 @@ def test_layer_media_types() -> None:
     assert layer_media_type("openvino_model.bin") == MT_WEIGHT
     assert layer_media_type("openvino_tokenizer.bin") == MT_WEIGHT_CONFIG
     assert layer_media_type("tokenizer.model") == MT_WEIGHT_CONFIG
-    assert layer_media_type("sovpack-artifact.json") == MT_WEIGHT_CONFIG
+    assert layer_media_type("sovpack-artifact.json") == MT_DOC  # packager metadata
     assert layer_media_type("parity.json") == MT_DOC
 
 

@@ -30,8 +30,8 @@ def spec_for(arch: str, **extra: object):  # type: ignore[no-untyped-def]
 
 def test_every_required_family_is_registered() -> None:
     assert FAMILIES.names() == [
-        "gemma", "gemma2", "gemma3", "granite", "llama", "mistral", "olmo2", "phi3", "phi3_longrope", "qwen2", "qwen3",
-        "smollm3",
+        "gemma", "gemma2", "gemma3", "granite", "llama", "mistral", "mixtral", "olmo2", "phi3", "phi3_longrope",
+        "qwen2", "qwen3", "qwen3_moe", "smollm3",
     ]  # fmt: skip
 
 

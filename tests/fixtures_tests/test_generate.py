@@ -69,14 +69,15 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 FIRST_SEVEN = {"llama3", "llama2", "mistral", "qwen2", "qwen3", "phi3", "gemma"}
 NEWER = {"gemma2", "gemma3", "gemma3-vlm", "phi3.5", "phi4-mini", "smollm3", "olmo2", "granite"}
+MOE = {"qwen3moe", "mixtral"}
 
 
 def test_variants_table() -> None:
-    assert set(VARIANTS) == FIRST_SEVEN | NEWER
+    assert set(VARIANTS) == FIRST_SEVEN | NEWER | MOE
     for name, v in VARIANTS.items():
         assert isinstance(v, FixtureVariant)
         assert v.hidden_size == 64
-        assert v.num_hidden_layers == 2 or name in NEWER
+        assert v.num_hidden_layers == 2 or name in NEWER | MOE
     assert {VARIANTS[n].chat_template_in for n in ("llama3", "qwen3")} == {"jinja_file"}
     hash(VARIANTS["llama3"])  # frozen and hashable despite the rope_scaling dict
     hash(VARIANTS["granite"])  # and the extra_config dict
@@ -162,11 +163,14 @@ def test_weights_match_config(generated: dict[str, Path]) -> None:
             else:
                 assert t[p + "self_attn.q_proj.weight"].shape == (q, v.hidden_size)
                 assert t[p + "self_attn.k_proj.weight"].shape == (kv, v.hidden_size)
-                assert t[p + "mlp.down_proj.weight"].shape == (v.hidden_size, v.intermediate_size)
+                dense = v.num_experts is None or i in v.mlp_only_layers
+                assert (p + "mlp.down_proj.weight" in t) == dense, (name, i)
+                if dense:
+                    assert t[p + "mlp.down_proj.weight"].shape == (v.hidden_size, v.intermediate_size)
             assert t[p + "self_attn.o_proj.weight"].shape == (v.hidden_size, q)
             assert (p + "self_attn.q_proj.bias" in t) == (v.family == "qwen2")
-            assert (p + "self_attn.q_norm.weight" in t) == (v.family in ("qwen3", "gemma3", "olmo2"))
-            if v.family in ("qwen3", "gemma3"):
+            assert (p + "self_attn.q_norm.weight" in t) == (v.family in ("qwen3", "qwen3_moe", "gemma3", "olmo2"))
+            if v.family in ("qwen3", "qwen3_moe", "gemma3"):
                 assert t[p + "self_attn.k_norm.weight"].shape == (v.head_dim,)
             elif v.family == "olmo2":  # over the whole projection
                 assert t[p + "self_attn.q_norm.weight"].shape == (q,)
@@ -295,6 +299,11 @@ def test_vision_language_layouts(generated: dict[str, Path], tmp_path: Path) -> 
         ("qwen2", {"layout": "vlm"}, "layout is only supported for gemma3"),
         ("gemma3", {"layout": "vlm2"}, "layout must be one of"),
         ("olmo2", {"sliding_window": 8}, "sliding_window is only supported for"),
+        ("llama3", {"num_experts": 4}, "num_experts is only supported for qwen3_moe, mixtral"),
+        ("mixtral", {"mlp_only_layers": (1,)}, "mlp_only_layers is only supported for qwen3_moe"),
+        ("mixtral", {"norm_topk_prob": False}, "norm_topk_prob is only supported for qwen3_moe"),
+        ("qwen3moe", {"experts_per_token": 9}, "need num_experts >= experts_per_token >= 1"),
+        ("qwen3moe", {"mlp_only_layers": (3,)}, "mlp_only_layers must name layers"),
     ],
 )
 def test_family_fields_stay_with_their_family(
@@ -303,6 +312,31 @@ def test_family_fields_stay_with_their_family(
     with pytest.raises(ValueError, match=message):
         make_checkpoint(variant, tmp_path / "x", **overrides)
     assert not (tmp_path / "x").exists()
+
+
+def test_moe_weights_are_stored_per_expert(generated: dict[str, Path]) -> None:
+    """Router and experts under the published names (what transformers 5 saves), one tensor per expert."""
+    for name, block, (gate, up, down) in (
+        ("qwen3moe", "mlp", ("gate_proj", "up_proj", "down_proj")),
+        ("mixtral", "block_sparse_moe", ("w1", "w3", "w2")),
+    ):
+        v = VARIANTS[name]
+        t = _tensors(generated[name])
+        cfg = json.loads((generated[name] / "config.json").read_text())
+        experts = cfg["num_experts"] if name == "qwen3moe" else cfg["num_local_experts"]
+        width = cfg.get("moe_intermediate_size", cfg["intermediate_size"])
+        assert experts == v.num_experts and cfg["num_experts_per_tok"] == v.experts_per_token == 2
+        sparse = [i for i in range(v.num_hidden_layers) if i not in v.mlp_only_layers]
+        assert sparse == ([0, 2] if name == "qwen3moe" else [0, 1, 2])
+        for i in sparse:
+            p = f"model.layers.{i}.{block}."
+            assert t[p + "gate.weight"].shape == (experts, v.hidden_size)
+            for e in range(experts):
+                assert t[f"{p}experts.{e}.{gate}.weight"].shape == (width, v.hidden_size)
+                assert t[f"{p}experts.{e}.{up}.weight"].shape == (width, v.hidden_size)
+                assert t[f"{p}experts.{e}.{down}.weight"].shape == (v.hidden_size, width)
+            assert not any(k.startswith(p + f"experts.{experts}.") for k in t)
+        assert not any(".experts.gate_up_proj" in k for k in t)  # never transformers' in-memory fused layout
 
 
 def test_tokenizer_config_and_chat_template(generated: dict[str, Path]) -> None:
