@@ -14,6 +14,7 @@ from sovpack.converters import family_for_config
 from sovpack.converters.base import MAX_DERIVED_LAYERS, stored_layout
 from sovpack.errors import SourceError
 from sovpack.source.spec import ModelSpec
+from tests.converters.configs import assert_config_refused, build_spec
 
 BASE: dict[str, Any] = {
     "hidden_size": 64,
@@ -28,14 +29,11 @@ LONGROPE = {"short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
 
 
 def spec_for(arch: str, **extra: Any) -> ModelSpec:
-    config = {**BASE, "architectures": [arch], **extra}
-    return family_for_config(config, "config.json").build_spec(config, "config.json")
+    return build_spec(BASE, arch, **extra)
 
 
 def refused(arch: str, message: str, **extra: Any) -> None:
-    with pytest.raises(SourceError, match=message) as info:
-        spec_for(arch, **extra)
-    assert str(info.value).startswith("config.json: ")
+    assert_config_refused(BASE, arch, message, **extra)
 
 
 # ------------------------------------------------------------------------------------------------------ Gemma 2

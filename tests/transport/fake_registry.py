@@ -23,9 +23,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
+
+from tests.transport.registry_harness import serve_on_loopback
 
 MT_INDEX = "application/vnd.oci.image.index.v1+json"
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -172,24 +174,7 @@ class FakeRegistry:
         self.uploads: dict[str, bytearray] = {}
         self.log: list[tuple[str, str]] = []
         self.lock = threading.Lock()
-        registry = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-            def handle_one(self) -> None:
-                registry._handle(self)
-
-            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = handle_one
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self.server, self.thread, self.host = serve_on_loopback(self._handle)
 
     def ref(self, tag: str | None = "v1", repository: str | None = None) -> str:
         return f"docker://{self.host}/{repository or self.repository}" + (f":{tag}" if tag else "")
