@@ -269,10 +269,23 @@ class ReferenceModel:
             y = y + self._w(bias)
         return y.astype(np.float32)
 
-    def _gated(self, h: np.ndarray, p: str) -> np.ndarray:
-        """The gated MLP ``down(act(gate(h)) * up(h))`` whose gate/up/down tensors are named ``p`` + gate etc."""
-        gated = activation(self.spec.activation, self._linear(h, p + "gate")) * self._linear(h, p + "up")
-        return self._linear(gated.astype(np.float32), p + "down")
+    def _gated(self, h: np.ndarray, p: str, expert: MoESpec | None = None) -> np.ndarray:
+        """The gated MLP ``down(act(gate(h)) * up(h))`` whose gate/up/down tensors are named ``p`` + gate etc.
+
+        ``expert``: the layer's MoESpec when this is a routed expert (its biases and clamped SwiGLU apply)."""
+        biased = expert is not None and expert.expert_bias
+        gate = self._linear(h, p + "gate", p + "gate_bias" if biased else None)
+        up = self._linear(h, p + "up", p + "up_bias" if biased else None)
+        if expert is not None and expert.swiglu_limit is not None:
+            limit = np.float32(expert.swiglu_limit)
+            gate = np.minimum(gate, limit)
+            up = np.clip(up, -limit, limit)
+            with np.errstate(over="ignore"):
+                glu = gate / (np.float32(1.0) + np.exp(-gate * np.float32(expert.swiglu_alpha)))
+            gated = glu * (up + np.float32(expert.swiglu_up_offset))
+        else:
+            gated = activation(self.spec.activation, gate) * up
+        return self._linear(gated.astype(np.float32), p + "down", p + "down_bias" if biased else None)
 
     def _experts(self, h: np.ndarray, p: str) -> np.ndarray:
         """The mixture of experts on h [..., hidden]: each expert runs on the tokens routed to it only, its
@@ -286,7 +299,7 @@ class ReferenceModel:
         out = np.zeros_like(flat)
         for expert in np.unique(chosen):
             rows, slot = np.nonzero(chosen == expert)  # a token picks an expert at most once: rows are unique
-            out[rows] += self._gated(flat[rows], f"{p}experts.{int(expert)}.") * weights[rows, slot, None]
+            out[rows] += self._gated(flat[rows], f"{p}experts.{int(expert)}.", moe) * weights[rows, slot, None]
         if moe.shared_expert_intermediate_size is not None:
             shared = self._gated(flat, p + "shared_expert.")
             if moe.shared_expert_gate:
@@ -311,6 +324,17 @@ class ReferenceModel:
         if s.residual_multiplier != 1.0:
             out = (out * np.float32(s.residual_multiplier)).astype(np.float32)
         return (x + out).astype(np.float32)
+
+    def _attention_weights(self, scores: np.ndarray, p: str) -> np.ndarray:
+        """Softmax of scores [B, heads, T, S] over keys; with attention sinks, each head's sink logit joins the
+        denominator (and the max taken for stability) and its column is dropped, as transformers' gpt-oss does."""
+        if self.spec.attention_sinks:
+            sinks = np.broadcast_to(self._w(p + "sinks")[None, :, None, None], (*scores.shape[:3], 1))
+            scores = np.concatenate([scores, sinks.astype(np.float32)], axis=-1)
+        scores = scores - scores.max(axis=-1, keepdims=True)
+        weights = np.exp(scores)
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+        return weights[..., :-1] if self.spec.attention_sinks else weights
 
     def _check_ids(self, ids: np.ndarray) -> None:
         if ids.size == 0:
@@ -387,11 +411,10 @@ class ReferenceModel:
             keys = np.repeat(cache.keys[i], group, axis=1)
             values = np.repeat(cache.values[i], group, axis=1)
             scores = soft_cap((q @ keys.transpose(0, 1, 3, 2)) * scale, s.attn_logit_softcap) + masks[window]
-            scores = scores - scores.max(axis=-1, keepdims=True)
-            weights = np.exp(scores)
-            weights = weights / weights.sum(axis=-1, keepdims=True)
+            weights = self._attention_weights(scores, p)
             attn = (weights @ values).transpose(0, 2, 1, 3).reshape(batch, steps, s.q_size)
-            x = self._residual(x, self._linear(attn, p + "o"), p + "post_attn_norm")
+            out = self._linear(attn, p + "o", p + "o_bias" if s.o_bias else None)
+            x = self._residual(x, out, p + "post_attn_norm")
             h = rms_norm(x, self._w(p + "mlp_norm"), s.norm_eps) if s.pre_norms else x
             mlp = self._experts(h, p) if s.is_sparse(i) else self._gated(h, p)
             x = self._residual(x, mlp, p + "post_mlp_norm")

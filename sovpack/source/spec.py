@@ -94,6 +94,13 @@ class MoESpec:
     # None: no shared expert. ``shared_expert_gate``: its output is scaled by sigmoid(x . shared_expert_gate).
     shared_expert_intermediate_size: int | None = None
     shared_expert_gate: bool = False
+    # Each expert's gate/up/down carries a bias (``experts.<e>.gate_bias`` [I], ``up_bias`` [I], ``down_bias`` [H]).
+    expert_bias: bool = False
+    # Clamped SwiGLU (gpt-oss) when swiglu_limit is set: gate = min(gate, limit), up = clip(up, -limit, limit),
+    # act = gate * sigmoid(swiglu_alpha * gate) * (up + swiglu_up_offset). None: the spec's activation(gate) * up.
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.0
+    swiglu_up_offset: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -161,6 +168,11 @@ class ModelSpec:
     final_logit_softcap: float | None = None
     # Mixture-of-experts feed-forward (MoESpec); None: every layer has the dense gate/up/down MLP.
     moe: MoESpec | None = None
+    # A learned per-head "sink" logit (``layers.<i>.sinks`` [num_heads]) joins each attention softmax's
+    # denominator and attends to nothing (gpt-oss).
+    attention_sinks: bool = False
+    # The attention output projection carries a bias (``layers.<i>.o_bias`` [hidden]; gpt-oss).
+    o_bias: bool = False
 
     @property
     def q_size(self) -> int:
@@ -241,6 +253,10 @@ class ModelSpec:
                 shapes[p + "q_bias"] = (q,)
                 shapes[p + "k_bias"] = (kv,)
                 shapes[p + "v_bias"] = (kv,)
+            if self.o_bias:
+                shapes[p + "o_bias"] = (h,)
+            if self.attention_sinks:
+                shapes[p + "sinks"] = (self.num_heads,)
             if self.qk_norm:
                 shapes[p + "q_norm"] = (qk_norm[0],)
                 shapes[p + "k_norm"] = (qk_norm[1],)
@@ -272,6 +288,10 @@ class ModelSpec:
             shapes[x + "gate"] = (inter, h)
             shapes[x + "up"] = (inter, h)
             shapes[x + "down"] = (h, inter)
+            if moe.expert_bias:
+                shapes[x + "gate_bias"] = (inter,)
+                shapes[x + "up_bias"] = (inter,)
+                shapes[x + "down_bias"] = (h,)
         if moe.shared_expert_intermediate_size is not None:
             shared = moe.shared_expert_intermediate_size
             shapes[p + "shared_expert.gate"] = (shared, h)
