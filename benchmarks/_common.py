@@ -205,6 +205,31 @@ def write_checkpoint(out: Path, dims: Dims, *, seed: int = 0) -> Checkpoint:
     return Checkpoint(out, dims)
 
 
+def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str, *, seed: int = 0) -> None:
+    """Stream random weights of ``shapes`` (file order) into one safetensors file, a row block at a time, so
+    writing a checkpoint of any size needs little memory (what ``write_checkpoint`` does, for any tensor set)."""
+    import ml_dtypes
+    import numpy as np
+
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    itemsize = 4 if dtype == "float32" else 2
+    offset = 0
+    for name, shape in shapes.items():
+        size = math.prod(shape) * itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    rng = np.random.default_rng(seed)
+    with path.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        for shape in shapes.values():
+            for chunk in _random_rows(rng, shape, np_dtype):
+                fh.write(chunk)
+
+
 def add_checkpoint_args(parser: argparse.ArgumentParser, *, size_gb: float = 1.0) -> None:
     """The options shared by every benchmark: checkpoint size and shape, and where to work."""
     d = Dims()

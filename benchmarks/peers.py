@@ -54,17 +54,24 @@ PEER_REQUIREMENTS = {
 }
 PEER_FORMATS = {"llama.cpp": "gguf", "optimum-onnx": "onnx", "optimum-intel": "openvino"}
 LLAMA_CPP_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-# Runs convert_hf_to_gguf.py (argv[1]) with its remaining arguments, its tokenizer lookup answering llama-bpe.
-LLAMA_CPP_SHIM = """\
+
+
+def llama_cpp_shim(pre_tokenizer: str) -> str:
+    """Code that runs convert_hf_to_gguf.py (argv[1]) with its remaining arguments, its tokenizer lookup
+    answering ``pre_tokenizer`` (a name of llama.cpp's pre-tokenizer table, e.g. llama-bpe or qwen2)."""
+    return f"""\
 import runpy, sys
 from pathlib import Path
 script = sys.argv[1]
 sys.path.insert(0, str(Path(script).parent))
 import conversion.base
-conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "llama-bpe"
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: {pre_tokenizer!r}
 sys.argv = sys.argv[1:]
 runpy.run_path(script, run_name="__main__")
 """
+
+
+LLAMA_CPP_SHIM = llama_cpp_shim("llama-bpe")
 # optimum-cli export onnx without the validation it always runs (its Python API has the switch).
 OPTIMUM_NO_VALIDATION = """\
 import sys

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, TypeVar, cast
 
 from sovpack._io import shorten
@@ -366,9 +367,18 @@ LEGACY_PREFIXES: tuple[tuple[str, str], ...] = (
 
 
 def stored_layout(tensor_map: dict[str, TensorSource], stored: Mapping[str, Any]) -> dict[str, TensorSource]:
-    """The tensor map in the layout the checkpoint stores: as mapped, or, when only the legacy names exist, with
-    LEGACY_PREFIXES applied (every name or none, so one checkpoint never mixes layouts)."""
-    if all(source.name in stored for source in tensor_map.values()):
+    """The tensor map in the layout the checkpoint stores: as mapped; or, when only the legacy names exist, with
+    LEGACY_PREFIXES applied; or each entry's ``alternative`` (e.g. experts fused, or MXFP4 blocks, where the map
+    names them per expert or in bfloat16). Every name or none, so one checkpoint never mixes layouts; when no
+    layout is complete, the one missing fewest tensors (the mapped one on a tie), so errors name what is missing.
+    """
+
+    def missing(layout: dict[str, TensorSource]) -> int:
+        return sum(
+            name not in stored for source in layout.values() for name in (source.name, source.mxfp4_scales) if name
+        )
+
+    if not missing(tensor_map):
         return tensor_map
 
     def legacy(name: str) -> str:
@@ -377,14 +387,14 @@ def stored_layout(tensor_map: dict[str, TensorSource], stored: Mapping[str, Any]
                 return old + name.removeprefix(new)
         return name
 
-    renamed = {
-        canonical: TensorSource(name=legacy(source.name), rows=source.rows, add=source.add)
-        for canonical, source in tensor_map.items()
-    }
+    renamed = {canonical: replace(source, name=legacy(source.name)) for canonical, source in tensor_map.items()}
     changed = any(r.name != s.name for r, s in zip(renamed.values(), tensor_map.values(), strict=True))
-    if changed and all(source.name in stored for source in renamed.values()):
+    if changed and not missing(renamed):
         return renamed
-    return tensor_map
+    if not any(source.alternative for source in tensor_map.values()):
+        return tensor_map
+    alternative = {canonical: source.alternative or source for canonical, source in tensor_map.items()}
+    return alternative if missing(alternative) < missing(tensor_map) else tensor_map
 
 
 def common_spec_fields(cfg: ConfigReader) -> dict[str, Any]:

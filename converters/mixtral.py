@@ -7,7 +7,7 @@ from typing import Any
 
 from sovpack._protocols import TensorSource
 from sovpack.converters.base import ConfigReader, DecoderFamily, register_family
-from sovpack.converters.moe import experts_per_token, moe_tensor_map, sparse_layers
+from sovpack.converters.moe import expert_count, experts_per_token, moe_tensor_map, sparse_layers
 from sovpack.source.spec import ModelSpec, MoESpec
 
 
@@ -19,7 +19,7 @@ class MixtralFamily(DecoderFamily):
     def features(self, cfg: ConfigReader, common: dict[str, Any]) -> dict[str, Any]:
         # NOTE: MixtralConfig has no attention_bias / mlp_bias: its projections never carry biases. Router jitter
         # noise is a training-time perturbation and plays no part in inference.
-        experts = cfg.positive("num_local_experts", 8)
+        experts = expert_count(cfg, 8)
         moe = MoESpec(
             num_experts=experts,
             experts_per_token=experts_per_token(cfg, experts, 2),

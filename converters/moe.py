@@ -15,9 +15,10 @@ def moe_tensor_map(
     projections, in HF order: ``{prefix}layers.<i>.{block}.{router}.weight`` and
     ``{prefix}layers.<i>.{block}.experts.<e>.{expert[canonical]}.weight`` for canonical gate/up/down.
 
-    NOTE: this is the per-expert layout transformers 5 writes by default (``save_original_format``), one source
-    tensor per canonical tensor. Its fused in-memory layout (``experts.gate_up_proj`` [E, 2I, H]) would need an
-    expert index in TensorSource and is refused by name when the checkpoint is opened (sovpack.source.model).
+    NOTE: this is the published layout, which transformers 5 also writes by default (``save_original_format``).
+    Each entry's ``alternative`` is transformers 5's in-memory layout, which ``save_original_format=False``
+    writes: ``mlp.gate.weight`` and every expert fused (``fused_expert_sources``); a checkpoint in that layout is
+    read from it (``converters.base.stored_layout``).
     """
     dense = standard_tensor_map(spec, prefix=prefix)
     if spec.moe is None:
@@ -31,14 +32,33 @@ def moe_tensor_map(
             continue
         if rest != "gate":
             continue  # the whole block is emitted once, where the dense gate was
-        hf, c = f"{prefix}layers.{layer}.{block}.", f"layers.{layer}."
-        m[c + "router"] = TensorSource(name=f"{hf}{router}.weight")
+        hf, c, fused = f"{prefix}layers.{layer}.{block}.", f"layers.{layer}.", f"{prefix}layers.{layer}.mlp."
+        moved = None if block == "mlp" else TensorSource(name=f"{fused}{router}.weight")
+        m[c + "router"] = TensorSource(name=f"{hf}{router}.weight", alternative=moved)
         if moe.router_bias:
-            m[c + "router_bias"] = TensorSource(name=f"{hf}{router}.bias")
+            moved = None if block == "mlp" else TensorSource(name=f"{fused}{router}.bias")
+            m[c + "router_bias"] = TensorSource(name=f"{hf}{router}.bias", alternative=moved)
         for e in range(moe.num_experts):
+            alternatives = fused_expert_sources(spec, moe, f"{fused}experts.", e)
             for canonical in ("gate", "up", "down"):
-                m[f"{c}experts.{e}.{canonical}"] = TensorSource(name=f"{hf}experts.{e}.{expert[canonical]}.weight")
+                m[f"{c}experts.{e}.{canonical}"] = TensorSource(
+                    name=f"{hf}experts.{e}.{expert[canonical]}.weight", alternative=alternatives[canonical]
+                )
     return m
+
+
+def fused_expert_sources(spec: ModelSpec, moe: MoESpec, experts: str, e: int) -> dict[str, TensorSource]:
+    """Expert ``e`` in transformers 5's fused layout (Qwen3-MoE, Mixtral, ...): ``{experts}gate_up_proj``
+    [E, 2I, H] with every gate row before every up row, and ``{experts}down_proj`` [E, H, I]; "out x in" as
+    ``nn.Linear`` stores weights, so nothing is transposed."""
+    h, inter, n = spec.hidden_size, moe.expert_intermediate_size, moe.num_experts
+    gate_up = experts + "gate_up_proj"
+    fused = (n, 2 * inter, h)
+    return {
+        "gate": TensorSource(name=gate_up, expert=e, rows=(0, inter), stored_shape=fused),
+        "up": TensorSource(name=gate_up, expert=e, rows=(inter, 2 * inter), stored_shape=fused),
+        "down": TensorSource(name=experts + "down_proj", expert=e, stored_shape=(n, h, inter)),
+    }
 
 
 def sparse_layers(cfg: ConfigReader, num_layers: int, *, step: int, dense_only: tuple[int, ...]) -> tuple[int, ...]:
@@ -51,6 +71,19 @@ def sparse_layers(cfg: ConfigReader, num_layers: int, *, step: int, dense_only: 
     if outside:
         raise cfg.fail(f"'mlp_only_layers' names layer {outside[0]} but 'num_hidden_layers' is {num_layers}")
     return tuple(i for i in range(num_layers) if i not in dense_only and (i + 1) % step == 0)
+
+
+def expert_count(cfg: ConfigReader, default: int, *, minimum: int = 1) -> int:
+    """The number of experts: ``num_local_experts`` or ``num_experts`` (``default``: the config class's).
+
+    NOTE: transformers' MoE configs alias the two (``attribute_map``) and save whichever name the class keeps:
+    Qwen3-30B-A3B's hub config says num_experts, transformers 5 writes num_local_experts for the same model.
+    """
+    local = cfg.integer("num_local_experts", default, minimum=minimum)
+    other = cfg.integer("num_experts", default, minimum=minimum)
+    if cfg.get("num_local_experts") is not None and cfg.get("num_experts") is not None and local != other:
+        raise cfg.fail(f"'num_local_experts' ({local}) and 'num_experts' ({other}) disagree")
+    return local if cfg.get("num_local_experts") is not None else other
 
 
 def experts_per_token(cfg: ConfigReader, num_experts: int, default: int) -> int:

@@ -7,7 +7,7 @@ from typing import Any
 
 from sovpack._protocols import TensorSource
 from sovpack.converters.base import ConfigReader, DecoderFamily, refuse_attention_bias, register_family
-from sovpack.converters.moe import experts_per_token, moe_tensor_map, sparse_layers
+from sovpack.converters.moe import expert_count, experts_per_token, moe_tensor_map, sparse_layers
 from sovpack.source.spec import ModelSpec, MoESpec
 
 
@@ -23,7 +23,7 @@ class Qwen3MoeFamily(DecoderFamily):
         window = cfg.positive("sliding_window", 4096) if cfg.flag("use_sliding_window", False) else None
         # NOTE: transformers' Qwen3MoeConfig defaults, not the hub's: norm_topk_prob is false unless the config
         # says true (Qwen3-30B-A3B and -235B-A22B do).
-        experts = cfg.integer("num_experts", 128)
+        experts = expert_count(cfg, 128, minimum=0)
         moe = None
         if experts > 0:
             layers = sparse_layers(

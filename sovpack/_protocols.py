@@ -25,11 +25,27 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TensorSource:
-    """Where a canonical tensor comes from: a stored tensor, optionally a row range of a fused one."""
+    """Where a canonical tensor comes from: a stored tensor, or one slice of a fused one.
+
+    Applied in this order to the stored tensor ``name``: ``expert`` picks one index along axis 0 (a stack of
+    experts); ``mxfp4_scales`` dequantizes MXFP4 blocks [rows, groups, 16] with those scales [rows, groups]
+    to float32 [rows, groups * 32]; ``transpose`` swaps the last two axes (stored "in x out", as gpt-oss's fused
+    experts are); ``rows`` [start, stop) with ``row_step`` takes a strided row range (fused q/k/v, gate/up,
+    interleaved gate/up); ``add`` is added last (Gemma's norm offset). ``stored_shape``: the exact shape the
+    config implies for the stored (fused) tensor, checked when the model is opened. ``alternative``: the same
+    canonical tensor in another layout a checkpoint may store instead (see ``converters.base.stored_layout``).
+    Every field defaults to "as stored", so a plain map entry is just a name.
+    """
 
     name: str
     rows: tuple[int, int] | None = None  # [start, stop) along axis 0, for fused weights
     add: float = 0.0  # added after reading (Gemma's norm offset)
+    expert: int | None = None  # one expert of a stacked [num_experts, ...] tensor
+    row_step: int = 1  # stride of ``rows`` (2: one half of an interleaved gate/up)
+    transpose: bool = False  # swap the last two axes after ``expert`` (and dequantization)
+    mxfp4_scales: str | None = None  # ``name`` holds MXFP4 blocks (U8); this tensor their E8M0 scales (U8)
+    stored_shape: tuple[int, ...] | None = None  # exact shape of ``name`` (None: implied by the canonical shape)
+    alternative: TensorSource | None = None  # another layout of the same tensor, used when a checkpoint has it
 
 
 class Family(Protocol):
@@ -88,6 +104,43 @@ class Runner(Protocol):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Embeddings:
+    """What an embedding runner returns for one batch of texts.
+
+    ``embeddings`` [B, hidden]: the pooled (and, where the model's pipeline says so, L2-normalised) sentence
+    embeddings. ``hidden`` [B, T, hidden]: the token states before pooling, right-padded to the longest input,
+    where the runtime exposes them (None where it only returns pooled vectors).
+    """
+
+    embeddings: np.ndarray
+    hidden: np.ndarray | None = None
+
+
+class EmbeddingRunner(Protocol):
+    """An embedding-encoder artifact opened on its runtime (or the numpy reference): texts -> vectors.
+
+    ``embed_ids`` runs the model on token ids the caller chose (one padded batch): it judges the graph.
+    ``embed_texts`` goes through the runtime's own text pipeline (its tokenizer, truncation, pooling), as a
+    user calls it; None where the runtime has no such pipeline.
+    """
+
+    name: str
+    traits: RunnerTraits
+
+    def tokenize(self, text: str) -> list[int] | None:
+        """The artifact's own tokenizer on ``text`` (special tokens and truncation included); None if none."""
+        ...
+
+    def embed_ids(self, batch: Sequence[Sequence[int]]) -> Embeddings: ...
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray | None: ...
+
+    def runtime_info(self) -> dict[str, str]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Precision:
     """One row of a target's precision table.
 
@@ -130,3 +183,7 @@ class Target(Protocol):
     def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress) -> WrittenArtifact: ...
 
     def open_runner(self, artifact_dir: Path, metadata: ArtifactMetadata) -> Runner: ...
+
+    def open_embedding_runner(self, artifact_dir: Path, metadata: ArtifactMetadata) -> EmbeddingRunner:
+        """The runner of an embedding-encoder artifact (``metadata.spec.encoder`` set)."""
+        ...

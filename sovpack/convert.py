@@ -10,6 +10,7 @@ from sovpack import __version__
 from sovpack._io import Progress, atomic_directory, check_not_input, no_progress
 from sovpack.artifact import ARTIFACT_FILE, ArtifactMetadata
 from sovpack.errors import ConversionError, ParityError
+from sovpack.parity.embeddings import RecordedEmbeddings, check_embedding_parity, record_embeddings
 from sovpack.parity.recorded import RecordedReference, record_reference
 from sovpack.parity.report import PARITY_FILE, ParityReport
 from sovpack.source.model import SourceModel, open_model
@@ -43,13 +44,14 @@ def convert(
     allow_nonfinite: bool = False,
     force: bool = False,
     progress: Progress = no_progress,
-    reference: RecordedReference | None = None,
+    reference: RecordedReference | RecordedEmbeddings | None = None,
 ) -> ConvertResult:
     """Write one target artifact; run parity on its runtime unless told not to. FAILED parity writes nothing.
 
     ``checkpoint`` may be an already opened model (a build opens and hashes it once for every target), and
     ``reference`` the reference's recorded answers (a build computes them once and judges every target
-    against them); otherwise both are made here.
+    against them); otherwise both are made here. An embedding encoder is judged by its embeddings
+    (sovpack.parity.embeddings; ``prompts`` are then the texts embedded).
     """
     ref = target if isinstance(target, TargetRef) else TargetRef.parse(target)
     out = Path(out_dir)
@@ -77,10 +79,18 @@ def convert(
         )
         metadata.save(tmp)
         report = None
-        if parity:
-            recorded = reference if reference is not None else record_reference(model, prompts, progress=progress)
+        if parity and model.spec.encoder is not None:
+            texts = {f"text {i + 1}": text for i, text in enumerate(prompts)} or None
+            embedded = reference if isinstance(reference, RecordedEmbeddings) else record_embeddings(
+                model, texts, progress=progress)
+            report = run_embedding_parity(ref, tmp, metadata, embedded, model.checkpoint.tokenizer_json,
+                                          threshold_overrides, progress)
+        elif parity:
+            recorded = reference if isinstance(reference, RecordedReference) else record_reference(
+                model, prompts, progress=progress)
             report = run_parity(ref, tmp, metadata, recorded, model.checkpoint.tokenizer_json, threshold_overrides,
                                 progress)
+        if report is not None:
             report.save(tmp / PARITY_FILE)
             if report.status == "FAILED":
                 raise ParityError(f"{ref}: parity FAILED, nothing written: " + "; ".join(report.reasons))
@@ -115,6 +125,34 @@ def run_parity(
             max_new_tokens=reference.config.max_new_tokens,
             prompt_labels=reference.prompt_labels,
             stop_ids=reference.config.stop_ids,
+            known_tokenizer_divergences=runner.traits.known_tokenizer_divergences,
+        )
+    finally:
+        runner.close()
+    progress(f"{ref}: parity", 1, 1)
+    return report
+
+
+def run_embedding_parity(
+    ref: TargetRef,
+    artifact_dir: Path,
+    metadata: ArtifactMetadata,
+    reference: RecordedEmbeddings,
+    tokenizer_json: Path | None,
+    threshold_overrides: Overrides | None,
+    progress: Progress = no_progress,
+) -> ParityReport:
+    """Check an embedding-encoder artifact against the recorded reference embeddings on its own runtime."""
+    progress(f"{ref}: parity", 0, 1)
+    runner = ref.target.open_embedding_runner(artifact_dir, metadata)
+    try:
+        report = check_embedding_parity(
+            reference,
+            runner,
+            target=str(ref),
+            precision=ref.precision,
+            thresholds=ref.thresholds(runner.traits.parity_limits, threshold_overrides, encoder=True),
+            tokenizer_json=tokenizer_json,
             known_tokenizer_divergences=runner.traits.known_tokenizer_divergences,
         )
     finally:

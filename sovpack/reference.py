@@ -193,6 +193,18 @@ def route(logits: np.ndarray, moe: MoESpec) -> tuple[np.ndarray, np.ndarray]:
     return chosen, top.astype(np.float32)
 
 
+def router_gap(logits: np.ndarray, moe: MoESpec) -> np.ndarray:
+    """Per token, how near its routing came to a flip: k-th minus (k+1)-th largest logit over the largest |logit|."""
+    # NOTE: on logits for both router kinds (softmax is monotone; a target's rounding moves logits), relative to
+    # the token's scale like parity's max_rel (its near-tie margin derives from it). At most 2; 2 if all route.
+    k = moe.experts_per_token
+    if k >= logits.shape[-1]:
+        return np.full(logits.shape[:-1], 2.0, dtype=np.float32)
+    ranked = -np.partition(-logits, (k - 1, k), axis=-1)
+    scale = np.maximum(np.abs(logits).max(axis=-1), np.finfo(np.float32).tiny)
+    return ((ranked[..., k - 1] - ranked[..., k]) / scale).astype(np.float32)
+
+
 def rotate_half(x: np.ndarray) -> np.ndarray:
     half = x.shape[-1] // 2
     return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -223,6 +235,7 @@ class ReferenceModel:
 
     name = "numpy-reference"
     traits = RunnerTraits()
+    router_gaps: np.ndarray | None = None  # the last forward pass's smallest router_gap per token [B, T] (MoE)
 
     def __init__(
         self,
@@ -231,6 +244,8 @@ class ReferenceModel:
         weight_dtype: np.dtype | type | None = None,
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
     ) -> None:
+        if model.spec.encoder is not None:
+            raise UsageError(f"{model.path}: {model.spec.family} is an embedding encoder, not a decoder")
         self.model = model
         self.spec = model.spec
         self.weight_dtype = np.dtype(weight_dtype) if weight_dtype is not None else None
@@ -296,6 +311,8 @@ class ReferenceModel:
         flat = h.reshape(-1, h.shape[-1])
         logits = self._linear(flat, p + "router", p + "router_bias" if moe.router_bias else None)
         chosen, weights = route(logits, moe)
+        gaps = router_gap(logits, moe).reshape(h.shape[:-1])
+        self.router_gaps = gaps if self.router_gaps is None else np.minimum(self.router_gaps, gaps)
         out = np.zeros_like(flat)
         for expert in np.unique(chosen):
             rows, slot = np.nonzero(chosen == expert)  # a token picks an expert at most once: rows are unique
@@ -356,6 +373,7 @@ class ReferenceModel:
         """Logits [B, T, vocab] for ids [B, T] at ``positions`` [B, T] (-1 marks padding), after ``cache``."""
         s = self.spec
         self._check_ids(ids[positions >= 0])
+        self.router_gaps = None
         batch, steps = ids.shape
         safe_ids = np.where(positions >= 0, ids, 0)
         x = self._w("embed")[safe_ids].astype(np.float32)
@@ -439,45 +457,39 @@ class ReferenceModel:
         """Greedy continuations of several prompts decoded in lockstep (one batched step per token).
 
         Each trace holds the generated tokens (a produced stop token included) and the logits rows of the
-        prompt followed by the rows that chose tokens 2..n, which is what parity records and consults.
+        prompt followed by the rows that chose tokens 2..n (and their router gaps): what parity records.
         """
-        if not prompts:
+        if not (n := len(prompts)):
             return []
         lengths = [len(p) for p in prompts]
-        width = max(lengths)
-        ids = np.zeros((len(prompts), width), dtype=np.int64)
-        positions = np.full((len(prompts), width), -1, dtype=np.int64)
+        ids, positions = np.zeros((n, max(lengths)), dtype=np.int64), np.full((n, max(lengths)), -1, dtype=np.int64)
         for b, prompt in enumerate(prompts):
             ids[b, : lengths[b]] = np.asarray(prompt, dtype=np.int64)
             positions[b, : lengths[b]] = np.arange(lengths[b])
-        cache = KVCache()
-        logits = self.forward_batch(ids, positions, cache)
-        rows: list[list[np.ndarray]] = [[logits[b, : lengths[b]]] for b in range(len(prompts))]
-        last = np.stack([logits[b, lengths[b] - 1] for b in range(len(prompts))])
+        logits = self.forward_batch(ids, positions, cache := KVCache())
+        rows: list[list[np.ndarray]] = [[logits[b, : lengths[b]]] for b in range(n)]
+        gaps = None if (g := self.router_gaps) is None else [[g[b, : lengths[b]]] for b in range(n)]
+        last = np.stack([logits[b, lengths[b] - 1] for b in range(n)])
         tokens: list[list[int]] = [[] for _ in prompts]
-        active = [max_new_tokens > 0] * len(prompts)
-        stop = {int(t) for t in stop_ids}
+        active, stop = [max_new_tokens > 0] * n, {int(t) for t in stop_ids}
         for step in range(max_new_tokens):
-            for b in range(len(prompts)):
-                if active[b]:
-                    token = int(np.argmax(last[b]))
-                    tokens[b].append(token)
-                    if token in stop or len(tokens[b]) >= max_new_tokens:
-                        active[b] = False
+            for b in (b for b in range(n) if active[b]):
+                tokens[b].append(int(np.argmax(last[b])))
+                active[b] = tokens[b][-1] not in stop and len(tokens[b]) < max_new_tokens
             if not any(active):
                 break
-            step_ids = np.array([[tokens[b][-1] if active[b] else 0] for b in range(len(prompts))], dtype=np.int64)
-            step_pos = np.array(
-                [[lengths[b] + step if active[b] else -1] for b in range(len(prompts))], dtype=np.int64
-            )
+            step_ids = np.array([[tokens[b][-1] if active[b] else 0] for b in range(n)], dtype=np.int64)
+            step_pos = np.array([[lengths[b] + step if active[b] else -1] for b in range(n)], dtype=np.int64)
             logits = self.forward_batch(step_ids, step_pos, cache)
-            for b in range(len(prompts)):
-                if active[b]:
-                    rows[b].append(logits[b])
+            for b in (b for b in range(n) if active[b]):
+                rows[b].append(logits[b])
+                if gaps is not None and (g := self.router_gaps) is not None:
+                    gaps[b].append(g[b])
             last = logits[:, -1]
         return [
-            GreedyTrace(tokens=tokens[b], logits=np.concatenate(rows[b], axis=0).astype(np.float32))
-            for b in range(len(prompts))
+            GreedyTrace(tokens=tokens[b], logits=np.concatenate(rows[b], axis=0).astype(np.float32),
+                        router_gaps=None if gaps is None else np.concatenate(gaps[b]).astype(np.float32))
+            for b in range(n)
         ]
 
 
@@ -487,3 +499,4 @@ class GreedyTrace:
 
     tokens: list[int]
     logits: np.ndarray
+    router_gaps: np.ndarray | None = None  # [rows] per logits row, the smallest router_gap; None if dense

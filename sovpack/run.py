@@ -94,6 +94,9 @@ def opened_runner(
 
             directory = stack.enter_context(private_verified_copy(path, keys))
         metadata = ArtifactMetadata.load(directory)
+        if metadata.spec.encoder is not None:
+            raise UsageError(f"{path}: an embedding-encoder artifact ({metadata.spec.family}); sovpack run generates "
+                             "text with decoders only")
         runner = TargetRef.parse(metadata.target).target.open_runner(directory, metadata)
         stack.callback(runner.close)
         tokenizer = directory / "tokenizer.json"

@@ -19,7 +19,7 @@ from sovpack._io import hashing_copy, open_regular
 from sovpack._plugins import Plugins, import_submodules
 from sovpack._protocols import Precision, Target
 from sovpack.errors import ConversionError, UsageError
-from sovpack.parity.thresholds import THRESHOLD_KEYS, Thresholds
+from sovpack.parity.thresholds import THRESHOLD_KEYS, Thresholds, encoder_thresholds
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
 
@@ -85,15 +85,16 @@ class TargetRef:
     def info(self) -> Precision:
         return self.target.precisions[self.precision]
 
-    def thresholds(self, *layers: Mapping[str, float | bool | None] | None) -> Thresholds:
-        """This precision's default limits with each layer of overrides applied in order (later wins)."""
+    def thresholds(self, *layers: Mapping[str, float | bool | None] | None, encoder: bool = False) -> Thresholds:
+        """This precision's default limits with each layer of overrides applied in order (later wins);
+        ``encoder``: an embedding encoder's limits (by the precision's weight type) instead of a decoder's."""
         merged: dict[str, float | bool | None] = {}
         for layer in layers:
             merged.update(layer or {})
         unknown = sorted(set(merged) - set(THRESHOLD_KEYS))
         if unknown:
             raise UsageError(f"unknown threshold name(s) {', '.join(unknown)}; known: {', '.join(THRESHOLD_KEYS)}")
-        base = self.info.thresholds
+        base = encoder_thresholds(self.info.weights) if encoder else self.info.thresholds
         return Thresholds.from_dict({**base.to_dict(), **merged}) if merged else base
 
     def check_family(self, spec: ModelSpec) -> None:

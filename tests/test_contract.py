@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.encoders import ENCODER_VARIANTS
 from fixtures.generate import VARIANTS
 from sovpack._protocols import Precision
 from sovpack.bundle.modelpack import modelpack_precision
@@ -30,16 +31,23 @@ MODELPACK_WEIGHTS = {"float32", "float16", "bfloat16", "int8", "int6", "int5", "
 
 
 def _variant_for(family: str) -> str:
-    """The first fixture variant of a family: every registered family must have one."""
-    names = sorted(name for name, v in VARIANTS.items() if v.family == family)
+    """The first fixture variant of a family (decoder or encoder): every registered family must have one."""
+    every = {**VARIANTS, **ENCODER_VARIANTS}
+    names = sorted(name for name, v in every.items() if v.family == family)
     if not names:
-        pytest.fail(f"family {family!r} is registered but fixtures/generate.py has no variant for it")
+        pytest.fail(f"family {family!r} is registered but fixtures/ has no variant for it")
     return names[0]
 
 
+@pytest.fixture(scope="module")
+def family_checkpoints(checkpoints: dict[str, Path], encoder_checkpoints: dict[str, Path]) -> dict[str, Path]:
+    """Fixture checkpoints of decoders and encoders by variant name."""
+    return {**checkpoints, **encoder_checkpoints}
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_every_family_has_a_fixture_that_opens_as_itself(family: str, checkpoints: dict[str, Path]) -> None:
-    model = open_model(checkpoints[_variant_for(family)])
+def test_every_family_has_a_fixture_that_opens_as_itself(family: str, family_checkpoints: dict[str, Path]) -> None:
+    model = open_model(family_checkpoints[_variant_for(family)])
     assert model.spec.family == family
     assert FAMILIES.get(family).architectures, f"{family} names no architectures"
 
@@ -77,11 +85,11 @@ def test_every_precision_row_is_complete(fmt: str, precision: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(("fmt", "family"), [(t, f) for t in TARGET_NAMES for f in FAMILY_NAMES])
 def test_every_target_writes_or_refuses_every_family(
-    fmt: str, family: str, checkpoints: dict[str, Path], tmp_path: Path
+    fmt: str, family: str, family_checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
     """At its default precision each target writes each family with parity PASSED, or refuses it by name."""
     target = TARGETS.get(fmt)
-    model = open_model(checkpoints[_variant_for(family)])
+    model = open_model(family_checkpoints[_variant_for(family)])
     ref = TargetRef(format=fmt, precision=target.default_precision)
     if family not in target.families:
         with pytest.raises(ConversionError, match=f"cannot write model family '{family}'"):

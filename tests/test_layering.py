@@ -34,16 +34,17 @@ LAYERS: dict[str, int] = {
     "sovpack.oci": 5,
     "sovpack.reference": 6,
     "sovpack.artifact": 6,
-    "sovpack.parity": 7,
-    "sovpack.targets": 8,
-    "sovpack.convert": 9,
-    "sovpack.transport": 9,
-    "sovpack.bundle": 10,
-    "sovpack.verify": 10,
-    "sovpack.run": 11,
-    "sovpack.inspection": 11,
-    "sovpack.cli": 12,
-    "sovpack.__main__": 13,
+    "sovpack.encoder_reference": 7,  # the encoder reference reuses the decoder reference's numerics
+    "sovpack.parity": 8,
+    "sovpack.targets": 9,
+    "sovpack.convert": 10,
+    "sovpack.transport": 10,
+    "sovpack.bundle": 11,
+    "sovpack.verify": 11,
+    "sovpack.run": 12,
+    "sovpack.inspection": 12,
+    "sovpack.cli": 13,
+    "sovpack.__main__": 14,
 }
 # The root package only carries the version string; anyone may read it.
 ROOT_MODULE = "sovpack"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fixtures.generate import make_checkpoint
-from sovpack.reference import ReferenceModel
+from sovpack.reference import ReferenceModel, rms_norm
 from sovpack.source.model import open_model
 from sovpack.source.tokenizer import SourceTokenizer
 
@@ -50,12 +50,13 @@ def hf_logits_and_greedy(model: object, ids: list[int]) -> tuple[np.ndarray, lis
     return logits, generated
 
 
-def assert_matches_oracle(path: Path) -> float:
-    """Reference vs transformers on every prompt at every length; returns the largest |logit difference|."""
+def assert_matches_oracle(path: Path, **load: object) -> float:
+    """Reference vs transformers on every prompt at every length; returns the largest |logit difference|.
+    ``load``: extra from_pretrained arguments (a quantization_config)."""
     tokenizer = SourceTokenizer(path / "tokenizer.json")
     reference = ReferenceModel(open_model(path))
     spec = reference.spec
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **load).eval()
     assert type(model).__name__ == spec.architecture
     lengths = LONGROPE_LENGTHS if spec.rope_scaling.kind == "longrope" else LENGTHS
     worst = 0.0
@@ -75,7 +76,7 @@ def assert_matches_oracle(path: Path) -> float:
 
 FIRST_SEVEN = ["llama3", "llama2", "mistral", "qwen2", "qwen3", "phi3", "gemma"]
 NEWER = ["gemma2", "gemma3", "gemma3-vlm", "phi3.5", "phi4-mini", "smollm3", "olmo2", "granite"]
-MOE = ["qwen3moe", "mixtral"]
+MOE = ["qwen3moe", "qwen3moe-mixed", "mixtral", "gptoss", "gptoss-clamp"]
 
 
 @pytest.mark.parametrize("variant", FIRST_SEVEN + NEWER + MOE)
@@ -118,13 +119,18 @@ def test_reference_matches_transformers(checkpoints: dict[str, Path], variant: s
                       "extra_config": {"use_sliding_window": True, "sliding_window": 8}}),
         ("mixtral", {"config_dialect": "v5", "sliding_window": 8}),
         ("mixtral", {"experts_per_token": 1, "tie_word_embeddings": True}),
+        # gpt-oss as published in transformers 4's dialect (rope_theta + rope_scaling), a longer layer pattern
+        # with a shorter window, top-1 routing on float32 weights.
+        ("gptoss", {"config_dialect": "v4"}),
+        ("gptoss", {"num_hidden_layers": 4, "sliding_window": 4, "seed": 101}),
+        ("gptoss", {"experts_per_token": 1, "dtype": "float32"}),
     ],
 )
 def test_reference_matches_transformers_variants(tmp_path: Path, variant: str, overrides: dict) -> None:
     assert_matches_oracle(make_checkpoint(variant, tmp_path / variant, **overrides))
 
 
-@pytest.mark.parametrize("variant", MOE)
+@pytest.mark.parametrize("variant", MOE)  # gpt-oss: the fused layout it is published in
 def test_moe_fixture_is_saved_as_transformers_saves_it(
     checkpoints: dict[str, Path], variant: str, tmp_path: Path
 ) -> None:
@@ -144,6 +150,34 @@ def test_moe_fixture_is_saved_as_transformers_saves_it(
         return found
 
     assert shapes(tmp_path) == shapes(path)
+
+
+def test_mxfp4_checkpoint_matches_transformers(checkpoints: dict[str, Path]) -> None:
+    """gpt-oss as openai publishes it (MXFP4 experts): transformers dequantizes it on CPU (Mxfp4Config's
+    dequantize, no kernels needed) and the reference, reading the blocks itself, matches it like any family."""
+    dequantize = transformers.Mxfp4Config(dequantize=True)
+    assert_matches_oracle(checkpoints["gptoss-mxfp4"], quantization_config=dequantize)
+    # and transformers' own decoding of the blocks is the bfloat16 fixture: the two hold one model
+    mx = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["gptoss-mxfp4"], dtype=torch.float32,
+                                                           quantization_config=dequantize).state_dict()
+    bf = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["gptoss"], dtype=torch.float32).state_dict()
+    assert mx.keys() == bf.keys() and all(torch.equal(mx[k], bf[k]) for k in bf)
+
+
+def test_gpt_oss_fixture_exercises_sinks_window_and_clamp(checkpoints: dict[str, Path]) -> None:
+    """What makes gpt-oss gpt-oss is live in the fixtures: sinks take attention mass, the window is shorter than
+    the prompts, and (gptoss-clamp, whose limit is below gpt-oss's 7) the clamped SwiGLU clamps some values."""
+    path = checkpoints["gptoss-clamp"]
+    model = open_model(path)
+    spec, moe = model.spec, model.spec.moe
+    assert moe is not None and moe.swiglu_limit is not None and spec.sliding_window is not None
+    assert spec.sliding_window < min(LENGTHS[1:]) and set(spec.layer_types) == {"sliding", "full"}
+    assert all(float(np.abs(model.tensor(f"layers.{i}.sinks")).max()) > 0.5 for i in range(spec.num_layers))
+    # layer 0's expert 0 on the prompt's normalised embeddings (about what its MLP sees)
+    h = rms_norm(model.tensor("embed")[SourceTokenizer(path / "tokenizer.json").encode(PROMPTS[0])],
+                 model.tensor("layers.0.mlp_norm"), spec.norm_eps)
+    gate = h @ model.tensor("layers.0.experts.0.gate").T + model.tensor("layers.0.experts.0.gate_bias")
+    assert 0.0 < float((gate > moe.swiglu_limit).mean()) < 0.5
 
 
 @pytest.mark.parametrize("variant", MOE)

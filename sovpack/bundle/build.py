@@ -148,6 +148,9 @@ def build_bundle(
 
     checkpoint, output, refs = _resolve_targets(config)
     model = open_model(checkpoint, allow_nonfinite=config.allow_nonfinite)
+    if model.spec.encoder is not None:  # NOTE: issue 15 brings encoders to convert first, bundles next
+        raise UsageError(f"{checkpoint}: {model.spec.family} is an embedding encoder; sovpack build does not bundle "
+                         "encoders yet: convert each target with `sovpack convert`")
     for ref in refs:
         ref.check_family(model.spec)
     name = config.metadata.name or model.name

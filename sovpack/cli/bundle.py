@@ -307,8 +307,8 @@ def parity_command(bundle: Path, targets: tuple[str, ...], keys: tuple[Path, ...
             else:
                 change = f" (unverified report claims: {r.signed_status})" if r.changed else ""
             click.echo(f"{r.target:<16} {r.status}{change} on {r.runtime.get('runtime', '?')}")
-            for reason in r.reasons:
-                click.echo(f"  {reason}")
+            for line in [*r.reasons, *r.report.notes]:
+                click.echo(f"  {line}")
     failed = [r.target for r in results if not r.ok]
     if failed:
         raise ParityError(f"{bundle}: parity re-check FAILED for {', '.join(failed)}")

@@ -156,17 +156,23 @@ def convert(checkpoint: Path, target: str, output: Path, no_parity: bool, prompt
             threshold_overrides=parse_threshold_overrides(thresholds), allow_nonfinite=allow_nonfinite, force=force,
             progress=progress,
         )
+    report = result.parity
+    lines = [] if report is None else [*report.reasons, *report.notes]
     summary = {
         "target": result.target,
         "output": str(result.out_dir),
         "files": list(result.files),
         "parity": None if result.parity is None else result.parity.status,
+        "reasons": [] if result.parity is None else list(result.parity.reasons),
+        "notes": [] if result.parity is None else list(result.parity.notes),
     }
     if as_json:
         echo_json(summary)
         return
     parity = summary["parity"] or "skipped"
     click.echo(f"{result.target}: wrote {result.out_dir} ({len(result.files)} files), parity {parity}")
+    for line in lines:
+        click.echo(f"  {line}")
 
 
 @cli.command("targets")

@@ -21,6 +21,11 @@ Metrics, per prompt and aggregated over all prompts:
 - ``greedy_agreement``: greedy decoding through each side's own KV cache. Per prompt, the fraction of tokens
   generated before the first divergence; a divergence where the reference itself was at a near-tie
   (margin below ``clear_margin`` between its token and the target's) is excused and counts as agreement.
+- router near-ties (mixture of experts only): prompt positions where the reference's own router had its k-th
+  and (k+1)-th expert within ``router_margin`` (a quarter of ``max_rel``, relative to the router logits' scale).
+  A target may route such a token elsewhere without any conversion error, so these positions are left out of
+  ``top1_agreement`` and a greedy divergence at one is excused; the counts are reported, logit metrics are not
+  adjusted. The recorded reference carries each row's router gap (see :mod:`sovpack.parity.recorded`).
 - tokenizer agreement: if the runner carries a tokenizer, it must encode :data:`TOKENIZER_CORPUS` exactly as
   the source tokenizer.json does (known, documented divergences are reported but not judged).
 """

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from sovpack._protocols import Runner
+from sovpack._protocols import EmbeddingRunner, Runner
 from sovpack.errors import ParityError
 from sovpack.parity.report import (
     AggregateMetrics,
@@ -93,8 +93,13 @@ def _greedy_result(
     ref_tokens: list[int],
     tgt_tokens: list[int],
     clear_margin: float,
+    router_tied: np.ndarray | None = None,
 ) -> GreedyResult:
-    """Compare two continuations; at the first divergence ask the reference how close the call was."""
+    """Compare two continuations; at the first divergence ask the reference how close the call was.
+
+    ``router_tied``: per logits row of the reference (prompt rows, then its greedy path's), whether its router
+    had a near-tie there; a divergence at such a row is excused like a near-tie of the logits.
+    """
     matched = 0
     for a, b in zip(ref_tokens, tgt_tokens, strict=False):
         if a != b:
@@ -103,14 +108,19 @@ def _greedy_result(
     identical = ref_tokens == tgt_tokens
     margin: float | None = None
     near_tie = False
+    # Row len(ids) - 1 + j of the reference chose its token j.
+    chosen_by = router_tied[len(ids) - 1 : len(ids) - 1 + len(ref_tokens)] if router_tied is not None else None
+    router_tie = None if chosen_by is None else False
     if not identical and matched < min(len(ref_tokens), len(tgt_tokens)):
         logits = np.asarray(reference.prefill_logits([*ids, *ref_tokens[:matched]]))[-1]
         alt = tgt_tokens[matched]
         if 0 <= alt < logits.shape[0]:
             margin = float(logits[ref_tokens[matched]]) - float(logits[alt])
             near_tie = margin < clear_margin
+        if chosen_by is not None:
+            router_tie = bool(chosen_by[matched]) if matched < chosen_by.size else False
     longer = max(len(ref_tokens), len(tgt_tokens))
-    agreement = 1.0 if identical or near_tie or longer == 0 else matched / longer
+    agreement = 1.0 if identical or near_tie or router_tie or longer == 0 else matched / longer
     return GreedyResult(
         reference_ids=tuple(ref_tokens),
         target_ids=tuple(tgt_tokens),
@@ -119,6 +129,8 @@ def _greedy_result(
         divergence_margin=round_metric(margin),
         near_tie=near_tie,
         agreement=round_metric(agreement) or 0.0,
+        router_near_tie=router_tie,
+        router_near_tie_steps=None if chosen_by is None else int(chosen_by.sum()),
     )
 
 
@@ -140,8 +152,15 @@ def prompt_metrics(
     thresholds: Thresholds,
     max_new_tokens: int,
     stop_ids: Sequence[int],
+    router_gaps: np.ndarray | None = None,
+    router_margin: float = 0.0,
 ) -> tuple[PromptMetrics, Pooled]:
-    """Metrics of one prompt, plus what the aggregate pools: per-position KL and top-1 agreement counts."""
+    """Metrics of one prompt, plus what the aggregate pools: per-position KL and top-1 agreement counts.
+
+    ``router_gaps``: the reference's recorded router gap of each of its logits rows (mixture of experts); a
+    row whose gap is below ``router_margin`` is a router near-tie, excluded from top-1 judging and excusing a
+    greedy divergence there, as a near-tie of the logits is.
+    """
     steps = len(ids)
     ref = _as_logits(reference.prefill_logits(ids), who="reference", target=target, index=index, steps=steps)
     tgt = _as_logits(runner.prefill_logits(ids), who="target", target=target, index=index, steps=steps)
@@ -156,8 +175,13 @@ def prompt_metrics(
     ok = stats.finite
     n_ok = int(ok.sum())
     clear = ok & (stats.ref_margin >= thresholds.clear_margin)
-    n_clear = int(clear.sum())
     agree = stats.ref_top1 == stats.tgt_top1
+    tied = None if router_gaps is None else np.asarray(router_gaps, dtype=np.float64) < router_margin
+    if tied is not None:
+        if tied.size < steps:
+            raise ParityError(f"{target}: the reference has {tied.size} router gaps for prompt {index}'s {steps} rows")
+        clear &= ~tied[:steps]
+    n_clear = int(clear.sum())
 
     greedy = None
     if max_new_tokens > 0:
@@ -167,7 +191,7 @@ def prompt_metrics(
         tgt_tokens = _token_list(
             runner.greedy(ids, max_new_tokens, stop_ids), who="target", target=target, method="greedy"
         )
-        greedy = _greedy_result(reference, ids, ref_tokens, tgt_tokens, thresholds.clear_margin)
+        greedy = _greedy_result(reference, ids, ref_tokens, tgt_tokens, thresholds.clear_margin, tied)
 
     def stat(values: np.ndarray, reduce: Any) -> float | None:
         return round_metric(float(reduce(values[ok]))) if n_ok else None
@@ -185,6 +209,8 @@ def prompt_metrics(
         top1_agreement=round_metric(float(agree[clear].mean())) if n_clear else None,
         top1_agreement_all=round_metric(float(agree[ok].mean())) if n_ok else None,
         greedy=greedy,
+        router_near_ties=None if tied is None else int(tied[:steps].sum()),
+        router_tie_flips=None if tied is None else int((tied[:steps] & ok & ~agree).sum()),
     )
     pooled = Pooled(kl=stats.kl[ok], clear_agree=int(agree[clear].sum()), all_agree=int(agree[ok].sum()))
     return metrics, pooled
@@ -199,7 +225,11 @@ class Pooled:
     all_agree: int
 
 
-def aggregate_metrics(prompts: Sequence[PromptMetrics], pooled: Sequence[Pooled]) -> AggregateMetrics:
+def aggregate_metrics(
+    prompts: Sequence[PromptMetrics], pooled: Sequence[Pooled], router_margin: float | None = None
+) -> AggregateMetrics:
+    """Pool the prompts' metrics; ``router_margin`` is given (and the router counts summed) for MoE models."""
+
     def worst(name: str) -> float | None:
         values = [getattr(p, name) for p in prompts if getattr(p, name) is not None]
         return max(values) if values else None
@@ -224,19 +254,26 @@ def aggregate_metrics(prompts: Sequence[PromptMetrics], pooled: Sequence[Pooled]
         greedy_agreement=round_metric(sum(g.agreement for g in greedy) / len(greedy)) if greedy else None,
         greedy_identical=sum(g.identical for g in greedy),
         greedy_near_ties=sum(g.near_tie for g in greedy),
+        router_margin=round_metric(router_margin),
+        router_near_ties=None if router_margin is None else sum(p.router_near_ties or 0 for p in prompts),
+        router_tie_flips=None if router_margin is None else sum(p.router_tie_flips or 0 for p in prompts),
+        greedy_router_ties=None if router_margin is None else sum(bool(g.router_near_tie) for g in greedy),
     )
 
 
 
 
 def check_tokenizer(
-    runner: Runner,
+    runner: Runner | EmbeddingRunner,
     tokenizer_json: Path | None,
     corpus: Sequence[str],
     known_divergences: Sequence[str],
     *,
     target: str,
+    max_length: int | None = None,
 ) -> TokenizerResult:
+    """The runner's tokenizer against the source's on ``corpus``; ``max_length``: the source truncates there
+    (an embedding encoder's max_seq_length, special tokens included)."""
     if tokenizer_json is None:
         return TokenizerResult(status="skipped", skipped_reason="no source tokenizer.json to compare with")
     actual_all = [runner.tokenize(text) for text in corpus]
@@ -246,6 +283,8 @@ def check_tokenizer(
     if missing:
         raise ParityError(f"{target}: tokenize returned None for {missing} of {len(corpus)} texts but not the rest")
     source = load_tokenizer(tokenizer_json)
+    if max_length is not None:
+        source.enable_truncation(max_length)
     known = set(known_divergences)
     matched = 0
     unexpected: list[TokenizerMismatch] = []

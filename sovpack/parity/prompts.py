@@ -18,6 +18,7 @@ from sovpack.errors import ParityError, UsageError
 from sovpack.source.tokenizer import load_tokenizer
 
 DEFAULT_MAX_PROMPT_TOKENS = 48
+DEFAULT_MAX_NEW_TOKENS = 8  # greedy tokens compared per prompt
 
 # label -> text; insertion order is the report's prompt order.
 LABELED_PROMPTS: dict[str, str] = {

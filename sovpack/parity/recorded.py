@@ -5,6 +5,11 @@ lockstep) and keeps, per prompt, the token ids, the greedy tokens and the fp32 l
 prefill rows, then the rows that chose greedy tokens 2..n. That is everything the harness asks of the
 reference, so N targets cost one reference pass, and the same records go into the bundle so a deploy site
 re-checks parity without the checkpoint (``sovpack parity``).
+
+For a mixture of experts each prompt also keeps, per logits row, the reference router's smallest relative gap
+between the k-th and (k+1)-th expert over the sparse layers (``ReferenceModel.router_gaps``): where it is below
+the margin parity judges by, the reference itself nearly routed the token elsewhere, so a target that flips
+an expert there and picks another token has made no conversion error.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ import numpy as np
 from sovpack._io import Progress, no_progress
 from sovpack._protocols import RunnerTraits
 from sovpack.errors import ParityError, VerificationError
-from sovpack.parity.judge import DEFAULT_MAX_NEW_TOKENS
-from sovpack.parity.prompts import PROMPT_LABELS, PROMPTS, encode_prompts
+from sovpack.parity.prompts import DEFAULT_MAX_NEW_TOKENS, PROMPT_LABELS, PROMPTS, encode_prompts
+from sovpack.parity.report import round_metric
 from sovpack.source.model import SourceModel
 
 REFERENCE_TOKENIZER = "tokenizer.json"
@@ -36,9 +41,10 @@ class ReferencePrompt:
     greedy_ids: tuple[int, ...]
     logits: str  # layer title, e.g. logits-00.npy
     rows: int  # len(ids) + max(len(greedy_ids) - 1, 0)
+    router_gaps: tuple[float, ...] | None = None  # per row, the smallest router gap (MoE); None for dense models
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "index": self.index,
             "label": self.label,
             "ids": list(self.ids),
@@ -46,6 +52,10 @@ class ReferencePrompt:
             "logits": self.logits,
             "rows": self.rows,
         }
+        # NOTE: absent, not null, for dense models: their configs (and so bundle digests) stay as they were.
+        if self.router_gaps is not None:
+            data["router_gaps"] = list(self.router_gaps)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ReferencePrompt:
@@ -56,6 +66,7 @@ class ReferencePrompt:
             greedy_ids=tuple(int(i) for i in data["greedy_ids"]),
             logits=str(data["logits"]),
             rows=int(data["rows"]),
+            router_gaps=None if (gaps := data.get("router_gaps")) is None else tuple(float(g) for g in gaps),
         )
 
 
@@ -92,6 +103,13 @@ class ReferenceConfig:
             validate(dict(data), "parity-reference")
         except ValidationError as e:
             raise VerificationError(f"parity reference config is invalid: {e.message}") from None
+        for prompt in data["prompts"]:
+            gaps = prompt.get("router_gaps")
+            if gaps is not None and len(gaps) != prompt["rows"]:
+                raise VerificationError(
+                    f"parity reference config is invalid: prompt {prompt['index']} has {len(gaps)} router gaps "
+                    f"for {prompt['rows']} logits rows"
+                )
         return cls(
             schema_version=int(data["schema_version"]),
             vocab_size=int(data["vocab_size"]),
@@ -145,6 +163,14 @@ class RecordedReference:
     def prefill_logits(self, ids: Sequence[int]) -> np.ndarray:
         prompt, rows = self._find(ids)
         return np.asarray(self._logits[prompt.index][:rows], dtype=np.float32)
+
+    def router_gaps(self, ids: Sequence[int]) -> np.ndarray | None:
+        """The recorded router gaps of every logits row of the prompt ``ids`` (prefill rows, then the greedy
+        path's); None for a dense model or an unknown prompt."""
+        prompt = self._by_ids.get(tuple(int(i) for i in ids))
+        if prompt is None or prompt.router_gaps is None:
+            return None
+        return np.asarray(prompt.router_gaps, dtype=np.float64)
 
     def greedy(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
         prompt = self._by_ids.get(tuple(int(i) for i in ids))
@@ -204,6 +230,9 @@ def record_reference(
             ReferencePrompt(
                 index=i, label=labels[i], ids=tuple(ids), greedy_ids=tuple(trace.tokens),
                 logits=f"logits-{i:02d}.npy", rows=int(trace.logits.shape[0]),
+                router_gaps=None if trace.router_gaps is None else tuple(
+                    round_metric(float(g)) or 0.0 for g in trace.router_gaps
+                ),
             )
         )
         logits[i] = trace.logits

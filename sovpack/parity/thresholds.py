@@ -20,6 +20,9 @@ class Thresholds:
     or above the limit and warn while the shortfall ``1 - value`` is at most ``warn_factor`` x the allowed
     shortfall ``1 - limit`` (but never below ``limit / warn_factor``); a limit of 1.0 is an exact requirement
     with no warn band. ``tokenizer_exact`` makes any unexpected tokenizer mismatch a failure (else a warning).
+
+    Embedding encoders are judged by ``min_cosine`` (each text's embedding against the reference's, a
+    lower-bound fraction) and ``max_hidden_abs`` (token states before pooling); decoders leave both None.
     """
 
     max_abs: float | None
@@ -30,9 +33,12 @@ class Thresholds:
     clear_margin: float
     tokenizer_exact: bool = True
     warn_factor: float = 2.0
+    min_cosine: float | None = None
+    max_hidden_abs: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_abs", "max_rel", "mean_kl", "min_top1", "min_greedy", "clear_margin", "warn_factor"):
+        for name in ("max_abs", "max_rel", "mean_kl", "min_top1", "min_greedy", "clear_margin", "warn_factor",
+                     "min_cosine", "max_hidden_abs"):
             value = getattr(self, name)
             if value is None and name not in ("clear_margin", "warn_factor"):
                 continue
@@ -40,7 +46,7 @@ class Thresholds:
                 raise UsageError(f"threshold {name} must be a finite number, got {value!r}")
             if value < 0:
                 raise UsageError(f"threshold {name} must not be negative, got {value!r}")
-        for name in ("min_top1", "min_greedy"):
+        for name in ("min_top1", "min_greedy", "min_cosine"):
             value = getattr(self, name)
             if value is not None and value > 1:
                 raise UsageError(f"threshold {name} is a fraction in [0, 1], got {value!r}")
@@ -114,6 +120,28 @@ def _thresholds_table() -> dict[str, Thresholds]:
 
 
 DEFAULT_THRESHOLDS: dict[str, Thresholds] = _thresholds_table()
+
+# Embedding encoders, by the ModelPack weight precision of the artifact. A sentence embedding is compared by its
+# cosine similarity to the reference's (what retrieval ranks by): fp32 computes what the reference computes
+# (1 - cos ~1e-7 measured), fp16 weights cost ~1e-7-1e-6, int8 weights 5e-5-1e-3 (all-MiniLM-L6-v2: 2e-4
+# onnxruntime, 1.1e-3 llama.cpp q8_0); the limits leave 10-100x room. Token states (LayerNorm'd, |x| ~ 1) are
+# judged where the weights are float: 1e-3 absolute at fp32, 0.05 at fp16 (measured 2e-3).
+_NOT_JUDGED: dict[str, Any] = {"max_abs": None, "max_rel": None, "mean_kl": None, "min_top1": None,
+                               "min_greedy": None, "clear_margin": 0.0}
+ENCODER_THRESHOLDS: dict[str, Thresholds] = {
+    "float32": Thresholds(**_NOT_JUDGED, min_cosine=0.99999, max_hidden_abs=1e-3),
+    "float16": Thresholds(**_NOT_JUDGED, min_cosine=0.999, max_hidden_abs=0.05),
+    "bfloat16": Thresholds(**_NOT_JUDGED, min_cosine=0.999, max_hidden_abs=None),
+    "int8": Thresholds(**_NOT_JUDGED, min_cosine=0.99, max_hidden_abs=None),
+}
+
+
+def encoder_thresholds(weights: str) -> Thresholds:
+    """Default limits of an embedding-encoder artifact whose weights have this ModelPack precision."""
+    found = ENCODER_THRESHOLDS.get(weights)
+    if found is None:
+        raise UsageError(f"no embedding parity limits for {weights} weights; known: {', '.join(ENCODER_THRESHOLDS)}")
+    return found
 THRESHOLD_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Thresholds))
 
 

@@ -6,8 +6,8 @@ This is what every stage after reading takes: targets, the reference and parity 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,8 @@ from sovpack.converters import family_for_config
 from sovpack.converters.base import check_generation_config, stored_layout
 from sovpack.errors import SourceError
 from sovpack.source.checkpoint import Checkpoint
+from sovpack.source.fused import check_source, read_mxfp4, read_source, source_shards
+from sovpack.source.sentence_transformers import read_pooling
 from sovpack.source.spec import ModelSpec
 
 
@@ -42,16 +44,23 @@ class SourceModel:
         return list(self.tensor_map)
 
     def stored(self, name: str) -> np.ndarray:
-        """A canonical tensor in its stored dtype, without copying when it can (no norm offset applied)."""
-        source = self.tensor_map[name]
-        array = self.checkpoint.read(source.name)
-        if source.rows is not None:
-            array = array[source.rows[0] : source.rows[1]]
-        return array
+        """A canonical tensor in its stored dtype, without copying when it can (no norm offset applied).
+
+        One expert of a fused tensor is a view of that expert only (maybe transposed or strided); MXFP4 experts
+        come dequantized to float32 (exact), one expert at a time.
+        """
+        return read_source(self.checkpoint, self.tensor_map[name])
+
+    def stored_mxfp4(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """An MXFP4 canonical tensor as stored: blocks [out, in/32, 16] and E8M0 scales [out, in/32] (uint8
+        views, low nibble first), for a writer that keeps MXFP4 as it is; None when the tensor is not MXFP4.
+        ``tensor`` gives the same values dequantized (and refuses scale 255); these are passed through unchecked."""
+        return read_mxfp4(self.checkpoint, self.tensor_map[name])
 
     def release_pages(self, name: str) -> None:
         """Let go of the mapped pages behind a canonical tensor once a streaming writer is done with it."""
-        self.checkpoint.shards[self.checkpoint.shard_of(self.tensor_map[name].name)].release_pages()
+        for shard in source_shards(self.checkpoint, self.tensor_map[name]):
+            self.checkpoint.shards[shard].release_pages()
 
     def tensor(self, name: str, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """A canonical tensor as ``dtype`` (float32 by default) with family adjustments applied.
@@ -62,11 +71,13 @@ class SourceModel:
         array = self.stored(name).astype(np.float32) if source.add else self.stored(name)
         if source.add:
             array = array + np.float32(source.add)
-        out = np.asarray(array, dtype=dtype)
+        # NOTE: contiguous, so a transposed or strided expert view reaches writers in plain row-major order
+        out = np.ascontiguousarray(array, dtype=dtype)
         if not self.allow_nonfinite and np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
             where = self.checkpoint.shard_of(source.name)
+            part = "" if source.expert is None else f" (expert {source.expert})"
             raise SourceError(
-                f"{self.checkpoint.root / where}: tensor {source.name!r} contains NaN or Inf values "
+                f"{self.checkpoint.root / where}: tensor {source.name!r}{part} contains NaN or Inf values "
                 "(pass --allow-nonfinite to convert it anyway)"
             )
         return out
@@ -79,52 +90,15 @@ class SourceModel:
     def validate(self) -> None:
         """Every canonical tensor exists with the shape the config implies; errors name file and tensor."""
         shapes = self.spec.tensor_shapes()
-        stored = self.checkpoint.tensors
         config_path = self.checkpoint.root / "config.json"
         for name, source in self.tensor_map.items():
-            info = stored.get(source.name)
-            if info is None:
-                _refuse_fused_experts(source.name, stored, self.checkpoint.root)
-                raise SourceError(
-                    f"{self.checkpoint.root}: tensor {source.name!r} is missing "
-                    f"(the {self.spec.family} layout in {config_path.name} needs it)"
-                )
-            if info.dtype not in ("F32", "F16", "BF16"):
-                raise SourceError(
-                    f"{info.path}: tensor {source.name!r} is stored as {info.dtype}; only F32, F16 and BF16 "
-                    "weights are supported"
-                )
-            expected = shapes[name]
-            if source.rows is not None:
-                if len(info.shape) != len(expected) or info.shape[1:] != expected[1:] or info.shape[0] < source.rows[1]:
-                    raise SourceError(
-                        f"{info.path}: fused tensor {source.name!r} has shape {list(info.shape)}, too small for "
-                        f"rows {source.rows[0]}:{source.rows[1]} of shape {list(expected)} ({config_path.name})"
-                    )
-            elif info.shape != expected:
-                raise SourceError(
-                    f"{info.path}: tensor {source.name!r} has shape {list(info.shape)} but {config_path.name} "
-                    f"implies {list(expected)}"
-                )
+            check_source(self.checkpoint, source, shapes[name], config_path, self.spec.family)
 
 
-def _refuse_fused_experts(name: str, stored: Mapping[str, object], root: Path) -> None:
-    """A missing per-expert tensor whose layer stores transformers' fused experts gets a message saying so."""
-    if ".experts." not in name:
-        return
-    layer = name.partition(".experts.")[0].rpartition(".")[0]
-    for block in ("mlp", "block_sparse_moe"):
-        fused = f"{layer}.{block}.experts.gate_up_proj"
-        if fused in stored:
-            raise SourceError(
-                f"{root}: tensor {fused!r} stores every expert fused (transformers' save_original_format=False "
-                "layout); only the per-expert layout (experts.<e>.*.weight, transformers' default) is supported"
-            )
-
-
-# A stack's layer tensors: "<prefix>layers.<i>.<rest>" (digits capped: an index is never 10 digits long). The
-# prefix tells stacks apart: a vision-language checkpoint stores its vision tower's layers beside the decoder's.
-_LAYER_INDEX = re.compile(r"^(|.*\.)layers\.(\d{1,9})\.")
+# A stack's layer tensors: "<prefix>layers.<i>.<rest>" (BERT-style encoders: "<prefix>layer.<i>."; digits
+# capped: an index is never 10 digits long). The prefix tells stacks apart: a vision-language checkpoint stores its
+# vision tower's layers beside the decoder's.
+_LAYER_INDEX = re.compile(r"^(|.*\.)layers?\.(\d{1,9})\.")
 
 
 def check_layer_count(spec: ModelSpec, checkpoint: Checkpoint, where: str) -> None:
@@ -156,6 +130,8 @@ def open_model(path: str | Path, *, allow_nonfinite: bool = False) -> SourceMode
     where = str(checkpoint.root / "config.json")
     family = family_for_config(checkpoint.config, where)
     spec = family.build_spec(checkpoint.config, where)
+    if spec.encoder is not None:  # an embedding encoder: its pooling is declared beside config.json
+        spec = replace(spec, encoder=replace(spec.encoder, pooling=read_pooling(checkpoint.root)))
     if checkpoint.generation_config is not None:
         check_generation_config(
             checkpoint.generation_config, spec.vocab_size, str(checkpoint.root / "generation_config.json")

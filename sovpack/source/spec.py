@@ -112,6 +112,55 @@ class MoESpec:
         return cls(**{**data, "sparse_layers": tuple(data.get("sparse_layers", ()))})
 
 
+# sentence-transformers pooling modes (1_Pooling/config.json): mean of the real tokens, the first ([CLS]) token,
+# element-wise max, mean scaled by sqrt(length) instead of length, or the last real token.
+PoolingMode = Literal["mean", "cls", "max", "mean_sqrt_len", "last_token"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Pooling:
+    """How token states become one sentence embedding (sentence-transformers' Pooling and Normalize modules).
+
+    Part of the artifact's meaning: the same hidden states pooled another way are a different embedding space.
+    """
+
+    mode: PoolingMode = "mean"
+    normalize: bool = False  # a ``Normalize`` module follows: embeddings are L2-normalised
+    max_seq_length: int | None = None  # sentence_bert_config.json: longer inputs are truncated to this
+    include_prompt: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Pooling:
+        return cls(**data)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EncoderSpec:
+    """What a bidirectional BERT-style encoder adds to the shared fields of ModelSpec.
+
+    Embeddings are word + absolute position (+ token type) embeddings, LayerNorm'd; each layer is post-LN
+    (``x = LN(x + attn(x))``, ``x = LN(x + down(act(up(x))))``), attention bidirectional under the padding mask,
+    every projection and LayerNorm with a bias. Canonical tensors: ``pos_embed`` [P, H], ``type_embed``
+    [types, H], ``embed_norm``/``embed_norm_bias``; per layer q/k/v/o with ``*_bias``, ``attn_output_norm``
+    (+ ``_bias``), ``up``/``up_bias`` [I, H], ``down``/``down_bias`` [H, I], ``output_norm`` (+ ``_bias``).
+    """
+
+    type_vocab_size: int = 0  # 0: no token-type embedding
+    # Position ids start here (XLM-RoBERTa: padding_idx + 1) and count only real tokens there.
+    position_offset: int = 0
+    pooling: Pooling = field(default_factory=Pooling)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "pooling": self.pooling.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EncoderSpec:
+        return cls(**{**data, "pooling": Pooling.from_dict(data.get("pooling", {}))})
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ModelSpec:
     """Everything a target needs to rebuild the forward pass of a decoder-only transformer."""
@@ -173,6 +222,8 @@ class ModelSpec:
     attention_sinks: bool = False
     # The attention output projection carries a bias (``layers.<i>.o_bias`` [hidden]; gpt-oss).
     o_bias: bool = False
+    # A bidirectional encoder (BERT, XLM-RoBERTa; EncoderSpec) that produces embeddings, not a decoder.
+    encoder: EncoderSpec | None = None
 
     @property
     def q_size(self) -> int:
@@ -222,6 +273,7 @@ class ModelSpec:
         data = asdict(self)
         data["rope_scaling"] = self.rope_scaling.to_dict()
         data["moe"] = None if self.moe is None else self.moe.to_dict()
+        data["encoder"] = None if self.encoder is None else self.encoder.to_dict()
         for key in ("eos_token_ids", "layer_types", "no_rope_layers"):
             data[key] = list(data[key])
         return data
@@ -232,12 +284,16 @@ class ModelSpec:
         values["rope_scaling"] = RopeScaling.from_dict(values.get("rope_scaling", {}))
         moe = values.get("moe")
         values["moe"] = None if moe is None else MoESpec.from_dict(moe)
+        encoder = values.get("encoder")
+        values["encoder"] = None if encoder is None else EncoderSpec.from_dict(encoder)
         for key in ("eos_token_ids", "layer_types", "no_rope_layers"):
             values[key] = tuple(values.get(key, ()))
         return cls(**values)
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Canonical tensor name -> shape, in HF ``Linear`` layout ([out_features, in_features])."""
+        if self.encoder is not None:
+            return self._encoder_shapes(self.encoder)
         h, kv, q = self.hidden_size, self.kv_size, self.q_size
         qk_norm = (self.head_dim, self.head_dim) if self.qk_norm_scope == "head" else (q, kv)
         shapes: dict[str, tuple[int, ...]] = {"embed": (self.vocab_size, h)}
@@ -299,6 +355,34 @@ class ModelSpec:
             shapes[p + "shared_expert.down"] = (h, shared)
             if moe.shared_expert_gate:
                 shapes[p + "shared_expert_gate"] = (1, h)
+        return shapes
+
+    def _encoder_shapes(self, enc: EncoderSpec) -> dict[str, tuple[int, ...]]:
+        """An encoder's canonical tensors (see EncoderSpec), in HF order."""
+        h, inter = self.hidden_size, self.intermediate_size
+        shapes: dict[str, tuple[int, ...]] = {
+            "embed": (self.vocab_size, h),
+            "pos_embed": (self.max_position_embeddings, h),
+        }
+        if enc.type_vocab_size:
+            shapes["type_embed"] = (enc.type_vocab_size, h)
+        shapes["embed_norm"] = (h,)
+        shapes["embed_norm_bias"] = (h,)
+        for i in range(self.num_layers):
+            p = f"layers.{i}."
+            for proj in ("q", "k", "v"):
+                shapes[p + proj] = (self.q_size, h)
+                shapes[p + proj + "_bias"] = (self.q_size,)
+            shapes[p + "o"] = (h, self.q_size)
+            shapes[p + "o_bias"] = (h,)
+            shapes[p + "attn_output_norm"] = (h,)
+            shapes[p + "attn_output_norm_bias"] = (h,)
+            shapes[p + "up"] = (inter, h)
+            shapes[p + "up_bias"] = (inter,)
+            shapes[p + "down"] = (h, inter)
+            shapes[p + "down_bias"] = (h,)
+            shapes[p + "output_norm"] = (h,)
+            shapes[p + "output_norm_bias"] = (h,)
         return shapes
 
     def parameter_count(self) -> int:

@@ -36,17 +36,27 @@ def load_tokenizer(tokenizer_json: Path) -> Tokenizer:
     except UnicodeDecodeError as e:
         raise SourceError(f"{path}: not UTF-8 text ({e.reason})") from e
     try:
-        return Tokenizer.from_str(text)
+        tokenizer = Tokenizer.from_str(text)
     except Exception as e:  # the tokenizers package raises plain Exception subclasses on malformed files
         raise SourceError(f"{path}: cannot load tokenizer: {e}") from e
+    # NOTE: padding and truncation saved in tokenizer.json are batch-time settings of whoever saved it
+    # (all-MiniLM-L6-v2's pads every text to 128 tokens); one text's token ids are what every runtime must agree
+    # on, so neither applies here. An encoder's input-length cap comes from its sentence_bert_config.json.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
 
 
 class SourceTokenizer:
     """A tokenizer.json, loaded without transformers (and without any network)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, max_length: int | None = None) -> None:
+        """``max_length``: truncate each encoding to this many tokens, special tokens included (an embedding
+        encoder's max_seq_length, as sentence-transformers truncates)."""
         self.path = path
         self._tok = load_tokenizer(path)
+        if max_length is not None:
+            self._tok.enable_truncation(max_length)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
@@ -121,9 +131,17 @@ def check_tokenizer_json(data: Any, where: str) -> dict[str, Any]:
     model = shape.obj(top.get("model"), "'model'")
     for key in ("type", "unk_token"):
         shape.string(model, key, "model")
-    vocab = shape.obj(model.get("vocab"), "model.vocab", optional=True)
-    for text, token_id in vocab.items():
-        shape.token_id(token_id, f"model.vocab[{text!r}]")
+    if isinstance(model.get("vocab"), list):  # Unigram: [piece, log probability] pairs, ids by position
+        for i, entry in enumerate(shape.lst(model.get("vocab"), "model.vocab")):
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                    and isinstance(entry[1], int | float) and not isinstance(entry[1], bool)):
+                raise shape.fail(f"model.vocab[{i}] must be a [piece, score] pair", entry)
+        if model.get("unk_id") is not None:
+            shape.token_id(model["unk_id"], "model.unk_id")
+    else:
+        vocab = shape.obj(model.get("vocab"), "model.vocab", optional=True)
+        for text, token_id in vocab.items():
+            shape.token_id(token_id, f"model.vocab[{text!r}]")
     for merge in shape.lst(model.get("merges"), "model.merges"):
         if not isinstance(merge, str) and not (
             isinstance(merge, list) and len(merge) == 2 and all(isinstance(p, str) for p in merge)

@@ -60,6 +60,8 @@ def _ceiling(view: BundleView, target: TargetEntry) -> dict[str, Any]:
         )
     except SovpackError:
         return base  # check() reports a broken metadata file; the ceiling stays the default
+    if metadata.spec.encoder is not None:
+        base = TargetRef.parse(target.name).thresholds(encoder=True).to_dict()
     return {**base, **metadata.traits.parity_limits}
 
 

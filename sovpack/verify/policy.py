@@ -23,8 +23,8 @@ PARITY_STATUSES = ("PASSED", "WARNED", "FAILED")
 DEFAULT_ALLOWED_PARITY = ("PASSED", "WARNED")
 STATEMENT_KINDS = ("release", "signature", "provenance", "parity")
 # Upper-bound limits (a larger value is looser) and lower-bound limits (a smaller value is looser).
-UPPER_LIMITS = ("max_abs", "max_rel", "mean_kl", "warn_factor")
-LOWER_LIMITS = ("min_top1", "min_greedy", "clear_margin")
+UPPER_LIMITS = ("max_abs", "max_rel", "mean_kl", "warn_factor", "max_hidden_abs")
+LOWER_LIMITS = ("min_top1", "min_greedy", "clear_margin", "min_cosine")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

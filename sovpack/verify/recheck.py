@@ -75,6 +75,7 @@ class ParityRecheck:
             "changed": self.changed,
             "ok": self.ok,
             "reasons": list(self.reasons),
+            "notes": list(self.report.notes),
             "signature_verified": self.signature_verified,
             "runtime": dict(self.runtime),
             "signed_runtime": dict(self.signed_runtime),

@@ -8,9 +8,15 @@ RoPE (halves) and need no permutation. Phi-3 stores ``attn_qkv`` = [q; k; v] and
 Gemma's canonical norm weights already include its +1 offset, which is what llama.cpp's gemma architectures
 expect; they scale embeddings by sqrt(hidden) themselves.
 
+Mixture-of-experts families (``experts``): qwen3_moe -> ``qwen3moe``, mixtral -> ``llama`` with expert_count
+and stacked ``ffn_*_exps`` (as llama.cpp's own converter writes it), gpt_oss -> ``gpt-oss`` (attention sinks,
+q/k/v/o biases, router and expert biases, an explicit sliding-window layer pattern, its pre-MLP norm stored as
+``post_attention_norm``).
+
 Much of what llama.cpp computes is fixed per architecture rather than read from the file (the attention scale of
-gemma2/gemma3, smollm3's NoPE interval, gemma2/gemma3's default sliding-window pattern, which norms exist):
-``arch_plan`` refuses a spec that differs from what the architecture will compute, naming the difference.
+gemma2/gemma3, smollm3's NoPE interval, gemma2/gemma3's default sliding-window pattern, which norms exist, how
+experts are routed, gpt-oss's SwiGLU clamp, YaRN's correction range rounded to whole dims): ``arch_plan``
+refuses a spec that differs from what the architecture will compute, naming the difference.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Literal
 
 from sovpack.errors import ConversionError
 from sovpack.source.spec import ModelSpec
+from sovpack.targets.gguf.experts import MoEPlan, check_moe
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -50,16 +57,33 @@ class ArchPlan:
     final_softcap: Literal["required", "optional"] | None = None
     longrope: bool = False  # rope_factors_long / rope_factors_short tensors (phi3)
     partial_rotary: bool = False  # rope.dimension_count may be below head_dim
+    moe: MoEPlan | None = None  # the arch's mixture-of-experts feed-forward (see experts)
+    mlp_norm_tensor: str | None = None  # gguf.MODEL_TENSOR of the pre-MLP norm; None: ffn_norm
+    qkv_bias: bool = False  # the arch loads q/k/v biases (checked in parity)
+    o_bias: bool = False  # the arch requires attn_output.bias
+    sinks: bool = False  # the arch requires per-head attention sinks (attn_sinks)
+    swa_pattern_key: bool = False  # the arch reads an explicit per-layer sliding_window_pattern array
+
+    @property
+    def name(self) -> str:
+        """llama.cpp's name of the architecture (general.architecture): gguf.MODEL_ARCH_NAMES spelling."""
+        return self.arch.lower().replace("_", "-")
 
 
 ARCHES: dict[str, ArchPlan] = {
     "llama": ArchPlan(arch="LLAMA", permute_qk=True, rope_freqs=True),
     "mistral": ArchPlan(arch="LLAMA", permute_qk=True, rope_freqs=True),
-    "qwen2": ArchPlan(arch="QWEN2", q_is_hidden=True),
+    "qwen2": ArchPlan(arch="QWEN2", q_is_hidden=True, qkv_bias=True),
     "qwen3": ArchPlan(arch="QWEN3", qk_norm="head"),
-    "phi3": ArchPlan(arch="PHI3", fused_qkv=True, fused_gate_up=True, q_is_hidden=True),
+    "phi3": ArchPlan(arch="PHI3", fused_qkv=True, fused_gate_up=True, q_is_hidden=True, qkv_bias=True),
     "phi3_longrope": ArchPlan(
-        arch="PHI3", fused_qkv=True, fused_gate_up=True, q_is_hidden=True, longrope=True, partial_rotary=True
+        arch="PHI3",
+        fused_qkv=True,
+        fused_gate_up=True,
+        q_is_hidden=True,
+        qkv_bias=True,
+        longrope=True,
+        partial_rotary=True,
     ),
     "gemma": ArchPlan(arch="GEMMA", always_tied=True, activation="gelu_tanh", embedding_scale="sqrt_hidden"),
     "gemma2": ArchPlan(
@@ -86,13 +110,62 @@ ARCHES: dict[str, ArchPlan] = {
     "olmo2": ArchPlan(arch="OLMO2", q_is_hidden=True, never_tied=True, norm_placement="post", qk_norm="projection"),
     "granite": ArchPlan(arch="GRANITE", permute_qk=True, multipliers=True),
     "smollm3": ArchPlan(arch="SMOLLM3", permute_qk=True, no_rope_step=4),
+    # Mixture of experts (see experts): softmax over all experts, top-k, always renormalised.
+    "qwen3_moe": ArchPlan(
+        arch="QWEN3MOE",
+        qk_norm="head",
+        moe=MoEPlan(
+            router_softmax="before_topk",
+            norm_topk=True,
+            biases=False,
+            swiglu_oai=False,
+            width_key="expert_feed_forward_length",
+        ),
+    ),
+    # llama.cpp's own converter writes Mixtral as ``llama`` with expert_count and ffn_*_exps.
+    "mixtral": ArchPlan(
+        arch="LLAMA",
+        permute_qk=True,
+        rope_freqs=True,
+        moe=MoEPlan(
+            router_softmax="before_topk",
+            norm_topk=True,
+            biases=False,
+            swiglu_oai=False,
+            width_key="feed_forward_length",
+        ),
+    ),
+    # gpt-oss: top-k of the biased router logits then a softmax over those k, the clamped SwiGLU, attention
+    # sinks, q/k/v/o biases, sliding and full layers (an explicit per-layer pattern), and the pre-MLP norm
+    # stored as post_attention_norm.
+    "gpt_oss": ArchPlan(
+        arch="GPT_OSS",
+        never_tied=True,
+        swa_period=2,
+        swa_pattern_key=True,
+        swa_required=True,
+        mlp_norm_tensor="ATTN_POST_NORM",
+        qkv_bias=True,
+        o_bias=True,
+        sinks=True,
+        moe=MoEPlan(
+            router_softmax="after_topk",
+            norm_topk=False,
+            biases=True,
+            swiglu_oai=True,
+            width_key="expert_feed_forward_length",
+        ),
+    ),
 }
 
 # The model families (ModelSpec.family) the gguf target writes: those whose artifacts pass parity in llama.cpp
 # at f32 and at the default precision on their fixtures (tests/targets/test_gguf.py). A family mapped above but
 # not listed here is refused by name.
 FAMILIES: frozenset[str] = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "granite", "olmo2", "smollm3", "gemma2", "gemma3"}
+    {
+        *("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "granite", "olmo2", "smollm3", "gemma2", "gemma3"),
+        *("qwen3_moe", "mixtral", "gpt_oss"),
+    }
 )
 
 
@@ -117,6 +190,18 @@ def swa_layers(spec: ModelSpec, period: int) -> tuple[bool, ...]:
     return tuple(i % period < period - 1 for i in range(spec.num_layers))
 
 
+def yarn_correction_range(spec: ModelSpec) -> tuple[float, float]:
+    """YaRN's unrounded correction range (low, high) in rotary dims, from beta_fast / beta_slow."""
+    s = spec.rope_scaling
+    dim = spec.rotary_size
+    original = s.original_max_position_embeddings or spec.max_position_embeddings
+
+    def corr(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(spec.rope_theta))
+
+    return corr(s.beta_fast or 32.0), corr(s.beta_slow or 1.0)
+
+
 def arch_plan(spec: ModelSpec) -> ArchPlan:
     """The llama.cpp architecture for a spec, or a ConversionError naming what llama.cpp cannot run."""
     plan = plan_for(spec.family)
@@ -124,11 +209,12 @@ def arch_plan(spec: ModelSpec) -> ArchPlan:
     _check_scalars(spec, plan)
     _check_attention(spec, plan)
     _check_rope(spec, plan)
+    check_moe(spec, plan.moe, plan.name)
     return plan
 
 
 def _where(spec: ModelSpec, plan: ArchPlan) -> tuple[str, str]:
-    return f"{spec.family} ({spec.architecture})", plan.arch.lower()
+    return f"{spec.family} ({spec.architecture})", plan.name
 
 
 def _check_layout(spec: ModelSpec, plan: ArchPlan) -> None:
@@ -153,8 +239,18 @@ def _check_layout(spec: ModelSpec, plan: ArchPlan) -> None:
     scope = spec.qk_norm_scope if spec.qk_norm else None
     if scope != plan.qk_norm:
         raise ConversionError(f"{where}: q/k norm {scope or 'absent'}; llama.cpp's {arch} has {plan.qk_norm or 'none'}")
-    if spec.qkv_bias and plan.arch not in ("QWEN2", "PHI3"):
+    if spec.qkv_bias and not plan.qkv_bias:
         raise ConversionError(f"{where}: q/k/v biases; llama.cpp's {arch} is not checked with them")
+    if spec.o_bias != plan.o_bias:
+        raise ConversionError(
+            f"{where}: {'an' if spec.o_bias else 'no'} attention output bias; llama.cpp's {arch} "
+            f"{'requires' if plan.o_bias else 'is not checked with'} one"
+        )
+    if spec.attention_sinks != plan.sinks:
+        raise ConversionError(
+            f"{where}: {'' if spec.attention_sinks else 'no '}attention sinks; llama.cpp's {arch} "
+            f"{'requires them' if plan.sinks else 'has none'}"
+        )
 
 
 def _check_scalars(spec: ModelSpec, plan: ArchPlan) -> None:
@@ -192,7 +288,7 @@ def _check_attention(spec: ModelSpec, plan: ArchPlan) -> None:
         return  # the window is not applied: the writer caps the context at it (see writer.context_length)
     if plan.swa_required and not any(sliding):
         raise ConversionError(f"{where}: no sliding-window layers; llama.cpp's {arch} always runs its window pattern")
-    if any(sliding) and sliding != swa_layers(spec, plan.swa_period):
+    if any(sliding) and not plan.swa_pattern_key and sliding != swa_layers(spec, plan.swa_period):
         pattern = "".join("S" if s else "F" for s in sliding)
         raise ConversionError(
             f"{where}: sliding/full layer pattern {pattern}; llama.cpp's {arch} assumes every "
@@ -207,10 +303,11 @@ def _check_rope(spec: ModelSpec, plan: ArchPlan) -> None:
         raise ConversionError(f"{where}: Llama 3 RoPE scaling needs rope_freqs, which {arch} lacks")
     if scaling.kind == "longrope" and not plan.longrope:
         raise ConversionError(f"{where}: LongRoPE scaling; llama.cpp's {arch} has no rope factor tensors for it")
-    if scaling.kind == "yarn" and scaling.truncate is False:
-        raise ConversionError(
-            f"{where}: YaRN with truncate=false; llama.cpp always rounds the correction range to whole dims"
-        )
+    # NOTE: YaRN with truncate=false (every gpt-oss) is written although llama.cpp cannot compute it exactly:
+    # no key or tensor moves llama.cpp's ramp ends off whole dims (ggml_rope_yarn_corr_dims floors and ceils them;
+    # gpt-oss's graph takes no rope factors), so the frequencies inside the ramp differ slightly from the
+    # source's and the angle error grows with the position. llama.cpp's own converter writes these models the
+    # same way; the target publishes the parity limits this costs (target.parity_limits) and says so in the notes.
     if spec.rotary_size != spec.head_dim and not plan.partial_rotary:
         raise ConversionError(
             f"{where}: partial rotary ({spec.rotary_size} of {spec.head_dim}); llama.cpp's {arch} rotates whole heads"

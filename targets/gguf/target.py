@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ from sovpack.parity.thresholds import DEFAULT_THRESHOLDS
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
 from sovpack.targets.base import copy_support_files, precision_table, register_target
-from sovpack.targets.gguf.arch import FAMILIES, ArchPlan, arch_plan, plan_for
+from sovpack.targets.gguf.arch import FAMILIES, ArchPlan, arch_plan, plan_for, yarn_correction_range
+from sovpack.targets.gguf.encoder import ENCODER_FAMILIES, encoder_parity_limits, write_encoder
+from sovpack.targets.gguf.encoder_runner import LlamaCppEmbeddingRunner
 from sovpack.targets.gguf.quantize import LLAMA_QUANTS, llama_quantize
 from sovpack.targets.gguf.runner import LlamaCppRunner, kv_cache_type
 from sovpack.targets.gguf.runtime import import_gguf, import_llama_cpp
@@ -56,26 +59,44 @@ def parity_limits(spec: ModelSpec, precision: str) -> dict[str, float]:
     (sandwich norms, 3-6 layers) measure 8e-3 - 1.6e-2 absolute and a mean KL of 5e-7 - 1.0e-6 nats, at the
     default 1e-6: mean_kl is widened to 5e-6, 200x tighter than f16's.
     """
+    if spec.encoder is not None:
+        return encoder_parity_limits(precision)
     plan = plan_for(spec.family)
+    limits: dict[str, float] = {}
     if precision == "f32" and plan.activation.startswith("gelu"):
-        return {"max_abs": 0.05, "max_rel": 2e-3, "clear_margin": 0.1, "mean_kl": 5e-6}
-    return {}
+        limits = {"max_abs": 0.05, "max_rel": 2e-3, "clear_margin": 0.1, "mean_kl": 5e-6}
+    if precision == "f32" and rounded_yarn(spec):
+        # llama.cpp's whole-dim YaRN ramp (see arch._check_rope): on the gpt-oss fixture (gpt-oss's own rope
+        # values) 0.09 absolute / 3.7e-3 relative logit error and a mean KL of 4e-6 over the parity prompts, top-1
+        # and greedy exact. The limits are ~2.5x that, f16's absolute limit and 50x tighter than f16's KL; f16 and
+        # coarser precisions' defaults already cover it.
+        yarn = {"max_abs": 0.25, "max_rel": 1e-2, "clear_margin": 0.5, "mean_kl": 2e-5}
+        limits = {key: max(limits.get(key, 0.0), value) for key, value in yarn.items()}
+    return limits
+
+
+def rounded_yarn(spec: ModelSpec) -> bool:
+    """The spec's YaRN ramp is untruncated, which llama.cpp rounds to whole dims."""
+    return spec.rope_scaling.kind == "yarn" and spec.rope_scaling.truncate is False
 
 
 @register_target
 class GgufTarget:
-    """``gguf``: one .gguf file, parity-checked in llama.cpp through llama-cpp-python."""
+    """``gguf``: one .gguf file, parity-checked in llama.cpp through llama-cpp-python (decoders and, as
+    llama.cpp's bert architecture, embedding encoders: see ``encoder``)."""
 
     name = "gguf"
     precisions = PRECISIONS
     default_precision = DEFAULT_PRECISION
     runtime_packages = ("gguf", "llama-cpp-python")
-    families = FAMILIES
+    families = FAMILIES | ENCODER_FAMILIES
 
     def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress) -> WrittenArtifact:
         if precision not in self.precisions:
             raise UsageError(f"gguf has no precision {precision!r}; known: {', '.join(self.precisions)}")
         import_gguf()
+        if model.spec.encoder is not None:
+            return write_encoder(model, precision, Path(out_dir), progress)
         if precision in LLAMA_QUANTS:
             import_llama_cpp()
         from sovpack.parity.prompts import TOKENIZER_CORPUS
@@ -123,7 +144,7 @@ class GgufTarget:
         limits = parity_limits(spec, precision)
         format_metadata: dict[str, Any] = {
             "gguf_file": filename,
-            "architecture": plan.arch.lower(),
+            "architecture": plan.name,
             "qk_permuted_for_interleaved_rope": plan.permute_qk,
             "quantizer": quantizer,
             "tensor_types": types,
@@ -144,6 +165,20 @@ class GgufTarget:
             traits=metadata.traits,
         )
 
+    def open_embedding_runner(self, artifact_dir: Path, metadata: ArtifactMetadata) -> LlamaCppEmbeddingRunner:
+        fmt = metadata.format_metadata
+        spec = metadata.spec
+        if spec.encoder is None:
+            raise UsageError(f"{artifact_dir}: {spec.family} is not an embedding encoder")
+        max_len = fmt.get("max_seq_length")
+        return LlamaCppEmbeddingRunner(
+            gguf_file(Path(artifact_dir), fmt.get("gguf_file")),
+            spec=spec,
+            normalize=bool(fmt.get("normalize", spec.encoder.pooling.normalize)),
+            max_seq_length=max_len if isinstance(max_len, int) else spec.encoder.pooling.max_seq_length,
+            traits=metadata.traits,
+        )
+
 
 def gguf_file(artifact_dir: Path, name: object) -> Path:
     """The artifact's .gguf: the file its metadata names, else the only .gguf in the directory."""
@@ -160,12 +195,17 @@ def _notes(spec: ModelSpec, plan: ArchPlan, precision: str, limits: dict[str, fl
     if spec.sliding_window is not None and plan.swa_period is None:
         notes.append(
             f"the source uses a {spec.sliding_window}-token sliding window, which llama.cpp's "
-            f"{plan.arch.lower()} architecture does not apply; the file's context_length and the runner's "
+            f"{plan.name} architecture does not apply; the file's context_length and the runner's "
             "context are capped at the window, where both agree"
         )
-    if spec.sliding_window is not None and plan.swa_period is not None:
+    if spec.sliding_window is not None and plan.swa_pattern_key:
         notes.append(
-            f"llama.cpp's {plan.arch.lower()} applies the {spec.sliding_window}-token sliding window with its fixed "
+            f"llama.cpp's {plan.name} applies the {spec.sliding_window}-token sliding window to the source's "
+            "sliding layers (attention.sliding_window_pattern lists them)"
+        )
+    elif spec.sliding_window is not None and plan.swa_period is not None:
+        notes.append(
+            f"llama.cpp's {plan.name} applies the {spec.sliding_window}-token sliding window with its fixed "
             f"layer pattern (every {plan.swa_period}th layer full), which is the source's"
         )
     if spec.rope_scaling.kind == "longrope":
@@ -184,7 +224,15 @@ def _notes(spec: ModelSpec, plan: ArchPlan, precision: str, limits: dict[str, fl
             "(rope.scaling.yarn_beta_fast/slow) but most llama.cpp architectures ignore those keys: pass "
             f"yarn_beta_fast={s.beta_fast} / yarn_beta_slow={s.beta_slow} when running it (sovpack's runner does)"
         )
-    if limits:
+    if rounded_yarn(spec):
+        low, high = yarn_correction_range(spec)
+        notes.append(
+            f"YaRN with truncate=false: the source's correction range is dims {low:.3g}..{high:.3g}, llama.cpp "
+            f"rounds it to {max(0, math.floor(low))}..{min(spec.rotary_size - 1, math.ceil(high))}, so rotation "
+            "angles differ slightly and the difference grows with the position (parity measures it on the "
+            "parity prompts; long contexts drift further)"
+        )
+    if limits and plan.activation.startswith("gelu"):
         notes.append(
             "llama.cpp's CPU GELU is a float16 lookup table: parity limits are widened for this f32 artifact "
             "(parity_limits)"

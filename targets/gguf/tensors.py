@@ -1,8 +1,9 @@
 """The GGUF tensors of a model, in file order, each produced on demand from the checkpoint, and their encoding.
 
 Tensors are named with gguf-py's tables (``gguf.TENSOR_NAMES`` for the architecture's ``gguf.MODEL_TENSORS``)
-and encoded by ``gguf.quants.quantize``. A tensor is read from the memory-mapped checkpoint in row blocks, so
-the only whole-tensor buffer is the encoded output of the tensor being written. For llama.cpp's ``llama``
+and encoded by ``gguf.quants.quantize``. A tensor is read from the memory-mapped checkpoint in row blocks (a
+stacked ``ffn_*_exps`` tensor one expert at a time, see ``experts``) and each block is encoded and handed to
+the writer on its own, so no whole tensor is ever in memory. For llama.cpp's ``llama``
 architecture q and k rows (and biases) are permuted per head so that row 2i holds HF row i and row 2i+1 holds
 HF row i + d/2 (interleaved-pair RoPE). Llama 3 RoPE scaling is stored as llama.cpp expects it: a
 ``rope_freqs.weight`` tensor of per-frequency divisors computed here from the spec.
@@ -10,6 +11,7 @@ HF row i + d/2 (interleaved-pair RoPE). Llama 3 RoPE scaling is stored as llama.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,10 +23,11 @@ from sovpack.errors import ConversionError
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
 from sovpack.targets.gguf.arch import ArchPlan
+from sovpack.targets.gguf.experts import expert_bias_blocks, expert_blocks, router_bias_block
 from sovpack.targets.gguf.runtime import import_gguf
 
 # Float32 rows converted at a time: a tensor is read from the memory-mapped checkpoint in row blocks of about
-# this size, so the only whole-tensor buffer is the encoded (f16 / quantized) output of the tensor being written.
+# this size, each encoded and written before the next is read.
 BLOCK_BYTES = 32 * 2**20
 
 # The head (output projection, or the tied embedding) stays at 8 bits under q4_0, as llama.cpp's own q4_0
@@ -36,12 +39,16 @@ Blocks = Callable[[], Iterator[np.ndarray]]
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TensorJob:
-    """One GGUF tensor: its name, logical shape (rows, cols) and its float32 data as consecutive row blocks."""
+    """One GGUF tensor: its name, logical shape ([experts,] rows, cols) and its float32 data as consecutive
+    row blocks (a stacked expert tensor's blocks run through the experts in order)."""
 
     name: str
     shape: tuple[int, ...]
     blocks: Blocks
     head: bool = False  # the output projection (or the tied embedding that serves as one)
+    # Stored as F32 at every precision: MoE routers (llama.cpp's quantizer never quantizes ffn_gate_inp, and
+    # top-k routing is where a rounded logit changes the computation) and [E, n] expert biases.
+    f32: bool = False
 
 
 def row_blocks(model: SourceModel, canonical: str, *, align: int = 1) -> Iterator[np.ndarray]:
@@ -60,6 +67,7 @@ def row_blocks(model: SourceModel, canonical: str, *, align: int = 1) -> Iterato
         if not model.allow_nonfinite and not np.isfinite(block).all():
             model.tensor(canonical, np.float32)  # raises SourceError naming the file and tensor
         yield block
+    model.release_pages(canonical)  # the tensor is written: its mapped pages need not stay resident
 
 
 def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -138,8 +146,12 @@ def tensor_plan(model: SourceModel, plan: ArchPlan) -> list[TensorJob]:
         return lambda: (block for part in parts for block in part())
 
     shapes = spec.tensor_shapes()
-    # gguf-py lists the sandwich archs' pre-MLP norm as FFN_PRE_NORM: the same "blk.N.ffn_norm" name.
-    mlp_norm = t.FFN_NORM if t.FFN_NORM in allowed else t.FFN_PRE_NORM
+    # gguf-py lists the sandwich archs' pre-MLP norm as FFN_PRE_NORM: the same "blk.N.ffn_norm" name; gpt-oss
+    # stores it as post_attention_norm.
+    if plan.mlp_norm_tensor is not None:
+        mlp_norm = t[plan.mlp_norm_tensor]
+    else:
+        mlp_norm = t.FFN_NORM if t.FFN_NORM in allowed else t.FFN_PRE_NORM
     add(name(t.TOKEN_EMBD, "weight"), shapes["embed"], read("embed"), head=spec.tie_word_embeddings)
     if spec.rope_scaling.kind == "llama3":
         factors = llama3_rope_factors(spec)
@@ -181,16 +193,23 @@ def tensor_plan(model: SourceModel, plan: ArchPlan) -> list[TensorJob]:
             add(name(t.ATTN_Q_NORM, "weight", i), shapes[c + "q_norm"], read(c + "q_norm"))
             add(name(t.ATTN_K_NORM, "weight", i), shapes[c + "k_norm"], read(c + "k_norm"))
         add(name(t.ATTN_OUT, "weight", i), (h, q), read(c + "o"))
+        if spec.o_bias:
+            add(name(t.ATTN_OUT, "bias", i), (h,), read(c + "o_bias"))
+        if spec.attention_sinks:
+            add(name(t.ATTN_SINKS, "weight", i), (spec.num_heads,), read(c + "sinks"))
         if spec.post_norms:
             add(name(t.ATTN_POST_NORM, "weight", i), (h,), read(c + "post_attn_norm"))
         if spec.pre_norms:
             add(name(mlp_norm, "weight", i), (h,), read(c + "mlp_norm"))
-        if plan.fused_gate_up:
-            add(name(t.FFN_UP, "weight", i), (2 * ff, h), concat(read(c + "gate"), read(c + "up")))
+        if spec.is_sparse(i):
+            jobs.extend(expert_jobs(model, plan, i, name))
         else:
-            add(name(t.FFN_GATE, "weight", i), (ff, h), read(c + "gate"))
-            add(name(t.FFN_UP, "weight", i), (ff, h), read(c + "up"))
-        add(name(t.FFN_DOWN, "weight", i), (h, ff), read(c + "down"))
+            if plan.fused_gate_up:
+                add(name(t.FFN_UP, "weight", i), (2 * ff, h), concat(read(c + "gate"), read(c + "up")))
+            else:
+                add(name(t.FFN_GATE, "weight", i), (ff, h), read(c + "gate"))
+                add(name(t.FFN_UP, "weight", i), (ff, h), read(c + "up"))
+            add(name(t.FFN_DOWN, "weight", i), (h, ff), read(c + "down"))
         if spec.post_norms:
             add(name(t.FFN_POST_NORM, "weight", i), (h,), read(c + "post_mlp_norm"))
     add(name(t.OUTPUT_NORM, "weight"), (h,), read("final_norm"))
@@ -199,11 +218,62 @@ def tensor_plan(model: SourceModel, plan: ArchPlan) -> list[TensorJob]:
     return jobs
 
 
+def expert_jobs(model: SourceModel, plan: ArchPlan, layer: int, name: Callable[..., str]) -> list[TensorJob]:
+    """One sparse layer's router (and bias) and stacked ffn_*_exps tensors (and biases), each from canonical
+    per-expert tensors read one expert at a time."""
+    gguf = import_gguf()
+    t = gguf.MODEL_TENSOR
+    spec = model.spec
+    moe = spec.moe
+    assert moe is not None and plan.moe is not None
+    h, e, inter = spec.hidden_size, moe.num_experts, moe.expert_intermediate_size
+    router = f"layers.{layer}.router"
+    jobs = [
+        TensorJob(
+            name=name(t.FFN_GATE_INP, "weight", layer),
+            shape=(e, h),
+            blocks=lambda: row_blocks(model, router),
+            f32=True,
+        )
+    ]
+    if plan.moe.biases:
+        jobs.append(
+            TensorJob(
+                name=name(t.FFN_GATE_INP, "bias", layer),
+                shape=(e,),
+                blocks=functools.partial(router_bias_block, model, layer),
+                f32=True,
+            )
+        )
+    for kind, proj, rows, cols in (
+        (t.FFN_GATE_EXP, "gate", inter, h),
+        (t.FFN_UP_EXP, "up", inter, h),
+        (t.FFN_DOWN_EXP, "down", h, inter),
+    ):
+        jobs.append(
+            TensorJob(
+                name=name(kind, "weight", layer),
+                shape=(e, rows, cols),
+                blocks=functools.partial(expert_blocks, model, layer, proj),
+            )
+        )
+        if plan.moe.biases:
+            jobs.append(
+                TensorJob(
+                    name=name(kind, "bias", layer),
+                    shape=(e, rows),
+                    blocks=functools.partial(expert_bias_blocks, model, layer, proj, rows),
+                    f32=True,
+                )
+            )
+    return jobs
+
+
 def storage_type(job: TensorJob, precision: str) -> tuple[Any, str | None]:
     """(GGML type, fallback note or None) for one tensor at a gguf-py precision."""
     gguf = import_gguf()
     q = gguf.GGMLQuantizationType
-    if len(job.shape) == 1:
+    if len(job.shape) == 1 or job.f32:
         return q.F32, None
     want = {"f32": q.F32, "f16": q.F16, "bf16": q.BF16, "q8_0": q.Q8_0, "q4_0": q.Q4_0}[precision]
     if precision == "q4_0" and job.head:
@@ -221,24 +291,25 @@ def tensor_nbytes(shape: Sequence[int], qtype: Any) -> int:
     return math.prod(shape[:-1]) * (shape[-1] // block) * size
 
 
-def encode(job: TensorJob, qtype: Any, model: SourceModel) -> np.ndarray:
-    """The tensor's bytes in ``qtype``, encoded block by block into one preallocated buffer."""
+def encode(job: TensorJob, qtype: Any, model: SourceModel) -> Iterator[np.ndarray]:
+    """The tensor's bytes in ``qtype``, one encoded row block at a time (the writer streams them to the file).
+
+    The row count is checked as blocks arrive; a short or long tensor raises ConversionError (the writer's
+    temporary file is then removed).
+    """
     gguf = import_gguf()
-    out: np.ndarray | None = None
-    row = 0
+    rows = math.prod(job.shape[:-1])
+    done = 0
     for block in job.blocks():
-        encoded = gguf.quants.quantize(np.ascontiguousarray(block, dtype=np.float32), qtype)
+        block = np.ascontiguousarray(block, dtype=np.float32).reshape(-1, job.shape[-1])
+        encoded = gguf.quants.quantize(block, qtype)
         if qtype == gguf.GGMLQuantizationType.F16 and not np.isfinite(encoded).all():
             raise ConversionError(
                 f"{model.path}: tensor {job.name} has values beyond the float16 range; convert to bf16 or f32 instead"
             )
-        if len(job.shape) == 1:
-            out, row = encoded, job.shape[0]
-            continue
-        if out is None:
-            out = np.empty((job.shape[0], *encoded.shape[1:]), dtype=encoded.dtype)
-        out[row : row + encoded.shape[0]] = encoded
-        row += encoded.shape[0]
-    if out is None or row != job.shape[0] or out.shape[0] != job.shape[0]:
-        raise ConversionError(f"{job.name}: produced {row} rows, expected shape {list(job.shape)}")
-    return out
+        done += block.shape[0]
+        if done > rows:
+            break
+        yield encoded
+    if done != rows:
+        raise ConversionError(f"{job.name}: produced {done} rows, expected shape {list(job.shape)}")

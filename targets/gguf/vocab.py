@@ -34,7 +34,7 @@ class KnownDivergence:
 class GgufTokenizer:
     """Everything that goes under ``tokenizer.*`` in a GGUF file (filled in as the conversion decides it)."""
 
-    model: str  # tokenizer.ggml.model: "gpt2" or "llama"
+    model: str  # tokenizer.ggml.model: "gpt2" or "llama"; encoders: "bert" (WordPiece) or "t5" (Unigram)
     pre: str | None  # tokenizer.ggml.pre (byte-level BPE only)
     tokens: list[str]
     token_types: list[int]
@@ -49,6 +49,14 @@ class GgufTokenizer:
     add_space_prefix: bool | None = None
     remove_extra_whitespaces: bool | None = None
     chat_template: str | None = None
+    # Encoder tokenizers only (None: the key is not written): the separator and mask ids, llama.cpp's
+    # BertNormalizer options (WordPiece), the SentencePiece normaliser table (Unigram), token-type count.
+    sep_id: int | None = None
+    mask_id: int | None = None
+    normalizer_lowercase: bool | None = None
+    normalizer_strip_accents: bool | None = None
+    precompiled_charsmap: bytes | None = None
+    token_type_count: int | None = None
     source: str = "tokenizer.json"
     padded: int = 0  # placeholder tokens appended to reach the model's vocabulary size
     divergences: list[KnownDivergence] = field(default_factory=list)
@@ -72,6 +80,7 @@ class GgufTokenizer:
         ):
             if value is not None:
                 add(value)
+        self._add_encoder_keys(writer)
         writer.add_add_bos_token(self.add_bos)
         writer.add_add_eos_token(self.add_eos)
         if self.add_space_prefix is not None:
@@ -80,6 +89,21 @@ class GgufTokenizer:
             writer.add_remove_extra_whitespaces(self.remove_extra_whitespaces)
         if self.chat_template:
             writer.add_chat_template(self.chat_template)
+
+    def _add_encoder_keys(self, writer: Any) -> None:
+        """The keys only encoder tokenizers set (gguf-py 0.19 has no writer method for the normaliser flags)."""
+        if self.sep_id is not None:
+            writer.add_sep_token_id(self.sep_id)
+        if self.mask_id is not None:
+            writer.add_mask_token_id(self.mask_id)
+        if self.normalizer_lowercase is not None:
+            writer.add_bool("tokenizer.ggml.normalizer.lowercase", self.normalizer_lowercase)
+        if self.normalizer_strip_accents is not None:
+            writer.add_bool("tokenizer.ggml.normalizer.strip_accents", self.normalizer_strip_accents)
+        if self.precompiled_charsmap:
+            writer.add_precompiled_charsmap(bytes(self.precompiled_charsmap))  # a UINT8 array
+        if self.token_type_count is not None:
+            writer.add_token_type_count(self.token_type_count)
 
     def summary(self) -> dict[str, Any]:
         """What the artifact metadata records about the conversion."""

@@ -22,6 +22,7 @@ import contextlib
 import math
 import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,12 @@ import numpy as np
 
 from sovpack import __version__
 from sovpack._io import Progress
+from sovpack.errors import ConversionError
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
 from sovpack.targets.gguf.arch import ArchPlan
 from sovpack.targets.gguf.runtime import import_gguf
-from sovpack.targets.gguf.tensors import encode, storage_type, tensor_nbytes, tensor_plan
+from sovpack.targets.gguf.tensors import TensorJob, encode, storage_type, tensor_nbytes, tensor_plan
 from sovpack.targets.gguf.vocab import GgufTokenizer
 
 # The precisions gguf-py writes itself (the K-quants are llama.cpp's, see ``quantize``).
@@ -64,16 +66,40 @@ def write_gguf(
     """Stream the model into ``path`` (via a temporary sibling) at a gguf-py precision."""
     gguf = import_gguf()
     jobs = tensor_plan(model, plan)
-    ftypes = {
-        "f32": gguf.LlamaFileType.ALL_F32,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-    }
+    file_type = FILE_TYPES[precision]
+
+    def add_kv(writer: Any) -> None:
+        add_metadata(writer, model, tok, getattr(gguf.LlamaFileType, file_type), plan)
+
+    arch_name = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[plan.arch]]
+    return stream_gguf(model, arch_name, jobs, add_kv, precision, path, progress)
+
+
+# gguf.LlamaFileType member of each gguf-py precision
+FILE_TYPES = {
+    "f32": "ALL_F32",
+    "f16": "MOSTLY_F16",
+    "bf16": "MOSTLY_BF16",
+    "q8_0": "MOSTLY_Q8_0",
+    "q4_0": "MOSTLY_Q4_0",
+}
+
+
+def stream_gguf(
+    model: SourceModel,
+    arch_name: str,
+    jobs: list[TensorJob],
+    add_kv: Callable[[Any], None],
+    precision: str,
+    path: Path,
+    progress: Progress,
+) -> WriteStats:
+    """Write a GGUF file of llama.cpp architecture ``arch_name``: the key-values ``add_kv`` adds, then the
+    tensors of ``jobs`` streamed one at a time at ``precision`` (decoders and encoders share this)."""
+    gguf = import_gguf()
     stats = WriteStats()
-    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[plan.arch]])
-    add_metadata(writer, model, tok, ftypes[precision], plan)
+    writer = gguf.GGUFWriter(path=None, arch=arch_name)
+    add_kv(writer)
     chosen = []
     for job in jobs:
         qtype, note = storage_type(job, precision)
@@ -91,9 +117,7 @@ def write_gguf(
         writer.write_ti_data_to_file()
         for n, (job, qtype) in enumerate(zip(jobs, chosen, strict=True)):
             progress(f"gguf {precision}: {job.name}", n, len(jobs))
-            encoded = encode(job, qtype, model)
-            writer.write_tensor_data(encoded)
-            del encoded
+            write_tensor_chunks(writer, job.name, tensor_nbytes(job.shape, qtype), encode(job, qtype, model))
         progress(f"gguf {precision}", len(jobs), len(jobs))
         writer.close()
         os.replace(tmp, path)
@@ -103,6 +127,32 @@ def write_gguf(
             tmp.unlink()
         raise
     return stats
+
+
+def write_tensor_chunks(writer: Any, name: str, nbytes: int, chunks: Iterator[np.ndarray]) -> None:
+    """Write the next tensor's data as it is encoded, chunk by chunk, so no whole tensor is ever in memory.
+
+    NOTE: this is gguf-py's ``GGUFWriter.write_tensor_data`` (single output file, native byte order) made to
+    take a stream: it pops the tensor's info in file order, aligns, writes the chunks and pads. The byte count
+    is checked against the header's, so a change in gguf-py's bookkeeping fails loudly rather than silently.
+    """
+    gguf = import_gguf()
+    if writer.state not in (gguf.WriterState.TI_DATA, gguf.WriterState.WEIGHTS) or len(writer.fout) != 1:
+        raise ConversionError(f"gguf-py writer is not ready for tensor data ({writer.state})")
+    fout = writer.fout[0]
+    expected = next(iter(writer.tensors[0]))
+    info = writer.tensors[0].pop(expected)
+    if expected != name or info.nbytes != nbytes:
+        raise ConversionError(f"gguf tensor order: writing {name} ({nbytes} bytes) where {expected} is next")
+    writer.write_padding(fout, fout.tell())
+    written = 0
+    for chunk in chunks:
+        chunk.tofile(fout)
+        written += chunk.nbytes
+    if written != nbytes:
+        raise ConversionError(f"{name}: wrote {written} bytes, expected {nbytes}")
+    writer.write_padding(fout, written)
+    writer.state = gguf.WriterState.WEIGHTS
 
 
 def read_tensor_types(path: Path) -> dict[str, int]:
@@ -120,29 +170,18 @@ def add_metadata(writer: Any, model: SourceModel, tok: GgufTokenizer, file_type:
     """Every key-value of the file: general.*, source digests, hyperparameters, RoPE scaling, tokenizer."""
     gguf = import_gguf()
     spec = model.spec
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(model.name)
-    writer.add_quantized_by(f"sovpack {__version__}")
-    writer.add_file_type(int(file_type))
-    if file_type not in (gguf.LlamaFileType.ALL_F32, gguf.LlamaFileType.MOSTLY_F16, gguf.LlamaFileType.MOSTLY_BF16):
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    license_ = stated_license(model)
-    if license_:
-        writer.add_license(license_)
-    files = model.checkpoint.source_files
-    writer.add_uint32(SOURCE_FILE_COUNT, len(files))
-    for i, f in enumerate(files):
-        writer.add_string(SOURCE_FILE_KEY.format(id=i, field="path"), f.path)
-        writer.add_string(SOURCE_FILE_KEY.format(id=i, field="sha256"), f.sha256)
-        writer.add_uint64(SOURCE_FILE_KEY.format(id=i, field="size"), f.size)
-
+    add_general(writer, model, file_type)
     writer.add_vocab_size(spec.vocab_size)
     # llama.cpp's llama / phi3 / smollm3 graphs do not apply a sliding window: advertise only the context where
     # the file computes what the source does (frontends default their context to this).
     writer.add_context_length(context_length(spec, plan))
     writer.add_embedding_length(spec.hidden_size)
     writer.add_block_count(spec.num_layers)
-    writer.add_feed_forward_length(spec.intermediate_size)
+    moe = spec.moe if plan.moe is not None else None
+    if moe is not None and plan.moe is not None and plan.moe.width_key == "feed_forward_length":
+        writer.add_feed_forward_length(moe.expert_intermediate_size)  # llama sizes ffn_*_exps by n_ff
+    else:
+        writer.add_feed_forward_length(spec.intermediate_size)
     writer.add_head_count(spec.num_heads)
     writer.add_head_count_kv(spec.num_kv_heads)
     writer.add_key_length(spec.head_dim)
@@ -178,6 +217,26 @@ def add_metadata(writer: Any, model: SourceModel, tok: GgufTokenizer, file_type:
     tok.add_to(writer)
 
 
+def add_general(writer: Any, model: SourceModel, file_type: Any) -> None:
+    """general.* (name, type, file type, quantized_by, license) and the source files' digests."""
+    gguf = import_gguf()
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(model.name)
+    writer.add_quantized_by(f"sovpack {__version__}")
+    writer.add_file_type(int(file_type))
+    if file_type not in (gguf.LlamaFileType.ALL_F32, gguf.LlamaFileType.MOSTLY_F16, gguf.LlamaFileType.MOSTLY_BF16):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    license_ = stated_license(model)
+    if license_:
+        writer.add_license(license_)
+    files = model.checkpoint.source_files
+    writer.add_uint32(SOURCE_FILE_COUNT, len(files))
+    for i, f in enumerate(files):
+        writer.add_string(SOURCE_FILE_KEY.format(id=i, field="path"), f.path)
+        writer.add_string(SOURCE_FILE_KEY.format(id=i, field="sha256"), f.sha256)
+        writer.add_uint64(SOURCE_FILE_KEY.format(id=i, field="size"), f.size)
+
+
 def stated_license(model: SourceModel) -> str | None:
     """The license the checkpoint states: config.json 'license', else README.md front matter 'license:'."""
     value = model.checkpoint.config.get("license")
@@ -209,7 +268,13 @@ def context_length(spec: ModelSpec, plan: ArchPlan) -> int:
 
 
 def add_family_keys(writer: Any, spec: ModelSpec, plan: ArchPlan) -> None:
-    """The keys of the newer architectures: Granite's multipliers, soft-capping, sliding windows, local rope base."""
+    """The keys of the newer architectures: Granite's multipliers, soft-capping, sliding windows, local rope base,
+    and the expert counts of mixture-of-experts models."""
+    if plan.moe is not None and spec.moe is not None:
+        writer.add_expert_count(spec.moe.num_experts)
+        writer.add_expert_used_count(spec.moe.experts_per_token)
+        if plan.moe.width_key == "expert_feed_forward_length":
+            writer.add_expert_feed_forward_length(spec.moe.expert_intermediate_size)
     if plan.multipliers:
         # llama.cpp's granite reads logit_scale (required) and the three others (0 or absent: not applied).
         writer.add_embedding_scale(spec.embedding_multiplier)
@@ -223,8 +288,11 @@ def add_family_keys(writer: Any, spec: ModelSpec, plan: ArchPlan) -> None:
     if spec.final_logit_softcap is not None:
         writer.add_final_logit_softcapping(spec.final_logit_softcap)
     if plan.swa_period is not None and spec.sliding_window is not None:
-        # The layer pattern is llama.cpp's default for the architecture (arch_plan checked it): no pattern key.
+        # The layer pattern is llama.cpp's default for the architecture (arch_plan checked it), or, where the
+        # arch reads one, the explicit per-layer pattern.
         writer.add_sliding_window(spec.sliding_window)
+        if plan.swa_pattern_key:
+            writer.add_sliding_window_pattern([spec.layer_window(i) is not None for i in range(spec.num_layers)])
         if plan.local_rope:
             writer.add_rope_freq_base_swa(spec.rope_theta if spec.rope_local_theta is None else spec.rope_local_theta)
 

@@ -9,7 +9,11 @@ has no decoder type for is refused by name, never written under another family's
 # builder writes for each architecture (Gemma3ForCausalLM -> "gemma3_text": plain "gemma3" is its vision-language
 # type; Phi-3.5 / Phi-4-mini long-context -> "phi3"). OLMo 2 has no type of its own in onnxruntime-genai 0.18
 # (its builder knows only OlmoForCausalLM, and the runtime refuses "olmo2"), so it gets genai's generic
-# decoder-only type "decoder" rather than OLMo 1's "olmo"; the artifact's notes say so.
+# decoder-only type "decoder" rather than OLMo 1's "olmo"; the artifact's notes say so. The same holds for the
+# mixture-of-experts families Qwen3-MoE and Mixtral (0.18's builder and runtime know neither: no "qwen3_moe" or
+# "mixtral" type in its library); gpt-oss has its own type, "gptoss" (what its builder writes for
+# GptOssForCausalLM, lower-cased architecture name). The experts run inside the graph (com.microsoft.MoE/QMoE),
+# which genai's onnxruntime session executes like any other node.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ GENAI_MODEL_TYPES = {
     "smollm3": "smollm3",
     "olmo2": "decoder",
     "granite": "granite",
+    "qwen3_moe": "decoder",
+    "mixtral": "decoder",
+    "gpt_oss": "gptoss",
 }
 
 

@@ -1,7 +1,9 @@
 """The ONNX decoder graph, built straight from a ModelSpec while the weights stream to one external data file.
 
 No torch, no tracing: every node is written here from the spec, in standard ONNX ops (default domain, opset
-17) plus ``com.microsoft.MatMulNBits`` for the int8/int4 weight-only precisions (quantize.py).
+17) plus ``com.microsoft.MatMulNBits`` for the int8/int4 weight-only precisions (quantize.py) and
+``com.microsoft.MoE`` / ``QMoE`` for mixture-of-experts layers (moe.py). Attention sinks (gpt-oss) join each
+softmax as one extra score column per head, dropped after it.
 
 # NOTE: graph library. The graph is built with ``onnx.helper`` and raw ``TensorProto`` messages, not onnx_ir.
 # What matters for a >2 GB model is that no weight bytes ever enter a protobuf message: every initializer is
@@ -37,6 +39,7 @@ from sovpack.errors import ConversionError
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
 from sovpack.targets.onnx.external_data import DATA_FILE, ExternalData, converted_chunks
+from sovpack.targets.onnx.moe import ExpertWriter, moe_plan
 from sovpack.targets.onnx.positions import attention_biases, rope_tables
 from sovpack.targets.onnx.precisions import F32, plan_for
 from sovpack.targets.onnx.quantize import QUANT_BLOCK_SIZE, quantize_matmul_weight
@@ -108,6 +111,8 @@ class DecoderBuilder:
         self.out_dir = out_dir
         self.progress = progress
         self.g = Graph()
+        # Refuse what the MoE operator cannot compute before the data file exists.
+        self.moe = moe_plan(self.spec, self.plan.matrix_dtype, self.plan.bits) if self.spec.moe else None
         self.data = ExternalData(out_dir / DATA_FILE)
         self.contrib: list[tuple[str, dict[str, Any]]] = []
         self._weights: dict[tuple[str, str], str] = {}
@@ -115,28 +120,36 @@ class DecoderBuilder:
         self._done = 0
 
     # -- weights ---------------------------------------------------------------------------------------
-    def _tick(self, name: str) -> None:
+    def tick(self, name: str) -> None:
+        """Report one canonical tensor as written."""
         self._done += 1
         self.progress(f"onnx:{self.plan.name} {name}", min(self._done, self._total), self._total)
 
-    def _source(self, name: str) -> np.ndarray:
+    def source(self, name: str) -> np.ndarray:
+        """Canonical tensor ``name`` as float32 (release its pages with ``release`` once converted)."""
         return self.model.tensor(name, np.float32)
+
+    def release(self, name: str) -> None:
+        self.model.release_pages(name)
+
+    def add_initializer(self, tensor: Any) -> None:
+        self.g.initializers.append(tensor)
 
     def _store(self, name: str, dtype: np.dtype) -> str:
         """Write canonical tensor ``name`` as ``dtype`` in its canonical layout; returns the initializer name."""
         key = (name, np.dtype(dtype).str)
         if key in self._weights:
             return self._weights[key]
-        array = self._source(name)
+        array = self.source(name)
         tensor = self.data.write(name, array.shape, dtype, converted_chunks(name, array, np.dtype(dtype)))
         self.model.release_pages(name)
         del array
         self.g.initializers.append(tensor)
         self._weights[key] = name
-        self._tick(name)
+        self.tick(name)
         return name
 
-    def _as_float(self, init: str, dtype: np.dtype) -> str:
+    def as_float(self, init: str, dtype: np.dtype) -> str:
         if np.dtype(dtype) == np.float32:
             return init
         from onnx import TensorProto
@@ -146,7 +159,7 @@ class DecoderBuilder:
     # -- building blocks -------------------------------------------------------------------------------
     def dense(self, x: str, weight: str, dtype: np.dtype, bias: str | None = None) -> str:
         """x [M, in] @ weight[out, in]^T (+ bias) -> [M, out] as a Gemm over the stored (HF-layout) matrix."""
-        w = self._as_float(self._store(weight, dtype), dtype)
+        w = self.as_float(self._store(weight, dtype), dtype)
         inputs = [x, w] + ([self._store(bias, F32)] if bias else [])
         return self.g.op("Gemm", *inputs, name=f"{weight}/gemm", transB=1)
 
@@ -165,7 +178,7 @@ class DecoderBuilder:
         prefix = weight
 
         def transposed() -> np.ndarray:
-            source = self._source(weight)
+            source = self.source(weight)
             out = np.ascontiguousarray(source.T)
             self.model.release_pages(weight)
             return out
@@ -177,7 +190,7 @@ class DecoderBuilder:
             self.g.initializers.append(self.data.write_array(init_name, array))
             names.append(init_name)
         self.contrib.append(("MatMulNBits", dict(attrs)))
-        self._tick(weight)
+        self.tick(weight)
         return self.g.op("MatMulNBits", x, *names, name=f"{prefix}/matmulnbits", domain=MS_DOMAIN, **attrs)
 
     def rms_norm(self, x: str, weight: str, name: str) -> str:
@@ -228,6 +241,17 @@ class DecoderBuilder:
         if kept is not None:
             out = g.op("Concat", out, kept, name=f"{name}/with_pass_through", axis=-1)
         return out
+
+    def with_sinks(self, scores: str, p: str) -> str:
+        """scores [B, KV, G, T, S] with each head's sink logit (``sinks`` [heads]) appended as column S."""
+        g, s = self.g, self.spec
+        sinks = g.op("Reshape", self._store(p + "sinks", F32),
+                     g.const([1, s.num_kv_heads, s.num_heads // s.num_kv_heads, 1, 1], np.int64),
+                     name=f"{p}attn/sinks5")
+        column = g.op("Concat", g.op("Shape", scores, name=f"{p}attn/scores_shape", end=4), g.const([1], np.int64),
+                      name=f"{p}attn/sink_shape", axis=0)
+        sink_column = g.op("Expand", sinks, column, name=f"{p}attn/sink_column")
+        return g.op("Concat", scores, sink_column, name=f"{p}attn/with_sinks", axis=-1)
 
     def soft_cap(self, x: str, cap: float | None, name: str) -> str:
         """cap * tanh(x / cap) (Gemma 2's attention and final-logit soft-capping); x itself when cap is None."""
@@ -348,18 +372,27 @@ class DecoderBuilder:
             scores = self.soft_cap(g.op("Mul", scores, scale, name=f"{p}attn/scale"), s.attn_logit_softcap,
                                    f"{p}attn")
             scores = g.op("Add", scores, biases[s.layer_window(i)], name=f"{p}attn/mask")
+            if s.attention_sinks:
+                scores = self.with_sinks(scores, p)
             probs = g.op("Softmax", scores, name=f"{p}attn/softmax", axis=-1)
+            if s.attention_sinks:  # drop the sink column: it only joins the softmax's denominator
+                probs = g.op("Slice", probs, g.const([0], np.int64), g.const([-1], np.int64),
+                             g.const([-1], np.int64), name=f"{p}attn/drop_sinks")
             probs = g.op("Reshape", probs, probs4_shape, name=f"{p}attn/probs_rows")
             ctx = g.op("MatMul", probs, values, name=f"{p}attn/context")  # [B, KV, G*T, D]
             ctx = g.op("Reshape", ctx, ctx5_shape, name=f"{p}attn/context5")
             ctx = g.op("Transpose", ctx, name=f"{p}attn/context_t", perm=[0, 3, 1, 2, 4])  # [B, T, KV, G, D]
             ctx = g.op("Reshape", ctx, flat_q_shape, name=f"{p}attn/context_flat")
-            x = self.residual(x, self.linear(ctx, p + "o"), p + "post_attn_norm", f"{p}attn")
+            o = self.linear(ctx, p + "o", p + "o_bias" if s.o_bias else None)
+            x = self.residual(x, o, p + "post_attn_norm", f"{p}attn")
 
             h = self.rms_norm(x, p + "mlp_norm", f"{p}mlp_norm") if s.pre_norms else x
-            gate = self.activation(self.linear(h, p + "gate"), f"{p}mlp/act")
-            up = self.linear(h, p + "up")
-            down = self.linear(g.op("Mul", gate, up, name=f"{p}mlp/gated"), p + "down")
+            if self.moe is not None and s.is_sparse(i):
+                down = ExpertWriter(self, self.moe).build(h, i)
+            else:
+                gate = self.activation(self.linear(h, p + "gate"), f"{p}mlp/act")
+                up = self.linear(h, p + "up")
+                down = self.linear(g.op("Mul", gate, up, name=f"{p}mlp/gated"), p + "down")
             x = self.residual(x, down, p + "post_mlp_norm", f"{p}mlp")
 
         x = self.rms_norm(x, "final_norm", "final_norm")

@@ -10,7 +10,8 @@
 # column has an odd number of blocks (e.g. K=160, block 32), and is right from 1.17.0; int8 is refused at
 # load by 1.21.1, fails at run time on 1.22.0 (its 8-bit kernel covers only accuracy_level 4, int8 compute)
 # and is right from 1.23.0. The precision table's ``runtime_floor`` is this rule's result for the opset and
-# IR version the writer emits (17 and 8); the tests check that the two agree.
+# IR version the writer emits (17 and 8); the tests check that the two agree. Mixture-of-experts artifacts add
+# their MoE/QMoE kernels (ORT_FOR_MOE: 1.23.1 and 1.24), so their min_onnxruntime lies above the table's floor.
 """
 
 from __future__ import annotations
@@ -73,10 +74,16 @@ ORT_FOR_OPSET: dict[int, tuple[int, int]] = {17: (1, 12), 18: (1, 14), 19: (1, 1
 ORT_FOR_IR_VERSION: dict[int, tuple[int, int]] = {8: (1, 10), 9: (1, 15), 10: (1, 18)}
 # Contrib ops: first release whose CPU kernel computes them correctly, per distinguishing attribute value.
 ORT_FOR_MATMULNBITS_BITS: dict[int, tuple[int, int]] = {4: (1, 17), 8: (1, 23)}
+# Mixture-of-experts ops (moe.py) on float32 activations with interleaved SwiGLU, per expert_weight_bits (None:
+# the unquantized MoE op). Checked with artifacts of the qwen3moe, mixtral and gptoss fixtures on old wheels:
+# MoE has no CPU kernel in 1.23.0 and matches from 1.23.1; QMoE (fp32 input, uint8 zero points) is refused as an
+# invalid graph by 1.23.x and matches from 1.24.1 (the first 1.24 wheel).
+ORT_FOR_MOE: dict[tuple[str, int | None], tuple[int, ...]] = {("MoE", None): (1, 23, 1), ("QMoE", 4): (1, 24),
+                                                              ("QMoE", 8): (1, 24)}
 
 
-def _version(v: tuple[int, int]) -> str:
-    return f"{v[0]}.{v[1]}"
+def _version(v: tuple[int, ...]) -> str:
+    return ".".join(str(part) for part in v)
 
 
 def min_onnxruntime(
@@ -87,7 +94,7 @@ def min_onnxruntime(
         raise ConversionError(f"no known onnxruntime release for opset {opset}")
     if ir_version not in ORT_FOR_IR_VERSION:
         raise ConversionError(f"no known onnxruntime release for IR version {ir_version}")
-    found = [
+    found: list[tuple[tuple[int, ...], str]] = [
         (ORT_FOR_OPSET[opset], f"ai.onnx opset {opset} needs onnxruntime >= {_version(ORT_FOR_OPSET[opset])}"),
         (
             ORT_FOR_IR_VERSION[ir_version],
@@ -96,6 +103,16 @@ def min_onnxruntime(
     ]
     seen: set[tuple[str, int]] = set()
     for op_type, attrs in contrib:
+        if op_type in ("MoE", "QMoE"):
+            bits = int(attrs["expert_weight_bits"]) if op_type == "QMoE" else None
+            if (op_type, bits) not in ORT_FOR_MOE:
+                raise ConversionError(f"no known onnxruntime release with a CPU {op_type} kernel for bits={bits}")
+            if (op_type, bits or 0) not in seen:
+                seen.add((op_type, bits or 0))
+                need = ORT_FOR_MOE[(op_type, bits)]
+                what = op_type if bits is None else f"{op_type} with expert_weight_bits={bits}"
+                found.append((need, f"com.microsoft.{what} needs onnxruntime >= {_version(need)}"))
+            continue
         if op_type != "MatMulNBits":
             raise ConversionError(f"no known onnxruntime release for contrib op {op_type}")
         bits = int(attrs.get("bits", 4))

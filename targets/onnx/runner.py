@@ -22,6 +22,26 @@ from sovpack.targets.onnx.graph import MODEL_FILE
 RUNNER_THREADS = 2
 
 
+def open_session(path: Path, threads: int) -> tuple[Any, str]:
+    """An onnxruntime CPU InferenceSession on ``path`` and onnxruntime's version; ParityError if it cannot load."""
+    ort = require("onnxruntime")
+    version: str = ort.__version__
+    if not path.is_file():
+        raise ParityError(f"{path}: no ONNX model in the artifact directory")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    # NOTE: broad catch. onnxruntime's errors (Fail, InvalidGraph, InvalidProtobuf, NotImplemented, ...)
+    # are pybind11 classes deriving directly from Exception, with no narrower common base; each is
+    # re-raised as a ParityError with its message.
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ParityError(f"{path}: onnxruntime {version} cannot load the model: {e}") from e
+    return session, version
+
+
 class OnnxRunner:
     """The artifact in an onnxruntime InferenceSession (CPU), decoding through the model's own KV cache."""
 
@@ -36,24 +56,10 @@ class OnnxRunner:
         threads: int = RUNNER_THREADS,
         traits: RunnerTraits | None = None,
     ) -> None:
-        ort = require("onnxruntime")
-        self.ort_version: str = ort.__version__
         self.traits = traits if traits is not None else RunnerTraits()
         self.threads = threads
         self.path = Path(artifact_dir) / model_file
-        if not self.path.is_file():
-            raise ParityError(f"{self.path}: no ONNX model in the artifact directory")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        # NOTE: broad catch. onnxruntime's errors (Fail, InvalidGraph, InvalidProtobuf, NotImplemented, ...)
-        # are pybind11 classes deriving directly from Exception, with no narrower common base; each is
-        # re-raised as a ParityError with its message.
-        try:
-            session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise ParityError(f"{self.path}: onnxruntime {self.ort_version} cannot load the model: {e}") from e
+        session, self.ort_version = open_session(self.path, threads)
         self._session: Any | None = session
         self.providers: list[str] = session.get_providers()
         self.past_names: list[tuple[str, str]] = []

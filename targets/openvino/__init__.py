@@ -26,9 +26,17 @@ computes in bf16, stores the KV cache as u8 and quantizes activations for int8/i
 with these hints the check measures what the artifact's weights do (f16 rounding, int8/int4 quantization)
 and nothing else. Both the requested and the effective values are recorded in ``runtime_info``.
 
+Embedding encoders (BERT, XLM-R; issue 15) get a directory ``openvino_genai.TextEmbeddingPipeline(dir, "CPU")``
+loads at its defaults and answers with the sentence-transformers embeddings: the pooling (and normalisation) is
+inside the graph, whose one output is the pooled [batch, 1, hidden] embedding the pipeline's default CLS pooling
+passes through unchanged, and the tokenizer IR truncates at max_seq_length (``encoder``, ``encoder_writer``).
+
 Modules: ``target`` (precision table, writer), ``runner`` (the artifact on OpenVINO), ``graph`` (the decoder
-graph), ``weights`` (postponed, quantized constants), ``tokenizer`` (tokenizer.json -> OpenVINO tokenizer),
-``runtime`` (file names, parity config, lazy imports), ``names`` (deterministic node names).
+graph), ``moe`` (the mixture-of-experts block and its stacked expert constants), ``weights`` (postponed,
+quantized constants), ``tokenizer`` (tokenizer.json -> OpenVINO tokenizer),
+``runtime`` (file names, parity config, lazy imports), ``names`` (deterministic node names); for encoders
+``encoder`` (the pooled IR), ``encoder_writer``, ``encoder_tokenizer`` (WordPiece / Unigram tokenizer IRs) and
+``encoder_runner`` (the IR, its tokenizer and TextEmbeddingPipeline).
 
 Errors: writer problems raise ConversionError, a runtime failing on an artifact ParityError, unreadable or
 invalid input files SourceError, a missing ``openvino``/``openvino_tokenizers`` MissingDependencyError.
@@ -36,6 +44,7 @@ invalid input files SourceError, a missing ``openvino``/``openvino_tokenizers`` 
 
 from __future__ import annotations
 
+from sovpack.targets.openvino.encoder_runner import OpenvinoEmbeddingRunner
 from sovpack.targets.openvino.runner import OpenvinoRunner
 from sovpack.targets.openvino.runtime import (
     DETOKENIZER_XML,
@@ -57,6 +66,7 @@ __all__ = [
     "PRECISIONS",
     "PRECISION_TABLE",
     "TOKENIZER_XML",
+    "OpenvinoEmbeddingRunner",
     "OpenvinoRunner",
     "OpenvinoTarget",
 ]

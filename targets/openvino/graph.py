@@ -23,7 +23,9 @@ The arithmetic follows ``sovpack.reference`` op for op: RMSNorm ``x / sqrt(mean(
 and/or after each sublayer (``norm_placement``), rotate-half RoPE from ``rope_inv_freq`` (global, local or
 none per layer, on the leading ``rotary_size`` dims, longrope's table chosen in the graph), q/k norms per head
 or over the projection, q/k/v biases, the attention scale and soft-cap, residual and embedding multipliers,
-tied heads, the logits divisor and final soft-cap, and silu / gelu_tanh / gelu MLPs.
+tied heads, the logits divisor and final soft-cap, and silu / gelu_tanh / gelu MLPs. Mixture-of-experts layers
+(``spec.is_sparse``) get the routed block of ``moe``; attention sinks (gpt-oss) are SDPA's sixth input, and the
+output projection may carry a bias (``o_bias``).
 
 Names: every node gets a deterministic friendly name as it is built (``layers.3.q/matmul``,
 ``layers.3.attn/Reshape_0``: the block, then the role or the op type with a counter local to the block, see
@@ -40,6 +42,7 @@ import numpy as np
 from sovpack.errors import ConversionError
 from sovpack.reference import rope_inv_freq
 from sovpack.source.spec import ModelSpec
+from sovpack.targets.openvino.moe import check_moe, moe_block
 from sovpack.targets.openvino.names import NamedOps, NodeNames, canonicalize_names, is_generated_name
 
 __all__ = [
@@ -296,9 +299,12 @@ class _Builder:
             keys = self.repeat_kv(keys, p + "attn.repeat_k")
             values = self.repeat_kv(values, p + "attn.repeat_v")
         attn = self.attention(q, keys, values, mask, p)
-        x = self.residual(x, self.linear(attn, p + "o"), p + "post_attn_norm", p + "attn_residual")
+        o = self.linear(attn, p + "o", p + "o_bias" if s.o_bias else None)
+        x = self.residual(x, o, p + "post_attn_norm", p + "attn_residual")
 
         h = self.rms_norm(x, self.w.vector(p + "mlp_norm"), p + "mlp_norm") if s.pre_norms else x
+        if s.is_sparse(i):
+            return self.residual(x, moe_block(self, h, i), p + "post_mlp_norm", p + "mlp_residual"), sinks
         gate = self.linear(h, p + "gate")
         up = self.linear(h, p + "up")
         with self.scope(p + "mlp"):
@@ -355,7 +361,9 @@ class _Builder:
         ops, s = self.ops, self.spec
         scale = np.float32(1.0 / math.sqrt(s.head_dim) if s.attention_scale is None else s.attention_scale)
         with self.scope(p + "attn"):
-            if s.attn_logit_softcap is None:
+            if s.attention_sinks:
+                attn = self.sink_attention(q, keys, values, mask, scale, p)
+            elif s.attn_logit_softcap is None:
                 attn = ops.scaled_dot_product_attention(q, keys, values, mask, self.const(scale), causal=False,
                                                         name=p + "attention")
             else:
@@ -368,6 +376,23 @@ class _Builder:
         with self.scope(p + "attn"):
             attn = ops.transpose(attn, self.i64(0, 2, 1, 3))
             return ops.reshape(attn, self.i64(0, 0, s.q_size), special_zero=True)
+
+    def sink_attention(self, q: Any, keys: Any, values: Any, mask: Any, scale: Any, p: str) -> Any:
+        """SDPA with gpt-oss's per-head sink logits as its sixth input ([1, heads, 1, 1]): each head's sink joins
+        the softmax as an extra score column and attends to nothing, as in ``sovpack.reference``.
+
+        NOTE: the Python ``scaled_dot_product_attention`` factory takes five inputs; opset13's op accepts the sink
+        as a sixth (what the CPU kernel and genai's PagedAttention rewrite read), so the node comes from
+        ``NodeFactory``."""
+        from openvino.utils.node_factory import NodeFactory
+
+        ops, s = self.ops, self.spec
+        sink = ops.reshape(self.w.vector(p + "sinks"), self.i64(1, s.num_heads, 1, 1), special_zero=False,
+                           name=p + "attn/sinks")
+        inputs = [t.output(0) if hasattr(t, "output") else t for t in (q, keys, values, mask, self.const(scale), sink)]
+        node = NodeFactory("opset13").create("ScaledDotProductAttention", inputs, {"causal": False})
+        node.set_friendly_name(p + "attention")
+        return node
 
     def repeat_kv(self, t: Any, name: str) -> Any:
         """[B, KV, S, D] -> [B, H, S, D], each kv head repeated ``group`` times (like ``np.repeat(axis=1)``)."""
@@ -394,6 +419,7 @@ def build_model(spec: ModelSpec, weights: Any) -> Any:
         raise ConversionError("num_heads must be a multiple of num_kv_heads")
     if spec.rotary_size % 2 or not 0 < spec.rotary_size <= spec.head_dim:
         raise ConversionError(f"rotary_dim {spec.rotary_size} must be even and within head_dim {spec.head_dim}")
+    check_moe(spec)
     model = _Builder(spec, weights).build()
     unnamed = [op.get_name() for op in model.get_ordered_ops() if op.get_friendly_name() == op.get_name()
                or is_generated_name(op.get_friendly_name())]

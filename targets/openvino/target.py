@@ -29,6 +29,7 @@ from sovpack.targets.openvino.runtime import (
 
 if TYPE_CHECKING:
     from sovpack.artifact import ArtifactMetadata
+    from sovpack.targets.openvino.encoder_runner import OpenvinoEmbeddingRunner
 
 
 def _row(name: str, weights: str) -> Precision:
@@ -56,7 +57,16 @@ PRECISIONS: tuple[str, ...] = tuple(PRECISION_TABLE)
 FAMILIES = frozenset({
     "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma",
     "granite", "olmo2", "smollm3", "gemma2", "gemma3", "phi3_longrope",
+    # issue 14: mixture of experts (``moe``: the tiled block the CPU plugin rewrites to routed GatherMatmuls);
+    # gpt-oss adds attention sinks, o_bias, expert biases and the clamped SwiGLU
+    "qwen3_moe", "mixtral", "gpt_oss",
+    # issue 15: embedding encoders (spec.encoder set), written by ``_write_encoder`` (encoder.py: pooling in the
+    # graph, so TextEmbeddingPipeline's defaults give the sentence-transformers embeddings)
+    "bert", "xlm_roberta",
 })
+# Integer schemes an encoder refuses: 4-bit groups are a decoder-size trade (memory bandwidth of billions of
+# weights); on a 22M-parameter encoder they cost embedding quality for a few megabytes.
+ENCODER_REFUSED = frozenset({"int4", "int4_sym"})
 
 
 @register_target
@@ -73,6 +83,15 @@ class OpenvinoTarget:
         if precision not in self.precisions:
             raise UsageError(f"target 'openvino' has no precision {precision!r}; known: {', '.join(PRECISIONS)}")
         TargetRef(format=self.name, precision=precision).check_family(model.spec)
+        if model.spec.encoder is not None:
+            from sovpack.targets.openvino.encoder_writer import write_encoder
+
+            if precision in ENCODER_REFUSED:
+                raise ConversionError(
+                    f"openvino:{precision} is not offered for embedding encoders ({model.spec.family}): 4-bit weight "
+                    "groups trade embedding quality for a few megabytes on a model this small; use openvino:int8 "
+                    "(or fp16/fp32)")
+            return write_encoder(model, precision, Path(out_dir), progress, _save_model)
         ov = require_openvino()
         openvino_tokenizers = require_tokenizers()
         from sovpack import __version__
@@ -139,6 +158,11 @@ class OpenvinoTarget:
     def open_runner(self, artifact_dir: Path, metadata: ArtifactMetadata) -> OpenvinoRunner:
         return OpenvinoRunner(Path(artifact_dir), metadata)
 
+    def open_embedding_runner(self, artifact_dir: Path, metadata: ArtifactMetadata) -> OpenvinoEmbeddingRunner:
+        from sovpack.targets.openvino.encoder_runner import OpenvinoEmbeddingRunner
+
+        return OpenvinoEmbeddingRunner(Path(artifact_dir), metadata)
+
 
 def _notes(spec: ModelSpec) -> list[str]:
     """What openvino-genai does differently with this artifact than the parity runner (one sequence, stateful)."""
@@ -148,6 +172,12 @@ def _notes(spec: ModelSpec) -> list[str]:
             "attention soft-capping is built from MatMul/Tanh/Softmax (ScaledDotProductAttention has no soft-cap): "
             "openvino-genai's paged-attention backend (ATTENTION_BACKEND=PA, ContinuousBatchingPipeline) refuses "
             "the model; LLMPipeline's default falls back to the stateful backend, which parity checked"
+        )
+    if spec.moe is not None:
+        notes.append(
+            "mixture of experts: the tiled MoE block (Tile, batched MatMuls over stacked experts, routing weights "
+            "scattered to [tokens, experts]) that OpenVINO's CPU plugin rewrites into GatherMatmul, computing only "
+            "each token's top-k experts; elsewhere it runs as a dense all-experts computation with the same result"
         )
     if spec.rope_scaling.kind == "longrope":
         notes.append(

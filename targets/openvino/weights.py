@@ -104,7 +104,7 @@ def quantization_plan(spec: ModelSpec, scheme: Scheme) -> dict[str, tuple[int, b
     group_size = scheme.group_size or default_group_size(spec.hidden_size)
     plan = {}
     for name, shape in spec.tensor_shapes().items():
-        if len(shape) == 2:
+        if len(shape) == 2 and not name.endswith(".router"):  # routers stay float: see WeightFactory.router
             role = "embedding" if name == "embed" else "head" if name == "lm_head" else "linear"
             plan[name] = layer_format(scheme, shape, role=role, group_size=group_size)
     return plan
@@ -230,6 +230,14 @@ class WeightFactory:
         """Norm weights and biases: small, kept in float (f16 + Convert for fp16, else f32)."""
         dtype = np.float16 if self.scheme.float_dtype == np.float16 and self.scheme.kind == "float" else np.float32
         return self._float(name, dtype)
+
+    def router(self, name: str) -> Any:
+        """A mixture-of-experts router [experts, hidden], kept float (f16 + Convert for fp16, else f32).
+
+        NOTE: routing is a discrete top-k choice, so quantization noise in the router moves tokens between experts
+        at near-ties; the router is tiny (experts x hidden), so integer precisions keep it float, like the norms.
+        """
+        return self.vector(name)
 
     def matrix(self, name: str, *, role: str = "linear") -> Any:
         """A [out, in] weight as an f32 graph output; ``role`` is "linear", "embedding" or "head"."""

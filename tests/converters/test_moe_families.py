@@ -6,12 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from fixtures.generate import make_checkpoint
 from sovpack.converters import family_for_config
-from sovpack.errors import SourceError
 from sovpack.source.model import open_model
 from sovpack.source.spec import ModelSpec, MoESpec
 from tests.converters.configs import assert_config_refused, build_spec
@@ -123,23 +121,17 @@ def test_moe_specs_round_trip() -> None:
 
 
 def test_canonical_order_streams_experts_one_tensor_at_a_time(tmp_path: Path) -> None:
-    model = open_model(make_checkpoint("qwen3moe", tmp_path / "q"))
+    model = open_model(make_checkpoint("qwen3moe-mixed", tmp_path / "q"))
     names = model.tensor_names()
     assert names == list(model.spec.tensor_shapes())  # the writers' order is the spec's
     assert names.index("layers.0.router") < names.index("layers.0.experts.0.gate") < names.index("layers.1.gate")
     assert all(model.tensor(n).shape == model.spec.tensor_shapes()[n] for n in names if ".experts.0." in n)
 
 
-def test_fused_expert_layout_is_refused_by_name(tmp_path: Path) -> None:
-    """transformers' in-memory layout (save_original_format=False) is not read yet: the error says so."""
-    from safetensors.numpy import load_file, save_file
-
-    path = make_checkpoint("mixtral", tmp_path / "m", dtype="float32")
-    tensors = load_file(str(path / "model.safetensors"))
-    p = "model.layers.0.block_sparse_moe.experts."
-    gate_up = [tensors.pop(f"{p}{e}.{w}.weight") for w in ("w1", "w3") for e in range(4)]
-    fused = np.concatenate([np.stack(gate_up[:4]), np.stack(gate_up[4:])], axis=1)
-    tensors["model.layers.0.mlp.experts.gate_up_proj"] = fused
-    save_file(tensors, str(path / "model.safetensors"))
-    with pytest.raises(SourceError, match=r"experts\.gate_up_proj' stores every expert fused"):
-        open_model(path)
+def test_expert_count_under_either_name() -> None:
+    """transformers aliases num_experts and num_local_experts and saves Qwen3-MoE's as num_local_experts."""
+    saved_by_v5 = {k: v for k, v in QWEN3_MOE.items() if k != "num_experts"} | {"num_local_experts": 8}
+    assert spec_for("Qwen3MoeForCausalLM", **saved_by_v5) == spec_for("Qwen3MoeForCausalLM", **QWEN3_MOE)
+    assert spec_for("MixtralForCausalLM", num_experts=4).moe == spec_for("MixtralForCausalLM", num_local_experts=4).moe
+    refused("Qwen3MoeForCausalLM", "'num_local_experts' \\(4\\) and 'num_experts' \\(8\\) disagree",
+            **QWEN3_MOE, num_local_experts=4)

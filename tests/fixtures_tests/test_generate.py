@@ -23,6 +23,7 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 from fixtures.generate import REALISTIC_NUMERICS, VARIANTS, FixtureVariant, main, make_checkpoint
+from fixtures.gpt_oss import decode_mxfp4, encode_mxfp4
 from fixtures.tokenizers_gen import KINDS, build_tokenizer, tokenizer_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +70,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 FIRST_SEVEN = {"llama3", "llama2", "mistral", "qwen2", "qwen3", "phi3", "gemma"}
 NEWER = {"gemma2", "gemma3", "gemma3-vlm", "phi3.5", "phi4-mini", "smollm3", "olmo2", "granite"}
-MOE = {"qwen3moe", "mixtral"}
+MOE = {"qwen3moe", "qwen3moe-mixed", "mixtral", "gptoss", "gptoss-mxfp4", "gptoss-clamp"}
 
 
 def test_variants_table() -> None:
@@ -146,7 +147,10 @@ def test_weights_match_config(generated: dict[str, Path]) -> None:
         prefix = _prefix(v)
         assert cfg["vocab_size"] == vocab == t[prefix + "embed_tokens.weight"].shape[0], name
         assert ("lm_head.weight" in t) == (not v.tie_word_embeddings), name
-        assert {a.dtype for a in t.values()} == {np.dtype(np_dtype[v.dtype])}, name
+        floats = {a.dtype for a in t.values() if a.dtype != np.uint8}
+        assert floats == {np.dtype(np_dtype[v.dtype])}, name
+        packed = {k for k, a in t.items() if a.dtype == np.uint8}  # MXFP4 blocks and scales, nothing else
+        assert all(k.endswith(("_blocks", "_scales")) for k in packed) and bool(packed) == v.mxfp4, name
         for a in t.values():
             assert np.isfinite(a.astype(np.float32)).all()
         q = v.num_attention_heads * v.head_dim
@@ -168,7 +172,8 @@ def test_weights_match_config(generated: dict[str, Path]) -> None:
                 if dense:
                     assert t[p + "mlp.down_proj.weight"].shape == (v.hidden_size, v.intermediate_size)
             assert t[p + "self_attn.o_proj.weight"].shape == (v.hidden_size, q)
-            assert (p + "self_attn.q_proj.bias" in t) == (v.family == "qwen2")
+            assert (p + "self_attn.q_proj.bias" in t) == (v.family in ("qwen2", "gpt_oss"))
+            assert (p + "self_attn.o_proj.bias" in t) == (p + "self_attn.sinks" in t) == (v.family == "gpt_oss")
             assert (p + "self_attn.q_norm.weight" in t) == (v.family in ("qwen3", "qwen3_moe", "gemma3", "olmo2"))
             if v.family in ("qwen3", "qwen3_moe", "gemma3"):
                 assert t[p + "self_attn.k_norm.weight"].shape == (v.head_dim,)
@@ -304,6 +309,9 @@ def test_vision_language_layouts(generated: dict[str, Path], tmp_path: Path) -> 
         ("mixtral", {"norm_topk_prob": False}, "norm_topk_prob is only supported for qwen3_moe"),
         ("qwen3moe", {"experts_per_token": 9}, "need num_experts >= experts_per_token >= 1"),
         ("qwen3moe", {"mlp_only_layers": (3,)}, "mlp_only_layers must name layers"),
+        ("mixtral", {"mxfp4": True}, "mxfp4 is only supported for gpt_oss"),
+        ("gptoss", {"intermediate_size": 48}, "multiples of 32"),
+        ("gptoss", {"sliding_window": None}, "gpt_oss fixtures need a sliding_window"),
     ],
 )
 def test_family_fields_stay_with_their_family(
@@ -318,16 +326,17 @@ def test_moe_weights_are_stored_per_expert(generated: dict[str, Path]) -> None:
     """Router and experts under the published names (what transformers 5 saves), one tensor per expert."""
     for name, block, (gate, up, down) in (
         ("qwen3moe", "mlp", ("gate_proj", "up_proj", "down_proj")),
+        ("qwen3moe-mixed", "mlp", ("gate_proj", "up_proj", "down_proj")),
         ("mixtral", "block_sparse_moe", ("w1", "w3", "w2")),
     ):
         v = VARIANTS[name]
         t = _tensors(generated[name])
         cfg = json.loads((generated[name] / "config.json").read_text())
-        experts = cfg["num_experts"] if name == "qwen3moe" else cfg["num_local_experts"]
+        experts = cfg["num_experts"] if name.startswith("qwen3moe") else cfg["num_local_experts"]
         width = cfg.get("moe_intermediate_size", cfg["intermediate_size"])
         assert experts == v.num_experts and cfg["num_experts_per_tok"] == v.experts_per_token == 2
         sparse = [i for i in range(v.num_hidden_layers) if i not in v.mlp_only_layers]
-        assert sparse == ([0, 2] if name == "qwen3moe" else [0, 1, 2])
+        assert sparse == ([0, 2] if name == "qwen3moe-mixed" else [0, 1, 2])
         for i in sparse:
             p = f"model.layers.{i}.{block}."
             assert t[p + "gate.weight"].shape == (experts, v.hidden_size)
@@ -337,6 +346,43 @@ def test_moe_weights_are_stored_per_expert(generated: dict[str, Path]) -> None:
                 assert t[f"{p}experts.{e}.{down}.weight"].shape == (v.hidden_size, width)
             assert not any(k.startswith(p + f"experts.{experts}.") for k in t)
         assert not any(".experts.gate_up_proj" in k for k in t)  # never transformers' in-memory fused layout
+
+
+def test_gpt_oss_experts_are_fused_as_published(generated: dict[str, Path]) -> None:
+    """gpt-oss stores experts fused: bfloat16 "in x out" [E, H, 2I] / [E, I, H], or MXFP4 blocks and scales in
+    "out x in" order with a quantization_config, as gpt-oss-20b's checkpoint does; both hold the same model."""
+    bf, mx = _tensors(generated["gptoss"]), _tensors(generated["gptoss-mxfp4"])
+    v = VARIANTS["gptoss"]
+    e, h, i = v.num_experts, v.hidden_size, v.intermediate_size
+    assert e is not None
+    x = "model.layers.2.mlp.experts."
+    assert bf[x + "gate_up_proj"].shape == (e, h, 2 * i) and bf[x + "down_proj"].shape == (e, i, h)
+    assert bf[x + "gate_up_proj_bias"].shape == (e, 2 * i) and bf[x + "down_proj_bias"].shape == (e, h)
+    assert mx[x + "gate_up_proj_blocks"].shape == (e, 2 * i, h // 32, 16)
+    assert mx[x + "gate_up_proj_scales"].shape == (e, 2 * i, h // 32)
+    assert mx[x + "down_proj_blocks"].shape == (e, h, i // 32, 16)
+    assert mx[x + "down_proj_scales"].shape == (e, h, i // 32)
+    assert x + "gate_up_proj" not in mx and not any(".experts.0." in k for k in bf)
+    decoded = decode_mxfp4(mx[x + "gate_up_proj_blocks"], mx[x + "gate_up_proj_scales"])
+    np.testing.assert_array_equal(decoded.transpose(0, 2, 1), bf[x + "gate_up_proj"].astype(np.float32))
+    shared = set(bf) & set(mx)
+    assert all(np.array_equal(bf[k], mx[k]) for k in shared) and len(shared) == len(mx) - 4 * v.num_hidden_layers
+    cfg = json.loads((generated["gptoss-mxfp4"] / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "mxfp4"
+    assert "quantization_config" not in json.loads((generated["gptoss"] / "config.json").read_text())
+    assert cfg["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+
+
+def test_mxfp4_encoder() -> None:
+    """Values on the grid round-trip exactly; scales are the smallest power of two fitting each group under 6;
+    the even element of a pair is the low nibble."""
+    group = np.array([6.0, -0.5, 1.5, 0.0] + [0.5] * 28, np.float32) * np.float32(2.0**-3)
+    blocks, scales = encode_mxfp4(group[None])
+    assert scales.tolist() == [[124]]  # 2^(124 - 127)
+    assert blocks[0, 0, :2].tolist() == [0x9 << 4 | 0x7, 0x0 << 4 | 0x3]  # (6, -0.5) and (1.5, 0)
+    np.testing.assert_array_equal(decode_mxfp4(blocks, scales)[0], group)
+    rounded = decode_mxfp4(*encode_mxfp4(np.linspace(-5, 5, 64, dtype=np.float32)[None]))
+    assert np.abs(rounded - np.linspace(-5, 5, 64)).max() <= 1.0  # nearest grid point of the group's scale 2^0
 
 
 def test_tokenizer_config_and_chat_template(generated: dict[str, Path]) -> None:
@@ -604,7 +650,11 @@ def test_transformers_loads_model_and_tokenizer(name: str, generated: dict[str, 
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     d = generated[name]
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, output_loading_info=True)
+    # MXFP4 experts: transformers dequantizes them on CPU when asked to (no kernels or accelerate needed)
+    load = {"quantization_config": transformers.Mxfp4Config(dequantize=True)} if VARIANTS[name].mxfp4 else {}
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        d, dtype=torch.float32, output_loading_info=True, **load
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert not info.get("mismatched_keys"), info
     assert type(model).__name__ == json.loads((d / "config.json").read_text())["architectures"][0]

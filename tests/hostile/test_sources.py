@@ -393,3 +393,71 @@ def test_hostile_source_is_refused(name: str, tmp_path: Path) -> None:
     if attack.writes:
         assert tree_snapshot(ck) == before, "an input file changed"
         assert not leftovers, f"temporary output left behind: {leftovers}"
+
+
+# ------------------------------------------------------------------------------------- 7. MXFP4 experts (gpt-oss)
+# Each case rewrites one tensor of a private gptoss-mxfp4 fixture (experts as MXFP4 blocks/scales, as published).
+X = "model.layers.1.mlp.experts."
+
+
+def _retensor(edit: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+    def damage(ck: Path) -> None:
+        import numpy as np
+        from safetensors.numpy import load_file, save_file
+
+        tensors = {k: np.array(v) for k, v in load_file(str(ck / "model.safetensors")).items()}
+        edit(tensors)
+        save_file(tensors, str(ck / "model.safetensors"))
+
+    return damage
+
+
+def _scales_255(t: dict[str, Any]) -> None:
+    t[X + "down_proj_scales"][...] = 255  # E8M0's NaN; 2^128 overflows float32 (every expert: any routing hits it)
+
+
+def _reshape(name: str, shape: tuple[int, ...]) -> Callable[[dict[str, Any]], None]:
+    def edit(t: dict[str, Any]) -> None:
+        t[X + name] = t[X + name].reshape(shape)
+
+    return edit
+
+
+RUN = ("run", "{ck}", "--ids", "1,2,3", "--max-new-tokens", "1")
+MXFP4_CASES: dict[str, tuple[Callable[[dict[str, Any]], None], tuple[str, ...], tuple[str, ...]]] = {
+    "mxfp4-scales-missing": (lambda t: t.pop(X + "gate_up_proj_scales"), ("model.safetensors", "gate_up_proj_scales",
+                                                                            "missing"), ("inspect", "{ck}")),
+    # [E, 2I, H/32] -> [E, 2I, 1, H/32]: not the blocks' leading shape
+    "mxfp4-scales-wrong-shape": (_reshape("gate_up_proj_scales", (4, 128, 1, 2)),
+                                 ("model.safetensors", "gate_up_proj_scales", "shape"), ("inspect", "{ck}")),
+    # [E, 2I, H/32, 16] -> [E, 2I, H/16, 8]: blocks of 8 bytes are not MXFP4
+    "mxfp4-blocks-wrong-shape": (_reshape("gate_up_proj_blocks", (4, 128, 4, 8)),
+                                 ("model.safetensors", "gate_up_proj_blocks", "shape"), ("inspect", "{ck}")),
+    # blocks for 8 experts where the config says 4 (the scales agree with the blocks)
+    "mxfp4-blocks-more-experts": (
+        lambda t: t.update({X + n: t[X + n].reshape(8, 64, *t[X + n].shape[2:]) for n in ("gate_up_proj_blocks",
+                                                                                          "gate_up_proj_scales")}),
+        ("model.safetensors", "gate_up_proj_blocks", "config.json implies"), ("inspect", "{ck}")),
+    "mxfp4-blocks-as-bf16": (lambda t: t.update({X + "down_proj_blocks": t[X + "down_proj_blocks"].view("<i2")}),
+                             ("model.safetensors", "down_proj_blocks", "I16"), ("inspect", "{ck}")),
+    "u8-outside-mxfp4": (lambda t: t.update({X + "down_proj_bias": t[X + "down_proj_bias"].view("u1")[..., ::2]}),
+                         ("model.safetensors", "down_proj_bias", "U8"), ("inspect", "{ck}")),
+    "mxfp4-scale-255": (_scales_255, ("model.safetensors", "down_proj_scales", "255"), RUN),
+}
+
+
+@pytest.fixture(scope="module")
+def mxfp4_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fixtures.generate import make_checkpoint
+
+    return make_checkpoint("gptoss-mxfp4", tmp_path_factory.mktemp("mxfp4") / "gptoss-mxfp4")
+
+
+@pytest.mark.parametrize("name", list(MXFP4_CASES))
+def test_hostile_mxfp4_is_refused(name: str, tmp_path: Path, mxfp4_fixture: Path) -> None:
+    edit, mentions, command = MXFP4_CASES[name]
+    ck = tmp_path / "gptoss"
+    shutil.copytree(mxfp4_fixture, ck)
+    _retensor(edit)(ck)
+    args = [a.replace("{ck}", str(ck)) for a in command]
+    assert_refused(run_cli(args, cwd=tmp_path), mentions=mentions)

@@ -1,0 +1,271 @@
+"""Embedding encoders (BERT, XLM-RoBERTa) as llama.cpp's ``bert`` architecture: keys, tensors, the writer.
+
+llama.cpp's BERT graph: word + position (+ token-type row 0) embeddings, LayerNorm (``token_embd_norm``), then
+per layer bidirectional attention (``attn_q/k/v``, ``attn_output``, all with biases), ``attn_output_norm``, a GELU
+MLP (``ffn_up``/``ffn_down`` with biases) and ``layer_output_norm``: the post-LN layer of EncoderSpec. Keys:
+``bert.attention.causal`` = false, ``bert.pooling_type`` (llama.cpp's enum: mean / cls / last),
+``bert.attention.layer_norm_epsilon``, ``bert.context_length`` = the position rows in the file,
+``tokenizer.ggml.token_type_count``.
+
+XLM-RoBERTa numbers positions from ``padding_idx + 1``; llama.cpp counts from 0, so the file's
+``position_embd`` drops the first ``position_offset`` rows, as llama.cpp's converter does. llama.cpp always adds
+token-type row 0, which is what the reference adds for a single text.
+
+Pooling: mean, cls and last_token map to llama.cpp's pooling types; max and mean_sqrt_len have none and are
+refused. llama.cpp returns the pooled vector unnormalised: the artifact metadata records whether the pipeline
+L2-normalises (``normalize``), the runner applies it, and Llama.embed users pass ``normalize=True``.
+
+Precisions: f32, f16 and q8_0 (the encoder "int8": every matrix, word embeddings included, in 8-bit blocks;
+llama.cpp also rounds activations to 8 bits inside those matmuls). The position and token-type tables and all
+1-D tensors stay F32, as llama.cpp's converter keeps them. 4-bit and K-quant files are refused for encoders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sovpack._io import Progress
+from sovpack._protocols import RunnerTraits, WrittenArtifact
+from sovpack.errors import ConversionError
+from sovpack.source.model import SourceModel
+from sovpack.source.spec import EncoderSpec, ModelSpec
+from sovpack.targets.base import copy_support_files
+from sovpack.targets.gguf.encoder_tokenizer import encoder_tokenizer
+from sovpack.targets.gguf.runtime import import_gguf
+from sovpack.targets.gguf.tensors import TensorJob, row_blocks
+from sovpack.targets.gguf.vocab import DivergenceRule, GgufTokenizer
+from sovpack.targets.gguf.writer import FILE_TYPES, add_general, read_tensor_types, stream_gguf
+
+ENCODER_FAMILIES = frozenset({"bert", "xlm_roberta"})
+ENCODER_PRECISIONS = ("f32", "f16", "q8_0")
+ARCH = "bert"  # gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.BERT]
+# sentence-transformers pooling mode -> gguf.PoolingType member; max / mean_sqrt_len have no llama.cpp pooling.
+POOLING_TYPES = {"mean": "MEAN", "cls": "CLS", "last_token": "LAST"}
+# Files of the sentence-transformers pipeline that ride along (``sovpack run``, provenance); llama.cpp reads none.
+PIPELINE_FILES = ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json")
+
+
+def check_encoder(spec: ModelSpec, precision: str) -> EncoderSpec:
+    """The spec's EncoderSpec if llama.cpp's bert architecture computes it at ``precision``; else ConversionError."""
+    enc = spec.encoder
+    where = f"{spec.family} ({spec.architecture})"
+    if enc is None or spec.family not in ENCODER_FAMILIES:
+        raise ConversionError(f"{where}: not an embedding encoder llama.cpp's bert architecture runs")
+    if precision not in ENCODER_PRECISIONS:
+        raise ConversionError(
+            f"{where}: gguf precision {precision!r} is not offered for embedding encoders (only "
+            f"{', '.join(ENCODER_PRECISIONS)}): 4-bit / K-quant encoders are not parity-checked, and llama.cpp's "
+            "K-quants need 256-wide rows most encoders lack"
+        )
+    mode = enc.pooling.mode
+    if mode not in POOLING_TYPES:
+        raise ConversionError(
+            f"{where}: {mode} pooling has no llama.cpp pooling type (it has mean, cls, last); the artifact would "
+            "not produce the model's embeddings"
+        )
+    if not enc.pooling.include_prompt:
+        raise ConversionError(
+            f"{where}: pooling without the prompt tokens (include_prompt=false) has no llama.cpp equivalent"
+        )
+    if spec.activation != "gelu":
+        raise ConversionError(f"{where}: activation {spec.activation!r}; llama.cpp's bert runs GELU")
+    if spec.num_kv_heads != spec.num_heads:
+        raise ConversionError(f"{where}: grouped key/value heads; llama.cpp's bert has one K/V head per head")
+    if enc.position_offset >= spec.max_position_embeddings:
+        raise ConversionError(f"{where}: positions start at {enc.position_offset}, past the position table")
+    return enc
+
+
+def positions(spec: ModelSpec) -> int:
+    """Position rows in the file (llama.cpp's n_ctx_train): the table after the first ``position_offset`` rows."""
+    assert spec.encoder is not None
+    return spec.max_position_embeddings - spec.encoder.position_offset
+
+
+def encoder_tensor_plan(model: SourceModel) -> list[TensorJob]:
+    """Every tensor of the bert-architecture file, in llama.cpp's converter order, read on demand."""
+    gguf = import_gguf()
+    t = gguf.MODEL_TENSOR
+    spec = model.spec
+    enc = spec.encoder
+    assert enc is not None
+    allowed = set(gguf.MODEL_TENSORS[gguf.MODEL_ARCH.BERT])
+    shapes = spec.tensor_shapes()
+    jobs: list[TensorJob] = []
+
+    def name(kind: Any, suffix: str, bid: int | None = None) -> str:
+        if kind not in allowed:  # pragma: no cover - gguf-py's table is what llama.cpp loads
+            raise ConversionError(f"llama.cpp's bert architecture has no tensor {kind.name}")
+        base = gguf.TENSOR_NAMES[kind]
+        return (base.format(bid=bid) if bid is not None else base) + "." + suffix
+
+    def add(gguf_name: str, canonical: str, *, f32: bool = False) -> None:
+        jobs.append(
+            TensorJob(name=gguf_name, shape=shapes[canonical], blocks=lambda: row_blocks(model, canonical), f32=f32)
+        )
+
+    # NOTE: position and token-type tables stay F32 at every precision, as llama.cpp's converter keeps them:
+    # its BERT graph adds the token-type row with ggml_add, which has no f32 + f16 kernel on the CPU.
+    offset = enc.position_offset
+
+    def position_rows() -> Any:
+        # NOTE: the table is [positions, hidden] (2 MB for 512 x 1024 f32): read whole, rows sliced.
+        yield model.tensor("pos_embed", np.float32)[offset:]
+
+    add(name(t.TOKEN_EMBD, "weight"), "embed")
+    if enc.type_vocab_size:
+        add(name(t.TOKEN_TYPES, "weight"), "type_embed", f32=True)
+    jobs.append(
+        TensorJob(
+            name=name(t.POS_EMBD, "weight"), shape=(positions(spec), spec.hidden_size), blocks=position_rows, f32=True
+        )
+    )
+    add(name(t.TOKEN_EMBD_NORM, "weight"), "embed_norm")
+    add(name(t.TOKEN_EMBD_NORM, "bias"), "embed_norm_bias")
+    per_layer = (
+        (t.ATTN_Q, "q"),
+        (t.ATTN_K, "k"),
+        (t.ATTN_V, "v"),
+        (t.ATTN_OUT, "o"),
+        (t.ATTN_OUT_NORM, "attn_output_norm"),
+        (t.FFN_UP, "up"),
+        (t.FFN_DOWN, "down"),
+        (t.LAYER_OUT_NORM, "output_norm"),
+    )
+    for i in range(spec.num_layers):
+        for kind, canonical in per_layer:
+            add(name(kind, "weight", i), f"layers.{i}.{canonical}")
+            add(name(kind, "bias", i), f"layers.{i}.{canonical}_bias")
+    return jobs
+
+
+def add_encoder_metadata(writer: Any, model: SourceModel, tok: GgufTokenizer, file_type: Any) -> None:
+    """general.*, the bert hyperparameters, pooling and the tokenizer."""
+    gguf = import_gguf()
+    spec = model.spec
+    enc = spec.encoder
+    assert enc is not None
+    add_general(writer, model, file_type)
+    writer.add_vocab_size(spec.vocab_size)
+    writer.add_context_length(positions(spec))
+    writer.add_embedding_length(spec.hidden_size)
+    writer.add_block_count(spec.num_layers)
+    writer.add_feed_forward_length(spec.intermediate_size)
+    writer.add_head_count(spec.num_heads)
+    writer.add_head_count_kv(spec.num_kv_heads)
+    writer.add_layer_norm_eps(spec.norm_eps)
+    writer.add_causal_attention(False)
+    writer.add_pooling_type(gguf.PoolingType[POOLING_TYPES[enc.pooling.mode]])
+    tok.add_to(writer)
+
+
+def truncation_rule(model: SourceModel) -> DivergenceRule:
+    """Texts longer than max_seq_length: Llama.embed keeps their first tokens and drops the final separator,
+    where sentence-transformers (the source) cuts the text and keeps it."""
+    from sovpack.parity.embeddings import max_input_length
+    from sovpack.source.tokenizer import SourceTokenizer
+
+    limit = max_input_length(model)
+    path = model.checkpoint.tokenizer_json
+    source = SourceTokenizer(path) if path is not None else None
+    return DivergenceRule(
+        rule="truncation",
+        description=f"texts over {limit} tokens: llama.cpp's Llama.embed drops the tail including the final "
+        "separator; sentence-transformers keeps the separator",
+        applies=lambda text: source is not None and len(source.encode(text)) > limit,
+    )
+
+
+def write_encoder(model: SourceModel, precision: str, out_dir: Path, progress: Progress) -> WrittenArtifact:
+    """Write an embedding encoder's .gguf (and its tokenizer / pipeline files) into ``out_dir``."""
+    gguf = import_gguf()
+    from sovpack.parity.embeddings import ENCODER_TOKENIZER_CORPUS
+
+    spec = model.spec
+    enc = check_encoder(spec, precision)
+    tok = encoder_tokenizer(
+        model.checkpoint,
+        vocab_size=spec.vocab_size,
+        type_vocab_size=enc.type_vocab_size,
+        pad_id=spec.pad_token_id,
+        corpus=ENCODER_TOKENIZER_CORPUS,
+    )
+    tok.divergences.append(truncation_rule(model).known(ENCODER_TOKENIZER_CORPUS))
+    filename = f"{model.name}-{precision}.gguf"
+    out = Path(out_dir) / filename
+    file_type = getattr(gguf.LlamaFileType, FILE_TYPES[precision])
+    stats = stream_gguf(
+        model,
+        ARCH,
+        encoder_tensor_plan(model),
+        lambda writer: add_encoder_metadata(writer, model, tok, file_type),
+        precision,
+        out,
+        progress,
+    )
+    support = copy_support_files(model, Path(out_dir))
+    for name in PIPELINE_FILES:
+        if model.checkpoint.file(name) is not None:
+            (Path(out_dir) / name).parent.mkdir(parents=True, exist_ok=True)
+            support += copy_support_files(model, Path(out_dir), (name,))
+    pooling = enc.pooling
+    format_metadata: dict[str, Any] = {
+        "gguf_file": filename,
+        "architecture": ARCH,
+        "encoder": True,
+        "pooling": pooling.mode,
+        "llama_pooling_type": POOLING_TYPES[pooling.mode].lower(),
+        "normalize": pooling.normalize,
+        "max_seq_length": pooling.max_seq_length,
+        "position_offset": enc.position_offset,
+        "quantizer": "gguf-py",
+        "tensor_types": read_tensor_types(out),
+        "fallbacks": stats.fallbacks,
+        "tokenizer": tok.summary(),
+        "notes": encoder_notes(spec, precision),
+    }
+    traits = RunnerTraits(parity_limits=encoder_parity_limits(precision),
+                          known_tokenizer_divergences=tuple(tok.divergent_texts))
+    return WrittenArtifact(files=(filename, *support), format_metadata=format_metadata, traits=traits)
+
+
+def encoder_parity_limits(precision: str) -> dict[str, float]:
+    """Token-state limits llama.cpp cannot meet: its float16-table tanh GELU moves the f32 token states by
+    1.4e-3 - 4.2e-3 (fixtures, all-MiniLM-L6-v2) against fp32's 1e-3; 1e-2 is ~2.5x that. Embedding cosines
+    stay within the defaults (1 - cos <= 1e-6)."""
+    return {"max_hidden_abs": 1e-2} if precision == "f32" else {}
+
+
+def encoder_notes(spec: ModelSpec, precision: str) -> list[str]:
+    """What a user of the file must know to get the model's embeddings out of llama.cpp."""
+    enc = spec.encoder
+    assert enc is not None
+    p = enc.pooling
+    notes = [
+        f"llama.cpp pools the token states itself ({p.mode} -> bert.pooling_type "
+        f"{POOLING_TYPES[p.mode].lower()}) and returns the pooled vector unnormalised",
+        "llama.cpp's GELU is the tanh approximation read from a float16 table; the source uses the exact (erf) "
+        "GELU: parity measures the difference",
+    ]
+    if p.normalize:
+        notes.append(
+            "the sentence-transformers pipeline L2-normalises (Normalize module): the runner does, and users of "
+            "llama-cpp-python must call Llama.embed(..., normalize=True)"
+        )
+    if p.max_seq_length is not None:
+        notes.append(
+            f"the pipeline truncates inputs to {p.max_seq_length} tokens keeping the final [SEP]/</s>; the runner "
+            f"opens llama.cpp with n_batch={min(p.max_seq_length, positions(spec))}, and Llama.embed truncates to "
+            "n_batch by dropping the tail (the final separator included): over-long texts differ there"
+        )
+    if enc.position_offset:
+        notes.append(
+            f"positions start at {enc.position_offset} in the source (XLM-RoBERTa's padding_idx + 1): the file's "
+            "position_embd omits the first rows, as llama.cpp's own converter does"
+        )
+    if enc.type_vocab_size > 1:
+        notes.append("llama.cpp adds token-type row 0 to every token (single-text embeddings, as the pipeline does)")
+    return notes
