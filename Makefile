@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_MODEL := fixtures/checkpoints/llama3
 DEMO_OUT := demo-out
+# The embedding part of the demo: the real all-MiniLM-L6-v2 (Apache-2.0), fetched from PyPI once and cached.
+DEMO_TEXTS := --text "A man is eating food." --text "A man is eating pasta." --text "The new movie is awesome."
+DEMO_ENCODER_TARGETS := onnx:fp32 gguf:f16 openvino:fp16
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
 .PHONY: demo test lint fixtures clean
@@ -21,7 +24,8 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[onnx,llama,openvino,oracle,dev]'
 	touch $@ $(VENV)/.demo-installed
 
-# The main job: a signed three-target bundle from the committed fixture, verified, inspected and run.
+# The main job: a signed three-target bundle from the committed fixture, verified, inspected and run; then the same
+# for an embedding model with real weights (cosine similarities of three texts, identical on every runtime).
 demo: $(VENV)/.demo-installed
 	$(BIN)/sovpack inspect $(DEMO_MODEL)
 	$(BIN)/sovpack run $(DEMO_MODEL) --prompt "The capital of France is" --max-new-tokens 12
@@ -33,6 +37,17 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/sovpack inspect $(DEMO_OUT)/bundle --key $(DEMO_OUT)/keys/public.pem
 	$(BIN)/sovpack run $(DEMO_OUT)/bundle -t gguf:q8_0 --key $(DEMO_OUT)/keys/public.pem \
 		--prompt "The capital of France is" --max-new-tokens 12
+	@echo "--- embeddings: all-MiniLM-L6-v2 (real weights), reference, then signed bundle on three runtimes"
+	$(BIN)/python -m fixtures.real_weights minilm > $(DEMO_OUT)/minilm.path
+	$(BIN)/sovpack run "$$(cat $(DEMO_OUT)/minilm.path)" $(DEMO_TEXTS)
+	$(BIN)/sovpack build "$$(cat $(DEMO_OUT)/minilm.path)" -o $(DEMO_OUT)/minilm --force \
+		--key $(DEMO_OUT)/keys/private.pem $(addprefix -t ,$(DEMO_ENCODER_TARGETS)) --license Apache-2.0
+	$(BIN)/sovpack verify $(DEMO_OUT)/minilm --key $(DEMO_OUT)/keys/public.pem \
+		$(addprefix --require-target ,$(DEMO_ENCODER_TARGETS))
+	$(BIN)/sovpack inspect $(DEMO_OUT)/minilm --key $(DEMO_OUT)/keys/public.pem
+	for target in $(DEMO_ENCODER_TARGETS); do \
+		$(BIN)/sovpack run $(DEMO_OUT)/minilm -t $$target --key $(DEMO_OUT)/keys/public.pem $(DEMO_TEXTS) || exit 1; \
+	done
 
 # llama.cpp's own tokenizer test vectors (models/ggml-vocab-*.gguf + .inp/.out) ship in llama-cpp-python's
 # source distribution on PyPI: the real-vocabulary tokenizer tests read them from here.

@@ -16,6 +16,7 @@ SCHEMA_FILES = (
     "bundle-policy",
     "modelpack-config",
     "parity-reference",
+    "embedding-reference",
     "provenance-predicate",
     "parity-predicate",
     "model-signing-predicate",

@@ -10,7 +10,12 @@ from sovpack import __version__
 from sovpack._io import Progress, atomic_directory, check_not_input, no_progress
 from sovpack.artifact import ARTIFACT_FILE, ArtifactMetadata
 from sovpack.errors import ConversionError, ParityError
-from sovpack.parity.embeddings import RecordedEmbeddings, check_embedding_parity, record_embeddings
+from sovpack.parity.embeddings import (
+    RecordedEmbeddings,
+    check_embedding_parity,
+    labeled_texts,
+    record_embeddings,
+)
 from sovpack.parity.recorded import RecordedReference, record_reference
 from sovpack.parity.report import PARITY_FILE, ParityReport
 from sovpack.source.model import SourceModel, open_model
@@ -80,9 +85,8 @@ def convert(
         metadata.save(tmp)
         report = None
         if parity and model.spec.encoder is not None:
-            texts = {f"text {i + 1}": text for i, text in enumerate(prompts)} or None
             embedded = reference if isinstance(reference, RecordedEmbeddings) else record_embeddings(
-                model, texts, progress=progress)
+                model, labeled_texts(prompts), progress=progress)
             report = run_embedding_parity(ref, tmp, metadata, embedded, model.checkpoint.tokenizer_json,
                                           threshold_overrides, progress)
         elif parity:

@@ -16,18 +16,13 @@ from fixtures.encoders import make_encoder_checkpoint
 from sovpack.encoder_reference import EncoderReference
 from sovpack.source.model import open_model
 from sovpack.source.tokenizer import SourceTokenizer
+from tests.targets.shared import ENCODER_TEXTS
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 sentence_transformers = pytest.importorskip("sentence_transformers")
 
-TEXTS = [
-    "A man is eating food.",
-    "A man is eating pasta.",
-    "The new movie is awesome.",
-    "hi",
-    "def greet(name): return 'hello ' + name  # a longer line of code, so the batch has mixed lengths",
-]
+TEXTS = ENCODER_TEXTS
 
 
 def _hf_hidden(path: Path, ids: list[list[int]]) -> np.ndarray:

@@ -16,7 +16,11 @@ The bundle index (an OCI image index, also carrying the tag and the bundle name)
   ``parity.json`` (a report, not needed to run) is ``...model.doc.v1.raw``.
 - one **parity reference** manifest (``application/vnd.sovpack.parity-reference.v1+json``): the prompts'
   token ids, the reference's greedy tokens and fp32 logits (one .npy layer per prompt) and the source
-  tokenizer.json, so a deploy site can re-check parity without the checkpoint (``sovpack parity``).
+  tokenizer.json, so a deploy site can re-check parity without the checkpoint (``sovpack parity``). For an
+  embedding encoder the same kind of manifest holds, under config ``application/vnd.sovpack.embedding-reference
+  .config.v1+json`` (schemas/embedding-reference.schema.json: texts, labels, token ids, truncation, max_length,
+  dimension), the reference's fp32 embeddings [texts, dim] and all token states [tokens, dim] as two .npy
+  layers (``sovpack.parity.embeddings``).
 - three **attestation** manifests per target (``attestations``), each an OCI 1.1 referrer (``subject`` = the
   target manifest) holding one Sigstore bundle v0.3 (DSSE, in-toto Statement v1): the OpenSSF model-signing
   signature of the target's files, SLSA provenance v1, and the parity result as an in-toto test-result. Index

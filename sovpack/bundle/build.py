@@ -52,6 +52,13 @@ from sovpack.oci.media import (
     TAG_RE,
 )
 from sovpack.oci.store import BlobStore, manifest_document, write_layout
+from sovpack.parity.embeddings import (
+    MT_EMBEDDING_REFERENCE_CONFIG,
+    MT_REFERENCE_EMBEDDINGS,
+    RecordedEmbeddings,
+    labeled_texts,
+    record_embeddings,
+)
 from sovpack.parity.recorded import REFERENCE_TOKENIZER, RecordedReference, record_reference
 from sovpack.parity.report import PARITY_FILE, ParityReport
 from sovpack.source.model import SourceModel, open_model
@@ -139,8 +146,9 @@ def build_bundle(
 ) -> BuildResult:
     """Convert every target, check parity on its runtime, and write the signed bundle atomically.
 
-    The checkpoint is opened and hashed once and the numpy reference runs once (all prompts batched); every
-    target is converted from that model and judged against those recorded answers. A FAILED target raises
+    The checkpoint is opened and hashed once and the numpy reference runs once (all prompts batched; for an
+    embedding encoder, all texts in one padded batch, ``prompts`` then being the texts); every target is
+    converted from that model and judged against those recorded answers. A FAILED target raises
     ParityError and nothing is written; WARNED targets are kept (their attestation says WARNED and ``sovpack
     verify`` policy decides).
     """
@@ -148,9 +156,6 @@ def build_bundle(
 
     checkpoint, output, refs = _resolve_targets(config)
     model = open_model(checkpoint, allow_nonfinite=config.allow_nonfinite)
-    if model.spec.encoder is not None:  # NOTE: issue 15 brings encoders to convert first, bundles next
-        raise UsageError(f"{checkpoint}: {model.spec.family} is an embedding encoder; sovpack build does not bundle "
-                         "encoders yet: convert each target with `sovpack convert`")
     for ref in refs:
         ref.check_family(model.spec)
     name = config.metadata.name or model.name
@@ -162,7 +167,11 @@ def build_bundle(
     try:
         with atomic_directory(output, force=force, inputs=[checkpoint]) as tmp:
             store = BlobStore(tmp)
-            reference = record_reference(model, config.prompts, progress=progress)
+            reference: RecordedReference | RecordedEmbeddings
+            if model.spec.encoder is not None:  # an embedding encoder is judged by its embeddings of texts
+                reference = record_embeddings(model, labeled_texts(config.prompts), progress=progress)
+            else:
+                reference = record_reference(model, config.prompts, progress=progress)
             ref_manifest = _store_reference(store, reference, model, context)
             entries: list[Descriptor] = []
             attestations: list[Descriptor] = []
@@ -264,16 +273,26 @@ class _BuildContext:
         return params
 
 
-def _store_reference(store: BlobStore, reference: RecordedReference, model: SourceModel, context: _BuildContext
-                     ) -> Descriptor:
-    """The parity reference manifest: source tokenizer, the recorded logits per prompt, and their config."""
+def _store_reference(store: BlobStore, reference: RecordedReference | RecordedEmbeddings, model: SourceModel,
+                     context: _BuildContext) -> Descriptor:
+    """The parity reference manifest: the source tokenizer, the recorded answers, and their config.
+
+    A decoder's answers are its logits per prompt; an encoder's are its embeddings and token states
+    (sovpack.parity.embeddings), under a config media type of their own in the same kind of manifest.
+    """
     tokenizer_path = model.checkpoint.tokenizer_json
     if tokenizer_path is None:
         raise ParityError(f"{model.path}: parity needs tokenizer.json")
     layers = [store_file(store, tokenizer_path, REFERENCE_TOKENIZER, MT_WEIGHT_CONFIG)]
-    for title, data in reference.logits_files():
-        layers.append(store.add(data, MT_LOGITS, annotations={ANN_TITLE: title}))
-    config = store.add(pretty_json(reference.config.to_dict()), MT_PARITY_REFERENCE_CONFIG)
+    if isinstance(reference, RecordedEmbeddings):
+        for title, data in reference.reference_files():
+            layers.append(store.add(data, MT_REFERENCE_EMBEDDINGS, annotations={ANN_TITLE: title}))
+        config_document = reference.reference_config(REFERENCE_TOKENIZER).to_dict()
+        config = store.add(pretty_json(config_document), MT_EMBEDDING_REFERENCE_CONFIG)
+    else:
+        for title, data in reference.logits_files():
+            layers.append(store.add(data, MT_LOGITS, annotations={ANN_TITLE: title}))
+        config = store.add(pretty_json(reference.config.to_dict()), MT_PARITY_REFERENCE_CONFIG)
     annotations = {ANN_TITLE: f"{context.name} parity reference"}
     if context.created:
         annotations[ANN_CREATED] = context.created

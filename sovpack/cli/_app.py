@@ -113,6 +113,7 @@ def cli(debug: bool) -> None:
     Typical flow:
       sovpack inspect ./checkpoint
       sovpack run ./checkpoint --prompt "Hello"
+      sovpack run ./encoder --text "A man is eating food." --text "A man is eating pasta."
       sovpack convert ./checkpoint -t onnx:fp16 -o ./out/onnx-fp16
       sovpack keygen -o keys
       sovpack build ./checkpoint -o model.oci -t onnx:fp16 -t gguf:q8_0 -t openvino:fp16 --key keys/private.pem

@@ -314,6 +314,14 @@ def parity_command(bundle: Path, targets: tuple[str, ...], keys: tuple[Path, ...
         raise ParityError(f"{bundle}: parity re-check FAILED for {', '.join(failed)}")
 
 
+def embedding_summary(encoder: dict[str, Any] | None) -> str:
+    """", 384 dimensions, mean pooling, normalize True, max_seq_length 256" for an encoder; "" for a decoder."""
+    if not encoder:
+        return ""
+    return (f", {encoder['dimension']} dimensions, {encoder['pooling']} pooling, normalize {encoder['normalize']}, "
+            f"max_seq_length {encoder['max_seq_length']}")
+
+
 def render_bundle_info(info: dict[str, Any]) -> None:
     """``sovpack inspect BUNDLE`` as text (the JSON form is the dict itself); digests are never shortened."""
     signed = info.get("signed")
@@ -339,6 +347,8 @@ def render_bundle_info(info: dict[str, Any]) -> None:
             f"signers (unverified) {signers}"
         )
         click.echo(f"  {'':<16} manifest {t['manifest_digest']}")
+        if t.get("model"):
+            click.echo(f"  {'':<16} {t['model']} ({t.get('family')}){embedding_summary(t.get('encoder'))}")
     for problem in info.get("problems", []):
         click.echo(f"problem: {problem}")
 

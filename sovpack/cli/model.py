@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from sovpack.cli._app import cli, echo_json, progress_bar
 from sovpack.cli.transfer import BUNDLE, current_registry_options, registry_options
 from sovpack.errors import SovpackError, UsageError
+
+if TYPE_CHECKING:
+    from sovpack.run import EmbedResult
 
 
 @cli.command()
@@ -23,13 +27,13 @@ def inspect(path: Path, keys: tuple[Path, ...], as_json: bool) -> None:
     A bundle's name, tag and licences are reported as signed only with --key; without, they are marked unsigned.
     """
     from sovpack.attest.dsse import load_trusted_keys
-    from sovpack.inspection import inspect_path
+    from sovpack.inspection import inspect_bundle_models, inspect_path
     from sovpack.transport import bundle_location
-    from sovpack.verify import inspect_bundle
 
     trusted = load_trusted_keys(keys)
     with bundle_location(path, current_registry_options()) as source:
-        info = inspect_path(source, keys=trusted) if isinstance(source, Path) else inspect_bundle(source, keys=trusted)
+        info = (inspect_path(source, keys=trusted) if isinstance(source, Path)
+                else inspect_bundle_models(source, keys=trusted))
     if as_json:
         echo_json(info)
         return
@@ -41,15 +45,23 @@ def inspect(path: Path, keys: tuple[Path, ...], as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(show_header=False, box=None)
-    for key in ("kind", "name", "family", "architecture", "target", "parameters", "dtypes", "size"):
+    for key in ("kind", "name", "family", "model", "architecture", "target", "parameters", "dtypes", "size"):
         if info.get(key) is not None:
             table.add_row(key, str(info[key]))
+    encoder = info.get("encoder")
+    if encoder:
+        table.add_row("embedding", f"{encoder['dimension']} dimensions")
+        for key in ("pooling", "normalize", "max_seq_length"):
+            table.add_row(f"  {key}", str(encoder[key]))
     if info.get("parity"):
         table.add_row("parity", str(info["parity"]["status"]))
     if info.get("spec"):
         spec = info["spec"]
-        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                    "intermediate_size", "rope_theta", "activation"):
+        keys_shown = (("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                       "max_position_embeddings", "activation") if encoder else
+                      ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                       "intermediate_size", "rope_theta", "activation"))
+        for key in keys_shown:
             table.add_row(f"  {key}", str(spec[key]))
         if spec.get("rope_scaling", {}).get("kind", "none") != "none":
             table.add_row("  rope_scaling", str(spec["rope_scaling"]))
@@ -82,8 +94,11 @@ def _parse_ids(text: str) -> list[int]:
 @cli.command()
 @click.argument("path", type=BUNDLE)
 @registry_options
-@click.option("--prompt", help="Text prompt, encoded with the model's tokenizer.json.")
-@click.option("--ids", help="Comma-separated prompt token ids, e.g. 1,2,3.")
+@click.option("--prompt", help="Text prompt, encoded with the model's tokenizer.json (decoders).")
+@click.option("--ids", help="Comma-separated prompt token ids, e.g. 1,2,3 (decoders).")
+@click.option("--text", "texts", multiple=True,
+              help="A text to embed (embedding encoders; repeatable): prints the cosine similarity matrix.")
+@click.option("--vectors", is_flag=True, help="With --text --json: include the embedding vectors.")
 @click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(0, 4096))
 @click.option("--logits-out", type=click.Path(path_type=Path), help="Save prefill logits [tokens, vocab] as .npy.")
 @click.option("-t", "--target", help="For a bundle: which target to run, e.g. gguf:q8_0.")
@@ -92,22 +107,48 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy file (JSON or TOML).")
 @click.option("--insecure", is_flag=True, help="Run a bundle without a key (nothing is verified).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def run(path: Path, prompt: str | None, ids: str | None, max_new_tokens: int, logits_out: Path | None,
-        target: str | None, keys: tuple[Path, ...], policy_path: Path | None, insecure: bool, as_json: bool) -> None:
-    """Greedy-generate from a checkpoint (numpy reference), an artifact directory or a bundle (its runtime).
+def run(path: Path, prompt: str | None, ids: str | None, texts: tuple[str, ...], vectors: bool, max_new_tokens: int,
+        logits_out: Path | None, target: str | None, keys: tuple[Path, ...], policy_path: Path | None,
+        insecure: bool, as_json: bool) -> None:
+    """Run a checkpoint (numpy reference), an artifact directory or a bundle (its runtime).
+
+    A decoder greedy-generates from --prompt or --ids; an embedding encoder embeds each --text and prints the
+    embeddings' shape, pooling and the texts' cosine similarity matrix.
 
     With --key, a bundle is verified and an extracted directory is checked against its model.sig before anything
     is loaded (and only a private, hashed copy is run); without, a bundle needs --insecure.
     """
     from sovpack.attest.dsse import load_trusted_keys
-    from sovpack.run import run as run_model
     from sovpack.transport import local_bundle
     from sovpack.verify import Policy
 
+    if not texts and prompt is None and ids is None:
+        raise UsageError("give --prompt or --ids (a decoder generates), or --text (an embedding encoder embeds)")
+    if texts and (prompt is not None or ids is not None):
+        raise UsageError("--text embeds with an embedding encoder, --prompt/--ids generate with a decoder: give one")
+    if texts and logits_out is not None:
+        raise UsageError("--logits-out saves a decoder's logits; an embedding run (--text) has none")
+    if vectors and not (texts and as_json):
+        raise UsageError("--vectors adds the embedding vectors to the JSON of an embedding run: use it with --text "
+                         "and --json")
     if logits_out is not None:
         _check_logits_out(logits_out, path)
     policy = Policy.load(policy_path).narrowed(key_paths=keys) if policy_path is not None else None
     trusted = load_trusted_keys(policy.keys if policy is not None else keys)
+    if texts:
+        from sovpack.run import embed
+
+        with local_bundle(path, current_registry_options()) as local:
+            embedded = embed(local, texts, target=target, keys=trusted, policy=policy, insecure=insecure)
+        if embedded.verified is False:
+            click.echo(f"warning: {path}: nothing was verified (no --key): running the files as they are", err=True)
+        if as_json:
+            echo_json(embedded.to_dict(vectors=vectors))
+            return
+        render_embeddings(embedded)
+        return
+    from sovpack.run import run as run_model
+
     with local_bundle(path, current_registry_options()) as local:
         result = run_model(
             local, prompt=prompt, ids=_parse_ids(ids) if ids is not None else None, max_new_tokens=max_new_tokens,
@@ -132,6 +173,33 @@ def run(path: Path, prompt: str | None, ids: str | None, max_new_tokens: int, lo
         echo_json(result.to_dict())
         return
     click.echo(result.text if result.text is not None else " ".join(map(str, result.generated_ids)))
+
+
+def pipeline_line(facts: dict[str, Any]) -> str:
+    """An encoder's pipeline in words: "mean pooling, L2-normalised, max 256 tokens"."""
+    parts = [f"{facts['pooling']} pooling", "L2-normalised" if facts["normalize"] else "not normalised"]
+    if facts.get("max_input_tokens") is not None:
+        parts.append(f"max {facts['max_input_tokens']} tokens")
+    return ", ".join(parts)
+
+
+def render_embeddings(result: EmbedResult) -> None:
+    """Shape, pipeline and runtime on one line, the texts numbered, then their cosine similarity matrix."""
+    count, dimension = result.embeddings.shape
+    verified = {None: "", True: ", verified", False: ", unverified"}[result.verified]
+    click.echo(f"{result.family} embeddings: {count} x {dimension} ({pipeline_line(result.to_dict())}) on "
+               f"{result.runtime}{verified}")
+    width = len(str(count))
+    for i, (text, tokens) in enumerate(zip(result.texts, result.tokens, strict=True), start=1):
+        shown = " ".join(text.split())
+        shown = shown if len(shown) <= 72 else shown[:71] + "…"
+        counted = f" ({tokens} tokens)" if tokens is not None else ""
+        click.echo(f"  [{i:>{width}}] {shown}{counted}")
+    click.echo("cosine similarity")
+    label = 4 + width
+    click.echo(" " * label + "".join(f"{f'[{j}]':>9}" for j in range(1, count + 1)))
+    for i, row in enumerate(result.cosine, start=1):
+        click.echo(f"{f'[{i}]':>{label}}" + "".join(f"{c:>9.4f}" for c in row))
 
 
 @cli.command()

@@ -9,6 +9,10 @@ Three things are compared, all on one batch of texts of mixed lengths (right-pad
   check's business);
 - the tokenizer: the artifact's token ids against the source tokenizer's on the tokenizer corpus, truncated
   at the model's max_seq_length as sentence-transformers truncates.
+
+A build stores the recorded reference in the bundle (``reference_files`` and ``EmbeddingReferenceConfig``:
+the embeddings, every text's token states, and a JSON config with the texts, ids and truncation), so a deploy
+site re-checks an encoder without the checkpoint (``RecordedEmbeddings.from_stored``).
 """
 
 # The texts are deliberately non-ASCII; RUF001 (confusable characters) would flag them.
@@ -16,20 +20,23 @@ Three things are compared, all on one batch of texts of mixed lengths (right-pad
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from sovpack._io import Progress, no_progress
 from sovpack._protocols import EmbeddingRunner
 from sovpack.encoder_reference import EncoderReference
-from sovpack.errors import ParityError, UsageError
-from sovpack.parity.judge import judge_metric, tokenizer_check
+from sovpack.errors import ParityError, UsageError, VerificationError
+from sovpack.parity.judge import judge_metric, tokenizer_check, verdict
 from sovpack.parity.metrics import check_tokenizer
 from sovpack.parity.prompts import TOKENIZER_CORPUS
-from sovpack.parity.report import AggregateMetrics, EmbeddingResult, ParityReport, Status, TextEmbedding
+from sovpack.parity.report import AggregateMetrics, EmbeddingResult, ParityReport, TextEmbedding
 from sovpack.parity.thresholds import Thresholds
 from sovpack.source.model import SourceModel
 from sovpack.source.tokenizer import SourceTokenizer
@@ -60,6 +67,105 @@ LABELED_TEXTS: dict[str, str] = {
 ENCODER_TOKENIZER_CORPUS: list[str] = list(dict.fromkeys([*TOKENIZER_CORPUS, *LABELED_TEXTS.values()]))
 
 
+# The stored form (a bundle's parity reference manifest for an encoder): its config media type tells it from a
+# decoder's logits reference; the manifest itself is the same parity-reference artifact.
+MT_EMBEDDING_REFERENCE_CONFIG = "application/vnd.sovpack.embedding-reference.config.v1+json"
+MT_REFERENCE_EMBEDDINGS = "application/vnd.sovpack.reference-embeddings.v1.npy"
+REFERENCE_EMBEDDINGS = "embeddings.npy"
+REFERENCE_TOKEN_STATES = "token-states.npy"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReferenceText:
+    """One embedded text as the reference saw it; its token states follow the earlier texts' in ``token_states``."""
+
+    index: int
+    label: str
+    text: str
+    ids: tuple[int, ...]
+    truncated: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "label": self.label, "text": self.text, "ids": list(self.ids),
+                "truncated": self.truncated}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EmbeddingReferenceConfig:
+    """The config of an encoder's stored parity reference (``schemas/embedding-reference.schema.json``)."""
+
+    schema_version: int = 1
+    dimension: int
+    max_length: int
+    tokenizer: str | None
+    embeddings: str  # layer title: float32 [texts, dimension]
+    token_states: str  # layer title: float32 [sum of the texts' token counts, dimension], texts in order
+    reference_runtime: Mapping[str, str]
+    texts: tuple[ReferenceText, ...]
+
+    @property
+    def token_count(self) -> int:
+        return sum(len(t.ids) for t in self.texts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "dimension": self.dimension,
+            "max_length": self.max_length,
+            "tokenizer": self.tokenizer,
+            "embeddings": self.embeddings,
+            "token_states": self.token_states,
+            "reference_runtime": dict(self.reference_runtime),
+            "texts": [t.to_dict() for t in self.texts],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EmbeddingReferenceConfig:
+        """Validate against the schema and the facts it cannot say; VerificationError otherwise."""
+        from jsonschema import ValidationError
+
+        from sovpack._schemas import validate
+
+        where = "embedding reference config"
+        if not isinstance(data, Mapping):
+            raise VerificationError(f"{where} is invalid: not a JSON object")
+        try:
+            validate(dict(data), "embedding-reference")
+        except ValidationError as e:
+            path = "/".join(str(p) for p in e.absolute_path)
+            raise VerificationError(f"{where} is invalid at '{path or '/'}': {e.message}") from None
+        texts = tuple(
+            ReferenceText(index=int(t["index"]), label=str(t["label"]), text=str(t["text"]),
+                          ids=tuple(int(i) for i in t["ids"]), truncated=bool(t["truncated"]))
+            for t in data["texts"]
+        )
+        labels = [t.label for t in texts]
+        if [t.index for t in texts] != list(range(len(texts))) or len(set(labels)) != len(labels):
+            raise VerificationError(f"{where} is invalid: texts must be numbered 0.. in order with distinct labels")
+        too_long = [t.label for t in texts if len(t.ids) > int(data["max_length"])]
+        if too_long:
+            raise VerificationError(f"{where} is invalid: texts {too_long} have more ids than max_length")
+        if data["embeddings"] == data["token_states"] or data["tokenizer"] in (data["embeddings"],
+                                                                                data["token_states"]):
+            raise VerificationError(f"{where} is invalid: its layers must have distinct titles")
+        return cls(
+            schema_version=int(data["schema_version"]),
+            dimension=int(data["dimension"]),
+            max_length=int(data["max_length"]),
+            tokenizer=data["tokenizer"],
+            embeddings=str(data["embeddings"]),
+            token_states=str(data["token_states"]),
+            reference_runtime={str(k): str(v) for k, v in data["reference_runtime"].items()},
+            texts=texts,
+        )
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RecordedEmbeddings:
     """The reference's answers for one encoder: texts, their (truncated) token ids, embeddings and token states."""
@@ -73,14 +179,69 @@ class RecordedEmbeddings:
     max_length: int
     runtime: Mapping[str, str]
 
+    # -- the stored form -----------------------------------------------------------------------------------
+    def reference_config(self, tokenizer: str | None) -> EmbeddingReferenceConfig:
+        """What a bundle stores beside ``reference_files()``; ``tokenizer``: the title of its tokenizer.json layer."""
+        return EmbeddingReferenceConfig(
+            dimension=int(self.embeddings.shape[1]),
+            max_length=self.max_length,
+            tokenizer=tokenizer,
+            embeddings=REFERENCE_EMBEDDINGS,
+            token_states=REFERENCE_TOKEN_STATES,
+            reference_runtime={str(k): str(v) for k, v in self.runtime.items()},
+            texts=tuple(
+                ReferenceText(index=i, label=label, text=text, ids=ids, truncated=cut)
+                for i, (label, text, ids, cut) in enumerate(
+                    zip(self.labels, self.texts, self.ids, self.truncated, strict=True))
+            ),
+        )
+
+    def reference_files(self) -> list[tuple[str, bytes]]:
+        """(layer title, .npy bytes): the embeddings [texts, dim] and all token states [tokens, dim], float32.
+
+        The token states are small (tokens x hidden x 4 bytes: 0.3 MB for MiniLM on the built-in texts) and are
+        what judges ``max_hidden_abs``, so they are always stored; one array, the texts' rows in order.
+        """
+        width = self.embeddings.shape[1]
+        states = np.concatenate(list(self.hidden)) if self.hidden else np.zeros((0, width), np.float32)
+        return [(REFERENCE_EMBEDDINGS, _npy(self.embeddings)), (REFERENCE_TOKEN_STATES, _npy(states))]
+
+    @classmethod
+    def from_stored(cls, config: EmbeddingReferenceConfig, embeddings: np.ndarray, token_states: np.ndarray
+                    ) -> RecordedEmbeddings:
+        """The recorded reference read back from a bundle; arrays that do not fit the config raise."""
+        count, width = len(config.texts), config.dimension
+        for title, array, shape in ((config.embeddings, embeddings, (count, width)),
+                                    (config.token_states, token_states, (config.token_count, width))):
+            if array.dtype != np.float32 or array.shape != shape:
+                raise VerificationError(f"embedding reference {title}: {array.dtype} {list(array.shape)} does not "
+                                        f"fit its config (float32 {list(shape)})")
+            if not np.isfinite(array).all():
+                raise VerificationError(f"embedding reference {title}: holds non-finite values")
+        bounds = np.cumsum([0, *(len(t.ids) for t in config.texts)])
+        return cls(
+            labels=tuple(t.label for t in config.texts),
+            texts=tuple(t.text for t in config.texts),
+            ids=tuple(t.ids for t in config.texts),
+            truncated=tuple(t.truncated for t in config.texts),
+            embeddings=np.asarray(embeddings),
+            hidden=tuple(np.asarray(token_states[a:b]) for a, b in pairwise(bounds)),
+            max_length=config.max_length,
+            runtime={**config.reference_runtime, "stored": "true"},
+        )
+
+
+def labeled_texts(texts: Sequence[str]) -> dict[str, str] | None:
+    """The user's texts labeled ``text 1``, ``text 2``, ...; None (the built-in LABELED_TEXTS) when none."""
+    return {f"text {i + 1}": text for i, text in enumerate(texts)} or None
+
 
 def max_input_length(model: SourceModel) -> int:
     """Tokens one input may have: max_seq_length, capped by the positions the model has."""
     encoder = model.spec.encoder
     if encoder is None:
         raise UsageError(f"{model.path}: {model.spec.family} is not an embedding encoder")
-    positions = model.spec.max_position_embeddings - encoder.position_offset
-    return min(encoder.pooling.max_seq_length or positions, positions)
+    return model.spec.max_input_tokens()
 
 
 def record_embeddings(model: SourceModel, texts: Mapping[str, str] | None = None,
@@ -186,9 +347,7 @@ def check_embedding_parity(
         checks.append(judge_metric("max_hidden_abs", "max", result.max_hidden_abs, t.max_hidden_abs, f,
                                    f"text {h_worst!r}", "the runtime exposes no token states"))
     checks.append(tokenizer_check(t, tokenizer))
-    verdicts = {c.verdict for c in checks}
-    status: Status = "FAILED" if "fail" in verdicts else "WARNED" if "warn" in verdicts else "PASSED"
-    reasons = tuple(f"{c.verdict.upper()}: {c.detail}" for c in checks if c.verdict in ("fail", "warn") and c.detail)
+    status, reasons = verdict(checks)
     return ParityReport(
         target=target,
         precision=precision.strip().lower(),

@@ -182,6 +182,14 @@ def tokenizer_check(t: Thresholds, tokenizer: TokenizerResult) -> Check:
     )
 
 
+def verdict(checks: Sequence[Check]) -> tuple[Status, tuple[str, ...]]:
+    """The report's status (any fail: FAILED, else any warn: WARNED) and one reason line per warn or fail."""
+    verdicts = {c.verdict for c in checks}
+    status: Status = "FAILED" if "fail" in verdicts else "WARNED" if "warn" in verdicts else "PASSED"
+    return status, tuple(f"{c.verdict.upper()}: {c.detail}" for c in checks
+                         if c.verdict in ("fail", "warn") and c.detail)
+
+
 def check_parity(
     reference: Runner,
     runner: Runner,
@@ -241,9 +249,7 @@ def check_parity(
     aggregate = aggregate_metrics(per_prompt, pooled, router_margin)
     tokenizer = check_tokenizer(runner, tokenizer_json, tokenizer_corpus, known_tokenizer_divergences, target=target)
     checks = _judge(used, aggregate, per_prompt, tokenizer)
-    verdicts = {c.verdict for c in checks}
-    status: Status = "FAILED" if "fail" in verdicts else "WARNED" if "warn" in verdicts else "PASSED"
-    reasons = tuple(f"{c.verdict.upper()}: {c.detail}" for c in checks if c.verdict in ("fail", "warn") and c.detail)
+    status, reasons = verdict(checks)
     return ParityReport(
         target=target,
         precision=precision.strip().lower(),

@@ -265,6 +265,14 @@ class ModelSpec:
         """post_attn_norm / post_mlp_norm normalise each sublayer's output before the residual add."""
         return self.norm_placement in ("post", "sandwich")
 
+    def max_input_tokens(self) -> int:
+        """Tokens one input of an encoder may have: its pipeline's max_seq_length, capped by the positions left
+        after the position offset (the whole position table for a decoder)."""
+        if self.encoder is None:
+            return self.max_position_embeddings
+        positions = self.max_position_embeddings - self.encoder.position_offset
+        return min(self.encoder.pooling.max_seq_length or positions, positions)
+
     def is_sparse(self, layer: int) -> bool:
         """The layer's feed-forward is the mixture of experts (else the dense MLP)."""
         return self.moe is not None and layer in self.moe.sparse_layers

@@ -15,9 +15,11 @@ from sovpack.oci.store import is_bundle_dir
 from sovpack.verify.check import VerifiedTarget, VerifyReport, verify_bundle, verify_with_policy
 from sovpack.verify.describe import inspect_bundle
 from sovpack.verify.extract import (
+    BundleEmbeddingRunner,
     ExtractResult,
     extract_target,
     extracted_target,
+    open_bundle_embedding_runner,
     open_bundle_runner,
     write_target_files,
 )
@@ -29,6 +31,7 @@ __all__ = [
     "DEFAULT_ALLOWED_PARITY",
     "PARITY_STATUSES",
     "AttestationEntry",
+    "BundleEmbeddingRunner",
     "BundleView",
     "ExtractResult",
     "Layout",
@@ -43,6 +46,7 @@ __all__ = [
     "extracted_target",
     "inspect_bundle",
     "is_bundle_dir",
+    "open_bundle_embedding_runner",
     "open_bundle_runner",
     "read_bundle",
     "recheck_parity",

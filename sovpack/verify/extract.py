@@ -12,13 +12,15 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
 
 from sovpack._io import atomic_directory, check_not_input, check_relative_path, hashing_copy
-from sovpack._protocols import Runner
+from sovpack._protocols import EmbeddingRunner, Embeddings, Runner
 from sovpack.artifact import ARTIFACT_FILE, ArtifactMetadata
 from sovpack.attest import oms
 from sovpack.attest.dsse import VerifyingKey, verify_bundle_signature
@@ -205,7 +207,22 @@ def artifact_metadata(directory: Path, entry: TargetEntry, missing: str) -> Arti
 def open_target_runner(directory: Path, entry: TargetEntry, metadata: ArtifactMetadata) -> Runner:
     """A runner on an extracted target, on the runtime of the format the bundle says it is."""
     from sovpack.targets.base import TARGETS
+
+    if metadata.spec.encoder is not None:
+        raise UsageError(f"target {entry.name} is an embedding encoder ({metadata.spec.family}): it embeds texts "
+                         "and generates none (embed with --text)")
     return TARGETS.get(entry.format).open_runner(directory, metadata)
+
+
+def open_target_embedding_runner(directory: Path, entry: TargetEntry, metadata: ArtifactMetadata
+                                 ) -> EmbeddingRunner:
+    """An embedding runner on an extracted encoder target, on the runtime of the format the bundle says it is."""
+    from sovpack.targets.base import TARGETS
+
+    if metadata.spec.encoder is None:
+        raise UsageError(f"target {entry.name} is a text generator ({metadata.spec.family}), not an embedding "
+                         "encoder: it has no embeddings to give (run it with --prompt)")
+    return TARGETS.get(entry.format).open_embedding_runner(directory, metadata)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -221,6 +238,40 @@ def _single_target(path: str | Path, target: str | None, tag: str | None) -> str
     raise UsageError(f"{path}: the bundle holds several targets ({names}); choose one with -t")
 
 
+def _need_keys(keys: Sequence[VerifyingKey], insecure: bool) -> None:
+    if not keys and not insecure:
+        raise UsageError(
+            "running from a bundle verifies it first: pass --key PUB.pem (or --insecure to run unverified files)"
+        )
+
+
+R = TypeVar("R")
+
+
+def _open_extracted(
+    path: str | Path,
+    target: str | None,
+    keys: Sequence[VerifyingKey],
+    tag: str | None,
+    policy: Policy | None,
+    insecure: bool,
+    opener: Callable[[Path, TargetEntry, ArtifactMetadata], R],
+) -> tuple[R, Path, TargetEntry, ArtifactMetadata, Callable[[], object]]:
+    """Verify (keys required unless ``insecure``), extract one target privately and open it with ``opener``;
+    also returns the call that removes the extracted copy (the caller's, once the runner is done)."""
+    _need_keys(keys, insecure)
+    name = _single_target(path, target, tag)
+    manager = extracted_target(path, name, keys=keys, tag=tag, policy=policy, verify=bool(keys))
+    directory, _view, entry = manager.__enter__()
+    try:
+        metadata = artifact_metadata(directory, entry, "no sovpack-artifact.json in the bundle")
+        runner = opener(directory, entry, metadata)
+    except BaseException:
+        manager.__exit__(None, None, None)
+        raise
+    return runner, directory, entry, metadata, lambda: manager.__exit__(None, None, None)
+
+
 def open_bundle_runner(
     path: str | Path,
     target: str | None,
@@ -233,37 +284,95 @@ def open_bundle_runner(
     """A runner on a verified, extracted copy of one target (removed when the runner is garbage-collected).
 
     Returns what ``sovpack.run.open_runner`` returns: the runner, its tokenizer.json (if any) and stop ids.
-    The caller owns the runner and closes it.
+    The caller owns the runner and closes it. An embedding-encoder target is a UsageError naming it.
     """
-    if not keys and not insecure:
-        raise UsageError(
-            "running from a bundle verifies it first: pass --key PUB.pem (or --insecure to run unverified files)"
-        )
-    name = _single_target(path, target, tag)
-    manager = extracted_target(path, name, keys=keys, tag=tag, policy=policy, verify=bool(keys))
-    directory, _view, entry = manager.__enter__()
+    runner, directory, _entry, metadata, remove = _open_extracted(
+        path, target, keys, tag, policy, insecure, open_target_runner
+    )
     # NOTE: the runner outlives this call, so the extracted copy cannot be a ``with`` block here: it is removed
     # when the runner is garbage-collected (or at exit), never while the runner may still read it.
-    try:
-        metadata = artifact_metadata(directory, entry, "no sovpack-artifact.json in the bundle")
-        runner = open_target_runner(directory, entry, metadata)
-    except BaseException:
-        manager.__exit__(None, None, None)
-        raise
-    cleanup = weakref.finalize(runner, manager.__exit__, None, None, None)
+    cleanup = weakref.finalize(runner, remove)
     cleanup.atexit = True
     tokenizer = directory / "tokenizer.json"
     stop = tuple(int(i) for i in metadata.spec.eos_token_ids)
     return runner, tokenizer if tokenizer.is_file() else None, stop
 
 
+class BundleEmbeddingRunner:
+    """An embedding runner on a verified, extracted copy of one bundle target; ``close()`` also removes the copy.
+
+    Delegates every member of :class:`~sovpack._protocols.EmbeddingRunner` to the target's own runner.
+    ``target`` and ``metadata`` say what was opened (inspect and ``run --text`` print them); ``directory`` is
+    the private extracted copy (gone after ``close()``).
+    """
+
+    def __init__(self, runner: EmbeddingRunner, entry: TargetEntry, metadata: ArtifactMetadata, directory: Path,
+                 cleanup: Callable[[], object]) -> None:
+        self._runner = runner
+        self.directory = directory
+        self.name = runner.name
+        self.traits = runner.traits
+        self.target = entry.name
+        self.manifest_digest = entry.descriptor.digest
+        self.metadata = metadata
+        # NOTE: like open_bundle_runner's, the copy is also removed if the caller forgets close() (GC or exit).
+        self._cleanup = weakref.finalize(self, cleanup)
+        self._cleanup.atexit = True
+
+    def tokenize(self, text: str) -> list[int] | None:
+        return self._runner.tokenize(text)
+
+    def embed_ids(self, batch: Sequence[Sequence[int]]) -> Embeddings:
+        return self._runner.embed_ids(batch)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray | None:
+        return self._runner.embed_texts(texts)
+
+    def runtime_info(self) -> dict[str, str]:
+        return self._runner.runtime_info()
+
+    def close(self) -> None:
+        """Close the runtime first, then remove the extracted files it read (idempotent)."""
+        if not self._cleanup.alive:
+            return
+        try:
+            self._runner.close()
+        finally:
+            self._cleanup()
+
+
+def open_bundle_embedding_runner(
+    path: str | Path,
+    target: str | None,
+    keys: Sequence[VerifyingKey],
+    *,
+    tag: str | None = None,
+    policy: Policy | None = None,
+    insecure: bool = False,
+) -> BundleEmbeddingRunner:
+    """An embedding runner on a verified, extracted copy of one encoder target of a bundle.
+
+    The bundle is verified first (under ``policy``; without keys only with ``insecure=True``), the target
+    (``None``: the only one) is copied privately, hashed while copied, and opened on its runtime with
+    ``open_embedding_runner``. A decoder target is a UsageError naming it. The caller owns the runner and
+    closes it, which also removes the copy.
+    """
+    runner, directory, entry, metadata, remove = _open_extracted(
+        path, target, keys, tag, policy, insecure, open_target_embedding_runner
+    )
+    return BundleEmbeddingRunner(runner, entry, metadata, directory, remove)
+
+
 __all__ = [
+    "BundleEmbeddingRunner",
     "ExtractResult",
     "artifact_metadata",
     "copy_verified_blob",
     "extract_target",
     "extracted_target",
+    "open_bundle_embedding_runner",
     "open_bundle_runner",
+    "open_target_embedding_runner",
     "open_target_runner",
     "write_target_files",
 ]

@@ -2,7 +2,9 @@
 
 The bundle carries the reference's recorded answers (prompt ids, greedy tokens, fp32 logits); they are
 replayed as the reference :class:`~sovpack._protocols.Runner` and compared with each target on its runtime
-under the thresholds of the target's signed report, so the result can be set beside the signed one.
+under the thresholds of the target's signed report, so the result can be set beside the signed one. An
+embedding encoder's bundle carries the reference embeddings and token states of its texts instead
+(:mod:`sovpack.parity.embeddings`); each target's embedding runner is judged against them the same way.
 """
 
 from __future__ import annotations
@@ -14,18 +16,27 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sovpack.artifact import ArtifactMetadata
 from sovpack.attest.dsse import VerifyingKey
 from sovpack.errors import UsageError, VerificationError
+from sovpack.parity.embeddings import EmbeddingReferenceConfig, RecordedEmbeddings, check_embedding_parity
 from sovpack.parity.recorded import RecordedReference, ReferenceConfig
-from sovpack.parity.report import PARITY_FILE
-from sovpack.verify.extract import artifact_metadata, copy_verified_blob, extracted_target, open_target_runner
+from sovpack.parity.report import PARITY_FILE, round_metric
+from sovpack.verify.extract import (
+    artifact_metadata,
+    copy_verified_blob,
+    extracted_target,
+    open_target_embedding_runner,
+    open_target_runner,
+)
 from sovpack.verify.policy import Policy
-from sovpack.verify.view import BundleView, read_bundle
+from sovpack.verify.view import BundleView, ReferenceEntry, TargetEntry, read_bundle
 
 if TYPE_CHECKING:
     from sovpack.parity import ParityReport
 
 COMPARED_METRICS = ("max_abs_error", "max_rel_error", "mean_kl", "top1_agreement", "greedy_agreement")
+COMPARED_EMBEDDING_METRICS = ("min_cosine", "pipeline_min_cosine", "max_hidden_abs")
 
 
 class StoredReference(RecordedReference):
@@ -89,9 +100,9 @@ def stored_reference(view: BundleView, private_dir: Path) -> tuple[StoredReferen
     Logits and tokenizer are first copied into ``private_dir`` (hashed while copied) and loaded from there, so
     blobs swapped after verification can never be what the comparison uses.
     """
-    if view.reference is None:
-        raise VerificationError(f"{view.layout.root}: the bundle has no parity reference")
-    ref = view.reference
+    ref = _reference(view)
+    if not isinstance(ref.config, ReferenceConfig):
+        raise VerificationError(f"{view.layout.root}: the bundle's parity reference holds embeddings, not logits")
     private_dir.mkdir(mode=0o700, exist_ok=True)
     logits = {}
     for prompt in ref.config.prompts:
@@ -102,11 +113,98 @@ def stored_reference(view: BundleView, private_dir: Path) -> tuple[StoredReferen
         if array.ndim != 2 or array.shape[0] != prompt.rows or array.shape[1] != ref.config.vocab_size:
             raise VerificationError(f"parity reference {prompt.logits}: shape {array.shape} does not fit its prompt")
         logits[prompt.index] = array
-    tokenizer = None
-    if ref.config.tokenizer is not None:
-        tokenizer = private_dir / "tokenizer.json"
-        copy_verified_blob(view, ref.layers[ref.config.tokenizer], tokenizer, "parity reference tokenizer")
-    return StoredReference(ref.config, logits), tokenizer
+    return StoredReference(ref.config, logits), _private_tokenizer(view, ref, ref.config.tokenizer, private_dir)
+
+
+def _reference(view: BundleView) -> ReferenceEntry:
+    if view.reference is None:
+        raise VerificationError(f"{view.layout.root}: the bundle has no parity reference")
+    return view.reference
+
+
+def _private_tokenizer(view: BundleView, ref: ReferenceEntry, title: str | None, private_dir: Path) -> Path | None:
+    if title is None:
+        return None
+    tokenizer = private_dir / "tokenizer.json"
+    copy_verified_blob(view, ref.layers[title], tokenizer, "parity reference tokenizer")
+    return tokenizer
+
+
+def stored_embeddings(view: BundleView, private_dir: Path) -> tuple[RecordedEmbeddings, Path | None]:
+    """An encoder bundle's stored reference embeddings and token states, and its tokenizer.json.
+
+    As with ``stored_reference``, every blob is first copied into ``private_dir`` (hashed while copied) and read
+    from there; the arrays must fit the config exactly (sovpack.parity.embeddings.RecordedEmbeddings.from_stored).
+    """
+    ref = _reference(view)
+    config = ref.config
+    if not isinstance(config, EmbeddingReferenceConfig):
+        raise VerificationError(f"{view.layout.root}: the bundle's parity reference holds logits, not embeddings")
+    private_dir.mkdir(mode=0o700, exist_ok=True)
+    arrays = []
+    for i, title in enumerate((config.embeddings, config.token_states)):
+        copy = private_dir / f"reference-{i}.npy"
+        copy_verified_blob(view, ref.layers[title], copy, f"parity reference {title}")
+        try:
+            arrays.append(np.load(copy, allow_pickle=False))
+        except ValueError as e:
+            raise VerificationError(f"parity reference {title}: not a readable .npy array ({e})") from None
+    recorded = RecordedEmbeddings.from_stored(config, arrays[0], arrays[1])
+    return recorded, _private_tokenizer(view, ref, config.tokenizer, private_dir)
+
+
+def _recheck_logits(view: BundleView, directory: Path, entry: TargetEntry, metadata: ArtifactMetadata,
+                    signed: ParityReport) -> tuple[ParityReport, dict[str, dict[str, float | None]]]:
+    """A decoder target against the stored logits."""
+    from sovpack.parity import check_parity
+
+    reference, tokenizer = stored_reference(view, directory / ".sovpack-reference")
+    try:
+        runner = open_target_runner(directory, entry, metadata)
+        try:
+            report = check_parity(
+                reference,
+                runner,
+                target=entry.name,
+                precision=entry.precision,
+                prompts=reference.prompt_ids,
+                tokenizer_json=tokenizer,
+                thresholds=signed.thresholds,
+                max_new_tokens=signed.max_new_tokens,
+                known_tokenizer_divergences=runner.traits.known_tokenizer_divergences,
+                prompt_labels=reference.prompt_labels,
+                stop_ids=signed.stop_ids,
+            )
+        finally:
+            runner.close()
+    finally:
+        reference.close()
+    metrics = {m: {"signed": getattr(signed.metrics, m), "now": getattr(report.metrics, m)} for m in COMPARED_METRICS}
+    return report, metrics
+
+
+def _recheck_embeddings(view: BundleView, directory: Path, entry: TargetEntry, metadata: ArtifactMetadata,
+                        signed: ParityReport) -> tuple[ParityReport, dict[str, dict[str, float | None]]]:
+    """An encoder target against the stored embeddings, under its signed report's thresholds."""
+    recorded, tokenizer = stored_embeddings(view, directory / ".sovpack-reference")
+    runner = open_target_embedding_runner(directory, entry, metadata)
+    try:
+        report = check_embedding_parity(
+            recorded,
+            runner,
+            target=entry.name,
+            precision=entry.precision,
+            thresholds=signed.thresholds,
+            tokenizer_json=tokenizer,
+            known_tokenizer_divergences=runner.traits.known_tokenizer_divergences,
+        )
+    finally:
+        runner.close()
+    metrics = {
+        m: {"signed": getattr(signed.embeddings, m, None), "now": round_metric(getattr(report.embeddings, m, None))}
+        for m in COMPARED_EMBEDDING_METRICS
+    }
+    return report, metrics
 
 
 def recheck_parity(
@@ -124,7 +222,7 @@ def recheck_parity(
     Without keys nothing is known about who made the bytes, so it runs only with ``insecure=True``, and the
     results say ``signature_verified: false`` (the "signed" status is then only what the file claims).
     """
-    from sovpack.parity import ParityReport, check_parity
+    from sovpack.parity import ParityReport
 
     verify = bool(keys)
     if not verify and not insecure:
@@ -139,31 +237,14 @@ def recheck_parity(
             directory, view, entry
         ):
             signed = ParityReport.load(directory / PARITY_FILE)
-            reference, tokenizer = stored_reference(view, directory / ".sovpack-reference")
-            try:
-                metadata = artifact_metadata(directory, entry, "no sovpack-artifact.json")
-                runner = open_target_runner(directory, entry, metadata)
-                try:
-                    report = check_parity(
-                        reference,
-                        runner,
-                        target=entry.name,
-                        precision=entry.precision,
-                        prompts=reference.prompt_ids,
-                        tokenizer_json=tokenizer,
-                        thresholds=signed.thresholds,
-                        max_new_tokens=signed.max_new_tokens,
-                        known_tokenizer_divergences=runner.traits.known_tokenizer_divergences,
-                        prompt_labels=reference.prompt_labels,
-                        stop_ids=signed.stop_ids,
-                    )
-                finally:
-                    runner.close()
-            finally:
-                reference.close()
-            metrics = {
-                m: {"signed": getattr(signed.metrics, m), "now": getattr(report.metrics, m)} for m in COMPARED_METRICS
-            }
+            metadata = artifact_metadata(directory, entry, "no sovpack-artifact.json")
+            encoder = metadata.spec.encoder is not None
+            if encoder != isinstance(_reference(view).config, EmbeddingReferenceConfig):
+                kind = "an embedding encoder" if encoder else "a text generator"
+                raise VerificationError(f"target {entry.name} is {kind}, but the bundle's parity reference holds "
+                                        f"{'logits' if encoder else 'embeddings'}")
+            recheck = _recheck_embeddings if encoder else _recheck_logits
+            report, metrics = recheck(view, directory, entry, metadata, signed)
             results.append(
                 ParityRecheck(
                     target=entry.name,
@@ -181,4 +262,12 @@ def recheck_parity(
     return results
 
 
-__all__ = ["COMPARED_METRICS", "ParityRecheck", "StoredReference", "recheck_parity", "stored_reference"]
+__all__ = [
+    "COMPARED_EMBEDDING_METRICS",
+    "COMPARED_METRICS",
+    "ParityRecheck",
+    "StoredReference",
+    "recheck_parity",
+    "stored_embeddings",
+    "stored_reference",
+]

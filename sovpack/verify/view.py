@@ -48,6 +48,7 @@ from sovpack.oci.media import (
     MT_PARITY_REFERENCE_CONFIG,
 )
 from sovpack.oci.reader import Layout, select_index
+from sovpack.parity.embeddings import MT_EMBEDDING_REFERENCE_CONFIG, MT_REFERENCE_EMBEDDINGS, EmbeddingReferenceConfig
 from sovpack.parity.recorded import ReferenceConfig
 
 
@@ -94,10 +95,14 @@ class ReleaseEntry:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ReferenceEntry:
-    """The parity reference manifest: config plus layers by title."""
+    """The parity reference manifest: config plus layers by title.
+
+    A decoder's reference holds logits (``ReferenceConfig``), an embedding encoder's the reference embeddings
+    (``EmbeddingReferenceConfig``); the config's media type says which.
+    """
 
     descriptor: Descriptor
-    config: ReferenceConfig
+    config: ReferenceConfig | EmbeddingReferenceConfig
     layers: Mapping[str, Descriptor]
 
 
@@ -298,9 +303,17 @@ def _read_reference(
     where = f"parity reference (manifest {desc.digest})"
     if view.reference is not None:
         raise VerificationError(f"{where}: the bundle holds more than one parity reference")
-    if config.media_type != MT_PARITY_REFERENCE_CONFIG:
+    if config.media_type not in (MT_PARITY_REFERENCE_CONFIG, MT_EMBEDDING_REFERENCE_CONFIG):
         raise VerificationError(f"{where}: config media type {config.media_type!r} is unexpected")
-    ref_config = ReferenceConfig.from_dict(view.layout.read_json(config, f"{where} config"))
+    raw = view.layout.read_json(config, f"{where} config")
+    ref_config: ReferenceConfig | EmbeddingReferenceConfig
+    try:
+        if config.media_type == MT_EMBEDDING_REFERENCE_CONFIG:
+            ref_config = EmbeddingReferenceConfig.from_dict(raw)
+        else:
+            ref_config = ReferenceConfig.from_dict(raw)
+    except VerificationError as e:
+        raise VerificationError(f"{where}: {e}") from None
     by_title: dict[str, Descriptor] = {}
     for i, layer in enumerate(layers):
         title = layer.annotations.get(ANN_FILEPATH) or layer.annotations.get(ANN_TITLE)
@@ -309,10 +322,16 @@ def _read_reference(
         if deep:
             view.layout.check(layer, f"{where} layer {title!r}")
         by_title[title] = layer
-    for prompt in ref_config.prompts:
-        logits = by_title.get(prompt.logits)
-        if logits is None or logits.media_type != MT_LOGITS:
-            raise VerificationError(f"{where}: prompt {prompt.index} logits {prompt.logits!r} are not a layer")
+    if isinstance(ref_config, EmbeddingReferenceConfig):
+        for title in (ref_config.embeddings, ref_config.token_states):
+            stored = by_title.get(title)
+            if stored is None or stored.media_type != MT_REFERENCE_EMBEDDINGS:
+                raise VerificationError(f"{where}: reference embeddings {title!r} are not a layer")
+    else:
+        for prompt in ref_config.prompts:
+            logits = by_title.get(prompt.logits)
+            if logits is None or logits.media_type != MT_LOGITS:
+                raise VerificationError(f"{where}: prompt {prompt.index} logits {prompt.logits!r} are not a layer")
     if ref_config.tokenizer is not None and ref_config.tokenizer not in by_title:
         raise VerificationError(f"{where}: tokenizer {ref_config.tokenizer!r} is not a layer")
     view.reference = ReferenceEntry(descriptor=desc, config=ref_config, layers=by_title)

@@ -62,6 +62,9 @@ class OpenvinoEmbeddingRunner:
         xml = self.dir / MODEL_XML
         if not xml.is_file():
             raise SourceError(f"{xml}: missing (not an OpenVINO artifact directory?)")
+        tokenizer_xml = self.dir / TOKENIZER_XML
+        if tokenizer_xml.is_file():
+            require_tokenizers()  # NOTE: before the Core exists, or it never learns the tokenizer IR's ops
         self._core: Any | None = ov.Core()
         try:
             model = self._core.read_model(str(xml))
@@ -77,10 +80,8 @@ class OpenvinoEmbeddingRunner:
             self._compiled: Any | None = self._core.compile_model(model, device, self.config)
         except RuntimeError as e:
             raise ParityError(f"{xml}: OpenVINO could not compile it on {device}: {e}") from e
-        tokenizer_xml = self.dir / TOKENIZER_XML
         self._tokenizer: Any | None = None
         if tokenizer_xml.is_file():
-            require_tokenizers()
             self._tokenizer = _compile(self._core, tokenizer_xml, "CPU")
         self._pipeline: Any | None = None
 

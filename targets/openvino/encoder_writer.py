@@ -65,23 +65,14 @@ def write_encoder(model: SourceModel, precision: str, out: Path, progress: Progr
         mark_precise,
     )
     from sovpack.targets.openvino.encoder_tokenizer import convert_encoder_tokenizer
-    from sovpack.targets.openvino.weights import SCHEMES, WeightFactory, mark_fp16_decompression
+    from sovpack.targets.openvino.weights import SCHEMES, counted_weights, mark_fp16_decompression
 
     spec = model.spec
     encoder = spec.encoder
     if encoder is None:
         raise ConversionError(f"{model.path}: {spec.family} is not an embedding encoder")
     scheme = SCHEMES[precision]
-    label = f"openvino:{precision}: weights"
-    total = len(model.tensor_map)
-    done = {"n": 0}
-
-    def on_tensor(_name: str) -> None:
-        done["n"] += 1
-        progress(label, min(done["n"], total), total)
-
-    weights = WeightFactory(model, scheme, on_tensor)
-    progress(label, 0, total)
+    weights, weights_written = counted_weights(model, precision, progress)
     graph = build_encoder(spec, weights)
     limit = input_length_limit(spec, model.checkpoint.tokenizer_config)
     pooling = encoder.pooling
@@ -98,7 +89,7 @@ def write_encoder(model: SourceModel, precision: str, out: Path, progress: Progr
     fp16 = scheme.kind == "float" and scheme.float_dtype == np.float16
     marked = mark_fp16_decompression(out / MODEL_XML) if fp16 else 0
     precise = mark_precise(out / MODEL_XML) if precision in PRECISE_PRECISIONS else 0
-    progress(label, total, total)
+    weights_written()
 
     files = [MODEL_XML, MODEL_BIN]
     tokenizer_info: dict[str, Any]

@@ -96,20 +96,11 @@ class OpenvinoTarget:
         openvino_tokenizers = require_tokenizers()
         from sovpack import __version__
         from sovpack.targets.openvino.graph import INPUT_NAMES, OUTPUT_NAME, build_model, state_names
-        from sovpack.targets.openvino.weights import SCHEMES, WeightFactory, mark_fp16_decompression
+        from sovpack.targets.openvino.weights import SCHEMES, counted_weights, mark_fp16_decompression
 
         scheme = SCHEMES[precision]
         out = Path(out_dir)
-        label = f"openvino:{precision}: weights"
-        total = len(model.tensor_map)
-        done = {"n": 0}
-
-        def on_tensor(_name: str) -> None:
-            done["n"] += 1
-            progress(label, min(done["n"], total), total)
-
-        weights = WeightFactory(model, scheme, on_tensor)
-        progress(label, 0, total)
+        weights, weights_written = counted_weights(model, precision, progress)
         graph = build_model(model.spec, weights)
         for key, value in (("sovpack_version", __version__), ("precision", precision),
                            ("family", model.spec.family), ("architecture", model.spec.architecture)):
@@ -118,7 +109,7 @@ class OpenvinoTarget:
         del graph
         fp16 = scheme.kind == "float" and scheme.float_dtype == np.float16
         marked = mark_fp16_decompression(out / MODEL_XML) if fp16 else 0
-        progress(label, total, total)
+        weights_written()
 
         files = [MODEL_XML, MODEL_BIN]
         tokenizer_info = _write_tokenizer(ov, model, out, files)

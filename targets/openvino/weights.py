@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from sovpack._io import Progress
 from sovpack.errors import ConversionError
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
@@ -423,3 +424,19 @@ def mark_fp16_decompression(xml_path: Path) -> int:
     tree.write(xml_path, encoding="utf-8", xml_declaration=True)
     return marked
 
+
+def counted_weights(model: SourceModel, precision: str, progress: Progress
+                    ) -> tuple[WeightFactory, Callable[[], None]]:
+    """A WeightFactory for ``precision`` that reports each tensor it writes as ``openvino:<precision>: weights``,
+    and the call that reports the step complete (once the IR is saved)."""
+    label = f"openvino:{precision}: weights"
+    total = len(model.tensor_map)
+    done = 0
+
+    def on_tensor(_name: str) -> None:
+        nonlocal done
+        done += 1
+        progress(label, min(done, total), total)
+
+    progress(label, 0, total)
+    return WeightFactory(model, SCHEMES[precision], on_tensor), lambda: progress(label, total, total)

@@ -2,7 +2,7 @@
 
 The encoders' parity report has the decoders' shape (status, checks, thresholds, tokenizer) with an
 ``embeddings`` section instead of logits; it survives the schema, and the CLI refuses what encoders cannot do
-yet (bundles, text generation) by name.
+(text generation) by name.
 """
 
 from __future__ import annotations
@@ -74,13 +74,8 @@ def _sovpack(*args: str) -> subprocess.CompletedProcess[str]:
                           check=False)
 
 
-def test_what_encoders_cannot_do_yet_is_refused_by_name(encoder_checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    path = str(encoder_checkpoints["bert"])
-    assert _sovpack("keygen", "-o", str(tmp_path / "keys")).returncode == 0
-    built = _sovpack("build", path, "-o", str(tmp_path / "bundle"), "--key", str(tmp_path / "keys" / "private.pem"),
-                     "-t", "onnx:fp32")
-    ran = _sovpack("run", path, "--prompt", "hello")
-    for result in (built, ran):
-        assert result.returncode in (1, 2) and "embedding encoder" in result.stderr
-        assert "Traceback" not in result.stderr
-    assert not (tmp_path / "bundle").exists()
+def test_a_prompt_run_on_an_encoder_is_refused_by_name(encoder_checkpoints: dict[str, Path]) -> None:
+    """Encoders embed texts and generate none; bundles of encoders: tests/bundle/test_encoder_bundle.py."""
+    ran = _sovpack("run", str(encoder_checkpoints["bert"]), "--prompt", "hello")
+    assert ran.returncode in (1, 2) and "embedding encoder" in ran.stderr
+    assert "Traceback" not in ran.stderr

@@ -31,6 +31,7 @@ from sovpack.source.model import SourceModel, open_model
 from sovpack.source.spec import ModelSpec
 from sovpack.targets import gguf as gguf_target
 from sovpack.targets.base import TargetRef
+from tests.targets.shared import mean_kl
 
 gguf = pytest.importorskip("gguf")
 # Only check that llama_cpp is there: importing it here would load llama.cpp before the target sets its OpenMP
@@ -223,16 +224,6 @@ def test_other_precisions(gemma256: Path, tmp_path: Path, precision: str) -> Non
     assert fields(out / f"gemma256-{precision}.gguf")["general.file_type"] == int(ftype)
     # The intermediate file and temporaries are gone.
     assert [p.name for p in out.iterdir() if p.name.startswith(".") or "intermediate" in p.name] == []
-
-
-def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    def log_softmax(x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64)
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
 class DequantizedReference(ReferenceModel):

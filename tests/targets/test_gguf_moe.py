@@ -39,6 +39,7 @@ from sovpack.source.spec import MoESpec
 from sovpack.targets import gguf as gguf_target
 from sovpack.targets.gguf.experts import SWIGLU_OAI_LIMIT
 from sovpack.targets.gguf.writer import write_gguf
+from tests.targets.shared import mean_kl
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")  # imported by the target itself; this only checks that it is installed
@@ -503,13 +504,3 @@ def test_k_quant_error_is_the_stored_weights(
     finally:
         runner.close()
     assert np.mean(to_stored) < 0.1 * np.mean(to_original), (np.mean(to_stored), np.mean(to_original))
-
-
-def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    def log_softmax(x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64)
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())

@@ -37,6 +37,7 @@ from sovpack.targets.onnx.external_data import DATA_FILE, converted_chunks
 from sovpack.targets.onnx.graph import MODEL_FILE
 from sovpack.targets.onnx.precisions import PLANS, min_onnxruntime
 from sovpack.targets.onnx.quantize import QUANT_BLOCK_SIZE
+from tests.targets.shared import reference_on
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -296,19 +297,6 @@ def _unpack_matmulnbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.
     return w.reshape(n, k_blocks * block)[:, :k]
 
 
-class _WeightsFromArtifact:
-    """A SourceModel look-alike whose tensors are what the artifact stores (for the reference to run on)."""
-
-    def __init__(self, ckpt: Path, overrides: dict[str, np.ndarray]) -> None:
-        self.inner = open_model(ckpt)
-        self.spec = self.inner.spec
-        self.overrides = overrides
-
-    def tensor(self, name: str, dtype: Any = np.float32) -> np.ndarray:
-        array = self.overrides.get(name)
-        return np.asarray(array if array is not None else self.inner.tensor(name, np.float32), dtype=dtype)
-
-
 def dequantized_reference(out: Path, ckpt: Path, precision: str) -> ReferenceModel:
     """The numpy reference over exactly the weights a quantized artifact stores (MatMulNBits unpacked)."""
     proto = onnx.load(str(out / MODEL_FILE))  # external data included: tiny model
@@ -328,7 +316,7 @@ def dequantized_reference(out: Path, ckpt: Path, precision: str) -> ReferenceMod
     for name in ("embed", "lm_head"):  # not quantized, stored as float16
         if name in model.tensor_names():
             overrides[name] = model.tensor(name).astype(np.float16).astype(np.float32)
-    return ReferenceModel(_WeightsFromArtifact(ckpt, overrides))  # type: ignore[arg-type]
+    return reference_on(ckpt, overrides)
 
 
 @pytest.mark.parametrize(("family", "precision"), [("llama3", "int4"), ("qwen2", "int4"), ("phi3", "int8")])

@@ -29,17 +29,12 @@ from sovpack.targets.onnx.encoder_runner import OnnxEmbeddingRunner
 from sovpack.targets.onnx.external_data import DATA_FILE
 from sovpack.targets.onnx.graph import MODEL_FILE
 from sovpack.targets.onnx.target import OnnxTarget
+from tests.targets.shared import ENCODER_TEXTS
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-TEXTS = [
-    "A man is eating food.",
-    "A man is eating pasta.",
-    "The new movie is awesome.",
-    "hi",
-    "def greet(name): return 'hello ' + name  # a longer line of code, so the batch has mixed lengths",
-]
+TEXTS = ENCODER_TEXTS
 # The default per-text cosine limits for encoders, by precision.
 MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
 PRECISIONS = tuple(MIN_COSINE)

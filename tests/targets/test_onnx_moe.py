@@ -35,6 +35,7 @@ from sovpack.targets.onnx.external_data import DATA_FILE
 from sovpack.targets.onnx.graph import MODEL_FILE, DecoderBuilder
 from sovpack.targets.onnx.moe import moe_plan, rtn_quantize
 from sovpack.targets.onnx.precisions import F16, F32, min_onnxruntime
+from tests.targets.shared import reference_on
 from tests.targets.test_onnx import _unpack_matmulnbits
 
 onnx = pytest.importorskip("onnx")
@@ -244,19 +245,6 @@ def _dequantized_experts(packed: np.ndarray, scales: np.ndarray, zero_points: np
     return (blocks * scales.reshape(experts, n, k // size, 1)).reshape(experts, n, k)
 
 
-class _StoredWeights:
-    """A SourceModel look-alike whose tensors are what a quantized artifact stores (for the reference)."""
-
-    def __init__(self, ckpt: Path, overrides: dict[str, np.ndarray]) -> None:
-        self.inner = open_model(ckpt)
-        self.spec = self.inner.spec
-        self.overrides = overrides
-
-    def tensor(self, name: str, dtype: Any = np.float32) -> np.ndarray:
-        array = self.overrides.get(name)
-        return np.asarray(array if array is not None else self.inner.tensor(name, np.float32), dtype=dtype)
-
-
 def _stored_reference(out: Path, ckpt: Path) -> ReferenceModel:
     proto = _proto(out, weights=True)  # tiny model: external data included
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
@@ -282,7 +270,7 @@ def _stored_reference(out: Path, ckpt: Path) -> ReferenceModel:
     for name in ("embed", "lm_head"):  # not quantized, stored as float16
         if name in model.tensor_names():
             overrides[name] = model.tensor(name).astype(np.float16).astype(np.float32)
-    return ReferenceModel(_StoredWeights(ckpt, overrides))  # type: ignore[arg-type]
+    return reference_on(ckpt, overrides)
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])

@@ -34,6 +34,7 @@ from sovpack.reference import ReferenceModel
 from sovpack.source.model import open_model
 from sovpack.source.tokenizer import SourceTokenizer
 from sovpack.targets import TARGETS, TargetRef, load_targets
+from tests.targets.shared import reference_cache
 
 ov = pytest.importorskip("openvino")
 og = pytest.importorskip("openvino_genai")
@@ -95,14 +96,7 @@ def artifact(ckpts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="module")
 def references(ckpts: dict[str, Path]) -> Callable[[str], ReferenceModel]:
-    cache: dict[str, ReferenceModel] = {}
-
-    def get(variant: str) -> ReferenceModel:
-        if variant not in cache:
-            cache[variant] = ReferenceModel(open_model(ckpts[variant]))
-        return cache[variant]
-
-    return get
+    return reference_cache(ckpts)
 
 
 def genai_config(stop_ids: tuple[int, ...], **extra: Any) -> Any:

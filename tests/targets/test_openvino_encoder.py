@@ -21,16 +21,11 @@ from sovpack.source.model import SourceModel, open_model
 from sovpack.source.tokenizer import SourceTokenizer
 from sovpack.targets.openvino import MODEL_BIN, MODEL_XML, TOKENIZER_XML, OpenvinoTarget
 from sovpack.targets.openvino.encoder_runner import OpenvinoEmbeddingRunner
+from tests.targets.shared import ENCODER_TEXTS
 
 openvino_genai = pytest.importorskip("openvino_genai")
 
-TEXTS = [
-    "A man is eating food.",
-    "A man is eating pasta.",
-    "The new movie is awesome.",
-    "hi",
-    "def greet(name): return 'hello ' + name  # a longer line of code, so the batch has mixed lengths",
-]
+TEXTS = ENCODER_TEXTS
 LONG = "words and more words, " * 60  # beyond every fixture's max_seq_length: truncation
 # Per-text cosine similarity of embeddings, by precision (issue 15's defaults).
 COSINE = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}

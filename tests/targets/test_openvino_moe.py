@@ -26,6 +26,7 @@ from sovpack.reference import ReferenceModel
 from sovpack.source.model import open_model
 from sovpack.source.spec import ModelSpec
 from sovpack.source.tokenizer import SourceTokenizer
+from tests.targets.shared import reference_cache
 
 ov = pytest.importorskip("openvino")
 og = pytest.importorskip("openvino_genai")
@@ -63,14 +64,7 @@ def artifact(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="module")
 def references(checkpoints: dict[str, Path]) -> Callable[[str], ReferenceModel]:
-    cache: dict[str, ReferenceModel] = {}
-
-    def get(variant: str) -> ReferenceModel:
-        if variant not in cache:
-            cache[variant] = ReferenceModel(open_model(checkpoints[variant]))
-        return cache[variant]
-
-    return get
+    return reference_cache(checkpoints)
 
 
 def runtime_ops(xml: Path) -> list[Any]:

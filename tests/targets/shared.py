@@ -1,0 +1,66 @@
+"""Helpers several target test modules share: texts for embedding tests, a reference over stored weights, KL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sovpack.reference import ReferenceModel
+from sovpack.source.model import open_model
+
+# Texts embedded by the encoder tests: the sentence-transformers model card's examples (eating food ~ eating
+# pasta, not ~ a movie), a one-word text and a longer line so one batch has mixed lengths.
+ENCODER_TEXTS = [
+    "A man is eating food.",
+    "A man is eating pasta.",
+    "The new movie is awesome.",
+    "hi",
+    "def greet(name): return 'hello ' + name  # a longer line of code, so the batch has mixed lengths",
+]
+
+
+class StoredWeights:
+    """A SourceModel look-alike whose tensors are what an artifact stores (``overrides``), else the source's:
+    the reference run on it tells what the artifact's weights imply, apart from the conversion."""
+
+    def __init__(self, ckpt: Path, overrides: dict[str, np.ndarray]) -> None:
+        self.inner = open_model(ckpt)
+        self.spec = self.inner.spec
+        self.path = self.inner.path
+        self.overrides = overrides
+
+    def tensor(self, name: str, dtype: Any = np.float32) -> np.ndarray:
+        array = self.overrides.get(name)
+        return np.asarray(array if array is not None else self.inner.tensor(name, np.float32), dtype=dtype)
+
+
+def reference_on(ckpt: Path, overrides: dict[str, np.ndarray]) -> ReferenceModel:
+    """The numpy reference over the source's tensors with ``overrides`` in place."""
+    return ReferenceModel(StoredWeights(ckpt, overrides))  # type: ignore[arg-type]
+
+
+def reference_cache(paths: Mapping[str, Path]) -> Callable[[str], ReferenceModel]:
+    """variant -> its ReferenceModel, opened once."""
+    cache: dict[str, ReferenceModel] = {}
+
+    def get(variant: str) -> ReferenceModel:
+        if variant not in cache:
+            cache[variant] = ReferenceModel(open_model(paths[variant]))
+        return cache[variant]
+
+    return get
+
+
+def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean over positions of KL(p || q) between two logit arrays [T, vocab], in float64."""
+
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
