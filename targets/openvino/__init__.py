@@ -24,7 +24,10 @@ Parity runs on the CPU plugin with ``INFERENCE_PRECISION_HINT=f32``, ``KV_CACHE_
 ``DYNAMIC_QUANTIZATION_GROUP_SIZE=0`` for every precision. On CPUs with AMX or AVX512-BF16 the plugin otherwise
 computes in bf16, stores the KV cache as u8 and quantizes activations for int8/int4 weights, all silently;
 with these hints the check measures what the artifact's weights do (f16 rounding, int8/int4 quantization)
-and nothing else. Both the requested and the effective values are recorded in ``runtime_info``.
+and nothing else. Both the requested and the effective values are recorded in ``runtime_info``. The decoder IR
+carries the KV-cache and dynamic-quantization settings in its rt_info ``runtime_options`` (``RUNTIME_OPTIONS``),
+which OpenVINO applies when a caller passes none, so ``LLMPipeline(dir, "CPU")`` at its defaults uses them too;
+the inference precision cannot be carried that way (bf16 compute on AMX CPUs at the defaults).
 
 Embedding encoders (BERT, XLM-R; issue 15) get a directory ``openvino_genai.TextEmbeddingPipeline(dir, "CPU")``
 loads at its defaults and answers with the sentence-transformers embeddings: the pooling (and normalisation) is
@@ -52,6 +55,7 @@ from sovpack.targets.openvino.runtime import (
     MODEL_BIN,
     MODEL_XML,
     PARITY_CONFIG,
+    RUNTIME_OPTIONS,
     TOKENIZER_XML,
 )
 from sovpack.targets.openvino.target import FAMILIES, PRECISION_TABLE, PRECISIONS, OpenvinoTarget
@@ -65,6 +69,7 @@ __all__ = [
     "PARITY_CONFIG",
     "PRECISIONS",
     "PRECISION_TABLE",
+    "RUNTIME_OPTIONS",
     "TOKENIZER_XML",
     "OpenvinoEmbeddingRunner",
     "OpenvinoRunner",

@@ -22,6 +22,7 @@ from sovpack.targets.openvino.runtime import (
     MODEL_BIN,
     MODEL_XML,
     PARITY_CONFIG,
+    RUNTIME_OPTIONS,
     TOKENIZER_XML,
     require_openvino,
     require_tokenizers,
@@ -64,6 +65,13 @@ FAMILIES = frozenset({
     # graph, so TextEmbeddingPipeline's defaults give the sentence-transformers embeddings)
     "bert", "xlm_roberta",
 })
+# What a caller of openvino-genai's defaults gets (measured on an AMX CPU, tests/targets/test_openvino_defaults.py).
+DEFAULTS_NOTE = (
+    "rt_info runtime_options give the KV cache and activations parity used; the compute precision is the "
+    "device's default: bf16 on AMX / AVX512-BF16 CPUs (OpenVINO reads INFERENCE_PRECISION_HINT from no model), "
+    "where greedy tokens can leave the reference's at near-ties; pass INFERENCE_PRECISION_HINT=f32 for parity's "
+    "numbers"
+)
 # Integer schemes an encoder refuses: 4-bit groups are a decoder-size trade (memory bandwidth of billions of
 # weights); on a 22M-parameter encoder they cost embedding quality for a few megabytes.
 ENCODER_REFUSED = frozenset({"int4", "int4_sym"})
@@ -105,6 +113,8 @@ class OpenvinoTarget:
         for key, value in (("sovpack_version", __version__), ("precision", precision),
                            ("family", model.spec.family), ("architecture", model.spec.architecture)):
             graph.set_rt_info(str(value), ["sovpack", key])
+        for key, value in RUNTIME_OPTIONS.items():  # what openvino-genai's defaults then apply (runtime.py)
+            graph.set_rt_info(value, ["runtime_options", key])
         _save_model(ov, graph, out / MODEL_XML)
         del graph
         fp16 = scheme.kind == "float" and scheme.float_dtype == np.float16
@@ -141,6 +151,8 @@ class OpenvinoTarget:
             },
             "tokenizer": tokenizer_info,
             "parity_compile_config": dict(PARITY_CONFIG),
+            "runtime_options": dict(RUNTIME_OPTIONS),
+            "compute_precision_at_defaults": DEFAULTS_NOTE,
             "notes": _notes(model.spec),
         }
         # OpenVINO with PARITY_CONFIG has no known deviations to excuse: the runner judges at the defaults.

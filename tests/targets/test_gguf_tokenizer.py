@@ -105,10 +105,12 @@ UNSUPPORTED = {
         "not one llama.cpp implements",
     ),
     "lowercasing normalizer": ("llama3", lambda d: d.update(normalizer={"type": "Lowercase"}), "Lowercase"),
+    # Digits before Llama 3's own split: no llama.cpp pre-tokenizer splits that way (SmolLM's Digits + ByteLevel
+    # is one: tests/fixtures_tests/test_real_weights.py and test_smollm_digits_map_to_llama_cpp_smollm).
     "digit splitting": (
         "llama3",
         lambda d: d["pre_tokenizer"]["pretokenizers"].insert(0, {"type": "Digits", "individual_digits": True}),
-        "Digits",
+        "not one llama.cpp implements",
     ),
     "split that removes": (
         "llama3",
@@ -483,3 +485,18 @@ def test_real_vocabulary_against_llama_cpp_test_vectors(name: str, tmp_path: Pat
     finally:
         runner.close()
     assert got == expected[: len(texts)]
+
+
+def test_smollm_digits_map_to_llama_cpp_smollm() -> None:
+    """SmolLM / SmolLM2 publish Digits(individual_digits) then ByteLevel with its GPT-2 regex: llama.cpp's
+    "smollm" pre-tokenizer splits the same way."""
+    from sovpack.targets.gguf.pretokenizer import byte_level_rule
+
+    pre = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    ]}
+    assert byte_level_rule(None, pre, "tokenizer.json").pre == "smollm"
+    pre["pretokenizers"][0]["individual_digits"] = False
+    with pytest.raises(ConversionError, match="Digits"):
+        byte_level_rule(None, pre, "tokenizer.json")
