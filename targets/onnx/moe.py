@@ -13,8 +13,8 @@ runs only its chosen experts. The expert weights are stacked per layer into two 
 # 2.5-3.5 ms with the MoE op against 18-35 ms dense; 128 prefill tokens 40-82 ms against 86-201 ms. onnxruntime's
 # CPU MoE kernel (onnxruntime >= 1.23.1; QMoE >= 1.24, precisions.py) takes the router logits and does softmax,
 # top-k, optional renormalisation and the per-expert GEMMs itself; onnxruntime-genai runs it like any node. Its
-# CPU kernel accepts only the interleaved
-# fused SwiGLU layout (swiglu_fusion=1; separate fc3 weights are NOT_IMPLEMENTED on CPU), and computes
+# CPU kernel accepts only the interleaved fused SwiGLU layout (swiglu_fusion=1; separate fc3 weights are
+# NOT_IMPLEMENTED on CPU), and computes
 # ``G = min(g, limit); L = clip(l, -limit, limit); G * sigmoid(alpha * G) * (L + beta)``: silu(gate) * up with
 # alpha 1, beta 0 and no limit (Qwen3-MoE, Mixtral), gpt-oss's clamped SwiGLU with alpha 1.702, beta 1 (the up
 # offset) and limit 7. Every attribute is written explicitly: their defaults changed between releases.

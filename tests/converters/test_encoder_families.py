@@ -1,12 +1,15 @@
-"""BERT and XLM-RoBERTa configs -> the canonical encoder spec, and the configs they refuse by name."""
+"""BERT, XLM-RoBERTa and ModernBERT configs -> the canonical encoder spec, and the configs they refuse by name."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
+from sovpack._schemas import validate
 from sovpack.converters.bert import BertFamily, XlmRobertaFamily
+from sovpack.converters.modernbert import ModernBertFamily
 from sovpack.errors import SourceError
 from sovpack.source.spec import ModelSpec
 
@@ -67,3 +70,63 @@ def test_xlmr_needs_a_padding_id_inside_its_positions() -> None:
         XlmRobertaFamily().build_spec({**XLMR_CONFIG, "pad_token_id": None}, "config.json")
     with pytest.raises(SourceError, match="max_position_embeddings"):
         XlmRobertaFamily().build_spec({**XLMR_CONFIG, "max_position_embeddings": 2}, "config.json")
+
+
+MODERNBERT_CONFIG: dict[str, Any] = {  # ModernBERT-base's config.json as transformers 4 published it
+    "architectures": ["ModernBertModel"], "attention_bias": False, "global_attn_every_n_layers": 3,
+    "global_rope_theta": 160000.0, "hidden_activation": "gelu", "hidden_size": 768, "intermediate_size": 1152,
+    "local_attention": 128, "local_rope_theta": 10000.0, "max_position_embeddings": 8192, "mlp_bias": False,
+    "model_type": "modernbert", "norm_bias": False, "norm_eps": 1e-05, "num_attention_heads": 12,
+    "num_hidden_layers": 22, "pad_token_id": 50283, "vocab_size": 50368,
+}
+
+
+def test_modernbert_config_gives_the_pre_ln_rope_geglu_spec() -> None:
+    spec = ModernBertFamily().build_spec(MODERNBERT_CONFIG, "config.json")
+    enc = spec.encoder
+    assert enc is not None
+    assert (enc.layout, enc.position, enc.mlp, enc.linear_bias, enc.norm_bias) == (
+        "pre_ln", "rope", "geglu", False, False)
+    assert (enc.rope_theta, enc.rope_local_theta, enc.local_window) == (160000.0, 10000.0, 64)
+    assert enc.local_layers == tuple(i for i in range(22) if i % 3)
+    assert (spec.head_dim, spec.activation, spec.norm_eps, enc.type_vocab_size) == (64, "gelu", 1e-5, 0)
+    shapes = spec.tensor_shapes()
+    assert "pos_embed" not in shapes and "layers.0.attn_norm" not in shapes and "layers.0.q_bias" not in shapes
+    assert shapes["layers.1.attn_norm"] == (768,) and shapes["final_norm"] == (768,)
+    assert shapes["layers.3.gate"] == (1152, 768) and shapes["layers.3.down"] == (768, 1152)
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    validate(json.loads(json.dumps(spec.to_dict())), "model-spec")
+
+
+def test_modernbert_transformers5_layer_types_and_rope_parameters() -> None:
+    config = {k: v for k, v in MODERNBERT_CONFIG.items()
+              if k not in ("global_attn_every_n_layers", "global_rope_theta", "local_rope_theta")}
+    config.update(num_hidden_layers=4, layer_types=["full_attention", "sliding_attention"] * 2,
+                  rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 5e4},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e3}})
+    enc = ModernBertFamily().build_spec(config, "config.json").encoder
+    assert enc is not None and enc.local_layers == (1, 3) and (enc.rope_theta, enc.rope_local_theta) == (5e4, 1e3)
+
+
+def test_modernbert_tensor_map_splits_the_fused_weights() -> None:
+    family = ModernBertFamily()
+    m = family.tensor_map(family.build_spec(MODERNBERT_CONFIG, "config.json"))
+    assert (m["layers.2.k"].name, m["layers.2.k"].rows) == ("layers.2.attn.Wqkv.weight", (768, 1536))
+    assert (m["layers.2.up"].rows, m["layers.2.gate"].rows) == ((0, 1152), (1152, 2304))
+    assert m["layers.2.gate"].name == "layers.2.mlp.Wi.weight" and m["layers.2.down"].name == "layers.2.mlp.Wo.weight"
+    assert m["embed"].name == "embeddings.tok_embeddings.weight" and m["final_norm"].name == "final_norm.weight"
+    assert m["layers.1.attn_norm"].name == "layers.1.attn_norm.weight"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 2.0}}}, "rope_type"),
+    ({"attention_bias": True}, "mlp_bias"),
+    ({"hidden_size": 770}, "multiple of num_attention_heads"),
+    ({"hidden_activation": "relu6"}, "activation"),
+    ({"layer_types": ["full_attention"]}, "layer_types"),
+    ({"local_attention": 1}, "local_attention"),
+])
+def test_modernbert_refusals_name_the_key(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(SourceError, match=message):
+        ModernBertFamily().build_spec({**MODERNBERT_CONFIG, **change}, "config.json")
