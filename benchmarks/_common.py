@@ -59,8 +59,29 @@ SAMPLE_INTERVAL = 0.01
 # the synthetic checkpoint
 
 
+class SizedShapes:
+    """Byte counts of a synthetic checkpoint described by ``shapes()`` (name -> shape) and ``dtype``."""
+
+    dtype: str
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    @property
+    def itemsize(self) -> int:
+        return 4 if self.dtype == "float32" else 2
+
+    def nbytes(self) -> int:
+        return sum(math.prod(s) for s in self.shapes().values()) * self.itemsize
+
+    def largest(self) -> tuple[str, int]:
+        """Name and element count of the largest tensor."""
+        name, shape = max(self.shapes().items(), key=lambda kv: math.prod(kv[1]))
+        return name, math.prod(shape)
+
+
 @dataclass(frozen=True, kw_only=True)
-class Dims:
+class Dims(SizedShapes):
     """Shapes of a synthetic Llama-style checkpoint."""
 
     hidden: int = 2048
@@ -93,18 +114,6 @@ class Dims:
         out["model.norm.weight"] = (h,)
         out["lm_head.weight"] = (self.vocab, h)
         return out
-
-    @property
-    def itemsize(self) -> int:
-        return 4 if self.dtype == "float32" else 2
-
-    def nbytes(self) -> int:
-        return sum(math.prod(s) for s in self.shapes().values()) * self.itemsize
-
-    def largest(self) -> tuple[str, int]:
-        """Name and element count of the largest tensor."""
-        name, shape = max(self.shapes().items(), key=lambda kv: math.prod(kv[1]))
-        return name, math.prod(shape)
 
     def with_size(self, size_bytes: float) -> Dims:
         """The same widths with the layer count (at least 1) that comes closest to ``size_bytes``."""

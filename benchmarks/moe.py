@@ -44,7 +44,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import GIB, MIB, ROOT, mib, print_table, work_dir, write_safetensors
+from _common import GIB, MIB, ROOT, SizedShapes, mib, print_table, work_dir, write_safetensors
 from peers import (
     DEFAULT_PEER_ENV,
     HEADER,
@@ -65,7 +65,7 @@ PRE_TOKENIZER = "qwen2"
 
 
 @dataclass(frozen=True, kw_only=True)
-class MoEDims:
+class MoEDims(SizedShapes):
     """Shapes of a synthetic Qwen3-MoE checkpoint."""
 
     hidden: int = 1024
@@ -103,18 +103,6 @@ class MoEDims:
         out["model.norm.weight"] = (h,)
         out["lm_head.weight"] = (self.vocab, h)
         return out
-
-    @property
-    def itemsize(self) -> int:
-        return 4 if self.dtype == "float32" else 2
-
-    def nbytes(self) -> int:
-        return sum(math.prod(s) for s in self.shapes().values()) * self.itemsize
-
-    def largest(self) -> tuple[str, int]:
-        """Name and element count of the largest tensor."""
-        name, shape = max(self.shapes().items(), key=lambda kv: math.prod(kv[1]))
-        return name, math.prod(shape)
 
     def with_size(self, size_bytes: float) -> MoEDims:
         """The same widths with the fewest layers (at least 1) that make the weights at least ``size_bytes``."""
