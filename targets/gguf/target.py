@@ -83,7 +83,7 @@ def rounded_yarn(spec: ModelSpec) -> bool:
 @register_target
 class GgufTarget:
     """``gguf``: one .gguf file, parity-checked in llama.cpp through llama-cpp-python (decoders and, as
-    llama.cpp's bert architecture, embedding encoders: see ``encoder``)."""
+    llama.cpp's bert or modern-bert architecture, embedding encoders: see ``encoder``)."""
 
     name = "gguf"
     precisions = PRECISIONS

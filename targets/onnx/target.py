@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from sovpack.artifact import ArtifactMetadata
 
 # Embedding-encoder families (spec.encoder set): written as the feature-extraction graph of encoder.py.
-ENCODER_FAMILIES = frozenset({"bert", "xlm_roberta"})
+ENCODER_FAMILIES = frozenset({"bert", "xlm_roberta", "modernbert"})
 # The sentence-transformers files that say how token states become the embedding, copied beside the graph.
 MODULES_JSON_CAP = 1024 * 1024
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
@@ -127,7 +127,7 @@ class OnnxTarget:
             "position_ids": "computed in the graph: " + (
                 f"{encoder.position_offset} + rank among real tokens (attention_mask), padding at "
                 f"{encoder.position_offset - 1}" if encoder.position_offset > 0 else "slot index"),
-            "layer_norm": "ai.onnx LayerNormalization (opset 17)",
+            "layer_norm": "ai.onnx LayerNormalization (opset 17)" + ("" if encoder.norm_bias else ", no bias input"),
             "precision": precision,
             "weight_dtype": self.precisions[precision].weights,
             "embedding_dtype": plan.embed_dtype.name,
@@ -136,11 +136,20 @@ class OnnxTarget:
             "largest_tensor_bytes": built.largest_tensor_bytes,
             "quantization": None,
         }
+        if encoder.position == "rope":  # ModernBERT: what the pre-LN graph computes beyond BERT's
+            metadata["rope"] = (f"rotate-half over the whole head at slot indices 0..T-1, cos/sin computed in the "
+                                f"graph; base {encoder.rope_theta:g} on global layers, {encoder.rope_local_theta:g} "
+                                "on local layers")
+            metadata["local_attention"] = {"layers": list(encoder.local_layers), "window": encoder.local_window,
+                                           "rule": "a query sees real keys with |i - j| <= window"}
         if plan.bits is not None:
+            geglu = encoder.mlp == "geglu"
             metadata["quantization"] = {
                 **self._quantization(plan.bits, quantizer_version),
-                "quantized": "every attention and MLP projection (q, k, v, o, up, down)",
-                "not_quantized": f"word, position and token-type embedding tables ({plan.embed_dtype.name}), "
+                "quantized": "every attention and MLP projection (q, k, v, o, up, " + ("gate, " if geglu else "")
+                + "down)",
+                "not_quantized": ("word embedding table" if encoder.position == "rope" else
+                                  "word, position and token-type embedding tables") + f" ({plan.embed_dtype.name}), "
                 "LayerNorms and biases (float32)",
             }
         files = (MODEL_FILE, DATA_FILE, *copied)

@@ -1,4 +1,5 @@
-"""An embedding encoder (BERT, XLM-RoBERTa) as the OpenVINO IR that openvino-genai's TextEmbeddingPipeline runs.
+"""An embedding encoder (BERT, XLM-RoBERTa, ModernBERT) as the OpenVINO IR that openvino-genai's
+TextEmbeddingPipeline runs.
 
 Interface (batch ``B``, tokens ``T``): inputs ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the
 model has more than one token type, as Optimum exports BERT but not XLM-R), all i64 [B, T]; one output, tensor
@@ -20,17 +21,20 @@ second output at load time (``ov.Model.add_outputs``), so the saved IR keeps the
 
 Positions are ``position_offset + cumsum(attention_mask) - 1`` (XLM-R's rule, and BERT's ``arange`` for every
 right-padded row), so a text's embedding does not depend on its batch's padding side; pooling reads the mask
-too (CLS/last token: the first/last real token).
+too (CLS/last token: the first/last real token). ModernBERT (``encoder_rope``: pre-LN layers, rotary q/k,
+two-sided local windows, GeGLU, final norm) rotates by the same ranks and measures its window in them.
 
 Runtime: AMX/AVX512-BF16 CPUs execute f32 models in bf16 unless told otherwise, and ``INFERENCE_PRECISION_HINT``
 is not a property OpenVINO reads from a model's ``runtime_options`` rt_info (it reads KV-cache precision, dynamic
 quantization group size, activations scale factor; measured), while TextEmbeddingPipeline passes no properties
 of its own. An fp32 artifact therefore marks every compute node ``precise`` (:func:`mark_precise`: the IR
 attribute behind ``ov::disable_fp16_compression``, which the CPU plugin honours when it lowers precision), and
-the graph is shaped so that no CPU rewrite drops those marks (``linear``, ``attention``, ``softmax1``): compiled
-with no properties it gives the same numbers as with ``INFERENCE_PRECISION_HINT=f32``. fp16/int8 artifacts are
-not marked (their weights already round more than bf16 compute adds; measured in the tests). ``runtime_options``
-carries ``DYNAMIC_QUANTIZATION_GROUP_SIZE=0`` so integer weights are not met by quantized activations.
+the graph is shaped so that no CPU rewrite drops those marks (``linear``, ``attention``, ``softmax1``,
+``encoder_rope.rotate``): compiled with no properties it gives the same numbers as with
+``INFERENCE_PRECISION_HINT=f32``. fp16/int8 artifacts are not marked (their weights already round more than bf16
+compute adds; measured in the tests), except a rotary encoder's angle computation (``encoder_rope.rotary``).
+``runtime_options`` carries ``DYNAMIC_QUANTIZATION_GROUP_SIZE=0`` so integer weights are not met by quantized
+activations.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import numpy as np
 
 from sovpack.errors import ConversionError
 from sovpack.source.spec import EncoderSpec, ModelSpec
+from sovpack.targets.openvino.encoder_rope import Rotation, local_mask, pre_ln_layer, rotary, rotate
 from sovpack.targets.openvino.graph import MASK_VALUE
 from sovpack.targets.openvino.names import NamedOps, NodeNames, is_generated_name
 
@@ -61,6 +66,8 @@ ENCODER_RUNTIME_OPTIONS: dict[str, str] = {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "0
 # them into its compressed-weight kernels.
 _DECOMPRESSION = ("/decompress", "/codes_f16", "/zero_point_f16", "/zero_point/subtract", "/dequantize", "/ungroup")
 _UNMARKED_TYPES = frozenset({"Const", "Parameter", "Result"})
+# (layout, position, mlp) of the encoders the builder knows: BERT/XLM-R, and ModernBERT (``encoder_rope``).
+_SHAPES = (("post_ln", "absolute", "plain"), ("pre_ln", "rope", "geglu"))
 
 
 def input_names(encoder: EncoderSpec) -> tuple[str, ...]:
@@ -107,6 +114,8 @@ class _EncoderBuilder:
         with self.scope(name):
             normed = ops.mvn(x, self.i64(-1), normalize_variance=True, eps=float(self.spec.norm_eps),
                              eps_mode="inside_sqrt")
+            if not self.enc.norm_bias:
+                return ops.multiply(normed, self.w.vector(name), name=f"{name}/output")
             scaled = ops.multiply(normed, self.w.vector(name))
             return ops.add(scaled, self.w.vector(name + "_bias"), name=f"{name}/output")
 
@@ -118,11 +127,14 @@ class _EncoderBuilder:
         ``precise`` mark (``mark_precise``): an fp32 artifact would run its projections in bf16 at the defaults on
         AMX CPUs. A bias that is computed at run time is not a constant, that fusion does not apply, and the
         projection stays f32 (measured: identical to INFERENCE_PRECISION_HINT=f32). It costs one multiply of
-        ``out_features`` values per projection.
+        ``out_features`` values per projection. Without biases (ModernBERT) the MatMul alone keeps its mark
+        (measured the same way).
         """
         ops = self.ops
         with self.scope(name):
             y = ops.matmul(x, self.w.matrix(name), transpose_a=False, transpose_b=True, name=f"{name}/matmul")
+            if not self.enc.linear_bias:
+                return y
             bias = ops.multiply(self.w.vector(name + "_bias"), self.runtime_one, name=f"{name}/runtime_bias")
             return ops.add(y, bias, name=f"{name}/bias")
 
@@ -147,8 +159,9 @@ class _EncoderBuilder:
             x = ops.gather(self.w.matrix("embed", role="embedding"), input_ids, zero, name="embed/words")
             counted = ops.cumsum(ops.convert(real, "i64"), self.const(1, np.int64))
             index = ops.maximum(ops.subtract(counted, self.const(1, np.int64)), zero)
-            positions = ops.add(index, self.const(enc.position_offset, np.int64), name="embed/position_ids")
-            x = ops.add(x, ops.gather(self.w.vector("pos_embed"), positions, zero), name="embed/with_positions")
+            if enc.position == "absolute":
+                positions = ops.add(index, self.const(enc.position_offset, np.int64), name="embed/position_ids")
+                x = ops.add(x, ops.gather(self.w.vector("pos_embed"), positions, zero), name="embed/with_positions")
             if enc.type_vocab_size > 1:
                 types = ops.gather(self.w.vector("type_embed"), params[2], zero)
                 x = ops.add(x, types, name="embed/with_types")
@@ -156,8 +169,11 @@ class _EncoderBuilder:
                 x = ops.add(x, ops.gather(self.w.vector("type_embed"), self.i64(0), zero), name="embed/with_types")
         x = self.layer_norm(x, "embed_norm")
 
-        for i in range(s.num_layers):
-            x = self.layer(i, x, additive)
+        if enc.layout == "pre_ln":
+            x = self.pre_ln_layers(x, index, real, additive)
+        else:
+            for i in range(s.num_layers):
+                x = self.layer(i, x, additive)
         with self.scope("encoder"):
             hidden = ops.convert(x, "f32", name=HIDDEN_NODE)  # a no-op anchor the runner exposes as an output
         pooled = self.pool(hidden, real, real_f)
@@ -166,6 +182,19 @@ class _EncoderBuilder:
             result = ops.result(out, name=OUTPUT_NAME)
         out.output(0).get_tensor().set_names(set(EMBEDDING_NAMES))
         return ov.Model([result], params, "sovpack-encoder")
+
+    def pre_ln_layers(self, x: Any, positions: Any, real: Any, additive: Any) -> Any:
+        """ModernBERT's layers (``encoder_rope``) and final norm; one mask and rotation per attention kind, shared
+        by the layers of that kind."""
+        enc = self.enc
+        full = (additive, rotary(self, positions, enc.rope_theta, "rope"))
+        local = full
+        if enc.local_layers and enc.local_window is not None:  # build_encoder checked that both or neither are set
+            local = (local_mask(self, positions, real, enc.local_window),
+                     rotary(self, positions, enc.rope_local_theta, "rope.local"))
+        for i in range(self.spec.num_layers):
+            x = pre_ln_layer(self, i, x, *(local if i in enc.local_layers else full))
+        return self.layer_norm(x, "final_norm")
 
     def layer(self, i: int, x: Any, mask: Any) -> Any:
         ops = self.ops
@@ -179,7 +208,7 @@ class _EncoderBuilder:
         out = self.linear(inner, p + "down")
         return self.layer_norm(ops.add(x, out, name=p + "mlp_residual"), p + "output_norm")
 
-    def attention(self, q: Any, k: Any, v: Any, mask: Any, p: str) -> Any:
+    def attention(self, q: Any, k: Any, v: Any, mask: Any, p: str, rotation: Rotation | None = None) -> Any:
         """softmax(q.k^T * scale + padding mask) . v per head, as [B, T, q_size].
 
         NOTE: spelled out (MatMul, Softmax, MatMul) rather than ScaledDotProductAttention, in the one form whose
@@ -195,6 +224,8 @@ class _EncoderBuilder:
             split = [ops.reshape(t, self.i64(0, 0, s.num_heads, s.head_dim), special_zero=True) for t in (q, k, v)]
             qh = ops.transpose(split[0], self.i64(0, 2, 1, 3))  # [B, heads, T, dim]
             kh = ops.transpose(split[1], self.i64(0, 2, 1, 3))  # [B, heads, T, dim]
+            if rotation is not None:
+                qh, kh = rotate(self, qh, rotation, p + "attn.q_rope"), rotate(self, kh, rotation, p + "attn.k_rope")
             vh = ops.transpose(split[2], self.i64(0, 2, 3, 1))  # [B, heads, dim, T]
             scale = ops.multiply(self.const(np.float32(1.0 / math.sqrt(s.head_dim))), self.runtime_one)
             scores = ops.add(ops.multiply(ops.matmul(qh, kh, transpose_a=False, transpose_b=True), scale), mask)
@@ -245,6 +276,15 @@ def build_encoder(spec: ModelSpec, weights: Any) -> Any:
         raise ConversionError(f"the OpenVINO encoder supports the erf GELU only, not {spec.activation!r}")
     if spec.num_heads != spec.num_kv_heads:
         raise ConversionError("an encoder's num_kv_heads must equal num_heads")
+    enc = spec.encoder
+    shape = (enc.layout, enc.position, enc.mlp)
+    if shape not in _SHAPES:
+        raise ConversionError(f"the OpenVINO encoder builds {' or '.join('/'.join(s) for s in _SHAPES)} "
+                              f"(layout/position/mlp) encoders, not {'/'.join(shape)}")
+    if bool(enc.local_layers) != (enc.local_window is not None) or (enc.local_layers and enc.position != "rope"):
+        raise ConversionError("local attention layers need a local_window and rope positions")
+    if enc.position == "rope" and spec.head_dim % 2:
+        raise ConversionError(f"rotary positions need an even head size, not {spec.head_dim}")
     model = _EncoderBuilder(spec, spec.encoder, weights).build()
     unnamed = [op.get_name() for op in model.get_ordered_ops() if op.get_friendly_name() == op.get_name()
                or is_generated_name(op.get_friendly_name())]
@@ -253,9 +293,10 @@ def build_encoder(spec: ModelSpec, weights: Any) -> Any:
     return model
 
 
-def mark_precise(xml_path: Path) -> int:
-    """Mark every compute layer of a saved IR ``precise`` (kept in f32 when a device lowers precision); returns
-    how many. Constants, parameters, results and weight decompression stay unmarked.
+def mark_precise(xml_path: Path, blocks: tuple[str, ...] | None = None) -> int:
+    """Mark every compute layer of a saved IR ``precise`` (kept in f32 when a device lowers precision), or only
+    those of the named ``blocks`` (``rope`` marks ``rope/...``); returns how many. Constants, parameters, results
+    and weight decompression stay unmarked.
 
     NOTE: an XML edit, as ``weights.mark_fp16_decompression``: Python can only attach string rt_info to a node,
     which the serializer does not write as this attribute.
@@ -268,6 +309,8 @@ def mark_precise(xml_path: Path) -> int:
     for layer in layers.findall("layer"):
         name = layer.get("name") or ""
         if layer.get("type") in _UNMARKED_TYPES or name.endswith(_DECOMPRESSION):
+            continue
+        if blocks is not None and not name.startswith(tuple(f"{block}/" for block in blocks)):
             continue
         rt_info = layer.find("rt_info")
         if rt_info is None:

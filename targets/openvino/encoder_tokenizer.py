@@ -1,4 +1,5 @@
-"""The OpenVINO tokenizer of an embedding encoder: BERT's WordPiece and XLM-R's Unigram tokenizer.json files.
+"""The OpenVINO tokenizer of an embedding encoder: BERT's WordPiece, XLM-R's Unigram and ModernBERT's byte-level
+BPE tokenizer.json files.
 
 It extends the decoder's tokenizer.json conversion (``tokenizer``) with what encoders use: WordPiece and Unigram
 models, the BertNormalizer and BertPreTokenizer, and an encoder's post-processing, which differs from a decoder's
@@ -27,7 +28,7 @@ from sovpack.targets.openvino.tokenizer import TokenizerConversion
 
 __all__ = ["EncoderTokenizerConversion", "convert_encoder_tokenizer"]
 
-_MODELS = ("WordPiece", "Unigram")
+_MODELS = ("WordPiece", "Unigram", "BPE")
 
 
 class EncoderTokenizerConversion(TokenizerConversion):
@@ -71,6 +72,12 @@ class EncoderTokenizerConversion(TokenizerConversion):
                 raise self.fail("a WordPiece model without unk_token / continuing_subword_prefix")
             step = tp.WordPieceTokenizationStep.from_hf_json(data)
             step.max_bytes_per_word = int(model.get("max_input_chars_per_word") or 100)
+        elif kind == "BPE":  # ModernBERT: byte-level BPE (GPT-NeoX style) with BERT's specials and template
+            if model.get("dropout"):
+                raise self.fail("BPE dropout")
+            if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+                raise self.fail("BPE continuing_subword_prefix / end_of_word_suffix")
+            step = tp.BPETokenizationStep.from_hf_json(data)
         else:
             if model.get("unk_id") is None:
                 raise self.fail("a Unigram model without unk_id")

@@ -64,6 +64,7 @@ def write_encoder(model: SourceModel, precision: str, out: Path, progress: Progr
         input_names,
         mark_precise,
     )
+    from sovpack.targets.openvino.encoder_rope import ROTARY_BLOCKS
     from sovpack.targets.openvino.encoder_tokenizer import convert_encoder_tokenizer
     from sovpack.targets.openvino.weights import SCHEMES, counted_weights, mark_fp16_decompression
 
@@ -88,7 +89,12 @@ def write_encoder(model: SourceModel, precision: str, out: Path, progress: Progr
     del graph
     fp16 = scheme.kind == "float" and scheme.float_dtype == np.float16
     marked = mark_fp16_decompression(out / MODEL_XML) if fp16 else 0
-    precise = mark_precise(out / MODEL_XML) if precision in PRECISE_PRECISIONS else 0
+    if precision in PRECISE_PRECISIONS:
+        precise = mark_precise(out / MODEL_XML)
+    elif encoder.position == "rope":
+        precise = mark_precise(out / MODEL_XML, ROTARY_BLOCKS)
+    else:
+        precise = 0
     weights_written()
 
     files = [MODEL_XML, MODEL_BIN]
@@ -113,6 +119,8 @@ def write_encoder(model: SourceModel, precision: str, out: Path, progress: Progr
     files.extend(copy_support_files(model, out, _SUPPORT))
 
     stats = weights.stats
+    rope = encoder.position == "rope"
+    projections = "q, k, v, o, up, gate, down" if encoder.mlp == "geglu" else "q, k, v, o, up, down"
     format_metadata: dict[str, Any] = {
         "model_kind": "encoder",
         "openvino_version": ov.get_version(),
@@ -125,7 +133,7 @@ def write_encoder(model: SourceModel, precision: str, out: Path, progress: Progr
             "float_dtype": "f16" if fp16 else "f32",
             "int8_tensors": stats.int8_layers,
             "symmetric": scheme.symmetric if scheme.kind == "int" else None,
-            "quantized": "word embeddings and every projection (q, k, v, o, up, down), per output channel"
+            "quantized": f"word embeddings and every projection ({projections}), per output channel"
             if scheme.kind == "int" else None,
             "fp16_decompression_marked": marked,
         },
@@ -137,12 +145,15 @@ def write_encoder(model: SourceModel, precision: str, out: Path, progress: Progr
         "pooling": pooling.to_dict(),
         "max_seq_length": limit,
         "position_ids": f"computed in the graph: {encoder.position_offset} + rank among real tokens "
-                        "(attention_mask), so either padding side gives the same embedding",
+                        "(attention_mask), so either padding side gives the same embedding"
+        + ("; rotary (q and k) and the local window use them" if rope else ""),
         "runtime_options": dict(ENCODER_RUNTIME_OPTIONS),
         "precise_nodes": precise,
-        "compute_precision": "f32 at the device's defaults (every compute node marked precise)" if precise
-        else "the device's default inference precision (bf16 on AMX/AVX512-BF16 CPUs); parity compiles with "
-        "INFERENCE_PRECISION_HINT=f32",
+        "compute_precision": "f32 at the device's defaults (every compute node marked precise)"
+        if precision in PRECISE_PRECISIONS
+        else "the device's default inference precision (bf16 on AMX/AVX512-BF16 CPUs)"
+        + (", except the rotary angles (marked precise)" if rope else "")
+        + "; parity compiles with INFERENCE_PRECISION_HINT=f32",
         "tokenizer": tokenizer_info,
         "genai": {
             "pipeline": "openvino_genai.TextEmbeddingPipeline(dir, 'CPU').embed_documents(texts)",

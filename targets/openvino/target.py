@@ -64,6 +64,8 @@ FAMILIES = frozenset({
     # issue 15: embedding encoders (spec.encoder set), written by ``_write_encoder`` (encoder.py: pooling in the
     # graph, so TextEmbeddingPipeline's defaults give the sentence-transformers embeddings)
     "bert", "xlm_roberta",
+    # ModernBERT: pre-LN, rope with local/global bases, a two-sided local window, GeGLU (encoder_rope.py)
+    "modernbert",
 })
 # What a caller of openvino-genai's defaults gets (measured on an AMX CPU, tests/targets/test_openvino_defaults.py).
 DEFAULTS_NOTE = (

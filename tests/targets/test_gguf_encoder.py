@@ -1,4 +1,5 @@
-"""Embedding encoders on the gguf target: llama.cpp's bert architecture, run through llama-cpp-python.
+"""Embedding encoders on the gguf target: llama.cpp's bert and modern-bert architectures, run through
+llama-cpp-python.
 
 Everything runs on the real runtime; nothing is mocked. Each (fixture, precision) artifact is written once per
 module with the target's own ``write`` and opened with ``open_embedding_runner``; the numpy EncoderReference is
@@ -20,6 +21,7 @@ from fixtures.tokenizers_gen import CORPUS
 from sovpack import __version__
 from sovpack._protocols import WrittenArtifact
 from sovpack.artifact import ArtifactMetadata
+from sovpack.convert import convert
 from sovpack.encoder_reference import EncoderReference
 from sovpack.errors import ConversionError, UsageError
 from sovpack.parity.embeddings import ENCODER_TOKENIZER_CORPUS
@@ -40,6 +42,10 @@ MIN_COSINE = {"f32": 0.99999, "f16": 0.999, "q8_0": 0.99}
 # Token states: llama.cpp's GELU is the tanh form read from a float16 table where the source uses erf (measured
 # 1.4e-3 / 1.6e-3 at f32 on the fixtures, 2.8e-3 on MiniLM); f16 and q8_0 add their rounding (3e-3, 7e-2).
 MAX_HIDDEN = {"f32": 5e-3, "f16": 1e-2, "q8_0": 0.2}
+# A text's embedding alone and inside a batch. NOTE: llama.cpp's f32 matmuls sum in a batch-size-dependent order,
+# and its GELU table rounds the input to float16, so a 1e-7 change can move one GELU output by 2^-11: on the
+# modernbert fixture at f32 that gives 1.1e-5 on one embedding entry (token states 5.7e-4); f16 / q8_0 3e-8.
+BATCH_ATOL = {"modernbert": 5e-5}
 TEXTS = [
     "A man is eating food.",
     "Hello, world!",
@@ -118,7 +124,7 @@ def fields(path: Path) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("variant", ["bert", "xlmr"])
+@pytest.mark.parametrize("variant", ["bert", "xlmr", "modernbert"])
 def test_parity_against_reference_in_one_mixed_length_batch(written: Writer, variant: str, precision: str) -> None:
     w = written(variant, precision)
     ids = w.source_ids(TEXTS)
@@ -132,10 +138,10 @@ def test_parity_against_reference_in_one_mixed_length_batch(written: Writer, var
     assert hidden_err <= MAX_HIDDEN[precision]
     # a text's embedding does not depend on what it is batched with
     alone = np.stack([w.runner.embed_ids([i]).embeddings[0] for i in ids[:3]])
-    np.testing.assert_allclose(alone, got.embeddings[:3], atol=1e-5)
+    np.testing.assert_allclose(alone, got.embeddings[:3], atol=BATCH_ATOL.get(variant, 1e-5))
 
 
-@pytest.mark.parametrize("variant", ["bert", "xlmr"])
+@pytest.mark.parametrize("variant", ["bert", "xlmr", "modernbert"])
 def test_embed_texts_is_llama_embed_with_the_pipelines_normalisation(written: Writer, variant: str) -> None:
     w = written(variant, "f32")
     # texts within max_seq_length: longer ones are truncated differently (test_truncation_drops_the_tail)
@@ -147,7 +153,7 @@ def test_embed_texts_is_llama_embed_with_the_pipelines_normalisation(written: Wr
     norms = np.linalg.norm(via_text, axis=-1)
     enc = w.model.spec.encoder
     assert enc is not None
-    if enc.pooling.normalize:  # bert fixture: mean pooling + Normalize
+    if enc.pooling.normalize:  # bert / modernbert fixtures: mean pooling + Normalize
         np.testing.assert_allclose(norms, 1.0, atol=1e-5)
         np.testing.assert_allclose(via_text, ref.embeddings, atol=2e-4)
     else:  # xlmr fixture: CLS pooling, unnormalised, as the pipeline returns it
@@ -197,7 +203,7 @@ def test_minilm_f16(written: Writer) -> None:
 # -------------------------------------------------------------------------------------------- tokenizer
 
 
-@pytest.mark.parametrize("variant", ["bert", "xlmr", "minilm"])
+@pytest.mark.parametrize("variant", ["bert", "xlmr", "minilm", "modernbert"])
 def test_tokenizer_matches_the_source_except_known_divergences(written: Writer, variant: str) -> None:
     w = written(variant, "f32")
     spec = w.model.spec
@@ -304,7 +310,75 @@ def test_xlmr_file_drops_the_padding_positions(written: Writer) -> None:
     np.testing.assert_array_equal(np.asarray(stored.data).reshape(64, -1), source[2:])
 
 
+def test_modernbert_file_is_llama_cpps_modern_bert(written: Writer) -> None:
+    """Keys and tensors of llama.cpp's modern-bert: fused q/k/v and [up; gate] rows exactly the source's (f32
+    file), no attn_norm on layer 0, the symmetric window as 2 x local_window with one pattern bool per layer."""
+    w = written("modernbert", "f32")
+    f = fields(w.gguf_path)
+    spec = w.model.spec
+    enc = spec.encoder
+    assert enc is not None and enc.local_layers == (1, 2) and enc.local_window == 4
+    assert f["general.architecture"] == "modern-bert"
+    assert f["modern-bert.attention.causal"] is False
+    assert f["modern-bert.pooling_type"] == 1  # mean
+    assert f["modern-bert.context_length"] == spec.max_position_embeddings
+    assert f["modern-bert.rope.freq_base"] == pytest.approx(160000.0)
+    assert f["modern-bert.rope.freq_base_swa"] == pytest.approx(10000.0)
+    assert f["modern-bert.attention.sliding_window"] == 8  # llama.cpp masks |i - j| > 8 / 2
+    assert f["modern-bert.attention.sliding_window_pattern"] == [False, True, True]
+    assert f["modern-bert.hidden_activation"] == "gelu"
+    assert f["tokenizer.ggml.model"] == "bert"
+    tensors = {t.name: t for t in gguf.GGUFReader(w.gguf_path).tensors}
+    expected = {"token_embd.weight", "token_embd_norm.weight", "output_norm.weight"}
+    for i in range(spec.num_layers):
+        names = ["attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down"] + (["attn_norm"] if i else [])
+        expected |= {f"blk.{i}.{name}.weight" for name in names}
+    assert set(tensors) == expected  # no biases, no position table, no token types
+
+    def stored(name: str) -> np.ndarray:
+        t = tensors[name]
+        return np.asarray(t.data).reshape([int(x) for x in reversed(t.shape)])
+
+    for i in range(spec.num_layers):
+        p = f"layers.{i}."
+        qkv = np.concatenate([w.model.tensor(p + n, np.float32) for n in ("q", "k", "v")])
+        np.testing.assert_array_equal(stored(f"blk.{i}.attn_qkv.weight"), qkv)
+        up_gate = np.concatenate([w.model.tensor(p + n, np.float32) for n in ("up", "gate")])
+        np.testing.assert_array_equal(stored(f"blk.{i}.ffn_up.weight"), up_gate)
+    meta = w.art.format_metadata
+    assert meta["architecture"] == "modern-bert" and meta["normalize"] is True
+    assert any("sliding_window 8" in n for n in meta["notes"])
+
+
+def test_modernbert_q8_0_keeps_short_rows_f16(written: Writer) -> None:
+    """ffn_down rows are intermediate_size (48) long, not a multiple of Q8_0's 32: F16, and the fallback says so."""
+    meta = written("modernbert", "q8_0").art.format_metadata
+    assert meta["tensor_types"] == {"F32": 7, "Q8_0": 10, "F16": 3}
+    assert len(meta["fallbacks"]) == 3 and all("ffn_down" in n for n in meta["fallbacks"])
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_modernbert_convert_passes_parity(encoder_checkpoints: dict[str, Path], tmp_path: Path, precision: str) -> None:
+    """``sovpack convert <modernbert> -t gguf:<precision>`` end to end, at the default encoder thresholds."""
+    result = convert(encoder_checkpoints["modernbert"], f"gguf:{precision}", tmp_path / "out")
+    report = result.parity
+    assert report is not None and report.status == "PASSED", report
+    assert report.embeddings is not None and report.embeddings.min_cosine >= MIN_COSINE[precision]
+    assert report.embeddings.pipeline_min_cosine is not None
+    assert [p.name for p in result.out_dir.glob("*.gguf")] == [f"modernbert-{precision}.gguf"]
+
+
 # ------------------------------------------------------------------------------------------- refusals
+
+
+def test_modernbert_with_biases_is_refused_by_name(tmp_path: Path) -> None:
+    """llama.cpp's modern-bert graph has no bias tensors: a checkpoint with them is refused, nothing written."""
+    model = open_model(make_encoder_checkpoint("modernbert", tmp_path / "ckpt", biases=True))
+    enc = model.spec.encoder
+    assert enc is not None and enc.linear_bias and enc.norm_bias
+    with pytest.raises(ConversionError, match=r"linear_bias and norm_bias=True .*modern-bert graph has no biases"):
+        GgufTarget().write(model, "f32", tmp_path, lambda *a: None)
+    assert not list(tmp_path.glob("*.gguf"))
 
 
 @pytest.mark.parametrize("pooling", ["max", "mean_sqrt_len"])
@@ -325,4 +399,4 @@ def test_other_precisions_are_refused_for_encoders(
 
 
 def test_target_lists_the_encoder_families() -> None:
-    assert {"bert", "xlm_roberta"} <= GgufTarget.families
+    assert {"bert", "xlm_roberta", "modernbert"} <= GgufTarget.families

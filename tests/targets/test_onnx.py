@@ -130,7 +130,7 @@ def test_precision_table_is_consistent() -> None:
 def test_a_family_without_a_genai_type_is_refused_by_name(ckpts: dict[str, Path], tmp_path: Path) -> None:
     load_targets()
     target = TARGETS.get("onnx")
-    assert target.families == frozenset(GENAI_MODEL_TYPES) | {"bert", "xlm_roberta"}
+    assert target.families == frozenset(GENAI_MODEL_TYPES) | {"bert", "xlm_roberta", "modernbert"}
     spec = dataclasses.replace(open_model(ckpts["llama3"]).spec, family="falcon")
     with pytest.raises(ConversionError, match="'falcon'"):
         TargetRef.parse("onnx:fp32").check_family(spec)

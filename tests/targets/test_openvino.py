@@ -154,7 +154,7 @@ def test_family_outside_families_is_refused_by_name(ckpts: dict[str, Path], tmp_
     load_targets()
     target = TARGETS.get("openvino")
     moe = {"qwen3_moe", "mixtral", "gpt_oss"}  # issue 14: tests/targets/test_openvino_moe.py
-    encoders = {"bert", "xlm_roberta"}  # issue 15: tests/targets/test_openvino_encoder.py
+    encoders = {"bert", "xlm_roberta", "modernbert"}  # issue 15: tests/targets/test_openvino_encoder.py
     assert target.families == {open_model(ckpts[v]).spec.family for v in FAMILIES} | moe | encoders
     model = open_model(ckpts["llama3"])
     alien = dataclasses.replace(model, spec=dataclasses.replace(model.spec, family="falcon"))

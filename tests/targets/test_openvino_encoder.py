@@ -1,25 +1,30 @@
 """The OpenVINO target on embedding encoders (issue 15): the pooled IR against the numpy reference, its tokenizer
 IR against tokenizer.json, and openvino-genai's TextEmbeddingPipeline at its defaults against both, on the tiny
-BERT / XLM-R fixtures and the real all-MiniLM-L6-v2.
+BERT / XLM-R / ModernBERT fixtures and the real all-MiniLM-L6-v2.
 
 Everything runs on the real runtimes (openvino, openvino_tokenizers, openvino_genai); nothing is mocked.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from fixtures.encoders import make_encoder_checkpoint
-from fixtures.tokenizers_gen import CORPUS
+from fixtures.tokenizers_gen import CORPUS, build_tokenizer
 from sovpack.artifact import ArtifactMetadata
+from sovpack.cli import cli
 from sovpack.encoder_reference import EncoderReference
 from sovpack.errors import ConversionError
+from sovpack.parity.thresholds import ENCODER_THRESHOLDS
 from sovpack.source.model import SourceModel, open_model
 from sovpack.source.tokenizer import SourceTokenizer
 from sovpack.targets.openvino import MODEL_BIN, MODEL_XML, TOKENIZER_XML, OpenvinoTarget
+from sovpack.targets.openvino.encoder_rope import ROTARY_BLOCKS
 from sovpack.targets.openvino.encoder_runner import OpenvinoEmbeddingRunner
 from tests.targets.shared import ENCODER_TEXTS
 
@@ -56,7 +61,7 @@ def models(encoder_checkpoints: dict[str, Path]) -> dict[str, SourceModel]:
     return {name: open_model(path) for name, path in encoder_checkpoints.items()}
 
 
-@pytest.mark.parametrize("variant", ["bert", "xlmr"])
+@pytest.mark.parametrize("variant", ["bert", "xlmr", "modernbert"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_graph_matches_the_reference_on_a_mixed_length_batch(models: dict[str, SourceModel], variant: str,
                                                              precision: str, tmp_path: Path) -> None:
@@ -81,7 +86,7 @@ def test_graph_matches_the_reference_on_a_mixed_length_batch(models: dict[str, S
     assert info["inference_precision_hint"] == "f32"
 
 
-@pytest.mark.parametrize("variant", ["bert", "xlmr"])
+@pytest.mark.parametrize("variant", ["bert", "xlmr", "modernbert"])
 def test_tokenizer_ir_matches_tokenizer_json_with_truncation(models: dict[str, SourceModel], variant: str,
                                                              tmp_path: Path) -> None:
     model = models[variant]
@@ -96,7 +101,7 @@ def test_tokenizer_ir_matches_tokenizer_json_with_truncation(models: dict[str, S
         runner.close()
 
 
-@pytest.mark.parametrize("variant", ["bert", "xlmr"])
+@pytest.mark.parametrize("variant", ["bert", "xlmr", "modernbert"])
 def test_text_embedding_pipeline_at_defaults_reproduces_the_reference(models: dict[str, SourceModel], variant: str,
                                                                       tmp_path: Path) -> None:
     model = models[variant]
@@ -139,9 +144,14 @@ def test_every_pooling_mode_through_the_pipeline_defaults(pooling: str, normaliz
     np.testing.assert_allclose(texts_path, ref, atol=1e-5)
 
 
-def test_fp32_runs_in_f32_at_the_device_defaults(models: dict[str, SourceModel], tmp_path: Path) -> None:
-    """An fp32 IR compiled with no properties equals INFERENCE_PRECISION_HINT=f32 (AMX CPUs default to bf16)."""
-    model = models["bert"]
+@pytest.mark.parametrize("variant", ["bert", "modernbert"])
+def test_fp32_runs_in_f32_at_the_device_defaults(models: dict[str, SourceModel], variant: str,
+                                                 tmp_path: Path) -> None:
+    """An fp32 IR compiled with no properties equals INFERENCE_PRECISION_HINT=f32 (AMX CPUs default to bf16).
+
+    ModernBERT adds rope (whose rotate-half once held a Negative the CPU plugin ran in bf16), bias-free
+    projections and norms, GeGLU and the local mask: every node keeps its mark."""
+    model = models[variant]
     out = _write(model, "fp32", tmp_path / "ov")
     ids = _ids(model, TEXTS)
     hinted = OpenvinoEmbeddingRunner(out, spec=model.spec)
@@ -155,7 +165,7 @@ def test_fp32_runs_in_f32_at_the_device_defaults(models: dict[str, SourceModel],
 
 def test_writer_refuses_int4_and_records_the_interface(models: dict[str, SourceModel], tmp_path: Path) -> None:
     target = OpenvinoTarget()
-    assert {"bert", "xlm_roberta"} <= target.families
+    assert {"bert", "xlm_roberta", "modernbert"} <= target.families
     model = models["bert"]
     for precision in ("int4", "int4_sym"):
         (tmp_path / precision).mkdir()
@@ -222,3 +232,138 @@ def test_real_minilm_through_text_embedding_pipeline_defaults(minilm: Path, prec
     if precision == "fp32":
         assert np.abs(got.hidden - ref.hidden)[ref.mask].max() <= 1e-4
         np.testing.assert_allclose(embeddings, ref.embeddings, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ ModernBERT
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_modernbert_with_biases_through_the_graph_and_the_pipeline(precision: str, tmp_path: Path) -> None:
+    """attention_bias / mlp_bias / norm_bias: every projection and LayerNorm gains its bias."""
+    model = open_model(make_encoder_checkpoint("modernbert", tmp_path / "ck", biases=True))
+    assert model.spec.encoder is not None and model.spec.encoder.linear_bias and model.spec.encoder.norm_bias
+    out = _write(model, precision, tmp_path / "ov")
+    texts = [*TEXTS, LONG]
+    ids = _ids(model, texts)
+    ref = EncoderReference(model).encode(ids)
+    runner = OpenvinoEmbeddingRunner(out, spec=model.spec)
+    try:
+        got = runner.embed_ids(ids)
+    finally:
+        runner.close()
+    assert got.hidden is not None
+    assert _cosine(got.embeddings, ref.embeddings).min() >= COSINE[precision]
+    defaults = np.asarray(openvino_genai.TextEmbeddingPipeline(str(out), "CPU").embed_documents(texts))
+    assert _cosine(defaults, ref.embeddings).min() >= COSINE[precision]
+    if precision == "fp32":
+        assert np.abs(got.hidden - ref.hidden)[ref.mask].max() <= 1e-4
+        np.testing.assert_allclose(defaults, ref.embeddings, atol=1e-5)
+
+
+def test_modernbert_rotary_angles_stay_f32_at_the_defaults_of_an_fp16_artifact(tmp_path: Path) -> None:
+    """fp16/int8 artifacts compute in bf16 at the device's defaults (AMX CPUs), but not their rotary angles.
+
+    NOTE: measured on 1500 tokens (fp16 weights, no properties): token states within 0.05 of the reference with
+    the angle nodes marked precise, 2.6 without (bf16 rounds the positions themselves above 256).
+    """
+    model = open_model(make_encoder_checkpoint("modernbert", tmp_path / "ck", max_position_embeddings=2048,
+                                               max_seq_length=None))
+    out = _write(model, "fp16", tmp_path / "ov")
+    rng = np.random.default_rng(0)
+    ids = [[int(t) for t in rng.integers(5, model.spec.vocab_size, n)] for n in (1500, 700)]
+    ref = EncoderReference(model).encode(ids)
+    runner = OpenvinoEmbeddingRunner(out, spec=model.spec, config={})  # the defaults: bf16 on AMX CPUs
+    try:
+        got = runner.embed_ids(ids)
+    finally:
+        runner.close()
+    assert got.hidden is not None
+    assert np.abs(got.hidden - ref.hidden)[ref.mask].max() <= 0.2
+    assert _cosine(got.embeddings, ref.embeddings).min() >= 0.9999
+    import openvino as ov
+
+    ir = ov.Core().read_model(str(out / MODEL_XML))  # the IR's ``precise`` attribute, as OpenVINO reads it
+    marked = {op.get_friendly_name() for op in ir.get_ordered_ops()
+              if "DisablePrecisionConversion_0" in op.get_rt_info()}
+    assert marked and all(name.startswith(tuple(f"{b}/" for b in ROTARY_BLOCKS)) for name in marked)
+    assert {f"{b}/{f}" for b in ROTARY_BLOCKS for f in ("cos", "signed_sin")} <= marked
+
+
+def test_modernbert_interface_and_deterministic_bytes(models: dict[str, SourceModel], tmp_path: Path) -> None:
+    model = models["modernbert"]
+    target = OpenvinoTarget()
+    (tmp_path / "a").mkdir()
+    meta = target.write(model, "int8", tmp_path / "a", lambda *_: None).format_metadata
+    assert meta["inputs"] == ["input_ids", "attention_mask"]  # no token types, as ModernBertModel
+    assert meta["weights"]["int8_tensors"] == 1 + 7 * model.spec.num_layers  # embeddings + q k v o up gate down
+    assert "gate" in meta["weights"]["quantized"] and "rotary" in meta["position_ids"]
+    assert meta["precise_nodes"] > 0 and "rotary angles" in meta["compute_precision"]
+    (tmp_path / "b").mkdir()
+    target.write(model, "int8", tmp_path / "b", lambda *_: None)
+    for name in (MODEL_XML, MODEL_BIN, TOKENIZER_XML):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_sovpack_convert_modernbert_passes_parity_at_default_thresholds(encoder_checkpoints: dict[str, Path],
+                                                                        precision: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["convert", str(encoder_checkpoints["modernbert"]), "-t",
+                                      f"openvino:{precision}", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["parity"] == "PASSED"
+    report = json.loads((out / "parity.json").read_text(encoding="utf-8"))
+    weights = {"fp32": "float32", "fp16": "float16", "int8": "int8"}[precision]
+    assert report["thresholds"] == ENCODER_THRESHOLDS[weights].to_dict()  # the defaults, not loosened
+    embeddings = report["embeddings"]
+    assert embeddings["min_cosine"] >= COSINE[precision] and embeddings["pipeline_min_cosine"] >= COSINE[precision]
+
+
+def _modernbert_with_byte_level_bpe(out: Path) -> Path:
+    """The modernbert fixture with a tokenizer shaped like ModernBERT's own: byte-level BPE (ByteLevel
+    pre-tokenizer with its regex, no normalizer), BERT's specials after the vocabulary, [CLS] $A [SEP]; the
+    embedding table resized to the new vocabulary."""
+    from safetensors.numpy import load_file, save_file
+    from tokenizers import AddedToken, pre_tokenizers, processors
+
+    ckpt = make_encoder_checkpoint("modernbert", out)
+    tok = build_tokenizer("qwen2-bpe")
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    specials = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False, lstrip=t == "[MASK]") for t in specials])
+    ids = {t: tok.token_to_id(t) for t in specials}
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:0 [SEP]:0",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    (ckpt / "tokenizer.json").write_text(tok.to_str(pretty=True) + "\n", encoding="utf-8")
+    config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+    config.update(vocab_size=vocab, pad_token_id=ids["[PAD]"], cls_token_id=ids["[CLS]"], sep_token_id=ids["[SEP]"],
+                  bos_token_id=ids["[CLS]"], eos_token_id=ids["[SEP]"])
+    (ckpt / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    weights = load_file(str(ckpt / "model.safetensors"))
+    table = weights["embeddings.tok_embeddings.weight"]
+    extra = 0.5 * np.random.default_rng(1).standard_normal((max(vocab - len(table), 0), table.shape[1]))
+    weights["embeddings.tok_embeddings.weight"] = np.concatenate([table, extra.astype(table.dtype)])[:vocab]
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    return ckpt
+
+
+def test_modernbert_byte_level_bpe_tokenizer_through_the_pipeline(tmp_path: Path) -> None:
+    """ModernBERT's released checkpoints tokenize with a byte-level BPE, not WordPiece: the tokenizer IR
+    reproduces tokenizer.json (truncation included) and TextEmbeddingPipeline's defaults the reference."""
+    model = open_model(_modernbert_with_byte_level_bpe(tmp_path / "ck"))
+    out = _write(model, "fp32", tmp_path / "ov")
+    corpus = [line for line in CORPUS.splitlines() if line.strip()]
+    texts = [*corpus, *TEXTS, LONG, "  spaces  and\ttabs\n", "a [MASK] inside"]
+    expected = _ids(model, texts)
+    assert model.spec.encoder is not None and len(expected[-3]) == model.spec.encoder.pooling.max_seq_length
+    runner = OpenvinoEmbeddingRunner(out, spec=model.spec)
+    try:
+        assert [runner.tokenize(t) for t in texts] == expected
+    finally:
+        runner.close()
+    ref = EncoderReference(model).encode(_ids(model, [*TEXTS, LONG])).embeddings
+    defaults = np.asarray(openvino_genai.TextEmbeddingPipeline(str(out), "CPU").embed_documents([*TEXTS, LONG]))
+    np.testing.assert_allclose(defaults, ref, atol=1e-5)
