@@ -1,5 +1,5 @@
 """An embedding encoder's tokenizer.json as llama.cpp's encoder tokenizers: WordPiece -> "bert" (WPM), Unigram
--> "t5" (UGM), with the texts llama.cpp encodes differently listed as known divergences.
+-> "t5" (UGM), byte-level BPE -> "gpt2" (BPE), with the texts llama.cpp encodes differently listed as known divergences.
 
 WordPiece (BERT, MiniLM). llama.cpp's WPM splits words at whitespace, punctuation and CJK characters itself,
 applies BertNormalizer's lowercase / strip_accents (``tokenizer.ggml.normalizer.*``) and matches each word
@@ -12,6 +12,12 @@ normaliser: the ``precompiled_charsmap`` of a ``Precompiled`` normalizer, then t
 of non-space text (``remove_extra_whitespaces`` with ``add_space_prefix``), which is what a Metaspace
 pre-tokenizer (optionally after WhitespaceSplit) does to space-separated words. Special tokens are CONTROL and
 never matched in text; the unknown piece is UNKNOWN.
+
+Byte-level BPE (ModernBERT). The decoder's conversion (``tokenizer.tokenizer_from_json``) maps it onto
+llama.cpp's "gpt2" tokenizer, its pre-tokenizer named from the split regex (ModernBERT's GPT-2 ByteLevel regex ->
+"gpt-2", which llama.cpp runs exactly as its own converter's "modern-bert"), and the post-processor's
+``[CLS] $A [SEP]`` becomes BOS = [CLS], EOS = [SEP] with add_bos / add_eos: llama.cpp's BPE tokenizer adds
+exactly those two (what llama.cpp's converter writes for ModernBertModel). The separator id is [SEP] too.
 
 NOTE: ``llama_cpp.Llama.embed`` tokenizes with ``special=False``: a special token's text inside the input is
 plain text to llama.cpp, where the ``tokenizers`` library matches it as the token. That is a divergence of
@@ -32,6 +38,7 @@ from sovpack.errors import ConversionError, SourceError
 from sovpack.source.checkpoint import MAX_TOKENIZER_BYTES, Checkpoint
 from sovpack.source.tokenizer import check_tokenizer_json
 from sovpack.targets.gguf.pretokenizer import flatten_steps
+from sovpack.targets.gguf.tokenizer import tokenizer_from_json
 from sovpack.targets.gguf.vocab import (
     CONTROL,
     NORMAL,
@@ -75,13 +82,17 @@ def encoder_tokenizer(
         {**data, "model": {**data["model"], "vocab": None}} if isinstance(pieces, list) else data, where
     )
     kind = data["model"].get("type")
+    config = checkpoint.tokenizer_config or {}
     if kind == "WordPiece":
         tok, rules = _wordpiece(data, vocab_size, where)
     elif kind == "Unigram":
         tok, rules = _unigram(data, vocab_size, where)
+    elif kind == "BPE":
+        tok, rules = _byte_level_bpe(data, vocab_size, config, pad_id, corpus, where)
     else:
         raise ConversionError(
-            f"{where}: encoder tokenizer model {kind!r} has no llama.cpp encoder tokenizer (WordPiece or Unigram)"
+            f"{where}: encoder tokenizer model {kind!r} has no llama.cpp encoder tokenizer (WordPiece, Unigram or "
+            "byte-level BPE)"
         )
     specials = sorted({a["content"] for a in data.get("added_tokens") or [] if a.get("special")})
     rules.append(
@@ -93,7 +104,6 @@ def encoder_tokenizer(
         )
     )
     # pad / mask ids: config.json's pad_token_id, tokenizer_config.json's mask_token (informative for llama.cpp)
-    config = checkpoint.tokenizer_config or {}
     texts = {t: i for i, t in enumerate(tok.tokens)}
     mask = config.get("mask_token")
     mask = mask.get("content") if isinstance(mask, dict) else mask
@@ -101,7 +111,8 @@ def encoder_tokenizer(
     tok.mask_id = texts.get(mask) if isinstance(mask, str) else None
     # llama.cpp's BERT graph needs a token-type count; with no type table it adds nothing (row 0 of none).
     tok.token_type_count = max(type_vocab_size, 1)
-    tok.divergences = [r.known(corpus) for r in rules]
+    # NOTE: the byte-level conversion lists its own divergences already (the decoder's rules); add the encoder's.
+    tok.divergences = [*tok.divergences, *(r.known(corpus) for r in rules)]
     return tok
 
 
@@ -261,6 +272,44 @@ def _template(data: Mapping[str, Any], ids: Mapping[str, int], where: str) -> tu
             (after if seen else before).extend(int(t) for t in found)
         return (before[0] if len(before) == 1 else None), (after[0] if len(after) == 1 else None)
     return None, None
+
+
+# --------------------------------------------------------------------------------------------- byte-level BPE
+
+
+def _byte_level_bpe(
+    data: Mapping[str, Any],
+    vocab_size: int,
+    config: Mapping[str, Any],
+    pad_id: int | None,
+    corpus: Sequence[str],
+    where: str,
+) -> tuple[GgufTokenizer, list[DivergenceRule]]:
+    """A byte-level BPE (ModernBERT) through the decoder's conversion, checked to add [CLS] ... [SEP]."""
+    # NOTE: an encoder's BOS / EOS are the tokens its post-processor adds ([CLS], [SEP]); a bos_token / eos_token
+    # in tokenizer_config.json (a decoder's notion) would name others and make special_ids refuse the template.
+    tok = tokenizer_from_json(
+        data,
+        vocab_size=vocab_size,
+        tokenizer_config={k: v for k, v in config.items() if k not in ("bos_token", "eos_token")},
+        fallback_ids={"pad": pad_id},
+        corpus=corpus,
+        where=where,
+    )
+    if tok.model != "gpt2":
+        raise ConversionError(
+            f"{where}: a {tok.model!r}-style BPE encoder tokenizer; llama.cpp's encoders run byte-level BPE only"
+        )
+    ids = {t: i for i, t in enumerate(tok.tokens)}
+    first, last = _template(data, ids, where)
+    if first is None or last is None or not (tok.add_bos and tok.add_eos):
+        raise ConversionError(
+            f"{where}: an encoder's byte-level BPE must add one token before and one after the text "
+            "([CLS] $A [SEP]); llama.cpp's BPE tokenizer adds only BOS and EOS"
+        )
+    # special_ids has checked the template's tokens are BOS and EOS; the separator is the one after the text.
+    tok.sep_id = last
+    return tok, []
 
 
 # ------------------------------------------------------------------------------------------------------ Unigram

@@ -14,10 +14,26 @@ has no decoder type for is refused by name, never written under another family's
 # "mixtral" type in its library); gpt-oss has its own type, "gptoss" (what its builder writes for
 # GptOssForCausalLM, lower-cased architecture name). The experts run inside the graph (com.microsoft.MoE/QMoE),
 # which genai's onnxruntime session executes like any other node.
+
+# NOTE: defaults. A user runs ``og.Generator(model, og.GeneratorParams(model))`` and passes nothing else, so the
+# ``search`` block is the generation policy: greedy (do_sample false, one beam; top_k 1 keeps even a caller who
+# turns sampling on without choosing top_k on the argmax), no penalties, max_length the context length. Measured with
+# onnxruntime-genai 0.18 on every fixture family at fp32/fp16/int8/int4: these defaults generate token for token
+# what plain onnxruntime (the parity runner) generates, and at fp32 the numpy reference's greedy tokens
+# (tests/targets/test_onnx_genai_defaults.py). ``past_present_share_buffer`` must be false: with true, genai
+# hands the graph present-KV buffers preallocated to max_length and the graph's Concat (past + new) fails on the
+# first run. Session options stay genai's (every core, all graph optimisations, the CPU provider:
+# ``provider_options`` empty), which are plain onnxruntime's: on CPU they compute in float32, the thread count
+# changed no token (measured at 1 and 2 threads), and pinning threads would only slow users down. What
+# genai_config.json cannot carry: genai's ``Tokenizer`` encodes with ``add_special_tokens=false`` fixed in its
+# constructor, so a raw-text prompt lacks the BOS the source tokenizer adds unless the caller asks
+# (``update_options(add_special_tokens="true")``) or renders the prompt with ``apply_chat_template``, whose text
+# carries it; genai_notes says so in the artifact metadata.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from sovpack.errors import ConversionError
@@ -42,6 +58,26 @@ GENAI_MODEL_TYPES = {
     "qwen3_moe": "decoder",
     "mixtral": "decoder",
     "gpt_oss": "gptoss",
+}
+
+
+# The search block of every decoder's genai_config.json, apart from max_length (the context length): greedy,
+# no penalties (see the NOTE on defaults above).
+GREEDY_SEARCH: Mapping[str, Any] = {
+    "diversity_penalty": 0.0,
+    "do_sample": False,
+    "early_stopping": True,
+    "length_penalty": 1.0,
+    "min_length": 0,
+    "no_repeat_ngram_size": 0,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    # Our graph concatenates past + new into present: genai must not preallocate the present buffers.
+    "past_present_share_buffer": False,
+    "repetition_penalty": 1.0,
+    "temperature": 1.0,
+    "top_k": 1,
+    "top_p": 1.0,
 }
 
 
@@ -75,6 +111,12 @@ def genai_notes(spec: ModelSpec) -> list[str]:
             "position_id + 1 against original_max_position_embeddings; cached keys keep their rotation "
             "(as transformers does)"
         )
+    notes.append(
+        "onnxruntime-genai's Tokenizer.encode adds no special tokens (genai fixes add_special_tokens=false; "
+        "genai_config.json cannot change it): a raw-text prompt lacks any BOS the source tokenizer adds unless "
+        "the caller runs tokenizer.update_options(add_special_tokens='true') or renders it with "
+        "apply_chat_template, whose text carries the BOS"
+    )
     return notes
 
 
@@ -113,21 +155,6 @@ def genai_config(spec: ModelSpec, model_file: str) -> dict[str, Any]:
             "type": genai_model_type(spec),
             "vocab_size": spec.vocab_size,
         },
-        "search": {
-            "diversity_penalty": 0.0,
-            "do_sample": False,
-            "early_stopping": True,
-            "length_penalty": 1.0,
-            "max_length": int(spec.max_position_embeddings),
-            "min_length": 0,
-            "no_repeat_ngram_size": 0,
-            "num_beams": 1,
-            "num_return_sequences": 1,
-            # Our graph concatenates past + new into present (it does not write into a preallocated buffer).
-            "past_present_share_buffer": False,
-            "repetition_penalty": 1.0,
-            "temperature": 1.0,
-            "top_k": 1,
-            "top_p": 1.0,
-        },
+        # sorted, as it always was: the same bytes whatever the order GREEDY_SEARCH lists its keys in
+        "search": dict(sorted({**GREEDY_SEARCH, "max_length": int(spec.max_position_embeddings)}.items())),
     }

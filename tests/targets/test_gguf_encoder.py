@@ -400,3 +400,98 @@ def test_other_precisions_are_refused_for_encoders(
 
 def test_target_lists_the_encoder_families() -> None:
     assert {"bert", "xlm_roberta", "modernbert"} <= GgufTarget.families
+
+
+# -------------------------------------------------------------------------------- byte-level BPE (ModernBERT)
+
+
+@pytest.fixture(scope="module")
+def bpe_long(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Written]:
+    """The modernbert fixture with its published tokenizer's shape (byte-level BPE, [CLS] $A [SEP]) and room for
+    every corpus text (512 positions): nothing is truncated, so every text is compared."""
+    root = tmp_path_factory.mktemp("gguf-bpe")
+    ckpt = make_encoder_checkpoint(
+        "modernbert", root / "ckpt", byte_level_bpe=True, max_position_embeddings=512, max_seq_length=512
+    )
+    model = open_model(ckpt)
+    out = root / "out"
+    out.mkdir()
+    w = Written(model, out, GgufTarget().write(model, "f32", out, lambda *a: None), "f32")
+    yield w
+    w.runner.close()
+
+
+def test_modernbert_byte_level_bpe_is_llama_cpps_gpt2_tokenizer_with_cls_and_sep(bpe_long: Written) -> None:
+    """llama.cpp's converter writes ModernBERT's tokenizer as gpt2 (byte-level BPE) with add_bos / add_eos: BOS is
+    [CLS] and EOS [SEP], the two tokens the post-processor adds."""
+    f = fields(bpe_long.gguf_path)
+    from tokenizers import Tokenizer
+
+    source = Tokenizer.from_file(str(bpe_long.model.path / "tokenizer.json"))
+    ids = {t: source.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]")}
+    assert f["general.architecture"] == "modern-bert"
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
+    assert f["tokenizer.ggml.bos_token_id"] == ids["[CLS]"] and f["tokenizer.ggml.eos_token_id"] == ids["[SEP]"]
+    assert f["tokenizer.ggml.seperator_token_id"] == ids["[SEP]"]
+    assert f["tokenizer.ggml.padding_token_id"] == ids["[PAD]"] and f["tokenizer.ggml.mask_token_id"] == ids["[MASK]"]
+    assert f["tokenizer.ggml.add_bos_token"] is True and f["tokenizer.ggml.add_eos_token"] is True
+    assert len(f["tokenizer.ggml.merges"]) > 300
+    types = f["tokenizer.ggml.token_type"]
+    assert all(types[i] == 3 for i in ids.values())  # CONTROL: never matched in text (special=False anyway)
+    rules = {d["rule"] for d in bpe_long.art.format_metadata["tokenizer"]["known_divergences"]}
+    assert "special-text" in rules
+
+
+def test_modernbert_byte_level_bpe_tokenizes_exactly_as_tokenizer_json(bpe_long: Written) -> None:
+    """Every text of the fixture corpus and the parity corpus, none truncated: identical ids except the texts
+    the known divergences name (a special token's text, which Llama.embed does not parse)."""
+    w = bpe_long
+    texts = list(dict.fromkeys([*CORPUS_LINES, *ENCODER_TOKENIZER_CORPUS]))
+    spec = w.model.spec
+    assert spec.encoder is not None
+    predicted = encoder_tokenizer(
+        w.model.checkpoint, vocab_size=spec.vocab_size, type_vocab_size=spec.encoder.type_vocab_size, corpus=texts
+    )
+    known = set(predicted.divergent_texts)
+    source = SourceTokenizer(w.model.path / "tokenizer.json")
+    differing = []
+    for text in texts:
+        want = source.encode(text)
+        assert len(want) <= w.runner.max_tokens
+        got = w.runner.tokenize(text)
+        if got != want:
+            differing.append(text)
+            assert text in known, f"{text!r}: llama.cpp {got} != source {want}, and no known divergence says so"
+    assert len(texts) > 100 and len(differing) <= len(known) <= 3
+    # the parity corpus alone: the texts the artifact reports are exactly those that differ there
+    parity_differ = [t for t in ENCODER_TOKENIZER_CORPUS if t in differing]
+    assert set(parity_differ) <= set(w.art.traits.known_tokenizer_divergences)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_modernbert_byte_level_bpe_convert_passes_parity(tmp_path: Path, precision: str) -> None:
+    """``sovpack convert`` of a byte-level BPE ModernBERT, at the default encoder thresholds."""
+    ckpt = make_encoder_checkpoint("modernbert", tmp_path / "ckpt", byte_level_bpe=True)
+    result = convert(ckpt, f"gguf:{precision}", tmp_path / "out")
+    report = result.parity
+    assert report is not None and report.status == "PASSED", report
+    assert report.embeddings is not None and report.embeddings.min_cosine >= MIN_COSINE[precision]
+    assert report.embeddings.pipeline_min_cosine is not None
+    assert report.embeddings.pipeline_min_cosine >= MIN_COSINE[precision]
+
+
+def test_byte_level_bpe_without_cls_and_sep_is_refused(tmp_path: Path) -> None:
+    """llama.cpp's BPE tokenizer can add only BOS and EOS: an encoder BPE that adds no [CLS] ... [SEP] is
+    refused by name, nothing written."""
+    import json
+
+    ckpt = make_encoder_checkpoint("modernbert", tmp_path / "ckpt", byte_level_bpe=True)
+    data = json.loads((ckpt / "tokenizer.json").read_text(encoding="utf-8"))
+    data["post_processor"] = None
+    (ckpt / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    model = open_model(ckpt)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ConversionError, match=r"must add one token before and one after the text \(\[CLS\] \$A"):
+        GgufTarget().write(model, "f32", out, lambda *a: None)
+    assert not list(out.glob("*.gguf"))

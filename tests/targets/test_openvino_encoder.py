@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from fixtures.encoders import make_encoder_checkpoint
-from fixtures.tokenizers_gen import CORPUS, build_tokenizer
+from fixtures.tokenizers_gen import CORPUS
 from sovpack.artifact import ArtifactMetadata
 from sovpack.cli import cli
 from sovpack.encoder_reference import EncoderReference
@@ -319,41 +319,10 @@ def test_sovpack_convert_modernbert_passes_parity_at_default_thresholds(encoder_
     assert embeddings["min_cosine"] >= COSINE[precision] and embeddings["pipeline_min_cosine"] >= COSINE[precision]
 
 
-def _modernbert_with_byte_level_bpe(out: Path) -> Path:
-    """The modernbert fixture with a tokenizer shaped like ModernBERT's own: byte-level BPE (ByteLevel
-    pre-tokenizer with its regex, no normalizer), BERT's specials after the vocabulary, [CLS] $A [SEP]; the
-    embedding table resized to the new vocabulary."""
-    from safetensors.numpy import load_file, save_file
-    from tokenizers import AddedToken, pre_tokenizers, processors
-
-    ckpt = make_encoder_checkpoint("modernbert", out)
-    tok = build_tokenizer("qwen2-bpe")
-    tok.normalizer = None
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    specials = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False, lstrip=t == "[MASK]") for t in specials])
-    ids = {t: tok.token_to_id(t) for t in specials}
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:0 [SEP]:0",
-        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
-    vocab = tok.get_vocab_size(with_added_tokens=True)
-    (ckpt / "tokenizer.json").write_text(tok.to_str(pretty=True) + "\n", encoding="utf-8")
-    config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
-    config.update(vocab_size=vocab, pad_token_id=ids["[PAD]"], cls_token_id=ids["[CLS]"], sep_token_id=ids["[SEP]"],
-                  bos_token_id=ids["[CLS]"], eos_token_id=ids["[SEP]"])
-    (ckpt / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    weights = load_file(str(ckpt / "model.safetensors"))
-    table = weights["embeddings.tok_embeddings.weight"]
-    extra = 0.5 * np.random.default_rng(1).standard_normal((max(vocab - len(table), 0), table.shape[1]))
-    weights["embeddings.tok_embeddings.weight"] = np.concatenate([table, extra.astype(table.dtype)])[:vocab]
-    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
-    return ckpt
-
-
 def test_modernbert_byte_level_bpe_tokenizer_through_the_pipeline(tmp_path: Path) -> None:
     """ModernBERT's released checkpoints tokenize with a byte-level BPE, not WordPiece: the tokenizer IR
     reproduces tokenizer.json (truncation included) and TextEmbeddingPipeline's defaults the reference."""
-    model = open_model(_modernbert_with_byte_level_bpe(tmp_path / "ck"))
+    model = open_model(make_encoder_checkpoint("modernbert", tmp_path / "ck", byte_level_bpe=True))
     out = _write(model, "fp32", tmp_path / "ov")
     corpus = [line for line in CORPUS.splitlines() if line.strip()]
     texts = [*corpus, *TEXTS, LONG, "  spaces  and\ttabs\n", "a [MASK] inside"]
