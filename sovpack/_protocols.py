@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from sovpack._io import Progress
     from sovpack.artifact import ArtifactMetadata
     from sovpack.parity.thresholds import Thresholds
+    from sovpack.quantize.options import QuantOptions
     from sovpack.source.model import SourceModel
     from sovpack.source.spec import ModelSpec
 
@@ -180,7 +181,10 @@ class Target(Protocol):
     runtime_packages: tuple[str, ...]
     families: frozenset[str]
 
-    def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress) -> WrittenArtifact: ...
+    def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress, *,
+              quant: QuantOptions | None = None) -> WrittenArtifact:
+        """Write the artifact; ``quant`` steers 4-bit precisions (None: QuantOptions() defaults)."""
+        ...
 
     def open_runner(self, artifact_dir: Path, metadata: ArtifactMetadata) -> Runner: ...
 

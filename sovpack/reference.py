@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -236,6 +236,8 @@ class ReferenceModel:
     name = "numpy-reference"
     traits = RunnerTraits()
     router_gaps: np.ndarray | None = None  # the last forward pass's smallest router_gap per token [B, T] (MoE)
+    # Called with (tensor name, input) before every linear layer ("lm_head" for the head): calibration.
+    observer: Callable[[str, np.ndarray], None] | None = None
 
     def __init__(
         self,
@@ -279,6 +281,8 @@ class ReferenceModel:
         return array
 
     def _linear(self, x: np.ndarray, name: str, bias: str | None = None) -> np.ndarray:
+        if self.observer is not None:
+            self.observer(name, x)
         y = x @ self._w(name).T
         if bias is not None:
             y = y + self._w(bias)
@@ -439,6 +443,8 @@ class ReferenceModel:
         cache.positions = key_pos
         x = rms_norm(x, self._w("final_norm"), s.norm_eps)
         head = "embed" if s.tie_word_embeddings else "lm_head"
+        if self.observer is not None:
+            self.observer("lm_head", x)
         logits = (x @ self._w(head).T).astype(np.float32)
         if s.logits_divisor != 1.0:
             logits = (logits / np.float32(s.logits_divisor)).astype(np.float32)

@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "sovpack.artifact": 6,
     "sovpack.encoder_reference": 7,  # the encoder reference reuses the decoder reference's numerics
     "sovpack.parity": 8,
+    "sovpack.quantize": 8,  # calibration runs the reference; the targets use the codes
     "sovpack.targets": 9,
     "sovpack.convert": 10,
     "sovpack.transport": 10,

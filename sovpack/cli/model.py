@@ -10,6 +10,7 @@ import click
 from sovpack.cli._app import cli, echo_json, progress_bar
 from sovpack.cli.transfer import BUNDLE, current_registry_options, registry_options
 from sovpack.errors import SovpackError, UsageError
+from sovpack.quantize.options import DEFAULT_INT8_SHARE, METHODS
 
 if TYPE_CHECKING:
     from sovpack.run import EmbedResult
@@ -211,18 +212,37 @@ def render_embeddings(result: EmbedResult) -> None:
 @click.option("--threshold", "thresholds", multiple=True, help="Override a parity threshold: NAME=VALUE.")
 @click.option("--allow-nonfinite", is_flag=True, help="Convert weights that contain NaN or Inf.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--quant-method", type=click.Choice(METHODS), default="auto", show_default=True,
+              help="4-bit rounding: auto (best the model's size allows), rtn, weighted (calibrated ranges), gptq.")
+@click.option("--group-size", type=int, help="4-bit group size (power of two; default: the format's choice).")
+@click.option("--sym", "symmetric", is_flag=True, help="Symmetric 4-bit codes (no zero points).")
+@click.option("--calibration", type=click.Path(path_type=Path), help="UTF-8 calibration text (default: built-in).")
+@click.option("--int8-share", type=float, default=DEFAULT_INT8_SHARE, show_default=True,
+              help="Share of linear weights kept at 8 bits, most quantization-sensitive first.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def convert(checkpoint: Path, target: str, output: Path, no_parity: bool, prompts: tuple[str, ...],
-            thresholds: tuple[str, ...], allow_nonfinite: bool, force: bool, as_json: bool) -> None:
-    """Convert a checkpoint into one runnable artifact directory and check parity on its runtime."""
+            thresholds: tuple[str, ...], allow_nonfinite: bool, force: bool, quant_method: str,
+            group_size: int | None, symmetric: bool, calibration: Path | None, int8_share: float,
+            as_json: bool) -> None:
+    """Convert a checkpoint into one runnable artifact directory and check parity on its runtime.
+
+    \b
+    Example:
+      sovpack convert ./ckpt -t gguf:q8_0 -o out/gguf
+      sovpack convert ./ckpt -t onnx:int4 --quant-method gptq --calibration domain.txt -o out/onnx-int4
+    """
     from sovpack.convert import convert as convert_model
     from sovpack.parity import parse_threshold_overrides
+    from sovpack.quantize.options import QuantOptions
+
+    quant = QuantOptions(method=quant_method, group_size=group_size, symmetric=symmetric, calibration=calibration,
+                         int8_share=int8_share)
 
     with progress_bar(not as_json) as progress:
         result = convert_model(
             checkpoint, target, output, parity=not no_parity, prompts=prompts,
             threshold_overrides=parse_threshold_overrides(thresholds), allow_nonfinite=allow_nonfinite, force=force,
-            progress=progress,
+            progress=progress, quant=quant,
         )
     report = result.parity
     lines = [] if report is None else [*report.reasons, *report.notes]

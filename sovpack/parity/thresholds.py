@@ -95,13 +95,18 @@ def _thresholds_table() -> dict[str, Thresholds]:
         # models (q8_0 ~1e-3, q6_k ~4e-3, q5_k_m ~1e-2, q4_k_m ~3e-2, q4_0 ~6e-2 nats); small models
         # quantize worse, and the warn band doubles the room. Clear margins are in logits (1.0 = the top
         # token is e ~ 2.7x as likely as the runner-up).
+        # 8-bit, calibrated on real weights (issue 16; SmolLM2-135M-Instruct, the 8 parity prompts): llama.cpp's
+        # own q8_0 (which also rounds activations to 8 bits) measures 0.0076, onnx:int8 0.0018, openvino:int8
+        # 0.013, so 0.015 passes a quantizer as good as llama.cpp's. Real conversion bugs on the same weights stay
+        # beyond the warn band (2 x 0.015): a rope base off by 10x 0.053, gelu for silu 1.6, one layer's q/k rows
+        # left in the wrong rotary order or one dropped projection far more (tests/parity/test_int8_limits.py).
         (
             ("int8", "int8_sym", "int8_asym", "q8_0"),
-            Thresholds(max_abs=None, max_rel=0.2, mean_kl=5e-3, min_top1=0.98, min_greedy=0.75, clear_margin=1.0),
+            Thresholds(max_abs=None, max_rel=0.2, mean_kl=0.015, min_top1=0.98, min_greedy=0.75, clear_margin=1.0),
         ),
         (
-            ("q6_k",),
-            Thresholds(max_abs=None, max_rel=0.25, mean_kl=1e-2, min_top1=0.97, min_greedy=0.7, clear_margin=1.0),
+            ("q6_k",),  # above the 8-bit limit it follows (6 bits are never better than 8)
+            Thresholds(max_abs=None, max_rel=0.25, mean_kl=2e-2, min_top1=0.97, min_greedy=0.7, clear_margin=1.0),
         ),
         (
             ("q5_k_m", "q5_k_s", "q5_0", "q5_1"),

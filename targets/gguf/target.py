@@ -12,13 +12,24 @@ from sovpack._protocols import Precision, RunnerTraits, WrittenArtifact
 from sovpack.artifact import ArtifactMetadata
 from sovpack.errors import SourceError, UsageError
 from sovpack.parity.thresholds import DEFAULT_THRESHOLDS
+from sovpack.quantize import QuantOptions, QuantPlan, calibrate
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
 from sovpack.targets.base import copy_support_files, precision_table, register_target
 from sovpack.targets.gguf.arch import FAMILIES, ArchPlan, arch_plan, plan_for, yarn_correction_range
 from sovpack.targets.gguf.encoder import ENCODER_FAMILIES, encoder_parity_limits, write_encoder
 from sovpack.targets.gguf.encoder_runner import LlamaCppEmbeddingRunner
-from sovpack.targets.gguf.quantize import LLAMA_QUANTS, llama_quantize
+from sovpack.targets.gguf.quantize import (
+    FOUR_BIT,
+    LLAMA_QUANTS,
+    eight_bit_tensors,
+    importance_matrix,
+    linear_tensors,
+    llama_ftype,
+    llama_quantize,
+    make_plan,
+    resolved_method,
+)
 from sovpack.targets.gguf.runner import LlamaCppRunner, kv_cache_type
 from sovpack.targets.gguf.runtime import import_gguf, import_llama_cpp
 from sovpack.targets.gguf.tensors import Q4_0_HEAD
@@ -32,7 +43,8 @@ def _row(name: str, weights: str) -> Precision:
     )
 
 
-# gguf-py writes f32 / f16 / bf16 / q8_0 / q4_0 itself; the K-quant mixes are llama.cpp's (see quantize).
+# gguf-py writes f32 / f16 / bf16 / q8_0 itself (and q4_0 with method "rtn"); the K-quant mixes, int4 (sovpack's
+# 4-bit recipe, see quantize.INT4) and q4_0 with an importance matrix are llama.cpp's quantizer's.
 PRECISIONS = precision_table(
     _row("f32", "float32"),
     _row("f16", "float16"),
@@ -40,6 +52,7 @@ PRECISIONS = precision_table(
     _row("q8_0", "int8"),
     _row("q4_0", "int4"),
     _row("q4_k_m", "int4"),
+    _row("int4", "int4"),
     _row("q5_k_m", "int5"),
     _row("q6_k", "int6"),
 )
@@ -91,18 +104,26 @@ class GgufTarget:
     runtime_packages = ("gguf", "llama-cpp-python")
     families = FAMILIES | ENCODER_FAMILIES
 
-    def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress) -> WrittenArtifact:
+    def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress, *,
+              quant: QuantOptions | None = None) -> WrittenArtifact:
         if precision not in self.precisions:
             raise UsageError(f"gguf has no precision {precision!r}; known: {', '.join(self.precisions)}")
         import_gguf()
         if model.spec.encoder is not None:
             return write_encoder(model, precision, Path(out_dir), progress)
-        if precision in LLAMA_QUANTS:
-            import_llama_cpp()
-        from sovpack.parity.prompts import TOKENIZER_CORPUS
-
         spec = model.spec
         plan = arch_plan(spec)  # refuses, by name, a family outside FAMILIES
+        options = quant if quant is not None else QuantOptions()
+        recipe = None
+        if precision in LLAMA_QUANTS:
+            method = resolved_method(options)  # refuses what llama.cpp's quantizer lacks, before any work
+            import_llama_cpp()
+            recipe = self._recipe(model, plan, precision, options, method, progress)
+        # gguf-py's q4_0 is llama.cpp's plain q4_0 (the same reference rounding, head at Q8_0): llama.cpp's
+        # quantizer is needed only to use an importance matrix or the plan's Q8_0 tensors.
+        by_llama = recipe is not None and (precision != "q4_0" or bool(recipe[0]) or len(recipe[1]) > 1)
+        from sovpack.parity.prompts import TOKENIZER_CORPUS
+
         fallback = {
             "bos": spec.bos_token_id,
             "eos": spec.eos_token_ids[0] if spec.eos_token_ids else None,
@@ -117,27 +138,36 @@ class GgufTarget:
         )
         filename = f"{model.name}-{precision}.gguf"
         out = Path(out_dir) / filename
-        if precision in LLAMA_QUANTS:
+        quant_meta: dict[str, Any] | None = None
+        ftype = ""
+        if by_llama:
+            assert recipe is not None
+            ftype = llama_ftype(precision, options)
+            imatrix, q8_0, quant_meta = recipe
             base = "f16" if set(model.checkpoint.stored_dtypes()) == {"F16"} else "f32"
             intermediate = Path(out_dir) / f".{model.name}-{base}.intermediate.gguf"
             try:
                 stats = write_gguf(model, base, intermediate, progress, tok=tok, plan=plan)
                 progress(f"gguf {precision}: llama.cpp quantize", 0, 1)
-                llama_quantize(intermediate, out, precision)
+                llama_quantize(intermediate, out, ftype, imatrix=imatrix, q8_0=q8_0)
                 progress(f"gguf {precision}: llama.cpp quantize", 1, 1)
             finally:
                 with contextlib.suppress(OSError):  # cleanup only: the original error is what the caller needs
                     intermediate.unlink()
-            quantizer = f"llama.cpp llama_model_quantize from an {base} intermediate"
+            quantizer = f"llama.cpp llama_model_quantize ({ftype}) from an {base} intermediate"
+            if imatrix:
+                quantizer += ", with an importance matrix from sovpack's calibration"
         else:
             stats = write_gguf(model, precision, out, progress, tok=tok, plan=plan)
             quantizer = "gguf-py"
+            if recipe is not None:  # q4_0, plain rounding, no 8-bit share
+                quant_meta = recipe[2]
         # llama.cpp reads only the .gguf; tokenizer.json & co. ride along for `sovpack run` and provenance.
         support = copy_support_files(model, Path(out_dir))
         types = read_tensor_types(out)
-        if precision in LLAMA_QUANTS:
+        if by_llama:
             for kind, count in types.items():
-                if kind != "F32" and not kind.endswith("_K"):
+                if kind not in ("F32", "Q8_0", "Q4_0", "Q4_1") and not kind.endswith("_K"):
                     stats.fallbacks.append(
                         f"llama.cpp stored {count} tensor(s) as {kind}: rows not a multiple of the 256-wide K blocks"
                     )
@@ -153,8 +183,44 @@ class GgufTarget:
             "tokenizer": tok.summary(),
             "notes": _notes(spec, plan, precision, limits),
         }
+        if quant_meta is not None:
+            # The plan counts its 4-bit tensors; llama.cpp's mix picks each one's GGML type (tensor_types).
+            format_metadata["quantization"] = {**quant_meta, "llama_cpp_mix": ftype if by_llama else None}
         traits = RunnerTraits(parity_limits=limits, known_tokenizer_divergences=tuple(tok.divergent_texts))
         return WrittenArtifact(files=(filename, *support), format_metadata=format_metadata, traits=traits)
+
+    @staticmethod
+    def _recipe(model: SourceModel, plan: ArchPlan, precision: str, options: QuantOptions, method: str | None,
+                progress: Progress) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+        """(importance matrix, tensors forced to Q8_0, metadata) for llama.cpp's quantizer.
+
+        4-bit precisions follow sovpack's plan (calibration, sensitivity, the 8-bit share); q5_k_m / q6_k
+        only take the importance matrix (their mix already keeps the sensitive tensors at 6-8 bits).
+        """
+        tensors = linear_tensors(model, plan)
+        qplan: QuantPlan | None = None
+        progress(f"gguf {precision}: calibration", 0, 1)
+        if precision in FOUR_BIT:
+            qplan = make_plan(model, options)
+            calib = qplan.calibration
+        else:
+            calib = None if method == "rtn" else calibrate(model, text_file=options.calibration)
+        progress(f"gguf {precision}: calibration", 1, 1)
+        imatrix = importance_matrix(tensors, calib) if calib is not None else {}
+        q8_0 = eight_bit_tensors(tensors, qplan) if qplan is not None else []
+        if precision == "q4_0" and tensors[-1].name not in q8_0:
+            q8_0.append(tensors[-1].name)  # the head, Q8_0 as gguf-py's q4_0 stores it (tensors.Q4_0_HEAD)
+        meta: dict[str, Any] = dict(qplan.to_dict()) if qplan is not None else {
+            "method": method, "options": options.to_dict(),
+            "calibration": calib.to_dict() if calib is not None else None}
+        meta["imatrix"] = {
+            "tensors": len(imatrix),
+            "calibration_tokens": calib.tokens if calib is not None else 0,
+            "text_sha256": calib.text_sha256 if calib is not None else None,
+            "source": calib.source if calib is not None else None,
+        } if imatrix else None
+        meta["q8_0_overrides"] = q8_0
+        return imatrix, q8_0, meta
 
     def open_runner(self, artifact_dir: Path, metadata: ArtifactMetadata) -> LlamaCppRunner:
         fmt = metadata.format_metadata
@@ -216,7 +282,7 @@ def _notes(spec: ModelSpec, plan: ArchPlan, precision: str, limits: dict[str, fl
             "runner checks parity in the short one"
         )
     if precision == "q4_0":
-        notes.append(f"the output head is stored as {Q4_0_HEAD}, as in llama.cpp's own q4_0 recipe")
+        notes.append(f"the output head is stored as {Q4_0_HEAD}: a 4-bit head moves every logit")
     s = spec.rope_scaling
     if s.kind == "yarn" and ((s.beta_fast or 32.0) != 32.0 or (s.beta_slow or 1.0) != 1.0):
         notes.append(

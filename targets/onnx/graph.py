@@ -27,6 +27,7 @@ softmax as one extra score column per head, dropped after it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,13 +37,19 @@ import numpy as np
 
 from sovpack._io import Progress
 from sovpack.errors import ConversionError
+from sovpack.quantize import QuantPlan
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
 from sovpack.targets.onnx.external_data import DATA_FILE, ExternalData, converted_chunks
 from sovpack.targets.onnx.moe import ExpertWriter, moe_plan
 from sovpack.targets.onnx.positions import attention_biases, rope_tables
 from sovpack.targets.onnx.precisions import F32, plan_for
-from sovpack.targets.onnx.quantize import QUANT_BLOCK_SIZE, quantize_matmul_weight
+from sovpack.targets.onnx.quantize import (
+    QUANT_BLOCK_SIZE,
+    is_block_size,
+    pack_matmulnbits,
+    quantize_matmul_weight,
+)
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -104,8 +111,12 @@ class BuiltModel:
 class DecoderBuilder:
     """Builds the decoder graph for one SourceModel and precision, writing weights as it goes."""
 
-    def __init__(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress) -> None:
+    def __init__(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress,
+                 quant_plan: QuantPlan | None = None) -> None:
         self.plan = plan_for(precision)
+        # The 4-bit recipe (codes per linear tensor, some kept at 8 bits); None: onnxruntime's quantizer.
+        self.quant_plan = quant_plan
+        self.fallback: list[str] = []  # planned tensors onnxruntime's quantizer packed instead (odd widths)
         self.model = model
         self.spec: ModelSpec = model.spec
         self.out_dir = out_dir
@@ -168,28 +179,47 @@ class DecoderBuilder:
         bits = self.plan.bits
         if bits is None:
             return self.dense(x, weight, self.plan.matrix_dtype, bias)
+        if self.quant_plan is not None and weight in self.quant_plan.tensors:
+            bits = self.quant_plan.bits(weight)
         y = self.quantized_linear(x, weight, bits)
         if bias:
             y = self.g.op("Add", y, self._store(bias, F32), name=f"{weight}/bias")
         return y
 
     def quantized_linear(self, x: str, weight: str, bits: int) -> str:
-        """x [M, in] @ weight^T as MatMulNBits over ``bits``-bit blocks of the transposed weight."""
+        """x [M, in] @ weight^T as MatMulNBits over ``bits``-bit blocks: the plan's codes when the plan covers
+        ``weight`` with a block size the op accepts, else onnxruntime's quantizer (RTN, blocks of 32)."""
         prefix = weight
-
-        def transposed() -> np.ndarray:
+        planned = self.quant_plan.tensors.get(weight) if self.quant_plan is not None else None
+        if self.quant_plan is not None and planned is not None and is_block_size(planned.group_size):
+            plan = self.quant_plan
+            if planned.bits == 8 and not plan.integer_zero:  # the CPU kernel takes uint8 zero points at 8 bits
+                plan = dataclasses.replace(plan, integer_zero=True)
             source = self.source(weight)
-            out = np.ascontiguousarray(source.T)
+            codes = plan.quantize(weight, source)
             self.model.release_pages(weight)
-            return out
+            del source
+            attrs, arrays = pack_matmulnbits(codes)
+            del codes
+        else:
+            if planned is not None:
+                self.fallback.append(weight)
 
-        attrs, arrays = quantize_matmul_weight(transposed, bits, QUANT_BLOCK_SIZE, OPSET)
+            def transposed() -> np.ndarray:
+                source = self.source(weight)
+                out = np.ascontiguousarray(source.T)
+                self.model.release_pages(weight)
+                return out
+
+            attrs, arrays = quantize_matmul_weight(transposed, bits, QUANT_BLOCK_SIZE, OPSET)
         names = []
         for suffix, array in zip(("q", "scales", "zero_points"), arrays, strict=False):
             init_name = f"{prefix}.{suffix}{bits if suffix == 'q' else ''}"
             self.g.initializers.append(self.data.write_array(init_name, array))
             names.append(init_name)
-        self.contrib.append(("MatMulNBits", dict(attrs)))
+        float_zero = len(arrays) == 3 and arrays[2].dtype == np.float32
+        # ``float_zero_points`` is no node attribute: it tells min_onnxruntime which kernel the node needs.
+        self.contrib.append(("MatMulNBits", {**attrs, "float_zero_points": float_zero}))
         self.tick(weight)
         return self.g.op("MatMulNBits", x, *names, name=f"{prefix}/matmulnbits", domain=MS_DOMAIN, **attrs)
 

@@ -1,17 +1,19 @@
 """The onnx precisions: the target's precision table, how each stores weights, and the oldest onnxruntime.
 
-# NOTE: minimum onnxruntime version rule. min_ort = max over: the first ORT release implementing the
-# default-domain opset (ORT_FOR_OPSET; opset 17 -> 1.12), the first release accepting the IR version
+# NOTE: minimum onnxruntime version rule. min_ort = max over: the first ORT release implementing the default-
+# domain opset (ORT_FOR_OPSET; opset 17 -> 1.12), the first release accepting the IR version
 # (ORT_FOR_IR_VERSION; IR 8 -> 1.10), and, per contrib op used, the first release with a CPU kernel for it
-# (MatMulNBits with accuracy_level unset, i.e. float32 compute: bits=4 -> 1.17, bits=8 -> 1.23). An opset/IR/op
-# outside these tables is an error, so the rule can never silently under-report. Checked by loading and
-# running artifacts of four families on old wheels (1.15.0 is the oldest with a Python 3.11 wheel): fp32/fp16
-# run on 1.15.0 and later; int4 is refused by 1.15.0 (no MatMulNBits), computes wrong logits on 1.16.3 when a
-# column has an odd number of blocks (e.g. K=160, block 32), and is right from 1.17.0; int8 is refused at
-# load by 1.21.1, fails at run time on 1.22.0 (its 8-bit kernel covers only accuracy_level 4, int8 compute)
-# and is right from 1.23.0. The precision table's ``runtime_floor`` is this rule's result for the opset and
-# IR version the writer emits (17 and 8); the tests check that the two agree. Mixture-of-experts artifacts add
-# their MoE/QMoE kernels (ORT_FOR_MOE: 1.23.1 and 1.24), so their min_onnxruntime lies above the table's floor.
+# (MatMulNBits with accuracy_level unset, i.e. float32 compute: bits=4 -> 1.17, with float zero points 1.18,
+# bits=8 -> 1.23). An opset/IR/op outside these tables is an error, so the rule can never silently under-report.
+# Checked by loading and running artifacts of four families on old wheels (1.15.0 is the oldest with a Python
+# 3.11 wheel): fp32/fp16 run on 1.15.0 and later; int4 is refused by 1.15.0 (no MatMulNBits), computes wrong
+# logits on 1.16.3 when a column has an odd number of blocks (e.g. K=160, block 32), and is right from 1.17.0
+# (float zero points: from 1.18.0, ORT_FOR_MATMULNBITS_FLOAT_ZERO); int8 is refused at load by 1.21.1, fails at
+# run time on 1.22.0 (its 8-bit kernel covers only accuracy_level 4, int8 compute) and is right from 1.23.0. The
+# precision table's ``runtime_floor`` is this rule's result for the opset and IR version the writer emits (17
+# and 8) and its default int4 plan (which keeps some tensors at 8 bits); the tests check that the two agree.
+# Mixture-of-experts artifacts add their MoE/QMoE kernels (ORT_FOR_MOE: 1.23.1 and 1.24), so their
+# min_onnxruntime lies above the table's floor.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ PRECISIONS: dict[str, Precision] = precision_table(
               runtime_floor="1.12"),
     Precision(name="int8", weights="int8", quantized=True, thresholds=DEFAULT_THRESHOLDS["int8"],
               runtime_floor="1.23"),
+    # int4's default plan keeps its most sensitive tensors at 8 bits (quantize.py): 1.23, not 1.18.
     Precision(name="int4", weights="int4", quantized=True, thresholds=DEFAULT_THRESHOLDS["int4"],
-              runtime_floor="1.17"),
+              runtime_floor="1.23"),
 )
 
 
@@ -74,6 +77,11 @@ ORT_FOR_OPSET: dict[int, tuple[int, int]] = {17: (1, 12), 18: (1, 14), 19: (1, 1
 ORT_FOR_IR_VERSION: dict[int, tuple[int, int]] = {8: (1, 10), 9: (1, 15), 10: (1, 18)}
 # Contrib ops: first release whose CPU kernel computes them correctly, per distinguishing attribute value.
 ORT_FOR_MATMULNBITS_BITS: dict[int, tuple[int, int]] = {4: (1, 17), 8: (1, 23)}
+# Float (T1) zero points at 4 bits, checked on one-node models (K = 96 and 160: odd block counts per column):
+# 1.17.0 refuses them at load (type error); 1.18.0, 1.20.0, 1.23.0 and 1.32.0 match numpy to 4e-6. No CPU kernel
+# takes them at 8 bits (1.32 refuses at session creation). Default int4 artifacts (mixed 4/8-bit, realistic llama3
+# and qwen2 fixtures) give logits on 1.23.0 identical to 1.32.0's.
+ORT_FOR_MATMULNBITS_FLOAT_ZERO: dict[int, tuple[int, int]] = {4: (1, 18)}
 # Mixture-of-experts ops (moe.py) on float32 activations with interleaved SwiGLU, per expert_weight_bits (None:
 # the unquantized MoE op). Checked with artifacts of the qwen3moe, mixtral and gptoss fixtures on old wheels:
 # MoE has no CPU kernel in 1.23.0 and matches from 1.23.1; QMoE (fp32 input, uint8 zero points) is refused as an
@@ -118,10 +126,15 @@ def min_onnxruntime(
         bits = int(attrs.get("bits", 4))
         if bits not in ORT_FOR_MATMULNBITS_BITS:
             raise ConversionError(f"no known onnxruntime release with a CPU MatMulNBits kernel for bits={bits}")
-        if (op_type, bits) in seen:
+        float_zero = bool(attrs.get("float_zero_points", False))
+        if float_zero and bits not in ORT_FOR_MATMULNBITS_FLOAT_ZERO:
+            raise ConversionError(f"no known onnxruntime release with a CPU MatMulNBits kernel for bits={bits} "
+                                  "and float zero points")
+        if (op_type, bits + 100 * float_zero) in seen:
             continue
-        seen.add((op_type, bits))
-        need = ORT_FOR_MATMULNBITS_BITS[bits]
-        found.append((need, f"com.microsoft.MatMulNBits with bits={bits} needs onnxruntime >= {_version(need)}"))
+        seen.add((op_type, bits + 100 * float_zero))
+        need = ORT_FOR_MATMULNBITS_FLOAT_ZERO[bits] if float_zero else ORT_FOR_MATMULNBITS_BITS[bits]
+        what = f"bits={bits}" + (" and float zero points" if float_zero else "")
+        found.append((need, f"com.microsoft.MatMulNBits with {what} needs onnxruntime >= {_version(need)}"))
     version = max(v for v, _ in found)
     return _version(version), [reason for _, reason in found]

@@ -1,18 +1,36 @@
-"""int8/int4 weights: one projection at a time through onnxruntime's own MatMulNBitsQuantizer.
+"""int8/int4 weights as MatMulNBits: int4 packed here from sovpack.quantize's plan, int8 by onnxruntime's quantizer.
 
-# NOTE: int8/int4. Weight-only, round-to-nearest, block-wise (block 32, asymmetric with uint8 zero points),
-# done by onnxruntime's own ``MatMulNBitsQuantizer`` (bits=4 or bits=8) and run as ``MatMulNBits``. To keep
-# it streaming we never build the full fp32 graph in memory: each linear weight is quantized on its own, as
-# the only MatMul of a one-node model that MatMulNBitsQuantizer processes, and the node and packed
-# initializers it emits are moved into the real graph. Peak memory is therefore a few times the largest
-# single weight (its fp32 copy, the transposed copy inside the one-node model, the packed output), not the
-# model. What is not streaming: nothing model-wide, but each individual matrix is quantized whole (the ORT
-# kernel takes one contiguous [K, N] fp32 array), so an 8k x 28k MLP matrix needs ~3 x 0.9 GB transiently.
-# The embedding table and the lm_head are not quantized: both stay fp16 (as in GPTQ/AWQ checkpoints, and
-# close to llama.cpp keeping its output tensor at 6-8 bits). The head is the most quantization-sensitive
-# matrix (its error lands on the logits unfiltered; 4-bit there raises the fixtures' KL by ~20%), fp16 costs
-# no extra copy when the head is tied (the Gemm reads the fp16 embedding table with transB), and an 8-bit
-# MatMulNBits head would lift int4's minimum onnxruntime from 1.17 to 1.23.
+# NOTE: int4. The codes, scales and zero points come from sovpack.quantize's plan (calibrated method,
+# mixed 4/8-bit by measured sensitivity) and are packed here into MatMulNBits' inputs (onnxruntime's contrib
+# op spec): B uint8 [N, blocks, block_size * bits / 8] (4 bits: even k in the low nibble), scales [N, blocks]
+# of T1 (the activation type: float32 in our graph, so scales are stored unrounded), zero points either uint8
+# (4 bits: two blocks a byte, low nibble first, a row's odd last block padded with 8, the default) or T1
+# floats shaped like the scales. The packer reproduces MatMulNBitsQuantizer's bytes for its own RTN codes
+# (tests/targets/test_onnx_quant.py), so only the codes differ from the old path.
+# 4-bit tensors carry FLOAT zero points: a group's range is then not snapped to a multiple of its step
+# (numpy reference, "weighted", blocks of 32, mean KL vs fp32: real SmolLM2 0.22 with uint8 zero points,
+# 6e-5 with float ones, flattering because its weights lie on a Q4_1 grid; realistic-numerics llama3/qwen2
+# 0.054/0.071 -> 0.048/0.063), at +0.875 bit a weight on disk (a float32 zero point per 32 weights instead of
+# a nibble; scales are float32 either way). The CPU kernel takes
+# float zero points at 4 bits only: 8-bit tensors of the mixed plan keep uint8 zero points. onnxruntime 1.17
+# refuses float zero points at load (type error); 1.18.0 computes them right, as do 1.20.0, 1.23.0 and 1.32.
+# A mixed plan's 8-bit MatMulNBits lifts the artifact's minimum onnxruntime to 1.23 (precisions.py).
+# A tensor whose input size no block size (a power of two >= 16) divides stays 8-bit (the plan), packed by
+# onnxruntime's quantizer with its zero-padded last block (RTN), so no model width makes the writer fail.
+#
+# NOTE: int8 (and the fallback above). Weight-only, round-to-nearest, block-wise (block 32, asymmetric with
+# uint8 zero points), done by onnxruntime's own ``MatMulNBitsQuantizer`` (bits=4 or bits=8) and run as
+# ``MatMulNBits``. To keep it streaming we never build the full fp32 graph in memory: each linear weight is
+# quantized on its own, as the only MatMul of a one-node model that MatMulNBitsQuantizer processes, and the
+# node and packed initializers it emits are moved into the real graph. Peak memory is therefore a few times
+# the largest single weight (its fp32 copy, the transposed copy inside the one-node model, the packed output),
+# not the model. What is not streaming: nothing model-wide, but each individual matrix is quantized whole (the
+# ORT kernel takes one contiguous [K, N] fp32 array), so an 8k x 28k MLP matrix needs ~3 x 0.9 GB transiently.
+# The embedding table and the lm_head are not quantized: both stay fp16 (as in GPTQ/AWQ checkpoints, and close
+# to llama.cpp keeping its output tensor at 6-8 bits). The head is the most quantization-sensitive matrix (its
+# error lands on the logits unfiltered; 4-bit there raises the fixtures' KL by ~20%), fp16 costs no extra copy
+# when the head is tied (the Gemm reads the fp16 embedding table with transB). (An 8-bit MatMulNBits head
+# once meant lifting int4's minimum onnxruntime from 1.17 to 1.23; int4's mixed plan now needs 1.23 anyway.)
 """
 
 from __future__ import annotations
@@ -24,8 +42,56 @@ from typing import Any
 import numpy as np
 
 from sovpack.errors import ConversionError
+from sovpack.quantize import GroupCodes, QuantOptions
 
 QUANT_BLOCK_SIZE = 32
+MIN_BLOCK_SIZE = 16  # MatMulNBits' smallest block (a power of two >= 16)
+
+
+def group_chooser(options: QuantOptions) -> Callable[[int, int], int | None]:
+    """The plan's ``group_for``: the requested block size (32 by default) or the largest smaller power of two
+    >= 16 that divides the input size K; None when none does (that tensor stays 8-bit, see the NOTE)."""
+    wanted = options.group_size or QUANT_BLOCK_SIZE
+
+    def group_for(bits: int, k: int) -> int | None:
+        size = wanted
+        while size >= MIN_BLOCK_SIZE:
+            if k % size == 0:
+                return size
+            size //= 2
+        return None
+
+    return group_for
+
+
+def is_block_size(size: int) -> bool:
+    """Whether MatMulNBits accepts ``size`` as its block_size."""
+    return size >= MIN_BLOCK_SIZE and size & (size - 1) == 0
+
+
+def pack_matmulnbits(codes: GroupCodes) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """MatMulNBits' attributes and weight inputs (B, scales[, zero points]) for ``codes`` of a [N, K] weight.
+
+    Symmetric codes (every zero point 2^(bits-1)) omit the zero points: the op's default is that value.
+    """
+    n, blocks, block = codes.codes.shape
+    if codes.bits not in (4, 8) or not is_block_size(block):
+        raise ConversionError(f"MatMulNBits cannot store {codes.bits}-bit codes in blocks of {block}")
+    q = np.ascontiguousarray(codes.codes, dtype=np.uint8)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8) if codes.bits == 4 else q
+    scales = np.ascontiguousarray(codes.scale, dtype=np.float32)
+    attrs: dict[str, Any] = {"K": blocks * block, "N": n, "bits": codes.bits, "block_size": block}
+    half = 2 ** (codes.bits - 1)
+    if codes.symmetric and bool(np.all(codes.zero == half)):
+        return attrs, [packed, scales]
+    if codes.zero.dtype != np.uint8:  # float zero points, stored in T1 like the scales
+        return attrs, [packed, scales, np.ascontiguousarray(codes.zero, dtype=np.float32)]
+    zero = codes.zero
+    if codes.bits == 4:
+        if blocks % 2:
+            zero = np.concatenate([zero, np.full((n, 1), half, dtype=np.uint8)], axis=1)
+        zero = (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
+    return attrs, [packed, scales, np.ascontiguousarray(zero, dtype=np.uint8)]
 
 
 def quantize_matmul_weight(

@@ -7,9 +7,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from sovpack._io import Progress, read_json_file
 from sovpack._protocols import Precision, RunnerTraits, WrittenArtifact
 from sovpack.errors import ConversionError, SourceError
+from sovpack.quantize import QuantOptions, QuantPlan, plan_quantization
+from sovpack.quantize.plan import linear_tensors
 from sovpack.source.model import SourceModel
 from sovpack.targets.base import copy_support_files, register_target
 from sovpack.targets.onnx.deps import require
@@ -25,7 +29,7 @@ from sovpack.targets.onnx.genai import (
 )
 from sovpack.targets.onnx.graph import MODEL_FILE, BuiltModel, DecoderBuilder
 from sovpack.targets.onnx.precisions import PRECISIONS, min_onnxruntime, plan_for
-from sovpack.targets.onnx.quantize import QUANT_BLOCK_SIZE
+from sovpack.targets.onnx.quantize import QUANT_BLOCK_SIZE, group_chooser
 from sovpack.targets.onnx.runner import OnnxRunner
 
 if TYPE_CHECKING:
@@ -52,14 +56,21 @@ class OnnxTarget:
     # embedding encoders (encoder.py; int4 refused for them).
     families: frozenset[str] = frozenset(GENAI_MODEL_TYPES) | ENCODER_FAMILIES
 
-    def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress) -> WrittenArtifact:
+    def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress, *,
+              quant: QuantOptions | None = None) -> WrittenArtifact:
+        """Write the artifact; ``quant`` steers int4 (sovpack.quantize's plan), the other precisions ignore it."""
         if model.spec.encoder is not None:
             return self._write_encoder(model, precision, out_dir, progress)
         plan = plan_for(precision)
         genai_type = genai_model_type(model.spec)
         quantizer_version = require("onnxruntime").__version__ if plan.bits is not None else None
+        # NOTE: mixture-of-experts models keep onnxruntime's RTN for every projection: their experts are QMoE
+        # weights (moe.py) the plan does not pack, and a plan measured over them would spend its 8-bit share
+        # on tensors the file does not store at 8 bits.
+        quant_plan = (self._quant_plan(model, quant or QuantOptions(), progress)
+                      if plan.bits == 4 and not model.spec.moe else None)
 
-        builder = DecoderBuilder(model, precision, out_dir, progress)
+        builder = DecoderBuilder(model, precision, out_dir, progress, quant_plan)
         built = builder.build()
         self._save_checked(built, out_dir)
         (out_dir / GENAI_CONFIG).write_text(
@@ -86,7 +97,14 @@ class OnnxTarget:
             "largest_tensor_bytes": built.largest_tensor_bytes,
             "quantization": None,
         }
-        if plan.bits is not None:
+        if quant_plan is not None:
+            metadata["quantization"] = {
+                **self._planned_quantization(quant_plan, builder.fallback, quantizer_version),
+                "quantized": "every attention and MLP projection (q, k, v, o, gate, up, down)",
+                "not_quantized": f"embedding table and lm_head ({plan.embed_dtype.name}), norms and biases "
+                "(float32)",
+            }
+        elif plan.bits is not None:
             metadata["quantization"] = {
                 **self._quantization(plan.bits, quantizer_version),
                 "quantized": "every attention and MLP projection (q, k, v, o, gate, up, down)",
@@ -197,6 +215,41 @@ class OnnxTarget:
             "min_onnxruntime": min_ort,
             "min_onnxruntime_reasons": reasons,
             "onnx_version": onnx.__version__,
+        }
+
+    @staticmethod
+    def _quant_plan(model: SourceModel, options: QuantOptions, progress: Progress) -> QuantPlan:
+        """The int4 recipe: float32 scales and float zero points (MatMulNBits' T1 is the float32 activation
+        type, and its CPU kernel takes float zero points at 4 bits; quantize.py's NOTE)."""
+        total = len(linear_tensors(model))
+        done = 0
+
+        def planned(name: str) -> None:
+            nonlocal done
+            done += 1
+            progress(f"onnx:int4 measuring {name}", min(done, total), total)
+
+        return plan_quantization(model, options, group_chooser(options), scale_dtype=np.float32,
+                                 integer_zero=False, progress=planned)
+
+    @staticmethod
+    def _planned_quantization(plan: QuantPlan, fallback: list[str], quantizer_version: str | None
+                              ) -> dict[str, Any]:
+        """int4's record: the plan (method, options, which tensors stay 8-bit, calibration) and the layout."""
+        return {
+            "op": "com.microsoft.MatMulNBits",
+            "quantizer": "sovpack.quantize (codes) packed by sovpack.targets.onnx.quantize",
+            "bits": 4,
+            "block_size": plan.options.group_size or QUANT_BLOCK_SIZE,
+            "symmetric": plan.options.symmetric,
+            "scale_dtype": "float32",
+            "zero_points": "none (symmetric: the op's default 2^(bits-1))" if plan.options.symmetric else
+            "float32 at 4 bits, uint8 at 8 bits",
+            "algorithm": plan.method,
+            "plan": plan.to_dict(),
+            # Planned tensors no MatMulNBits block size fits: onnxruntime's quantizer (RTN, padded blocks of 32).
+            "onnxruntime_quantizer": {"tensors": sorted(fallback), "onnxruntime_version": quantizer_version}
+            if fallback else None,
         }
 
     @staticmethod

@@ -27,7 +27,7 @@ two-sided local windows, GeGLU, final norm) rotates by the same ranks and measur
 Runtime: AMX/AVX512-BF16 CPUs execute f32 models in bf16 unless told otherwise, and ``INFERENCE_PRECISION_HINT``
 is not a property OpenVINO reads from a model's ``runtime_options`` rt_info (it reads KV-cache precision, dynamic
 quantization group size, activations scale factor; measured), while TextEmbeddingPipeline passes no properties
-of its own. An fp32 artifact therefore marks every compute node ``precise`` (:func:`mark_precise`: the IR
+of its own. An fp32 artifact therefore marks every compute node ``precise`` (``precise.mark_precise``: the IR
 attribute behind ``ov::disable_fp16_compression``, which the CPU plugin honours when it lowers precision), and
 the graph is shaped so that no CPU rewrite drops those marks (``linear``, ``attention``, ``softmax1``,
 ``encoder_rope.rotate``): compiled with no properties it gives the same numbers as with
@@ -40,8 +40,6 @@ activations.
 from __future__ import annotations
 
 import math
-import xml.etree.ElementTree as ET
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,7 +52,6 @@ from sovpack.targets.openvino.names import NamedOps, NodeNames, is_generated_nam
 
 __all__ = [
     "EMBEDDING_NAMES", "ENCODER_RUNTIME_OPTIONS", "HIDDEN_NODE", "OUTPUT_NAME", "build_encoder", "input_names",
-    "mark_precise",
 ]
 
 OUTPUT_NAME = "last_hidden_state"  # the tensor name TextEmbeddingPipeline reads
@@ -62,10 +59,6 @@ EMBEDDING_NAMES = frozenset({OUTPUT_NAME, "sentence_embedding"})
 HIDDEN_NODE = "encoder/token_states"
 # rt_info ``runtime_options`` OpenVINO applies at compile time (see the module docstring).
 ENCODER_RUNTIME_OPTIONS: dict[str, str] = {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
-# Name suffixes of the weight-decompression nodes ``weights`` makes: left unmarked, so the CPU plugin still fuses
-# them into its compressed-weight kernels.
-_DECOMPRESSION = ("/decompress", "/codes_f16", "/zero_point_f16", "/zero_point/subtract", "/dequantize", "/ungroup")
-_UNMARKED_TYPES = frozenset({"Const", "Parameter", "Result"})
 # (layout, position, mlp) of the encoders the builder knows: BERT/XLM-R, and ModernBERT (``encoder_rope``).
 _SHAPES = (("post_ln", "absolute", "plain"), ("pre_ln", "rope", "geglu"))
 
@@ -291,34 +284,3 @@ def build_encoder(spec: ModelSpec, weights: Any) -> Any:
     if unnamed:
         raise ConversionError(f"internal error: OpenVINO encoder nodes without a deterministic name: {unnamed[:5]}")
     return model
-
-
-def mark_precise(xml_path: Path, blocks: tuple[str, ...] | None = None) -> int:
-    """Mark every compute layer of a saved IR ``precise`` (kept in f32 when a device lowers precision), or only
-    those of the named ``blocks`` (``rope`` marks ``rope/...``); returns how many. Constants, parameters, results
-    and weight decompression stay unmarked.
-
-    NOTE: an XML edit, as ``weights.mark_fp16_decompression``: Python can only attach string rt_info to a node,
-    which the serializer does not write as this attribute.
-    """
-    tree = ET.parse(xml_path)
-    layers = tree.getroot().find("layers")
-    if layers is None:
-        raise ConversionError(f"{xml_path}: not an OpenVINO IR (no layers)")
-    marked = 0
-    for layer in layers.findall("layer"):
-        name = layer.get("name") or ""
-        if layer.get("type") in _UNMARKED_TYPES or name.endswith(_DECOMPRESSION):
-            continue
-        if blocks is not None and not name.startswith(tuple(f"{block}/" for block in blocks)):
-            continue
-        rt_info = layer.find("rt_info")
-        if rt_info is None:
-            rt_info = ET.Element("rt_info")
-            layer.insert(0, rt_info)
-        if not any(a.get("name") == "precise" for a in rt_info.findall("attribute")):
-            ET.SubElement(rt_info, "attribute", {"name": "precise", "version": "0"})
-            marked += 1
-    ET.indent(tree, space="\t")
-    tree.write(xml_path, encoding="utf-8", xml_declaration=True)
-    return marked

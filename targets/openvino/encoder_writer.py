@@ -62,11 +62,11 @@ def write_encoder(model: SourceModel, precision: str, out: Path, progress: Progr
         HIDDEN_NODE,
         build_encoder,
         input_names,
-        mark_precise,
     )
     from sovpack.targets.openvino.encoder_rope import ROTARY_BLOCKS
     from sovpack.targets.openvino.encoder_tokenizer import convert_encoder_tokenizer
-    from sovpack.targets.openvino.weights import SCHEMES, counted_weights, mark_fp16_decompression
+    from sovpack.targets.openvino.precise import mark_fp16_decompression, mark_precise
+    from sovpack.targets.openvino.weights import SCHEMES, counted_weights
 
     spec = model.spec
     encoder = spec.encoder

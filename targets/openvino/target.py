@@ -30,6 +30,7 @@ from sovpack.targets.openvino.runtime import (
 
 if TYPE_CHECKING:
     from sovpack.artifact import ArtifactMetadata
+    from sovpack.quantize import QuantOptions
     from sovpack.targets.openvino.encoder_runner import OpenvinoEmbeddingRunner
 
 
@@ -89,7 +90,9 @@ class OpenvinoTarget:
     runtime_packages: tuple[str, ...] = ("openvino", "openvino-tokenizers", "openvino-genai", "nncf")
     families = FAMILIES
 
-    def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress) -> WrittenArtifact:
+    def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress, *,
+              quant: QuantOptions | None = None) -> WrittenArtifact:
+        """Write the IR directory; ``quant`` (None: ``QuantOptions()``) drives the 4-bit precisions only."""
         if precision not in self.precisions:
             raise UsageError(f"target 'openvino' has no precision {precision!r}; known: {', '.join(PRECISIONS)}")
         TargetRef(format=self.name, precision=precision).check_family(model.spec)
@@ -106,11 +109,13 @@ class OpenvinoTarget:
         openvino_tokenizers = require_tokenizers()
         from sovpack import __version__
         from sovpack.targets.openvino.graph import INPUT_NAMES, OUTPUT_NAME, build_model, state_names
-        from sovpack.targets.openvino.weights import SCHEMES, counted_weights, mark_fp16_decompression
+        from sovpack.targets.openvino.precise import mark_fp16_decompression
+        from sovpack.targets.openvino.weights import SCHEMES, counted_weights, plan_int4
 
         scheme = SCHEMES[precision]
         out = Path(out_dir)
-        weights, weights_written = counted_weights(model, precision, progress)
+        plan = plan_int4(model, precision, quant, progress)
+        weights, weights_written = counted_weights(model, precision, progress, plan)
         graph = build_model(model.spec, weights)
         for key, value in (("sovpack_version", __version__), ("precision", precision),
                            ("family", model.spec.family), ("architecture", model.spec.architecture)):
@@ -140,9 +145,15 @@ class OpenvinoTarget:
                 "int8_tensors": stats.int8_layers,
                 "int4_tensors": stats.int4_layers,
                 "int4_group_sizes": sorted(stats.group_sizes),
-                "symmetric": scheme.symmetric if scheme.kind == "int" else None,
+                "symmetric": (plan.options.symmetric if plan is not None
+                              else scheme.symmetric if scheme.kind == "int" else None),
+                "int4_zero_point": (None if plan is None or plan.options.symmetric
+                                    else "u4" if plan.integer_zero else "f16"),
                 "fp16_decompression_marked": marked,
             },
+            # the 4-bit recipe (sovpack.quantize.QuantPlan.to_dict); None: no plan (other precisions, MoE's
+            # round-to-nearest groups)
+            "quantization": plan.to_dict() if plan is not None else None,
             "inputs": list(INPUT_NAMES),
             "outputs": [OUTPUT_NAME],
             "kv_cache": {

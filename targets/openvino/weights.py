@@ -11,26 +11,36 @@ weights and decompresses on the fly, rather than folding them back to f32 at com
 - ``fp32``: ``Const f32``.
 - ``fp16``: ``Const f16 -> Convert f32`` with the ``decompression`` rt_info mark, as
   ``ov.save_model(compress_to_fp16=True)`` writes it. That pass skips postponed constants and Python cannot
-  set the mark, so :func:`mark_fp16_decompression` adds it to the saved IR (a documented IR attribute).
+  set the mark, so :func:`precise.mark_fp16_decompression` adds it to the saved IR (a documented IR attribute).
 - ``int8`` (asymmetric) / ``int8_sym``: per output channel, ``Const u8|i8 -> Convert f16 [-> Subtract zero
   point] -> Multiply f16 scale -> Convert f32``.
 - ``int4`` (asymmetric) / ``int4_sym``: groups of ``group_size`` input features, ``Const u4|i4 [out, groups,
   group] -> Convert f16 [-> Subtract] -> Multiply -> Reshape [out, in] -> Convert f32``. Embedding and LM head
   stay 8-bit (asymmetric), as do layers whose input size no supported group size divides.
 
-These are the subgraphs NNCF's ``compress_weights`` emits (f16 scales, zero points in the weight's own type).
+These are the subgraphs NNCF's ``compress_weights`` emits (f16 scales, zero points in the weight's own type),
+except that a 4-bit plan with float zero points stores them as an ``f16`` constant subtracted directly.
 NOTE: sovpack quantizes itself instead of calling NNCF: ``import nncf`` imports torch whenever torch is
 installed (sovpack has no torch at run time), and NNCF needs the whole model in memory, which postponed
-constants avoid. The arithmetic is plain min/max (asymmetric) or absmax (symmetric) round-to-nearest.
+constants avoid. 8-bit tensors are plain min/max (asymmetric) or absmax (symmetric) round-to-nearest per
+channel. A dense decoder's 4-bit linear layers follow a ``sovpack.quantize.QuantPlan`` (calibrated range
+search or GPTQ, the most sensitive tensors kept 8-bit per channel); mixture-of-experts checkpoints keep the
+round-to-nearest groups of :func:`quantize` (their experts are stacked into one constant per layer, which
+needs one layout for every expert).
+
+NOTE (float zero points, measured on OpenVINO 2026.4's CPU plugin, u4 [8192, 8192] in groups of 32): with an
+``f16`` zero point constant feeding the Subtract, the compiled model still has one ``FullyConnected`` whose
+weight input is the ``u4`` constant, with the scale and zero point as f32 [8192, 256] decompression inputs
+(compile-time peak RSS +108 MB against +99 MB with u4 zero points; the f32 weight would be 256 MB), both at
+PARITY_CONFIG and at the plugin's defaults (bf16 activations). So the pattern is kept and the plan's float
+zero points (each group's range not snapped to its step) cost 1.5 bytes per group more in the file only.
 """
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -39,8 +49,22 @@ from sovpack.errors import ConversionError
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
 
+if TYPE_CHECKING:
+    from sovpack.quantize import GroupCodes, QuantOptions, QuantPlan
+
 FP16_MAX = float(np.finfo(np.float16).max)
 INT4_GROUP_SIZES = (128, 64, 32, 16)
+# NOTE: the preferred 4-bit group of a planned (calibrated) conversion. Parity mean KL of openvino:int4 with the
+# default plan (gptq, 1/8 of the linear weights 8-bit, f16 zero points) by preferred group:
+#   group   realistic llama3 / qwen2   SmolLM2-135M (576 wide: 128 falls back to 64 but for down_proj)
+#   128     0.062 / 0.084              (not measured)
+#   64      0.050 / 0.065              0.103
+#   32      0.039 / 0.048              0.0030 (its weights lie on a Q4_1 grid of
+#                                      blocks of 32 that groups of 32 with float zero points recover: flattering)
+# (before the plan, RTN with u4 zero points in groups of 64: 0.074 / 0.101, SmolLM2 0.556 FAILED). Groups of
+# 32 store 5.0 bits per 4-bit weight (an f16 scale and zero point per group) against 4.5 at 64: 11% more
+# bytes for those tensors, for about a quarter less KL on the realistic fixtures (the honest measure here).
+PLANNED_GROUP_SIZE = 32
 _T = TypeVar("_T")
 
 
@@ -72,6 +96,17 @@ def choose_group_size(in_features: int, preferred: int) -> int | None:
         if size <= preferred and in_features % size == 0:
             return size
     return None
+
+
+def planned_group_chooser(preferred: int | None) -> Callable[[int, int], int | None]:
+    """``group_for`` of ``plan_quantization``: 4-bit groups of the largest supported size <= ``preferred``
+    that divides the input (None: the tensor stays 8-bit); 8-bit tensors are per channel (None)."""
+    size = preferred or PLANNED_GROUP_SIZE
+
+    def group_for(bits: int, in_features: int) -> int | None:
+        return choose_group_size(in_features, size) if bits == 4 else None
+
+    return group_for
 
 
 def default_group_size(hidden_size: int) -> int:
@@ -117,7 +152,7 @@ class Quantized:
 
     codes: np.ndarray  # uint8 / int8 holding the integer values (4-bit values are packed on export)
     scale: np.ndarray  # float16, [out, 1] or [out, groups, 1]
-    zero_point: np.ndarray | None  # uint8, same shape as scale; None when symmetric
+    zero_point: np.ndarray | None  # uint8 (or float16: a plan's float zero points), as scale; None: symmetric
 
     def dequantize(self) -> np.ndarray:
         """The float32 weight [out, in] these codes stand for: (codes - zero point) * scale."""
@@ -160,6 +195,18 @@ def quantize(weight: np.ndarray, *, bits: int, symmetric: bool, group_size: int 
     return Quantized(codes=codes, scale=scale, zero_point=zero_point.astype(np.uint8))
 
 
+def from_group_codes(codes: GroupCodes) -> Quantized:
+    """The plan's codes in this module's layout: [out, groups, group] codes, [out, groups, 1] f16 scales, and
+    zero points in u4 (integer) or f16 (float); symmetric codes are shifted to signed i4 without a zero point."""
+    scale = codes.scale[..., None].astype(np.float16)
+    if codes.symmetric:
+        half = 2 ** (codes.bits - 1)
+        return Quantized(codes=(codes.codes.astype(np.int16) - half).astype(np.int8), scale=scale, zero_point=None)
+    zero = codes.zero[..., None]
+    return Quantized(codes=codes.codes, scale=scale,
+                     zero_point=zero.astype(np.uint8) if zero.dtype == np.uint8 else zero.astype(np.float16))
+
+
 def pack_int4(codes: np.ndarray) -> np.ndarray:
     """Pack 4-bit values (uint8 0..15 or int8 -8..7) two per byte, the first in the low nibble."""
     flat = (codes.astype(np.int16) & 0x0F).astype(np.uint8).reshape(-1)
@@ -185,9 +232,11 @@ class WeightStats:
 class WeightFactory:
     """Builds the graph input for each canonical tensor, as a postponed constant plus decompression ops."""
 
-    def __init__(self, model: SourceModel, scheme: Scheme, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(self, model: SourceModel, scheme: Scheme, progress: Callable[[str], None] | None = None,
+                 plan: QuantPlan | None = None) -> None:
         self.model = model
         self.scheme = scheme
+        self.plan = plan  # 4-bit schemes: the linear layers' recipe (None: round-to-nearest groups)
         self.stats = WeightStats()
         self._progress = progress or (lambda _name: None)
         self._cache: dict[str, Any] = {}
@@ -250,8 +299,16 @@ class WeightFactory:
             node = self._float(name, scheme.float_dtype)
         else:
             shape = self.model.spec.tensor_shapes()[name]
-            bits, symmetric, group = layer_format(scheme, shape, role=role, group_size=self.group_size)
-            node = self._quantized(name, shape, bits=bits, symmetric=symmetric, group_size=group)
+            plan = self.plan
+            planned = plan.tensors.get(name) if plan is not None and role == "linear" else None
+            if plan is not None and planned is not None and planned.bits == 4:
+                node = self._quantized(name, shape, bits=4, symmetric=plan.options.symmetric,
+                                       group_size=planned.group_size, planned=True)
+            elif planned is not None:  # kept 8-bit by the plan: per channel, asymmetric (as the embedding)
+                node = self._quantized(name, shape, bits=8, symmetric=False, group_size=None)
+            else:
+                bits, symmetric, group = layer_format(scheme, shape, role=role, group_size=self.group_size)
+                node = self._quantized(name, shape, bits=bits, symmetric=symmetric, group_size=group)
         self._cache[name] = node
         return node
 
@@ -273,8 +330,8 @@ class WeightFactory:
             return ops.convert(const.output(0), ov.Type.f32, name=f"{name}/decompress").output(0)
         return const.output(0)
 
-    def _quantized(self, name: str, shape: tuple[int, ...], *, bits: int, symmetric: bool, group_size: int | None
-                   ) -> Any:
+    def _quantized(self, name: str, shape: tuple[int, ...], *, bits: int, symmetric: bool, group_size: int | None,
+                   planned: bool = False) -> Any:
         import openvino as ov
         import openvino.opset13 as ops
         from openvino.utils import make_postponed_constant
@@ -289,8 +346,13 @@ class WeightFactory:
         code_type = {(8, False): ov.Type.u8, (8, True): ov.Type.i8, (4, False): ov.Type.u4, (4, True): ov.Type.i4}[
             (bits, symmetric)
         ]
-        lazy = _LazyQuantized(lambda: self._consume(
-            name, lambda w: quantize(w, bits=bits, symmetric=symmetric, group_size=group_size)))
+        plan = self.plan if planned else None
+        if plan is not None:
+            lazy = _LazyQuantized(lambda: self._consume(name, lambda w: from_group_codes(plan.quantize(name, w))))
+        else:
+            lazy = _LazyQuantized(lambda: self._consume(
+                name, lambda w: quantize(w, bits=bits, symmetric=symmetric, group_size=group_size)))
+        float_zero = plan is not None and not plan.integer_zero and not symmetric
 
         def codes_maker() -> Any:
             codes = lazy.take_codes()
@@ -305,13 +367,18 @@ class WeightFactory:
             zero = lazy.params().zero_point
             if zero is None:
                 raise ConversionError(f"internal error: {name!r} was quantized without zero points")
+            if float_zero:
+                return _tensor(zero.astype(np.float16).reshape(param_shape))
             if bits == 4:
                 return _packed_tensor(zero, code_type, param_shape)
             return _tensor(zero.reshape(param_shape))
 
         codes = make_postponed_constant(code_type, ov.Shape(code_shape), codes_maker, name=name)
         values = ops.convert(codes.output(0), ov.Type.f16, name=f"{name}/codes_f16")
-        if not symmetric:
+        if float_zero:  # f16 zero points subtracted as they are (the CPU plugin keeps the pattern: module NOTE)
+            zero = make_postponed_constant(ov.Type.f16, ov.Shape(param_shape), zero_maker, name=f"{name}/zero_point")
+            values = ops.subtract(values, zero.output(0), name=f"{name}/zero_point/subtract")
+        elif not symmetric:
             zero = make_postponed_constant(code_type, ov.Shape(param_shape), zero_maker, name=f"{name}/zero_point")
             zero_f16 = ops.convert(zero.output(0), ov.Type.f16, name=f"{name}/zero_point_f16")
             values = ops.subtract(values, zero_f16, name=f"{name}/zero_point/subtract")
@@ -384,51 +451,45 @@ class _LazyQuantized:
         return self._params if self._params is not None else self._run()
 
 
-# --------------------------------------------------------------------------------------- IR post-processing
+def plan_int4(model: SourceModel, precision: str, quant: QuantOptions | None, progress: Progress
+              ) -> QuantPlan | None:
+    """The 4-bit plan of a dense decoder at ``precision`` (None for other precisions and for MoE checkpoints).
 
-
-def mark_fp16_decompression(xml_path: Path) -> int:
-    """Mark every ``Const f16 -> Convert f32`` in a saved IR as weight decompression; returns how many.
-
-    This is the rt_info ``ov.save_model(compress_to_fp16=True)`` writes on the Converts it inserts; without
-    it the CPU plugin folds the Converts at compile time and holds the weights as f32. Python cannot set the
-    attribute on a node (only string rt_info, which the serializer does not write), hence this edit.
+    ``int4_sym`` forces symmetric groups whatever ``quant`` says; ``int4`` follows ``quant.symmetric``. Zero
+    points are floats in f16 (``integer_zero=False``): the CPU plugin keeps that pattern compressed (module
+    NOTE), and a group's range need not be a multiple of its step.
     """
-    tree = ET.parse(xml_path)
-    root = tree.getroot()
-    layers = root.find("layers")
-    edges = root.find("edges")
-    if layers is None or edges is None:
-        raise ConversionError(f"{xml_path}: not an OpenVINO IR (no layers/edges)")
-    f16_consts = set()
-    for layer in layers.findall("layer"):
-        data = layer.find("data")
-        if layer.get("type") == "Const" and data is not None and data.get("element_type") == "f16":
-            f16_consts.add(layer.get("id"))
-    sources = {edge.get("to-layer"): edge.get("from-layer") for edge in edges.findall("edge")}
-    marked = 0
-    for layer in layers.findall("layer"):
-        data = layer.find("data")
-        if layer.get("type") != "Convert" or data is None or data.get("destination_type") != "f32":
-            continue
-        if sources.get(layer.get("id")) not in f16_consts:
-            continue
-        rt_info = layer.find("rt_info")
-        if rt_info is None:
-            rt_info = ET.Element("rt_info")
-            layer.insert(list(layer).index(data) + 1, rt_info)
-        if not any(a.get("name") == "decompression" for a in rt_info.findall("attribute")):
-            ET.SubElement(rt_info, "attribute", {"name": "decompression", "version": "0"})
-            marked += 1
-    ET.indent(tree, space="\t")
-    tree.write(xml_path, encoding="utf-8", xml_declaration=True)
-    return marked
+    import dataclasses
+
+    from sovpack.quantize import QuantOptions, plan_quantization
+    from sovpack.quantize.plan import linear_tensors
+
+    scheme = SCHEMES[precision]
+    if scheme.kind != "int" or scheme.bits != 4 or model.spec.moe is not None or model.spec.encoder is not None:
+        return None
+    options = quant if quant is not None else QuantOptions()
+    if scheme.symmetric and not options.symmetric:
+        options = dataclasses.replace(options, symmetric=True)
+    label = f"openvino:{precision}: quantization plan"
+    total = len(linear_tensors(model))
+    done = 0
+
+    def on_tensor(_name: str) -> None:
+        nonlocal done
+        done += 1
+        progress(label, min(done, total), total)
+
+    progress(label, 0, total)
+    plan = plan_quantization(model, options, planned_group_chooser(options.group_size), scale_dtype=np.float16,
+                             integer_zero=False, progress=on_tensor)
+    progress(label, total, total)
+    return plan
 
 
-def counted_weights(model: SourceModel, precision: str, progress: Progress
+def counted_weights(model: SourceModel, precision: str, progress: Progress, plan: QuantPlan | None = None
                     ) -> tuple[WeightFactory, Callable[[], None]]:
-    """A WeightFactory for ``precision`` that reports each tensor it writes as ``openvino:<precision>: weights``,
-    and the call that reports the step complete (once the IR is saved)."""
+    """A WeightFactory for ``precision`` (and 4-bit ``plan``) that reports each tensor it writes as
+    ``openvino:<precision>: weights``, and the call that reports the step complete (once the IR is saved)."""
     label = f"openvino:{precision}: weights"
     total = len(model.tensor_map)
     done = 0
@@ -439,4 +500,4 @@ def counted_weights(model: SourceModel, precision: str, progress: Progress
         progress(label, min(done, total), total)
 
     progress(label, 0, total)
-    return WeightFactory(model, SCHEMES[precision], on_tensor), lambda: progress(label, total, total)
+    return WeightFactory(model, SCHEMES[precision], on_tensor, plan), lambda: progress(label, total, total)

@@ -1,0 +1,142 @@
+"""Which tensors get 4 bits and which stay 8, how each is rounded, and the rounding itself.
+
+Mixed precision by measured sensitivity: every linear tensor is rounded to 4 bits once (round-to-nearest,
+cheap), and its relative output error on the calibration inputs, ``E|dW x|^2 / E|W x|^2`` (with the input
+Hessian when kept, else with the per-channel energies), ranks it. The most sensitive tensors, up to
+``int8_share`` of the linear parameters, stay 8-bit; a tensor whose input size no group size the target
+offers divides stays 8-bit too (per tensor, never a failure).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sovpack.quantize.calibration import Calibration, calibrate
+from sovpack.quantize.gptq import gptq_quantize
+from sovpack.quantize.groups import GroupCodes, fit_groups, quantize_rtn
+from sovpack.quantize.options import QuantOptions
+from sovpack.source.model import SourceModel
+
+# (bits, input size) -> the group size the target stores for it, or None when none divides the input.
+GroupChooser = Callable[[int, int], int | None]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorPlan:
+    bits: int
+    group_size: int
+    sensitivity: float | None = None  # relative output error at 4 bits (None: not measured)
+
+
+@dataclass
+class QuantPlan:
+    """The resolved 4-bit recipe of one conversion."""
+
+    options: QuantOptions
+    method: str  # "rtn", "weighted" or "gptq" ("auto" resolved)
+    tensors: dict[str, TensorPlan] = field(default_factory=dict)
+    calibration: Calibration | None = None
+    scale_dtype: type = np.float16
+    # False: zero points are floats in the scale's dtype (the runtime's format allows it), so a group's
+    # range is not snapped to a multiple of its step.
+    integer_zero: bool = True
+
+    def bits(self, name: str) -> int:
+        return self.tensors[name].bits
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the artifact metadata and provenance record."""
+        int8 = sorted(n for n, t in self.tensors.items() if t.bits == 8)
+        groups = sorted({t.group_size for t in self.tensors.values() if t.bits == 4})
+        return {
+            "method": self.method,
+            "options": self.options.to_dict(),
+            "int4_tensors": sum(1 for t in self.tensors.values() if t.bits == 4),
+            "int8_tensors": int8,
+            "int4_group_sizes": groups,
+            "calibration": self.calibration.to_dict() if self.calibration is not None else None,
+        }
+
+    def quantize(self, name: str, weight: np.ndarray) -> GroupCodes:
+        """The codes of canonical tensor ``name`` [out, in] under this plan."""
+        tensor = self.tensors[name]
+        calib = self.calibration
+        importance = calib.importance(name) if calib is not None else None
+        if self.method == "gptq" and calib is not None:
+            hessian = calib.hessian(name)
+            if hessian is not None:
+                return gptq_quantize(weight, hessian, bits=tensor.bits, group_size=tensor.group_size,
+                                     symmetric=self.options.symmetric, scale_dtype=self.scale_dtype,
+                                     integer_zero=self.integer_zero)
+        if self.method == "rtn":
+            return quantize_rtn(weight, bits=tensor.bits, group_size=tensor.group_size,
+                                symmetric=self.options.symmetric, scale_dtype=self.scale_dtype)
+        return fit_groups(weight, bits=tensor.bits, group_size=tensor.group_size, symmetric=self.options.symmetric,
+                          importance=importance, scale_dtype=self.scale_dtype,
+                          integer_zero=self.integer_zero)
+
+
+def linear_tensors(model: SourceModel) -> dict[str, tuple[int, ...]]:
+    """The decoder's quantizable linear weights (canonical name -> [out, in]); embedding, head, routers excluded."""
+    return {name: shape for name, shape in model.spec.tensor_shapes().items()
+            if len(shape) == 2 and name not in ("embed", "lm_head") and not name.endswith(".router")}
+
+
+def relative_error(weight: np.ndarray, codes: GroupCodes, calib: Calibration | None, name: str) -> float:
+    """E|dW x|^2 / E|W x|^2 over the calibration inputs (diagonal approximation without a Hessian)."""
+    delta = codes.dequantize() - weight
+    hessian = calib.hessian(name) if calib is not None else None
+    if hessian is not None:
+        h = hessian.astype(np.float32)
+        return float(np.einsum("nk,nk->", delta @ h, delta) / max(np.einsum("nk,nk->", weight @ h, weight), 1e-30))
+    imp = calib.importance(name) if calib is not None else None
+    channel = np.ones(weight.shape[1], dtype=np.float32) if imp is None else imp
+    return float(((delta * delta) @ channel).sum() / max(((weight * weight) @ channel).sum(), 1e-30))
+
+
+def plan_quantization(model: SourceModel, options: QuantOptions, group_for: GroupChooser, *,
+                      scale_dtype: type = np.float16, integer_zero: bool = True,
+                      progress: Callable[[str], None] | None = None) -> QuantPlan:
+    """Calibrate (unless the method is plain rtn), measure every linear tensor's 4-bit sensitivity and decide."""
+    method = options.method
+    calib = None
+    if method != "rtn":
+        calib = calibrate(model, text_file=options.calibration, hessians=method in ("auto", "gptq"))
+        if method == "auto":
+            method = "gptq" if calib.has_hessians else "weighted"
+    plan = QuantPlan(options=options, method=method, calibration=calib, scale_dtype=scale_dtype,
+                     integer_zero=integer_zero)
+    shapes = linear_tensors(model)
+    sizes: dict[str, int] = {}
+    for name, (rows, cols) in shapes.items():
+        group = group_for(4, cols)
+        if group is None:  # no group divides this input: the whole tensor stays 8-bit
+            plan.tensors[name] = TensorPlan(bits=8, group_size=group_for(8, cols) or cols)
+            continue
+        if progress is not None:
+            progress(name)
+        weight = model.tensor(name, np.float32)
+        codes = quantize_rtn(weight, bits=4, group_size=group, symmetric=options.symmetric, scale_dtype=scale_dtype)
+        plan.tensors[name] = TensorPlan(bits=4, group_size=group,
+                                        sensitivity=relative_error(weight, codes, calib, name))
+        sizes[name] = rows * cols
+        del weight, codes
+    budget = options.int8_share * sum(rows * cols for rows, cols in shapes.values())
+    spent = sum(rows * cols for name, (rows, cols) in shapes.items() if plan.tensors[name].bits == 8)
+    ranked = sorted(sizes, key=lambda n: -(plan.tensors[n].sensitivity or 0.0))
+    for name in ranked:
+        if spent + sizes[name] > budget:
+            continue
+        cols = shapes[name][1]
+        plan.tensors[name] = TensorPlan(bits=8, group_size=group_for(8, cols) or cols,
+                                        sensitivity=plan.tensors[name].sensitivity)
+        spent += sizes[name]
+    return plan
+
+
+def quantize_tensor(plan: QuantPlan, name: str, weight: np.ndarray) -> GroupCodes:
+    return plan.quantize(name, weight)
