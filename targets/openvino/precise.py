@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 from sovpack.errors import ConversionError
 
@@ -41,15 +42,8 @@ def mark_precise(xml_path: Path, blocks: tuple[str, ...] | None = None) -> int:
             continue
         if blocks is not None and not name.startswith(tuple(f"{block}/" for block in blocks)):
             continue
-        rt_info = layer.find("rt_info")
-        if rt_info is None:
-            rt_info = ET.Element("rt_info")
-            layer.insert(0, rt_info)
-        if not any(a.get("name") == "precise" for a in rt_info.findall("attribute")):
-            ET.SubElement(rt_info, "attribute", {"name": "precise", "version": "0"})
-            marked += 1
-    ET.indent(tree, space="\t")
-    tree.write(xml_path, encoding="utf-8", xml_declaration=True)
+        marked += _add_attribute(layer, "precise", 0)
+    _save(tree, xml_path)
     return marked
 
 
@@ -79,13 +73,23 @@ def mark_fp16_decompression(xml_path: Path) -> int:
             continue
         if sources.get(layer.get("id")) not in f16_consts:
             continue
-        rt_info = layer.find("rt_info")
-        if rt_info is None:
-            rt_info = ET.Element("rt_info")
-            layer.insert(list(layer).index(data) + 1, rt_info)
-        if not any(a.get("name") == "decompression" for a in rt_info.findall("attribute")):
-            ET.SubElement(rt_info, "attribute", {"name": "decompression", "version": "0"})
-            marked += 1
+        marked += _add_attribute(layer, "decompression", list(layer).index(data) + 1)
+    _save(tree, xml_path)
+    return marked
+
+
+def _add_attribute(layer: ET.Element, name: str, position: int) -> bool:
+    """Add rt_info attribute ``name`` to an IR layer (its rt_info created at ``position``); False if present."""
+    rt_info = layer.find("rt_info")
+    if rt_info is None:
+        rt_info = ET.Element("rt_info")
+        layer.insert(position, rt_info)
+    if any(a.get("name") == name for a in rt_info.findall("attribute")):
+        return False
+    ET.SubElement(rt_info, "attribute", {"name": name, "version": "0"})
+    return True
+
+
+def _save(tree: Any, xml_path: Path) -> None:
     ET.indent(tree, space="\t")
     tree.write(xml_path, encoding="utf-8", xml_declaration=True)
-    return marked

@@ -472,6 +472,14 @@ def plan_int4(model: SourceModel, precision: str, quant: QuantOptions | None, pr
         options = dataclasses.replace(options, symmetric=True)
     label = f"openvino:{precision}: quantization plan"
     total = len(linear_tensors(model))
+    plan = plan_quantization(model, options, planned_group_chooser(options.group_size), scale_dtype=np.float16,
+                             integer_zero=False, progress=_counter(progress, label, total))
+    progress(label, total, total)
+    return plan
+
+
+def _counter(progress: Progress, label: str, total: int) -> Callable[[str], None]:
+    """A per-tensor callback reporting ``label`` as done/total (reported at 0 now)."""
     done = 0
 
     def on_tensor(_name: str) -> None:
@@ -480,10 +488,7 @@ def plan_int4(model: SourceModel, precision: str, quant: QuantOptions | None, pr
         progress(label, min(done, total), total)
 
     progress(label, 0, total)
-    plan = plan_quantization(model, options, planned_group_chooser(options.group_size), scale_dtype=np.float16,
-                             integer_zero=False, progress=on_tensor)
-    progress(label, total, total)
-    return plan
+    return on_tensor
 
 
 def counted_weights(model: SourceModel, precision: str, progress: Progress, plan: QuantPlan | None = None
@@ -492,12 +497,5 @@ def counted_weights(model: SourceModel, precision: str, progress: Progress, plan
     ``openvino:<precision>: weights``, and the call that reports the step complete (once the IR is saved)."""
     label = f"openvino:{precision}: weights"
     total = len(model.tensor_map)
-    done = 0
-
-    def on_tensor(_name: str) -> None:
-        nonlocal done
-        done += 1
-        progress(label, min(done, total), total)
-
-    progress(label, 0, total)
+    on_tensor = _counter(progress, label, total)
     return WeightFactory(model, SCHEMES[precision], on_tensor, plan), lambda: progress(label, total, total)
