@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
                     report = run_parity(ref, out, result.metadata, recorded, model.checkpoint.tokenizer_json, None)
                 seconds = time.perf_counter() - start
                 m = report.metrics
-                chosen = result.metadata.format_metadata.get("quantization", {})
+                chosen = result.metadata.format_metadata.get("quantization") or {}
+                chosen = chosen.get("plan", chosen)  # onnx nests the plan beside its MatMulNBits layout
                 used = ""
                 if isinstance(chosen, dict) and "method" in chosen:
                     share = chosen.get("options", {}).get("int8_share")
