@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from sovpack._io import Progress, no_progress
 from sovpack.quantize.calibration import Calibration, calibrate
 from sovpack.quantize.gptq import gptq_quantize
 from sovpack.quantize.groups import GroupCodes, fit_groups, quantize_rtn
@@ -100,8 +101,9 @@ def relative_error(weight: np.ndarray, codes: GroupCodes, calib: Calibration | N
 
 def plan_quantization(model: SourceModel, options: QuantOptions, group_for: GroupChooser, *,
                       scale_dtype: type = np.float16, integer_zero: bool = True,
-                      progress: Callable[[str], None] | None = None) -> QuantPlan:
-    """Calibrate (unless the method is plain rtn), measure every linear tensor's 4-bit sensitivity and decide."""
+                      progress: Progress = no_progress, label: str = "quantization plan") -> QuantPlan:
+    """Calibrate (unless the method is plain rtn), measure every linear tensor's 4-bit sensitivity and decide;
+    ``progress`` hears ``label`` with the tensors measured so far."""
     method = options.method
     calib = None
     if method != "rtn":
@@ -112,13 +114,13 @@ def plan_quantization(model: SourceModel, options: QuantOptions, group_for: Grou
                      integer_zero=integer_zero)
     shapes = linear_tensors(model)
     sizes: dict[str, int] = {}
-    for name, (rows, cols) in shapes.items():
+    progress(label, 0, len(shapes))
+    for done, (name, (rows, cols)) in enumerate(shapes.items(), start=1):
+        progress(label, done, len(shapes))
         group = group_for(4, cols)
         if group is None:  # no group divides this input: the whole tensor stays 8-bit
             plan.tensors[name] = TensorPlan(bits=8, group_size=group_for(8, cols) or cols)
             continue
-        if progress is not None:
-            progress(name)
         weight = model.tensor(name, np.float32)
         codes = quantize_rtn(weight, bits=4, group_size=group, symmetric=options.symmetric, scale_dtype=scale_dtype)
         plan.tensors[name] = TensorPlan(bits=4, group_size=group,

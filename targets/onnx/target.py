@@ -13,7 +13,6 @@ from sovpack._io import Progress, read_json_file
 from sovpack._protocols import Precision, RunnerTraits, WrittenArtifact
 from sovpack.errors import ConversionError, SourceError
 from sovpack.quantize import QuantOptions, QuantPlan, plan_quantization
-from sovpack.quantize.plan import linear_tensors
 from sovpack.source.model import SourceModel
 from sovpack.targets.base import copy_support_files, register_target
 from sovpack.targets.onnx.deps import require
@@ -221,16 +220,8 @@ class OnnxTarget:
     def _quant_plan(model: SourceModel, options: QuantOptions, progress: Progress) -> QuantPlan:
         """The int4 recipe: float32 scales and float zero points (MatMulNBits' T1 is the float32 activation
         type, and its CPU kernel takes float zero points at 4 bits; quantize.py's NOTE)."""
-        total = len(linear_tensors(model))
-        done = 0
-
-        def planned(name: str) -> None:
-            nonlocal done
-            done += 1
-            progress(f"onnx:int4 measuring {name}", min(done, total), total)
-
         return plan_quantization(model, options, group_chooser(options), scale_dtype=np.float32,
-                                 integer_zero=False, progress=planned)
+                                 integer_zero=False, progress=progress, label="onnx:int4: quantization plan")
 
     @staticmethod
     def _planned_quantization(plan: QuantPlan, fallback: list[str], quantizer_version: str | None

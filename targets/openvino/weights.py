@@ -462,7 +462,6 @@ def plan_int4(model: SourceModel, precision: str, quant: QuantOptions | None, pr
     import dataclasses
 
     from sovpack.quantize import QuantOptions, plan_quantization
-    from sovpack.quantize.plan import linear_tensors
 
     scheme = SCHEMES[precision]
     if scheme.kind != "int" or scheme.bits != 4 or model.spec.moe is not None or model.spec.encoder is not None:
@@ -470,12 +469,8 @@ def plan_int4(model: SourceModel, precision: str, quant: QuantOptions | None, pr
     options = quant if quant is not None else QuantOptions()
     if scheme.symmetric and not options.symmetric:
         options = dataclasses.replace(options, symmetric=True)
-    label = f"openvino:{precision}: quantization plan"
-    total = len(linear_tensors(model))
-    plan = plan_quantization(model, options, planned_group_chooser(options.group_size), scale_dtype=np.float16,
-                             integer_zero=False, progress=_counter(progress, label, total))
-    progress(label, total, total)
-    return plan
+    return plan_quantization(model, options, planned_group_chooser(options.group_size), scale_dtype=np.float16,
+                             integer_zero=False, progress=progress, label=f"openvino:{precision}: quantization plan")
 
 
 def _counter(progress: Progress, label: str, total: int) -> Callable[[str], None]:
