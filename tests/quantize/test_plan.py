@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sovpack.errors import UsageError
-from sovpack.quantize.calibration import HEAD, calibrate
+from sovpack.quantize.calibration import HEAD, MAX_CALIBRATION_FILE_BYTES, calibrate
 from sovpack.quantize.options import QuantOptions
 from sovpack.quantize.plan import linear_tensors, plan_quantization
 from sovpack.source.model import open_model
@@ -53,6 +53,12 @@ def test_a_user_calibration_file_is_used_and_bad_ones_are_refused(checkpoints: d
             calibrate(model, text_file=bad)
     with pytest.raises(UsageError, match=r"missing\.txt"):
         calibrate(model, text_file=tmp_path / "missing.txt")
+    huge = tmp_path / "huge.txt"
+    huge.write_bytes(b"a" * (MAX_CALIBRATION_FILE_BYTES + 1))  # bounded: read no further than the limit
+    with pytest.raises(UsageError, match=r"huge\.txt.*larger than"):
+        calibrate(model, text_file=huge)
+    with pytest.raises(UsageError, match="cannot read the calibration file"):
+        calibrate(model, text_file=tmp_path)  # a directory, not a file
 
 
 def test_the_plan_keeps_the_most_sensitive_tensors_at_8_bits_within_the_share(checkpoints: dict[str, Path]) -> None:
