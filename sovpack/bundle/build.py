@@ -131,9 +131,13 @@ def _resolve_targets(config: BuildConfig) -> tuple[Path, Path, list[TargetRef]]:
         ref = TargetRef.parse(text)
         if ref not in refs:
             refs.append(ref)
-    unknown = sorted(set(config.target_thresholds) - {str(r) for r in refs})
+    built = {str(r) for r in refs}
+    unknown = sorted(set(config.target_thresholds) - built)
     if unknown:
         raise UsageError(f"threshold overrides for targets that are not built: {', '.join(unknown)}")
+    unknown = sorted(set(config.target_quantization) - built)
+    if unknown:
+        raise UsageError(f"quantization options for targets that are not built: {', '.join(unknown)}")
     return Path(config.checkpoint), Path(config.output), refs
 
 
@@ -188,6 +192,7 @@ def build_bundle(
                     threshold_overrides=config.overrides_for(str(ref)) or None,
                     progress=progress,
                     reference=reference,
+                    quant=config.quantization_for(str(ref)),
                 )
                 progress(f"{stage}: convert + parity", 1, 1)
                 progress(f"{stage}: store + sign", 0, 1)
@@ -268,6 +273,9 @@ class _BuildContext:
             },
             "allowNonfinite": config.allow_nonfinite,
         }
+        quant = config.quantization_for(target)
+        if quant is not None:
+            params["quantization"] = quant.to_dict()
         if config.metadata.to_dict():
             params["metadata"] = config.metadata.to_dict()
         return params

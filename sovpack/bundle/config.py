@@ -19,6 +19,14 @@ file's directory)::
     version = "0.1.0"
     licenses = ["Apache-2.0"]               # or license = "Apache-2.0"
 
+    [quantization]                          # options of every 4-bit target (see `sovpack convert --help`)
+    method = "gptq"                         # auto (default), rtn, weighted, gptq, awq
+    calibration = "calibration/domain.txt"  # UTF-8 text; default: the built-in corpus
+    int8_share = 0.25
+
+    [quantization.targets."gguf:int4"]     # one target's options, on top of the above
+    method = "weighted"                     # llama.cpp's quantizer takes an importance matrix, not GPTQ
+
     [parity]
     prompts = ["The capital of France is"]  # replaces the built-in prompts
     thresholds = { mean_kl = 0.004 }        # overrides for every target ("none" switches a metric off)
@@ -33,13 +41,14 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sovpack._io import read_capped
 from sovpack.errors import UsageError
+from sovpack.quantize.options import QuantOptions
 
 DEFAULT_TAG = "latest"
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -117,10 +126,16 @@ class BuildConfig:
     target_thresholds: Mapping[str, Mapping[str, float | bool | None]] = field(default_factory=dict)
     allow_nonfinite: bool = False
     metadata: BundleMetadata = field(default_factory=BundleMetadata)
+    quantization: QuantOptions | None = None  # None: the defaults of ``-t FORMAT:int4``
+    target_quantization: Mapping[str, QuantOptions] = field(default_factory=dict)
 
     def overrides_for(self, target: str) -> Overrides:
         """Threshold overrides for one target: the global ones, then the target's own."""
         return {**self.thresholds, **self.target_thresholds.get(target, {})}
+
+    def quantization_for(self, target: str) -> QuantOptions | None:
+        """One target's 4-bit options: its own table over the build's (None: the defaults)."""
+        return self.target_quantization.get(target, self.quantization)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-equivalent document (the schema's shape); None fields are left out."""
@@ -145,6 +160,11 @@ class BuildConfig:
         metadata = self.metadata.to_dict()
         if metadata:
             doc["metadata"] = metadata
+        if self.quantization is not None or self.target_quantization:
+            quant = _quantization_to_doc(self.quantization)
+            if self.target_quantization:
+                quant["targets"] = {t: _quantization_to_doc(q) for t, q in self.target_quantization.items()}
+            doc["quantization"] = quant
         parity: dict[str, Any] = {}
         if self.prompts:
             parity["prompts"] = list(self.prompts)
@@ -179,6 +199,7 @@ class BuildConfig:
 
         signing = doc.get("signing", {})
         parity = doc.get("parity", {})
+        quantization = doc.get("quantization", {})
         return cls(
             checkpoint=resolve(doc.get("checkpoint")),
             output=resolve(doc.get("output")),
@@ -194,7 +215,30 @@ class BuildConfig:
             target_thresholds={t: _thresholds_from_doc(v) for t, v in parity.get("targets", {}).items()},
             allow_nonfinite=bool(doc.get("allow_nonfinite", False)),
             metadata=BundleMetadata.from_dict(doc.get("metadata", {})),
+            quantization=(_quantization_from_doc(quantization, None, resolve)
+                          if set(quantization) - {"targets"} else None),
+            target_quantization={
+                target: _quantization_from_doc(quantization, table, resolve)
+                for target, table in quantization.get("targets", {}).items()
+            },
         )
+
+
+def _quantization_from_doc(common: Mapping[str, Any], own: Mapping[str, Any] | None,
+                           resolve: Callable[[str | None], Path | None]) -> QuantOptions:
+    """QuantOptions from the [quantization] table and (for one target) its own table on top."""
+    values = {k: v for k, v in common.items() if k != "targets"}
+    values.update(own or {})
+    if "calibration" in values:
+        values["calibration"] = resolve(values["calibration"])
+    return QuantOptions(**values)
+
+
+def _quantization_to_doc(options: QuantOptions | None) -> dict[str, Any]:
+    if options is None:
+        return {}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(options).items()
+            if v is not None}
 
 
 def _thresholds_from_doc(doc: Mapping[str, Any]) -> Overrides:

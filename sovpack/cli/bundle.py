@@ -19,6 +19,7 @@ import click
 from sovpack.cli._app import cli, echo_json
 from sovpack.cli.transfer import BUNDLE, current_registry_options, human_size, registry_options
 from sovpack.errors import ParityError, VerificationError
+from sovpack.quantize.options import METHODS
 
 if TYPE_CHECKING:
     from sovpack.verify.policy import Policy
@@ -103,6 +104,12 @@ def keygen(output: Path, password_file: Path | None, password_env: str | None, f
 @click.option("--prompt", "prompts", multiple=True, help="Parity prompt (repeatable; replaces the built-ins).")
 @click.option("--threshold", "thresholds", multiple=True, help="Parity threshold override for all targets: NAME=VALUE.")
 @click.option("--allow-nonfinite", is_flag=True, help="Convert weights that contain NaN or Inf.")
+@click.option("--quant-method", type=click.Choice(METHODS),
+              help="4-bit rounding of every int4 target (default auto; see `sovpack convert --help`).")
+@click.option("--group-size", type=int, help="4-bit group size (power of two; default: each format's choice).")
+@click.option("--sym", "symmetric", is_flag=True, default=None, help="Symmetric 4-bit codes (no zero points).")
+@click.option("--calibration", type=click.Path(path_type=Path), help="UTF-8 calibration text (default: built-in).")
+@click.option("--int8-share", type=float, help="Share of linear weights kept at 8 bits (default 0.125).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -122,6 +129,11 @@ def build(
     prompts: tuple[str, ...],
     thresholds: tuple[str, ...],
     allow_nonfinite: bool,
+    quant_method: str | None,
+    group_size: int | None,
+    symmetric: bool | None,
+    calibration: Path | None,
+    int8_share: float | None,
     force: bool,
     quiet: bool,
     as_json: bool,
@@ -140,6 +152,7 @@ def build(
     from sovpack.bundle.config import BuildConfig, BundleMetadata, load_build_config
     from sovpack.errors import UsageError
     from sovpack.parity import parse_threshold_overrides
+    from sovpack.quantize.options import QuantOptions
 
     config = load_build_config(config_path) if config_path is not None else BuildConfig()
     updates: dict[str, Any] = {}
@@ -159,6 +172,13 @@ def build(
         updates["allow_nonfinite"] = True
     if password_file is not None or password_env is not None:
         updates["password_file"], updates["password_env"] = password_file, password_env
+    given = (("method", quant_method), ("group_size", group_size), ("symmetric", symmetric),
+             ("calibration", calibration), ("int8_share", int8_share))
+    quant_flags: dict[str, Any] = {k: v for k, v in given if v is not None}
+    if quant_flags:  # flags win over the file's [quantization] table and over its per-target tables
+        updates["quantization"] = dataclasses.replace(config.quantization or QuantOptions(), **quant_flags)
+        updates["target_quantization"] = {t: dataclasses.replace(q, **quant_flags)
+                                          for t, q in config.target_quantization.items()}
     updates["metadata"] = config.metadata.merged(BundleMetadata(name=name, licenses=licenses))
     config = dataclasses.replace(config, **updates)
     if config.key is None:

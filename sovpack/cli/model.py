@@ -213,7 +213,8 @@ def render_embeddings(result: EmbedResult) -> None:
 @click.option("--allow-nonfinite", is_flag=True, help="Convert weights that contain NaN or Inf.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--quant-method", type=click.Choice(METHODS), default="auto", show_default=True,
-              help="4-bit rounding: auto (best the model's size allows), rtn, weighted (calibrated ranges), gptq.")
+              help="4-bit rounding: auto (best the model's size allows), rtn, weighted (calibrated ranges), gptq, "
+                   "awq (activation-aware input scales, then gptq).")
 @click.option("--group-size", type=int, help="4-bit group size (power of two; default: the format's choice).")
 @click.option("--sym", "symmetric", is_flag=True, help="Symmetric 4-bit codes (no zero points).")
 @click.option("--calibration", type=click.Path(path_type=Path), help="UTF-8 calibration text (default: built-in).")

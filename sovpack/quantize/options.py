@@ -11,8 +11,10 @@ from sovpack.errors import UsageError
 # "auto": the best method the model's size allows (gptq when its calibration Hessians fit in memory, else
 # "weighted"); "rtn": plain min/max round-to-nearest; "weighted": each group's range searched to minimise the
 # error weighted by the calibration activations' energy per input channel (what llama.cpp does with an
-# importance matrix); "gptq": weighted ranges plus GPTQ's column-by-column error compensation.
-METHODS = ("auto", "rtn", "weighted", "gptq")
+# importance matrix); "gptq": weighted ranges plus GPTQ's column-by-column error compensation; "awq": each
+# tensor's input channels scaled by their measured activation size first (searched per tensor), then GPTQ
+# (weighted ranges when Hessians do not fit).
+METHODS = ("auto", "rtn", "weighted", "gptq", "awq")
 DEFAULT_INT8_SHARE = 0.125
 
 

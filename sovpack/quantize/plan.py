@@ -20,6 +20,7 @@ from sovpack.quantize.calibration import Calibration, calibrate
 from sovpack.quantize.gptq import gptq_quantize
 from sovpack.quantize.groups import GroupCodes, fit_groups, quantize_rtn
 from sovpack.quantize.options import QuantOptions
+from sovpack.quantize.scaling import search_input_scale
 from sovpack.source.model import SourceModel
 
 # (bits, input size) -> the group size the target stores for it, or None when none divides the input.
@@ -31,6 +32,9 @@ class TensorPlan:
     bits: int
     group_size: int
     sensitivity: float | None = None  # relative output error at 4 bits (None: not measured)
+    # Activation-aware weight scale per input channel [in] (method "awq"): the codes are of weight * scale and
+    # the target multiplies the input by 1 / scale; None: no scaling.
+    input_scale: np.ndarray | None = None
 
 
 @dataclass
@@ -38,7 +42,7 @@ class QuantPlan:
     """The resolved 4-bit recipe of one conversion."""
 
     options: QuantOptions
-    method: str  # "rtn", "weighted" or "gptq" ("auto" resolved)
+    method: str  # "rtn", "weighted", "gptq" or "awq" ("auto" resolved)
     tensors: dict[str, TensorPlan] = field(default_factory=dict)
     calibration: Calibration | None = None
     scale_dtype: type = np.float16
@@ -49,6 +53,17 @@ class QuantPlan:
     def bits(self, name: str) -> int:
         return self.tensors[name].bits
 
+    def input_multiplier(self, name: str) -> np.ndarray | None:
+        """What the target multiplies ``name``'s input by before the quantized matmul (float32 [in]), or None."""
+        scale = self.tensors[name].input_scale if name in self.tensors else None
+        return None if scale is None else (1.0 / scale).astype(np.float32)
+
+    def effective_weight(self, name: str, codes: GroupCodes) -> np.ndarray:
+        """The float weight [out, in] the runtime computes with for ``codes`` (the input scaling undone)."""
+        multiplier = self.input_multiplier(name)
+        weight = codes.dequantize()
+        return weight if multiplier is None else weight * multiplier
+
     def to_dict(self) -> dict[str, Any]:
         """What the artifact metadata and provenance record."""
         int8 = sorted(n for n, t in self.tensors.items() if t.bits == 8)
@@ -57,6 +72,7 @@ class QuantPlan:
             "method": self.method,
             "options": self.options.to_dict(),
             "int4_tensors": sum(1 for t in self.tensors.values() if t.bits == 4),
+            "scaled_tensors": sum(1 for t in self.tensors.values() if t.input_scale is not None),
             "int8_tensors": int8,
             "int4_group_sizes": groups,
             "calibration": self.calibration.to_dict() if self.calibration is not None else None,
@@ -67,10 +83,14 @@ class QuantPlan:
         tensor = self.tensors[name]
         calib = self.calibration
         importance = calib.importance(name) if calib is not None else None
-        if self.method == "gptq" and calib is not None:
-            hessian = calib.hessian(name)
-            if hessian is not None:
-                return gptq_quantize(weight, hessian, bits=tensor.bits, group_size=tensor.group_size,
+        hessian = calib.hessian(name) if calib is not None else None
+        if tensor.input_scale is not None:  # codes of weight * s; the input is divided by s at run time
+            scale = tensor.input_scale
+            weight = np.asarray(weight, dtype=np.float32) * scale
+            importance = None if importance is None else importance / (scale * scale)
+            hessian = None if hessian is None else hessian / np.outer(scale, scale)
+        if self.method in ("gptq", "awq") and hessian is not None:
+            return gptq_quantize(weight, hessian, bits=tensor.bits, group_size=tensor.group_size,
                                      symmetric=self.options.symmetric, scale_dtype=self.scale_dtype,
                                      integer_zero=self.integer_zero)
         if self.method == "rtn":
@@ -107,7 +127,7 @@ def plan_quantization(model: SourceModel, options: QuantOptions, group_for: Grou
     method = options.method
     calib = None
     if method != "rtn":
-        calib = calibrate(model, text_file=options.calibration, hessians=method in ("auto", "gptq"))
+        calib = calibrate(model, text_file=options.calibration, hessians=method in ("auto", "gptq", "awq"))
         if method == "auto":
             method = "gptq" if calib.has_hessians else "weighted"
     plan = QuantPlan(options=options, method=method, calibration=calib, scale_dtype=scale_dtype,
@@ -122,11 +142,20 @@ def plan_quantization(model: SourceModel, options: QuantOptions, group_for: Grou
             plan.tensors[name] = TensorPlan(bits=8, group_size=group_for(8, cols) or cols)
             continue
         weight = model.tensor(name, np.float32)
-        codes = quantize_rtn(weight, bits=4, group_size=group, symmetric=options.symmetric, scale_dtype=scale_dtype)
-        plan.tensors[name] = TensorPlan(bits=4, group_size=group,
-                                        sensitivity=relative_error(weight, codes, calib, name))
+        importance = calib.importance(name) if calib is not None else None
+        if method == "awq" and calib is not None and importance is not None:
+            scale, sensitivity = search_input_scale(weight, importance, calib.hessian(name), bits=4,
+                                                    group_size=group, symmetric=options.symmetric,
+                                                    scale_dtype=scale_dtype, integer_zero=integer_zero)
+            plan.tensors[name] = TensorPlan(bits=4, group_size=group, sensitivity=sensitivity, input_scale=scale)
+        else:
+            codes = quantize_rtn(weight, bits=4, group_size=group, symmetric=options.symmetric,
+                                 scale_dtype=scale_dtype)
+            plan.tensors[name] = TensorPlan(bits=4, group_size=group,
+                                            sensitivity=relative_error(weight, codes, calib, name))
+            del codes
         sizes[name] = rows * cols
-        del weight, codes
+        del weight
     budget = options.int8_share * sum(rows * cols for rows, cols in shapes.values())
     spent = sum(rows * cols for name, (rows, cols) in shapes.items() if plan.tensors[name].bits == 8)
     ranked = sorted(sizes, key=lambda n: -(plan.tensors[n].sensitivity or 0.0))

@@ -148,9 +148,11 @@ def eight_bit_tensors(tensors: Sequence[LinearTensor], plan: QuantPlan) -> list[
 def resolved_method(options: QuantOptions) -> str:
     """The method the gguf target runs: llama.cpp's quantizer takes an importance matrix ("weighted") or
     nothing ("rtn": its plain recipe); it has no GPTQ input."""
-    if options.method == "gptq":
-        raise UsageError("gguf: llama.cpp's quantizer takes an importance matrix (method 'weighted', the default) "
-                         "or none (method 'rtn'); it has no GPTQ-style error compensation")
+    if options.method in ("gptq", "awq"):
+        raise UsageError(f"gguf: llama.cpp's quantizer takes an importance matrix (method 'weighted', the default) "
+                         f"or none (method 'rtn'); it has no input for method {options.method!r} (GGUF stores no "
+                         f"per-channel input scales, and no GPTQ-style error compensation; a build gives gguf "
+                         f"targets their own method under [quantization.targets.\"gguf:...\"])")
     if options.group_size not in (None, GGUF_GROUP):
         raise UsageError(f"gguf: the 4-bit types use GGML's {GGUF_GROUP}-wide blocks; group size "
                          f"{options.group_size} is not available (leave it unset or give {GGUF_GROUP})")

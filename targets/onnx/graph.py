@@ -195,6 +195,11 @@ class DecoderBuilder:
             plan = self.quant_plan
             if planned.bits == 8 and not plan.integer_zero:  # the CPU kernel takes uint8 zero points at 8 bits
                 plan = dataclasses.replace(plan, integer_zero=True)
+            multiplier = plan.input_multiplier(weight)
+            if multiplier is not None:  # activation-aware scaling: the codes are of weight * s, the input / s
+                scale_name = f"{prefix}.input_scale"
+                self.g.initializers.append(self.data.write_array(scale_name, multiplier))
+                x = self.g.op("Mul", x, scale_name, name=f"{prefix}/input_scale")
             source = self.source(weight)
             codes = plan.quantize(weight, source)
             self.model.release_pages(weight)

@@ -107,6 +107,9 @@ class _Builder:
     def linear(self, x: Any, name: str, bias: str | None = None) -> Any:
         ops = self.ops
         with self.scope(name):
+            multiplier = self.w.input_multiplier(name)
+            if multiplier is not None:  # activation-aware scaling: the codes are of weight * s, the input / s
+                x = ops.multiply(x, self.const(multiplier), name=f"{name}/input_scale")
             y = ops.matmul(x, self.w.matrix(name), transpose_a=False, transpose_b=True, name=f"{name}/matmul")
             if bias is not None:
                 y = ops.add(y, self.w.vector(bias), name=f"{name}/bias")

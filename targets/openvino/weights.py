@@ -289,6 +289,14 @@ class WeightFactory:
         """
         return self.vector(name)
 
+    def input_multiplier(self, name: str) -> np.ndarray | None:
+        """What linear ``name``'s input is multiplied by before its matmul (the plan's activation-aware
+        scaling of a 4-bit tensor), or None."""
+        planned = self.plan.tensors.get(name) if self.plan is not None else None
+        if planned is None or planned.bits != 4 or self.scheme.kind == "float":
+            return None
+        return self.plan.input_multiplier(name) if self.plan is not None else None
+
     def matrix(self, name: str, *, role: str = "linear") -> Any:
         """A [out, in] weight as an f32 graph output; ``role`` is "linear", "embedding" or "head"."""
         cached = self._cache.get(name)

@@ -203,6 +203,37 @@ def test_options_are_honoured_and_recorded(checkpoints: dict[str, Path], tmp_pat
     assert _quantization(weighted)["plan"]["calibration"] is not None
 
 
+def test_awq_scaled_inputs_pass_through_a_mul_into_their_matmulnbits(checkpoints: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    """Method "awq": a scaled tensor's MatMulNBits reads Mul(x, 1/s) and stores the codes of weight * s; the
+    artifact passes parity on onnxruntime (the tiny fixture's sharp logits need a wider mean KL)."""
+    options = QuantOptions(method="awq")
+    result = convert(checkpoints["llama3"], "onnx:int4", tmp_path / "awq", quant=options,
+                     threshold_overrides={"mean_kl": 0.6})
+    assert result.parity is not None and result.parity.status == "PASSED", result.parity
+    model = open_model(checkpoints["llama3"])
+    plan = _plan(model, options)
+    assert _quantization(result)["plan"] == json.loads(json.dumps(plan.to_dict()))
+    proto = onnx.load(str(result.out_dir / MODEL_FILE))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    muls = {node.output[0]: node for node in proto.graph.node if node.name.endswith("/input_scale")}
+    nodes = _nodes(result.out_dir)
+    scaled = [n for n, t in plan.tensors.items() if t.input_scale is not None]
+    assert scaled and len(muls) == len(scaled)
+    for node in proto.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        name = node.input[1].rsplit(".", 1)[0]
+        multiplier = plan.input_multiplier(name)
+        assert (node.input[0] in muls) == (multiplier is not None), name
+        if multiplier is None:
+            continue
+        np.testing.assert_array_equal(inits[muls[node.input[0]].input[1]], multiplier)
+        attrs, arrays = nodes[name]
+        codes = plan.quantize(name, model.tensor(name, np.float32))
+        np.testing.assert_array_equal(_decoded(attrs, arrays), codes.dequantize())
+
+
 # --------------------------------------------------------------------------------------------- real weights
 
 

@@ -116,7 +116,7 @@ class _PlannedSource:
         weight = self.model.tensor(name, np.float32)
         planned = self.plan.tensors.get(name)
         if planned is not None and planned.bits == 4:
-            return self.plan.quantize(name, weight).dequantize()
+            return self.plan.effective_weight(name, self.plan.quantize(name, weight))
         if planned is not None or name in ("embed", "lm_head"):
             return quantize(weight, bits=8, symmetric=False, group_size=None).dequantize()
         return weight
@@ -136,6 +136,30 @@ def test_int4_artifact_computes_the_plans_weights(llama3_int4: ConvertResult, ch
                           prompts=encode_prompts(checkpoints["llama3"] / "tokenizer.json")[:4])
     assert report.status == "PASSED", report.reasons
     assert report.metrics.max_abs_error is not None and report.metrics.max_abs_error < 1e-3
+
+
+def test_awq_scaled_inputs_are_multiplied_before_their_matmul(checkpoints: dict[str, Path], tmp_path: Path
+                                                               ) -> None:
+    """Method "awq": each scaled tensor's input is multiplied by the plan's 1/s in the graph, and the IR computes
+    the plan's effective weights (fp32 thresholds against a reference holding them)."""
+    options = QuantOptions(method="awq")
+    result = convert(checkpoints["llama3"], "openvino:int4", tmp_path / "awq", parity=False, quant=options)
+    model = open_model(checkpoints["llama3"])
+    plan = plan_quantization(model, options, planned_group_chooser(None), integer_zero=False)
+    assert ArtifactMetadata.load(result.out_dir).format_metadata["quantization"] == plan.to_dict()
+    ir = ov.Core().read_model(result.out_dir / "openvino_model.xml")
+    multiplies = {op.get_friendly_name(): op for op in ir.get_ops() if op.get_type_name() == "Multiply"}
+    scaled = [n for n, t in plan.tensors.items() if t.input_scale is not None]
+    assert scaled
+    for name in scaled:
+        node = multiplies[f"{name}/input_scale"]
+        factor = node.input_value(1).get_node()
+        np.testing.assert_array_equal(factor.get_data(), plan.input_multiplier(name))
+    assert not [n for n in multiplies if n.endswith("/input_scale") and n[:-12] not in scaled]
+    reference = ReferenceModel(_PlannedSource(model, plan))  # type: ignore[arg-type]
+    report = check_parity(reference, OpenvinoRunner(result.out_dir), target="openvino:int4", precision="fp32",
+                          prompts=encode_prompts(checkpoints["llama3"] / "tokenizer.json")[:4])
+    assert report.status == "PASSED", report.reasons
 
 
 def test_mixed_plan_keeps_its_8bit_tensors_8bit_in_the_file(llama3_int4: ConvertResult) -> None:
