@@ -22,7 +22,7 @@ import pytest
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from fixtures.generate import REALISTIC_NUMERICS, VARIANTS, FixtureVariant, main, make_checkpoint
+from fixtures.generate import REALISTIC_NUMERICS, REALISTIC_OUTLIERS, VARIANTS, FixtureVariant, main, make_checkpoint
 from fixtures.gpt_oss import decode_mxfp4, encode_mxfp4
 from fixtures.tokenizers_gen import KINDS, build_tokenizer, tokenizer_spec
 
@@ -438,6 +438,21 @@ def test_numerics_overrides_scale_exactly_what_they_name(tmp_path: Path, generat
     for name, a in soft.items():
         factor = 0.5 if name == "model.embed_tokens.weight" or name.endswith(scaled_names) else 1.0
         np.testing.assert_array_equal(a, default[name] * np.float32(factor), err_msg=name)
+
+
+def test_outlier_channels_scale_only_the_pre_projection_norms(tmp_path: Path) -> None:
+    """REALISTIC_OUTLIERS: the same draws as REALISTIC_NUMERICS, 4 channels of the two pre-projection norms 8x."""
+    plain = _tensors(make_checkpoint("llama3", tmp_path / "plain", **REALISTIC_NUMERICS))
+    loud = _tensors(make_checkpoint("llama3", tmp_path / "loud", **REALISTIC_OUTLIERS))
+    assert set(plain) == set(loud)
+    channels = np.array([1, 65, 129, 193])  # 4 evenly spaced of 256
+    for name, a in loud.items():
+        expected = plain[name].copy()
+        if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
+            expected[channels] *= np.float32(8.0)
+        np.testing.assert_array_equal(a, expected, err_msg=name)
+    with pytest.raises(ValueError, match="outlier channels"):
+        make_checkpoint("gemma", tmp_path / "g", outlier_channels=2, outlier_gain=4.0)
 
 
 @pytest.mark.parametrize("name", ["llama3", "qwen2"])

@@ -77,3 +77,18 @@ def test_awq_plan_scales_4bit_tensors_only_and_its_effective_weights_are_what_ru
     np.testing.assert_allclose(plan.effective_weight(name, codes), codes.dequantize() * multiplier)
     error = np.abs(plan.effective_weight(name, codes) - weight).max()
     assert error < np.abs(weight).max() * 0.2
+
+
+def test_on_weights_with_outlier_channels_awq_beats_the_default_on_the_runtime(tmp_path: Path) -> None:
+    """Issue 16's activation-aware method, judged as users get it: the ONNX artifact on onnxruntime, mean KL
+    against the fp32 reference (measured: 0.079 for awq vs 0.092 for the default gptq)."""
+    from fixtures.generate import REALISTIC_OUTLIERS, make_checkpoint
+    from sovpack.convert import convert
+
+    checkpoint = make_checkpoint("llama3", tmp_path / "outliers", **REALISTIC_OUTLIERS)
+    kl = {}
+    for method in ("gptq", "awq"):
+        result = convert(checkpoint, "onnx:int4", tmp_path / method, quant=QuantOptions(method=method))
+        assert result.parity is not None and result.parity.status == "PASSED"
+        kl[method] = result.parity.metrics.mean_kl
+    assert kl["awq"] < 0.9 * kl["gptq"], kl
