@@ -156,6 +156,20 @@ class Precision:
     thresholds: Thresholds
     aliases: tuple[str, ...] = ()
     runtime_floor: str | None = None
+    # Anonymous memory per model weight the runtime allocates to run the artifact (its parity check); None:
+    # the stored width (RUNTIME_BYTES_PER_WEIGHT). A runtime that widens or memory-maps weights says so.
+    runtime_bytes_per_weight: float | None = None
+
+    def runtime_memory(self, parameters: int) -> int:
+        """Bytes of memory the runtime needs to run a ``parameters``-weight model at this precision."""
+        per = self.runtime_bytes_per_weight
+        if per is None:
+            per = RUNTIME_BYTES_PER_WEIGHT.get(self.weights, 4.0)
+        return int(per * parameters)
+
+
+# Stored width per weight (plus group scales for 4-bit), the runtime's memory unless a row says otherwise.
+RUNTIME_BYTES_PER_WEIGHT = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "int8": 1.1, "int4": 0.65}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -23,7 +23,7 @@ from sovpack.parity.recorded import RecordedReference, record_reference
 from sovpack.parity.report import PARITY_FILE, ParityReport
 from sovpack.quantize.options import QuantOptions
 from sovpack.source.model import SourceModel, open_model
-from sovpack.targets.base import TargetRef
+from sovpack.targets.base import TargetRef, check_runtime_memory
 
 Overrides = Mapping[str, float | bool | None]
 
@@ -72,6 +72,8 @@ def convert(
         check_not_input(out, [Path(checkpoint)])  # before reading anything: `-o CK --force` would delete CK
         model = open_model(checkpoint, allow_nonfinite=allow_nonfinite)
     ref.check_family(model.spec)
+    if parity:  # running the artifact must fit: refused now, not OOM-killed after the conversion
+        check_runtime_memory([ref], model.spec)
     # NOTE: the output may neither be, contain nor lie inside the checkpoint; a destination that cannot take
     # the output (read-only, full) is a ConversionError naming it, with nothing left behind.
     recipes = quant_recipes(ref, quant)

@@ -107,6 +107,43 @@ class TargetRef:
             )
 
 
+# What a conversion and its parity check need besides the runtime's weights: the interpreter, the runtimes'
+# libraries, the numpy reference's per-layer weights, the runtime's KV cache and buffers.
+BASE_MEMORY_BYTES = 2 << 30
+# Share of the machine's memory a build may plan to use (the rest: page cache, the system).
+MEMORY_SHARE = 0.9
+
+
+def machine_memory() -> int:
+    """Bytes of memory this process may use: physical memory, or the cgroup's limit when lower."""
+    import os
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text(encoding="ascii").strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def check_runtime_memory(refs: Sequence[TargetRef], spec: ModelSpec, *, memory: int | None = None) -> None:
+    """Refuse, before any work, a target whose artifact this machine cannot run for its parity check.
+
+    Targets are checked one after the other, so each must fit on its own. The message names the target, the
+    memory it would need and what the machine has.
+    """
+    have = machine_memory() if memory is None else memory
+    parameters = spec.parameter_count()
+    for ref in refs:
+        need = ref.info.runtime_memory(parameters) + BASE_MEMORY_BYTES
+        if need > MEMORY_SHARE * have:
+            raise UsageError(
+                f"{ref}: running this {parameters / 1e9:.1f}B-parameter model's artifact for its parity check "
+                f"needs about {need / 2**30:.1f} GiB of memory; this machine has {have / 2**30:.1f} GiB "
+                f"(at most {MEMORY_SHARE:.0%} of it is planned for); choose a smaller precision"
+            )
+
+
 # Files runtimes (and ``sovpack run``) read beside the weights, copied verbatim from the checkpoint.
 SUPPORT_FILES = (
     "tokenizer.json",

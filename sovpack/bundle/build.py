@@ -62,7 +62,7 @@ from sovpack.parity.embeddings import (
 from sovpack.parity.recorded import REFERENCE_TOKENIZER, RecordedReference, record_reference
 from sovpack.parity.report import PARITY_FILE, ParityReport
 from sovpack.source.model import SourceModel, open_model
-from sovpack.targets.base import TargetRef
+from sovpack.targets.base import TargetRef, check_runtime_memory
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -162,6 +162,7 @@ def build_bundle(
     model = open_model(checkpoint, allow_nonfinite=config.allow_nonfinite)
     for ref in refs:
         ref.check_family(model.spec)
+    check_runtime_memory(refs, model.spec)  # before any work: nothing gets OOM-killed halfway
     name = config.metadata.name or model.name
     context = _BuildContext(config=config, name=name, created=source_date(), key=key)
 
@@ -329,8 +330,10 @@ def _store_target(
     if ARTIFACT_FILE not in files or PARITY_FILE not in files:
         raise SourceError(f"{artifact_dir}: converted artifact lacks {ARTIFACT_FILE} or {PARITY_FILE}")
     report = ParityReport.load(artifact_dir / PARITY_FILE)
+    # The converted artifact is this build's scratch copy: its files are renamed into the blob store.
     layers = [
-        store_file(store, artifact_dir / rel, rel, layer_media_type(rel), context.created) for rel in files
+        store_file(store, artifact_dir / rel, rel, layer_media_type(rel), context.created, move=True)
+        for rel in files
     ]
     by_path = {layer.annotations[ANN_FILEPATH]: layer for layer in layers}
     mp_config = modelpack_config(
@@ -430,9 +433,11 @@ def _store_index(store: BlobStore, refs: list[TargetRef], manifests: list[Descri
     return store.add(canonical_json(document), MT_INDEX)
 
 
-def store_file(store: BlobStore, path: Path, rel: str, media_type: str, created: str | None = None) -> Descriptor:
-    """Store one file as a layer annotated with its relative path and ModelPack file metadata."""
-    digest, size = store.put_file(path)
+def store_file(store: BlobStore, path: Path, rel: str, media_type: str, created: str | None = None, *,
+               move: bool = False) -> Descriptor:
+    """Store one file as a layer annotated with its relative path and ModelPack file metadata (``move``: the
+    file is the build's own scratch copy, renamed into the store instead of copied)."""
+    digest, size = store.move_file(path) if move else store.put_file(path)
     return Descriptor(
         media_type=media_type,
         digest=digest,

@@ -25,9 +25,15 @@ if TYPE_CHECKING:
     from sovpack.verify.policy import Policy
 
 
+# The steps of a target's conversion announced as stages too (their start splits "convert + parity").
+_SUB_STAGES = (": calibration", ": quantization plan", ": parity")
+
+
 def _is_stage(description: str) -> bool:
-    """Build-level stages ("[2/3] gguf:q8_0: convert + parity", "parity reference"), not per-tensor steps."""
-    return description.startswith("[") or description.startswith("parity reference")
+    """Build-level stages ("[2/3] gguf:q8_0: convert + parity", "parity reference", and a target's
+    calibration, quantization plan and parity run), not per-tensor steps."""
+    return (description.startswith("[") or description.startswith("parity reference")
+            or description.endswith(_SUB_STAGES))
 
 
 @contextmanager

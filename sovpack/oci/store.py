@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -63,6 +64,24 @@ class BlobStore:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+        return digest, size
+
+    def move_file(self, source: Path) -> tuple[str, int]:
+        """Take a file in by renaming it (hashed by one read, never copied) when it lies on the store's file
+        system; otherwise copy it in (``put_file``). The source is gone either way once this returns."""
+        digest, size = hashing_copy(source, None)
+        dest = self.path(digest)
+        try:
+            if dest.exists():
+                os.unlink(source)
+            else:
+                os.chmod(source, 0o644)
+                os.replace(source, dest)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            self.put_file(source)
+            os.unlink(source)
         return digest, size
 
     def add(

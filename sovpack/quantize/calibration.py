@@ -110,7 +110,12 @@ def hessian_bytes(model: SourceModel) -> int:
 
 def calibrate(model: SourceModel, *, text_file: Path | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
               hessians: bool = False) -> Calibration:
-    """Run the reference over the calibration text once and collect every linear input's statistics."""
+    """Run the reference over the calibration text once and collect every linear input's statistics.
+
+    Statistics without Hessians are kept on ``model`` (``derived``) and reused by later calls with the same
+    text: a build's 4-bit targets calibrate once. With Hessians (small models) they are recomputed, not kept
+    (up to 3 GiB) through the rest of the build.
+    """
     spec = model.spec
     if spec.encoder is not None:
         raise UsageError(f"{model.path}: calibration is for decoders; {spec.family} is an embedding encoder")
@@ -118,11 +123,16 @@ def calibrate(model: SourceModel, *, text_file: Path | None = None, max_tokens: 
     if tokenizer_json is None:
         raise SourceError(f"{model.path}: calibration needs tokenizer.json to tokenize its text")
     text, source = calibration_text(text_file)
+    text_sha256 = hashlib.sha256(text.encode()).hexdigest()
+    memo_key = ("calibration", text_sha256, source, max_tokens)
+    kept = model.derived.get(memo_key)
+    if isinstance(kept, Calibration) and (not hessians or hessian_bytes(model) > HESSIAN_BUDGET_BYTES):
+        return kept
     ids = SourceTokenizer(tokenizer_json).encode(text)[: min(max_tokens, spec.max_position_embeddings)]
     if not ids:
         raise UsageError(f"{source}: the calibration text gives no tokens")
     keep_hessians = hessians and hessian_bytes(model) <= HESSIAN_BUDGET_BYTES
-    calib = Calibration(tokens=len(ids), text_sha256=hashlib.sha256(text.encode()).hexdigest(), source=source)
+    calib = Calibration(tokens=len(ids), text_sha256=text_sha256, source=source)
     last: list[object] = [None, None]  # the previous input array and its stats: q/k/v and gate/up share one
 
     def observe(name: str, x: np.ndarray) -> None:
@@ -143,4 +153,6 @@ def calibrate(model: SourceModel, *, text_file: Path | None = None, max_tokens: 
     finally:
         reference.observer = None
         reference.close()
+    if not calib.has_hessians:
+        model.derived[memo_key] = calib
     return calib

@@ -25,6 +25,7 @@ from sovpack.source.model import SourceModel
 
 # (bits, input size) -> the group size the target stores for it, or None when none divides the input.
 GroupChooser = Callable[[int, int], int | None]
+SENSITIVITY_SCALE_DTYPE = np.float16  # the scales of the sensitivity pass, whatever the target stores
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +128,9 @@ def plan_quantization(model: SourceModel, options: QuantOptions, group_for: Grou
     method = options.method
     calib = None
     if method != "rtn":
+        progress(f"{label}: calibration", 0, 1)
         calib = calibrate(model, text_file=options.calibration, hessians=method in ("auto", "gptq", "awq"))
+        progress(f"{label}: calibration", 1, 1)
         if method == "auto":
             method = "gptq" if calib.has_hessians else "weighted"
     plan = QuantPlan(options=options, method=method, calibration=calib, scale_dtype=scale_dtype,
@@ -141,21 +144,9 @@ def plan_quantization(model: SourceModel, options: QuantOptions, group_for: Grou
         if group is None:  # no group divides this input: the whole tensor stays 8-bit
             plan.tensors[name] = TensorPlan(bits=8, group_size=group_for(8, cols) or cols)
             continue
-        weight = model.tensor(name, np.float32)
-        importance = calib.importance(name) if calib is not None else None
-        if method == "awq" and calib is not None and importance is not None:
-            scale, sensitivity = search_input_scale(weight, importance, calib.hessian(name), bits=4,
-                                                    group_size=group, symmetric=options.symmetric,
-                                                    scale_dtype=scale_dtype, integer_zero=integer_zero)
-            plan.tensors[name] = TensorPlan(bits=4, group_size=group, sensitivity=sensitivity, input_scale=scale)
-        else:
-            codes = quantize_rtn(weight, bits=4, group_size=group, symmetric=options.symmetric,
-                                 scale_dtype=scale_dtype)
-            plan.tensors[name] = TensorPlan(bits=4, group_size=group,
-                                            sensitivity=relative_error(weight, codes, calib, name))
-            del codes
+        sensitivity, scale = _sensitivity(model, name, group, method, options.symmetric, integer_zero, calib)
+        plan.tensors[name] = TensorPlan(bits=4, group_size=group, sensitivity=sensitivity, input_scale=scale)
         sizes[name] = rows * cols
-        del weight
     budget = options.int8_share * sum(rows * cols for rows, cols in shapes.values())
     spent = sum(rows * cols for name, (rows, cols) in shapes.items() if plan.tensors[name].bits == 8)
     ranked = sorted(sizes, key=lambda n: -(plan.tensors[n].sensitivity or 0.0))
@@ -167,6 +158,35 @@ def plan_quantization(model: SourceModel, options: QuantOptions, group_for: Grou
                                         sensitivity=plan.tensors[name].sensitivity)
         spent += sizes[name]
     return plan
+
+
+def _sensitivity(model: SourceModel, name: str, group: int, method: str, symmetric: bool, integer_zero: bool,
+                 calib: Calibration | None) -> tuple[float, np.ndarray | None]:
+    """(relative output error at 4 bits, the activation-aware input scale or None) of one tensor.
+
+    Measured with float16 scales whatever the target stores (the ranking does not depend on it), so the
+    measurement is the same for every target with the same groups and is kept on ``model``: a build's 4-bit
+    targets (onnx, openvino, gguf) measure each tensor once.
+    """
+    importance = calib.importance(name) if calib is not None else None
+    awq = method == "awq" and importance is not None
+    calib_key = None if calib is None else (calib.text_sha256, calib.source, calib.tokens, calib.has_hessians)
+    key = ("sensitivity", name, group, symmetric, integer_zero if awq else None, awq, calib_key)
+    kept = model.derived.get(key)
+    if kept is not None:
+        return kept  # type: ignore[return-value]
+    weight = model.tensor(name, np.float32)
+    if awq and calib is not None and importance is not None:
+        scale, sensitivity = search_input_scale(weight, importance, calib.hessian(name), bits=4, group_size=group,
+                                                symmetric=symmetric, scale_dtype=SENSITIVITY_SCALE_DTYPE,
+                                                integer_zero=integer_zero)
+        result = (sensitivity, scale)
+    else:
+        codes = quantize_rtn(weight, bits=4, group_size=group, symmetric=symmetric,
+                             scale_dtype=SENSITIVITY_SCALE_DTYPE)
+        result = (relative_error(weight, codes, calib, name), None)
+    model.derived[key] = result
+    return result
 
 
 def quantize_tensor(plan: QuantPlan, name: str, weight: np.ndarray) -> GroupCodes:

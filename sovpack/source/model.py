@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,9 @@ class SourceModel:
     spec: ModelSpec
     tensor_map: dict[str, TensorSource]
     allow_nonfinite: bool = False
+    # Measurements derived from the weights that every target converted from this opened model shares (one
+    # build: calibration statistics, quantization sensitivities), keyed by their producer; not compared.
+    derived: dict[object, object] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def path(self) -> Path:

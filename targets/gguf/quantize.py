@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from sovpack._io import Progress, no_progress
 from sovpack.errors import ConversionError, UsageError
 from sovpack.quantize import Calibration, QuantOptions, QuantPlan, plan_quantization
 from sovpack.source.model import SourceModel
@@ -159,7 +160,8 @@ def resolved_method(options: QuantOptions) -> str:
     return "rtn" if options.method == "rtn" else "weighted"
 
 
-def make_plan(model: SourceModel, options: QuantOptions) -> QuantPlan:
+def make_plan(model: SourceModel, options: QuantOptions, progress: Progress = no_progress,
+              label: str = "gguf: quantization plan") -> QuantPlan:
     """sovpack's plan for this conversion: calibration, per-tensor sensitivity and the 8-bit choice.
 
     NOTE: the plan is computed with method "weighted" even for "auto": GPTQ's Hessians would only rank
@@ -168,7 +170,8 @@ def make_plan(model: SourceModel, options: QuantOptions) -> QuantPlan:
     method = resolved_method(options)
     plan = plan_quantization(model, QuantOptions(method=method, group_size=options.group_size,
                                                  symmetric=options.symmetric, calibration=options.calibration,
-                                                 int8_share=options.int8_share), group_for)
+                                                 int8_share=options.int8_share), group_for,
+                              progress=progress, label=label)
     plan.options = options  # what the user asked, recorded as asked; plan.method is what ran
     return plan
 

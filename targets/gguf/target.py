@@ -38,8 +38,10 @@ from sovpack.targets.gguf.writer import read_tensor_types, write_gguf
 
 
 def _row(name: str, weights: str) -> Precision:
+    # llama.cpp memory-maps the file: the weights stay reclaimable page cache, not the runtime's own memory.
     return Precision(
-        name=name, weights=weights, quantized=weights.startswith("int"), thresholds=DEFAULT_THRESHOLDS[name]
+        name=name, weights=weights, quantized=weights.startswith("int"), thresholds=DEFAULT_THRESHOLDS[name],
+        runtime_bytes_per_weight=0.0,
     )
 
 
@@ -199,13 +201,13 @@ class GgufTarget:
         """
         tensors = linear_tensors(model, plan)
         qplan: QuantPlan | None = None
-        progress(f"gguf {precision}: calibration", 0, 1)
         if precision in FOUR_BIT:
-            qplan = make_plan(model, options)
+            qplan = make_plan(model, options, progress, label=f"gguf:{precision}: quantization plan")
             calib = qplan.calibration
         else:
+            progress(f"gguf:{precision}: calibration", 0, 1)
             calib = None if method == "rtn" else calibrate(model, text_file=options.calibration)
-        progress(f"gguf {precision}: calibration", 1, 1)
+            progress(f"gguf:{precision}: calibration", 1, 1)
         imatrix = importance_matrix(tensors, calib) if calib is not None else {}
         q8_0 = eight_bit_tensors(tensors, qplan) if qplan is not None else []
         if precision == "q4_0" and tensors[-1].name not in q8_0:

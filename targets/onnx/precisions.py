@@ -32,8 +32,10 @@ from sovpack.targets.base import precision_table
 PRECISIONS: dict[str, Precision] = precision_table(
     Precision(name="fp32", weights="float32", quantized=False, thresholds=DEFAULT_THRESHOLDS["fp32"],
               runtime_floor="1.12"),
+    # onnxruntime folds the graph's Cast of each fp16 initializer at load: the session holds fp32 weights
+    # (measured on a 0.6B model: 2.7 GB of anonymous memory for a 1.2 GB artifact).
     Precision(name="fp16", weights="float16", quantized=False, thresholds=DEFAULT_THRESHOLDS["fp16"],
-              runtime_floor="1.12"),
+              runtime_floor="1.12", runtime_bytes_per_weight=4.0),
     Precision(name="int8", weights="int8", quantized=True, thresholds=DEFAULT_THRESHOLDS["int8"],
               runtime_floor="1.23"),
     # int4's default plan keeps its most sensitive tensors at 8 bits (quantize.py): 1.23, not 1.18.

@@ -1,0 +1,196 @@
+"""A release-size build on one machine: a synthetic Llama-3-8B-shaped checkpoint through ``sovpack build`` with
+parity, timed and measured per phase (issue 17).
+
+The checkpoint has the real shapes (hidden 4096, 32 layers, 32 query / 8 key-value heads, MLP 14336, vocabulary
+128256, untied head; bf16, sharded in ~5 GB files with a model.safetensors.index.json like published ones) and
+random weights: about 16 GB of disk, plus the bundle (~14 GB for the 4-bit set, ~48 GB for the fp16 set) and
+scratch space, so the fp16 set needs ~70 GB free. It is written once into the work directory and reused.
+
+Random weights give near-uniform logits, so 4-bit artifacts of them fail parity by nature (their mean KL is
+measured, not a defect): the 4-bit set runs with the ``--threshold`` overrides printed in the table. Each build
+runs in its own process; a sampler reads its anonymous and total resident memory every 0.5 s and the build's
+stage lines on stderr mark the phases (calibration, quantization plan, conversion, parity, store + sign).
+
+    python benchmarks/release_size.py --keep /data/sovpack-8b            # the 4-bit deployment set
+    python benchmarks/release_size.py --keep /data/sovpack-8b --set fp16
+    python benchmarks/release_size.py --layers 4 --keep /tmp/small       # a 4-layer slice, to try it quickly
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from _common import FIXTURE, GIB, MIB, SUPPORT_FILES, Dims, dir_size, print_table, work_dir, write_safetensors
+
+SETS = {
+    "int4": ("onnx:int4", "gguf:q4_k_m", "openvino:int4"),
+    "fp16": ("onnx:fp16", "gguf:f16", "openvino:fp16"),
+}
+# Random weights: what 4-bit rounding does to near-uniform logits (measured on this checkpoint) is let through.
+RANDOM_WEIGHT_THRESHOLDS = ("mean_kl=2.0", "min_top1=none", "min_greedy=none", "max_abs=none", "max_rel=none")
+SHARD_BYTES = 5 * GIB
+SAMPLE_S = 0.5
+
+
+def llama3_8b(layers: int) -> Dims:
+    return Dims(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256, layers=layers,
+                dtype="bfloat16")
+
+
+def write_sharded(out: Path, dims: Dims) -> Path:
+    """``dims`` as a sharded bf16 checkpoint (reused when ``out`` already holds it)."""
+    stamp = out.with_name(out.name + ".json")
+    wanted = json.dumps({"dims": dataclasses.asdict(dims), "sharded": SHARD_BYTES}, sort_keys=True)
+    if stamp.is_file() and stamp.read_text(encoding="utf-8") == wanted:
+        return out
+    stamp.unlink(missing_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for name in SUPPORT_FILES:
+        shutil.copyfile(FIXTURE / name, out / name)
+    (out / "config.json").write_text(json.dumps(dims.config(), indent=2) + "\n", encoding="utf-8")
+    shards: list[dict[str, tuple[int, ...]]] = [{}]
+    size = 0
+    for name, shape in dims.shapes().items():
+        nbytes = 2 * math.prod(shape)
+        if size and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = shape
+        size += nbytes
+    weight_map = {}
+    for i, shapes in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        print(f"  writing {file} ({len(shapes)} tensors)", flush=True)
+        write_safetensors(out / file, shapes, "bfloat16", seed=i)
+        weight_map.update(dict.fromkeys(shapes, file))
+    index = {"metadata": {"total_size": dims.nbytes()}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    stamp.write_text(wanted, encoding="utf-8")
+    return out
+
+
+@dataclass
+class Phase:
+    name: str
+    start: float
+    end: float = 0.0
+    peak_anon: int = 0
+    peak_rss: int = 0
+
+
+@dataclass
+class Run:
+    returncode: int = 0
+    wall: float = 0.0
+    phases: list[Phase] = field(default_factory=list)
+    peak_anon: int = 0
+    peak_rss: int = 0
+    tail: list[str] = field(default_factory=list)
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    anon = rss = 0
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    anon = int(line.split()[1]) * 1024
+                elif line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return anon, rss
+
+
+def run_build(argv: list[str], log: Path) -> Run:
+    """Run the build, sampling memory and splitting it into phases at its stage lines."""
+    run = Run()
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run.phases.append(Phase("start-up (open + hash the checkpoint)", 0.0))
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(SAMPLE_S):
+            anon, rss = _memory(proc.pid)
+            with lock:
+                phase = run.phases[-1]
+                phase.peak_anon, phase.peak_rss = max(phase.peak_anon, anon), max(phase.peak_rss, rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    assert proc.stderr is not None and proc.stdout is not None
+    with log.open("w", encoding="utf-8") as out:
+        for line in proc.stderr:
+            now = time.perf_counter() - start
+            out.write(f"{now:8.1f} {line}")
+            out.flush()
+            run.tail = [*run.tail[-30:], line.rstrip()]
+            if line.startswith("sovpack build: "):
+                with lock:
+                    run.phases[-1].end = now
+                    run.phases.append(Phase(line.removeprefix("sovpack build: ").strip(), now))
+        out.write(proc.stdout.read())
+    run.returncode = proc.wait()
+    done.set()
+    sampler.join()
+    run.wall = time.perf_counter() - start
+    run.phases[-1].end = run.wall
+    run.peak_anon = max(p.peak_anon for p in run.phases)
+    run.peak_rss = max(p.peak_rss for p in run.phases)
+    return run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", choices=sorted(SETS), default="int4", help="the targets to build (default int4)")
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers (32: Llama-3-8B)")
+    parser.add_argument("--sovpack", default=str(Path(sys.executable).with_name("sovpack")))
+    parser.add_argument("--keep", type=Path, help="work directory to keep and reuse (default: a temporary one)")
+    args = parser.parse_args()
+    targets = SETS[args.set]
+    dims = llama3_8b(args.layers)
+    with work_dir(args.keep, "sovpack-release-size-") as work:
+        print(f"checkpoint: Llama-3-8B shapes, {args.layers} layers, {dims.nbytes() / GIB:.1f} GiB bf16", flush=True)
+        checkpoint = write_sharded(work / "checkpoint-8b", dims)
+        keys = work / "keys"
+        if not (keys / "private.pem").is_file():
+            subprocess.run([args.sovpack, "keygen", "-o", str(keys), "--force"], check=True, capture_output=True)
+        out = work / f"bundle-{args.set}"
+        shutil.rmtree(out, ignore_errors=True)
+        argv = [args.sovpack, "build", str(checkpoint), "-o", str(out), "--key", str(keys / "private.pem"), "--json"]
+        for target in targets:
+            argv += ["-t", target]
+        overrides = RANDOM_WEIGHT_THRESHOLDS if args.set == "int4" else ()
+        for item in overrides:
+            argv += ["--threshold", item]
+        print("running: " + " ".join(argv[1:]), flush=True)
+        run = run_build(argv, work / f"build-{args.set}.log")
+        rows = [[p.name, f"{p.end - p.start:.1f}", f"{p.peak_anon / MIB:,.0f}", f"{p.peak_rss / MIB:,.0f}"]
+                for p in run.phases]
+        rows.append(["whole build", f"{run.wall:.1f}", f"{run.peak_anon / MIB:,.0f}", f"{run.peak_rss / MIB:,.0f}"])
+        print()
+        print(f"sovpack build -t {' -t '.join(targets)}" + (f" (thresholds: {', '.join(overrides)})"
+                                                            if overrides else ""))
+        print_table(["phase", "seconds", "peak anon MiB", "peak RSS MiB"], rows)
+        if run.returncode == 0:
+            print(f"\nbundle: {dir_size(out) / GIB:.1f} GiB; log: {work / f'build-{args.set}.log'}")
+            return 0
+        print(f"\nFAILED (exit {run.returncode}):\n" + "\n".join(run.tail), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
