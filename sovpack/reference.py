@@ -380,7 +380,8 @@ class ReferenceModel:
         self.router_gaps = None
         batch, steps = ids.shape
         safe_ids = np.where(positions >= 0, ids, 0)
-        x = self._w("embed")[safe_ids].astype(np.float32)
+        # A large model's table is not kept as float32: only the looked-up rows are converted.
+        x = self._w("embed")[safe_ids] if self._cache_weights else self.model.rows("embed", safe_ids)
         if s.embedding_multiplier != 1.0:
             x = x * np.float32(s.embedding_multiplier)
         first_pass = not cache.keys

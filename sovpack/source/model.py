@@ -76,14 +76,37 @@ class SourceModel:
             array = array + np.float32(source.add)
         # NOTE: contiguous, so a transposed or strided expert view reaches writers in plain row-major order
         out = np.ascontiguousarray(array, dtype=dtype)
-        if not self.allow_nonfinite and np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
+        self._check_finite(name, out)
+        return out
+
+    def rows(self, name: str, index: np.ndarray | slice) -> np.ndarray:
+        """Rows ``index`` of a canonical 2-D tensor as float32 (family adjustments applied): an embedding
+        lookup without converting the whole table."""
+        source = self.tensor_map[name]
+        out = np.ascontiguousarray(self.stored(name)[index], dtype=np.float32)
+        if source.add:
+            out = out + np.float32(source.add)
+        self._check_finite(f"{name}[rows]", out, memo=False)
+        return out
+
+    def _check_finite(self, name: str, array: np.ndarray, *, memo: bool = True) -> None:
+        """SourceError on NaN/Inf (unless allowed); a tensor is checked once per dtype per opened model (the
+        numpy reference of a large model reads every weight again at each step)."""
+        if self.allow_nonfinite or not np.issubdtype(array.dtype, np.floating):
+            return
+        key = ("finite", name, array.dtype.str)
+        if memo and key in self.derived:
+            return
+        if not np.isfinite(array).all():
+            source = self.tensor_map[name.removesuffix("[rows]")]
             where = self.checkpoint.shard_of(source.name)
             part = "" if source.expert is None else f" (expert {source.expert})"
             raise SourceError(
                 f"{self.checkpoint.root / where}: tensor {source.name!r}{part} contains NaN or Inf values "
                 "(pass --allow-nonfinite to convert it anyway)"
             )
-        return out
+        if memo:
+            self.derived[key] = True
 
     def tensors(self, dtype: np.dtype | type = np.float32) -> Iterator[tuple[str, np.ndarray]]:
         """Canonical tensors one at a time, in a fixed order, for streaming writers."""

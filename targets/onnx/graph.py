@@ -49,6 +49,7 @@ from sovpack.targets.onnx.quantize import (
     is_block_size,
     pack_matmulnbits,
     quantize_matmul_weight,
+    split_float_zero_points,
 )
 
 OPSET = 17
@@ -204,9 +205,11 @@ class DecoderBuilder:
             codes = plan.quantize(weight, source)
             self.model.release_pages(weight)
             del source
+            codes, residual = split_float_zero_points(codes)
             attrs, arrays = pack_matmulnbits(codes)
             del codes
         else:
+            residual = None
             if planned is not None:
                 self.fallback.append(weight)
 
@@ -226,7 +229,18 @@ class DecoderBuilder:
         # ``float_zero_points`` is no node attribute: it tells min_onnxruntime which kernel the node needs.
         self.contrib.append(("MatMulNBits", {**attrs, "float_zero_points": float_zero}))
         self.tick(weight)
-        return self.g.op("MatMulNBits", x, *names, name=f"{prefix}/matmulnbits", domain=MS_DOMAIN, **attrs)
+        y = self.g.op("MatMulNBits", x, *names, name=f"{prefix}/matmulnbits", domain=MS_DOMAIN, **attrs)
+        if residual is None:
+            return y
+        # The zero points' fractional parts: y -= (x summed per block) @ residual (see split_float_zero_points).
+        residual_name = f"{prefix}.zero_residual"
+        self.g.initializers.append(self.data.write_array(residual_name, residual))
+        blocks = self.g.op("Reshape", x, self.g.const([-1, attrs["K"] // attrs["block_size"], attrs["block_size"]],
+                                                      np.int64), name=f"{prefix}/blocks")
+        sums = self.g.op("ReduceSum", blocks, self.g.const([-1], np.int64), name=f"{prefix}/block_sums",
+                         keepdims=0)
+        offset = self.g.op("MatMul", sums, residual_name, name=f"{prefix}/zero_residual")
+        return self.g.op("Sub", y, offset, name=f"{prefix}/zero_corrected")
 
     def rms_norm(self, x: str, weight: str, name: str) -> str:
         w = self._store(weight, F32)

@@ -7,14 +7,15 @@
 # (4 bits: two blocks a byte, low nibble first, a row's odd last block padded with 8, the default) or T1
 # floats shaped like the scales. The packer reproduces MatMulNBitsQuantizer's bytes for its own RTN codes
 # (tests/targets/test_onnx_quant.py), so only the codes differ from the old path.
-# 4-bit tensors carry FLOAT zero points: a group's range is then not snapped to a multiple of its step
-# (numpy reference, "weighted", blocks of 32, mean KL vs fp32: real SmolLM2 0.22 with uint8 zero points,
+# 4-bit tensors are planned with FLOAT zero points: a group's range is then not snapped to a multiple of its
+# step (numpy reference, "weighted", blocks of 32, mean KL vs fp32: real SmolLM2 0.22 with integer zero points,
 # 6e-5 with float ones, flattering because its weights lie on a Q4_1 grid; realistic-numerics llama3/qwen2
-# 0.054/0.071 -> 0.048/0.063), at +0.875 bit a weight on disk (a float32 zero point per 32 weights instead of
-# a nibble; scales are float32 either way). The CPU kernel takes
-# float zero points at 4 bits only: 8-bit tensors of the mixed plan keep uint8 zero points. onnxruntime 1.17
-# refuses float zero points at load (type error); 1.18.0 computes them right, as do 1.20.0, 1.23.0 and 1.32.
-# A mixed plan's 8-bit MatMulNBits lifts the artifact's minimum onnxruntime to 1.23 (precisions.py).
+# 0.054/0.071 -> 0.048/0.063). MatMulNBits takes float zero points (onnxruntime >= 1.18) but its CPU kernel
+# then dequantizes the whole matrix on every call: measured on a 14336 x 4096 weight, onnxruntime 1.32, 2
+# threads, one token: 135 ms against 3.6 ms with uint8 zero points (an 8B model would decode at ~16 s a token).
+# So they are stored as the fast uint8 zero points plus their fractional parts (``split_float_zero_points``):
+# y = MatMulNBits(x) - (x summed per block) @ residual, residual [K / block, N] float32 (+1/32 of a float32
+# weight, 0.125 byte a weight), exactly the float-zero-point weights, at 3.1 ms for that matrix and token.
 # A tensor whose input size no block size (a power of two >= 16) divides stays 8-bit (the plan), packed by
 # onnxruntime's quantizer with its zero-padded last block (RTN), so no model width makes the writer fail.
 #
@@ -92,6 +93,24 @@ def pack_matmulnbits(codes: GroupCodes) -> tuple[dict[str, Any], list[np.ndarray
             zero = np.concatenate([zero, np.full((n, 1), half, dtype=np.uint8)], axis=1)
         zero = (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
     return attrs, [packed, scales, np.ascontiguousarray(zero, dtype=np.uint8)]
+
+
+def split_float_zero_points(codes: GroupCodes) -> tuple[GroupCodes, np.ndarray | None]:
+    """Float zero points as MatMulNBits' fast uint8 ones plus their fractional parts (see the NOTE).
+
+    ``(q - z) * s = (q - round(z)) * s - (z - round(z)) * s``: the returned codes carry the integer zero
+    points (clipped to the code range), and the residual [blocks, N] float32 holds ``(z - round(z)) * s`` per
+    block and output, which the graph subtracts as ``(x summed per block) @ residual``. None when the zero
+    points are integers already.
+    """
+    if codes.zero.dtype == np.uint8:
+        return codes, None
+    zero = np.asarray(codes.zero, dtype=np.float32)
+    integer = np.clip(np.rint(zero), 0, 2**codes.bits - 1)
+    residual = ((zero - integer) * codes.scale).T.astype(np.float32)
+    integer_codes = GroupCodes(codes=codes.codes, scale=codes.scale, zero=integer.astype(np.uint8), bits=codes.bits,
+                               symmetric=codes.symmetric)
+    return integer_codes, np.ascontiguousarray(residual)
 
 
 def quantize_matmul_weight(

@@ -30,7 +30,7 @@ from sovpack.targets.openvino.runtime import (
 
 if TYPE_CHECKING:
     from sovpack.artifact import ArtifactMetadata
-    from sovpack.quantize import QuantOptions
+    from sovpack.quantize import QuantOptions, QuantPlan
     from sovpack.targets.openvino.encoder_runner import OpenvinoEmbeddingRunner
 
 
@@ -110,7 +110,7 @@ class OpenvinoTarget:
         from sovpack import __version__
         from sovpack.targets.openvino.graph import INPUT_NAMES, OUTPUT_NAME, build_model, state_names
         from sovpack.targets.openvino.precise import mark_fp16_decompression
-        from sovpack.targets.openvino.weights import SCHEMES, counted_weights, plan_int4
+        from sovpack.targets.openvino.weights import SCHEMES, counted_weights
 
         scheme = SCHEMES[precision]
         out = Path(out_dir)
@@ -261,3 +261,26 @@ def _write_support_files(model: SourceModel, out: Path) -> list[str]:
     text = json.dumps(generation, indent=2, sort_keys=True) + "\n"
     (out / GENERATION_CONFIG).write_text(text, encoding="utf-8")
     return [*copied, GENERATION_CONFIG]
+
+
+def plan_int4(model: SourceModel, precision: str, quant: QuantOptions | None, progress: Progress
+              ) -> QuantPlan | None:
+    """The 4-bit plan of a dense decoder at ``precision`` (None for other precisions and for MoE checkpoints).
+
+    ``int4_sym`` forces symmetric groups whatever ``quant`` says; ``int4`` follows ``quant.symmetric``. Zero
+    points are floats in f16 (``integer_zero=False``): the CPU plugin keeps that pattern compressed (module
+    NOTE), and a group's range need not be a multiple of its step.
+    """
+    import dataclasses
+
+    from sovpack.quantize import QuantOptions, plan_quantization
+    from sovpack.targets.openvino.weights import SCHEMES, planned_group_chooser
+
+    scheme = SCHEMES[precision]
+    if scheme.kind != "int" or scheme.bits != 4 or model.spec.moe is not None or model.spec.encoder is not None:
+        return None
+    options = quant if quant is not None else QuantOptions()
+    if scheme.symmetric and not options.symmetric:
+        options = dataclasses.replace(options, symmetric=True)
+    return plan_quantization(model, options, planned_group_chooser(options.group_size), scale_dtype=np.float16,
+                             integer_zero=False, progress=progress, label=f"openvino:{precision}: quantization plan")

@@ -307,6 +307,9 @@ def dequantized_reference(out: Path, ckpt: Path, precision: str) -> ReferenceMod
         weight = node.input[1].rsplit(".", 1)[0]  # "layers.0.q.q4" -> "layers.0.q"
         overrides[weight] = unpack_matmulnbits(packed, scales, zero_points[0] if zero_points else None, attrs["K"],
                                                attrs["bits"], attrs["block_size"])
+        residual = inits.get(f"{weight}.zero_residual")  # float zero points' fractional parts, per block
+        if residual is not None:
+            overrides[weight] -= np.repeat(residual.T, attrs["block_size"], axis=1)
     for name in ("embed", "lm_head"):  # not quantized, stored as float16
         if name in model.tensor_names():
             overrides[name] = model.tensor(name).astype(np.float16).astype(np.float32)
@@ -367,7 +370,8 @@ def test_checker_and_external_data(artifact: Callable[..., ConvertResult], ckpts
         offset, length = int(info["offset"]), int(info["length"])
         assert offset % 64 == 0 and offset + length <= data_size
         external += 1
-    stored = {t.name.rsplit(".", 1)[0] if t.name.endswith((".q4", ".q8", ".scales", ".zero_points")) else t.name
+    stored = {t.name.rsplit(".", 1)[0] if t.name.endswith((".q4", ".q8", ".scales", ".zero_points", ".zero_residual"))
+              else t.name
               for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     assert stored == names  # every canonical tensor is stored once, externally
     assert external >= len(names)

@@ -19,7 +19,12 @@ from sovpack.parity import thresholds_for
 from sovpack.quantize import QuantOptions, QuantPlan, plan_quantization, quantize_rtn
 from sovpack.source.model import SourceModel, open_model
 from sovpack.targets.onnx.graph import MODEL_FILE
-from sovpack.targets.onnx.quantize import group_chooser, pack_matmulnbits, quantize_matmul_weight
+from sovpack.targets.onnx.quantize import (
+    group_chooser,
+    pack_matmulnbits,
+    quantize_matmul_weight,
+    split_float_zero_points,
+)
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -47,20 +52,28 @@ def unpack_matmulnbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.n
 
 
 def _nodes(out: Path) -> dict[str, tuple[dict[str, Any], list[np.ndarray]]]:
-    """Canonical weight name -> (MatMulNBits attributes, its weight inputs) of an artifact."""
+    """Canonical weight name -> (MatMulNBits attributes, its weight inputs) of an artifact; a 4-bit weight's
+    zero-point residual (split_float_zero_points), when it has one, is appended to the inputs."""
     proto = onnx.load(str(out / MODEL_FILE))  # external data included: tiny model
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
     found = {}
     for node in proto.graph.node:
         if node.op_type == "MatMulNBits":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            found[node.input[1].rsplit(".", 1)[0]] = (attrs, [inits[name] for name in node.input[1:] if name])
+            name = node.input[1].rsplit(".", 1)[0]
+            arrays = [inits[i] for i in node.input[1:] if i]
+            residual = inits.get(f"{name}.zero_residual")
+            found[name] = (attrs, arrays if residual is None else [*arrays, residual])
     return found
 
 
 def _decoded(attrs: dict[str, Any], arrays: list[np.ndarray]) -> np.ndarray:
-    return unpack_matmulnbits(arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, attrs["K"],
-                              attrs["bits"], attrs["block_size"])
+    """The float weight the node (and its zero-point residual, if any) computes with."""
+    weight = unpack_matmulnbits(arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, attrs["K"],
+                                attrs["bits"], attrs["block_size"])
+    if len(arrays) > 3:  # minus the residual of each block, [blocks, N]
+        weight = weight - np.repeat(arrays[3].T, attrs["block_size"], axis=1)
+    return weight
 
 
 def _quantization(result: ConvertResult) -> dict[str, Any]:
@@ -162,17 +175,20 @@ def test_artifact_stores_the_plans_codes(checkpoints: dict[str, Path], tmp_path:
             assert tensor.bits == 8 and model.spec.tensor_shapes()[name][1] % 16
             continue
         assert attrs["block_size"] == tensor.group_size
-        assert arrays[2].dtype == (np.float32 if tensor.bits == 4 else np.uint8)
+        assert arrays[2].dtype == np.uint8 and len(arrays) == (4 if tensor.bits == 4 else 3)  # 4-bit: + residual
         codes = (plan if tensor.bits == 4 else _integer_zero(plan)).quantize(name, model.tensor(name, np.float32))
-        np.testing.assert_array_equal(_decoded(attrs, arrays), codes.dequantize())
-        for stored, packed in zip(arrays, pack_matmulnbits(codes)[1], strict=True):
-            np.testing.assert_array_equal(stored, packed)
+        expected = codes.dequantize()
+        np.testing.assert_allclose(_decoded(attrs, arrays), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+        integer, residual = split_float_zero_points(codes)
+        packed = pack_matmulnbits(integer)[1] + ([] if residual is None else [residual])
+        for stored, made in zip(arrays, packed, strict=True):
+            np.testing.assert_array_equal(stored, made)
     if variant == "llama2":
         downs = {f"layers.{i}.down" for i in range(model.spec.num_layers)}
         assert fallback is not None and set(fallback["tensors"]) == downs
     fmt = json.loads((result.out_dir / "sovpack-artifact.json").read_text())["format_metadata"]
-    assert fmt["min_onnxruntime"] == "1.23"  # 8-bit MatMulNBits; float zero points alone would need 1.18
-    assert any("float zero points needs onnxruntime >= 1.18" in r for r in fmt["min_onnxruntime_reasons"])
+    assert fmt["min_onnxruntime"] == "1.23"  # 8-bit MatMulNBits
+    assert not any("float zero points" in r for r in fmt["min_onnxruntime_reasons"])  # stored as uint8 + residual
 
 
 def _integer_zero(plan: QuantPlan) -> QuantPlan:
@@ -230,8 +246,8 @@ def test_awq_scaled_inputs_pass_through_a_mul_into_their_matmulnbits(checkpoints
             continue
         np.testing.assert_array_equal(inits[muls[node.input[0]].input[1]], multiplier)
         attrs, arrays = nodes[name]
-        codes = plan.quantize(name, model.tensor(name, np.float32))
-        np.testing.assert_array_equal(_decoded(attrs, arrays), codes.dequantize())
+        expected = plan.quantize(name, model.tensor(name, np.float32)).dequantize()
+        np.testing.assert_allclose(_decoded(attrs, arrays), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
 
 
 # --------------------------------------------------------------------------------------------- real weights

@@ -289,6 +289,10 @@ def test_quantized_weights_decompress_exactly(precision: str, tmp_path: Path) ->
             return weight
 
         @staticmethod
+        def rows(name: str, index: Any) -> np.ndarray:
+            return weight[index]
+
+        @staticmethod
         def release_pages(name: str) -> None:
             released.append(name)
 

@@ -64,6 +64,9 @@ class _OneMatrix:
     def tensor(self, name: str, dtype: Any) -> np.ndarray:
         return self.weight
 
+    def rows(self, name: str, index: Any) -> np.ndarray:
+        return self.weight[index]
+
     def release_pages(self, name: str) -> None:
         pass
 
