@@ -177,21 +177,41 @@ def _random_rows(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dty
         yield block.astype(dtype).tobytes()
 
 
-def write_checkpoint(out: Path, dims: Dims, *, seed: int = 0) -> Checkpoint:
-    """Write ``dims`` as a checkpoint directory (reused when ``out`` already holds the same one)."""
-    import ml_dtypes
-    import numpy as np
+def _stamp(out: Path) -> Path:
+    return out.with_name(out.name + ".json")  # beside the checkpoint: converters hash every file inside it
 
-    stamp = out.with_name(out.name + ".json")  # beside the checkpoint: converters hash every file inside it
-    wanted = json.dumps({"dims": dataclasses.asdict(dims), "seed": seed}, sort_keys=True)
-    if stamp.is_file() and stamp.read_text(encoding="utf-8") == wanted:
-        return Checkpoint(out, dims)
+
+def checkpoint_is_current(out: Path, dims: Dims, recipe: dict[str, object]) -> bool:
+    """True when ``out`` already holds the checkpoint ``dims`` + ``recipe`` describe; otherwise ``out`` is emptied
+    and given the fixture's tokenizer files and a config.json for ``dims``, ready for weights (and
+    ``mark_written`` once they are)."""
+    stamp = _stamp(out)
+    if stamp.is_file() and stamp.read_text(encoding="utf-8") == _recipe(dims, recipe):
+        return True
     stamp.unlink(missing_ok=True)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     for name in SUPPORT_FILES:
         shutil.copyfile(FIXTURE / name, out / name)
     (out / "config.json").write_text(json.dumps(dims.config(), indent=2) + "\n", encoding="utf-8")
+    return False
+
+
+def mark_written(out: Path, dims: Dims, recipe: dict[str, object]) -> None:
+    _stamp(out).write_text(_recipe(dims, recipe), encoding="utf-8")
+
+
+def _recipe(dims: Dims, recipe: dict[str, object]) -> str:
+    return json.dumps({"dims": dataclasses.asdict(dims), **recipe}, sort_keys=True)
+
+
+def write_checkpoint(out: Path, dims: Dims, *, seed: int = 0) -> Checkpoint:
+    """Write ``dims`` as a checkpoint directory (reused when ``out`` already holds the same one)."""
+    import ml_dtypes
+    import numpy as np
+
+    if checkpoint_is_current(out, dims, {"seed": seed}):
+        return Checkpoint(out, dims)
 
     shapes = dims.shapes()
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
@@ -210,7 +230,7 @@ def write_checkpoint(out: Path, dims: Dims, *, seed: int = 0) -> Checkpoint:
         for shape in shapes.values():
             for chunk in _random_rows(rng, shape, np_dtype):
                 fh.write(chunk)
-    stamp.write_text(wanted, encoding="utf-8")
+    mark_written(out, dims, {"seed": seed})
     return Checkpoint(out, dims)
 
 

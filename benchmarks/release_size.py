@@ -19,7 +19,6 @@ stage lines on stderr mark the phases (calibration, quantization plan, conversio
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import shutil
@@ -30,7 +29,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _common import FIXTURE, GIB, MIB, SUPPORT_FILES, Dims, dir_size, print_table, work_dir, write_safetensors
+from _common import (
+    GIB,
+    MIB,
+    Dims,
+    checkpoint_is_current,
+    dir_size,
+    mark_written,
+    print_table,
+    work_dir,
+    write_safetensors,
+)
 
 SETS = {
     "int4": ("onnx:int4", "gguf:q4_k_m", "openvino:int4"),
@@ -49,16 +58,8 @@ def llama3_8b(layers: int) -> Dims:
 
 def write_sharded(out: Path, dims: Dims) -> Path:
     """``dims`` as a sharded bf16 checkpoint (reused when ``out`` already holds it)."""
-    stamp = out.with_name(out.name + ".json")
-    wanted = json.dumps({"dims": dataclasses.asdict(dims), "sharded": SHARD_BYTES}, sort_keys=True)
-    if stamp.is_file() and stamp.read_text(encoding="utf-8") == wanted:
+    if checkpoint_is_current(out, dims, {"sharded": SHARD_BYTES}):
         return out
-    stamp.unlink(missing_ok=True)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    for name in SUPPORT_FILES:
-        shutil.copyfile(FIXTURE / name, out / name)
-    (out / "config.json").write_text(json.dumps(dims.config(), indent=2) + "\n", encoding="utf-8")
     shards: list[dict[str, tuple[int, ...]]] = [{}]
     size = 0
     for name, shape in dims.shapes().items():
@@ -76,7 +77,7 @@ def write_sharded(out: Path, dims: Dims) -> Path:
         weight_map.update(dict.fromkeys(shapes, file))
     index = {"metadata": {"total_size": dims.nbytes()}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    stamp.write_text(wanted, encoding="utf-8")
+    mark_written(out, dims, {"sharded": SHARD_BYTES})
     return out
 
 

@@ -146,7 +146,10 @@ class GgufTarget:
             assert recipe is not None
             ftype = llama_ftype(precision, options)
             imatrix, q8_0, quant_meta = recipe
-            base = "f16" if set(model.checkpoint.stored_dtypes()) == {"F16"} else "f32"
+            # The intermediate holds the checkpoint's values exactly: its own 16-bit type when it has only one
+            # (half the bytes of f32 to write and read again: 16 GB instead of 32 for an 8B bf16 model).
+            stored = set(model.checkpoint.stored_dtypes())
+            base = {frozenset({"F16"}): "f16", frozenset({"BF16"}): "bf16"}.get(frozenset(stored), "f32")
             intermediate = Path(out_dir) / f".{model.name}-{base}.intermediate.gguf"
             try:
                 stats = write_gguf(model, base, intermediate, progress, tok=tok, plan=plan)
