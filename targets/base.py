@@ -10,6 +10,7 @@ format is one package and nothing else. Orchestration (temp dirs, atomic rename,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,8 +117,6 @@ MEMORY_SHARE = 0.9
 
 def machine_memory() -> int:
     """Bytes of memory this process may use: physical memory, or the cgroup's limit when lower."""
-    import os
-
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text(encoding="ascii").strip()

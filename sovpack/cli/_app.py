@@ -11,14 +11,45 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from sovpack import __version__
 from sovpack.errors import SovpackError, UsageError
+from sovpack.quantize.options import DEFAULT_INT8_SHARE, METHODS
 
 DEBUG = {"on": False}
+_Command = TypeVar("_Command", bound=Callable[..., Any])
+
+
+def quantization_options(command: _Command) -> _Command:
+    """The 4-bit options ``convert`` and ``build`` share. Unset ones stay None, so a build config's
+    [quantization] table, or QuantOptions' defaults, decide them (``quantization_flags``)."""
+    options = (
+        click.option("--quant-method", type=click.Choice(METHODS),
+                     help="4-bit rounding: auto (the default: gptq when the model's Hessians fit, else weighted), "
+                          "rtn, weighted (calibrated ranges), gptq, awq (activation-aware input scales, then gptq)."),
+        click.option("--group-size", type=int, help="4-bit group size (power of two; default: the format's choice)."),
+        click.option("--sym", "symmetric", is_flag=True, default=None, help="Symmetric 4-bit codes (no zero points)."),
+        click.option("--calibration", type=click.Path(path_type=Path),
+                     help="UTF-8 calibration text (default: built-in)."),
+        click.option("--int8-share", type=float,
+                     help=f"Share of linear weights kept at 8 bits, most quantization-sensitive first "
+                          f"(default {DEFAULT_INT8_SHARE})."),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def quantization_flags(quant_method: str | None, group_size: int | None, symmetric: bool | None,
+                       calibration: Path | None, int8_share: float | None) -> dict[str, Any]:
+    """The ``quantization_options`` given on the command line, as QuantOptions fields."""
+    given = (("method", quant_method), ("group_size", group_size), ("symmetric", symmetric),
+             ("calibration", calibration), ("int8_share", int8_share))
+    return {field: value for field, value in given if value is not None}
 
 
 def echo_json(data: Any) -> None:

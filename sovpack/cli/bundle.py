@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from sovpack.cli._app import cli, echo_json
+from sovpack.cli._app import cli, echo_json, quantization_flags, quantization_options
 from sovpack.cli.transfer import BUNDLE, current_registry_options, human_size, registry_options
 from sovpack.errors import ParityError, VerificationError
-from sovpack.quantize.options import METHODS
 
 if TYPE_CHECKING:
     from sovpack.verify.policy import Policy
@@ -110,12 +109,7 @@ def keygen(output: Path, password_file: Path | None, password_env: str | None, f
 @click.option("--prompt", "prompts", multiple=True, help="Parity prompt (repeatable; replaces the built-ins).")
 @click.option("--threshold", "thresholds", multiple=True, help="Parity threshold override for all targets: NAME=VALUE.")
 @click.option("--allow-nonfinite", is_flag=True, help="Convert weights that contain NaN or Inf.")
-@click.option("--quant-method", type=click.Choice(METHODS),
-              help="4-bit rounding of every int4 target (default auto; see `sovpack convert --help`).")
-@click.option("--group-size", type=int, help="4-bit group size (power of two; default: each format's choice).")
-@click.option("--sym", "symmetric", is_flag=True, default=None, help="Symmetric 4-bit codes (no zero points).")
-@click.option("--calibration", type=click.Path(path_type=Path), help="UTF-8 calibration text (default: built-in).")
-@click.option("--int8-share", type=float, help="Share of linear weights kept at 8 bits (default 0.125).")
+@quantization_options
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -178,9 +172,7 @@ def build(
         updates["allow_nonfinite"] = True
     if password_file is not None or password_env is not None:
         updates["password_file"], updates["password_env"] = password_file, password_env
-    given = (("method", quant_method), ("group_size", group_size), ("symmetric", symmetric),
-             ("calibration", calibration), ("int8_share", int8_share))
-    quant_flags: dict[str, Any] = {k: v for k, v in given if v is not None}
+    quant_flags = quantization_flags(quant_method, group_size, symmetric, calibration, int8_share)
     if quant_flags:  # flags win over the file's [quantization] table and over its per-target tables
         updates["quantization"] = dataclasses.replace(config.quantization or QuantOptions(), **quant_flags)
         updates["target_quantization"] = {t: dataclasses.replace(q, **quant_flags)

@@ -7,10 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from sovpack.cli._app import cli, echo_json, progress_bar
+from sovpack.cli._app import cli, echo_json, progress_bar, quantization_flags, quantization_options
 from sovpack.cli.transfer import BUNDLE, current_registry_options, registry_options
 from sovpack.errors import SovpackError, UsageError
-from sovpack.quantize.options import DEFAULT_INT8_SHARE, METHODS
 
 if TYPE_CHECKING:
     from sovpack.run import EmbedResult
@@ -212,18 +211,11 @@ def render_embeddings(result: EmbedResult) -> None:
 @click.option("--threshold", "thresholds", multiple=True, help="Override a parity threshold: NAME=VALUE.")
 @click.option("--allow-nonfinite", is_flag=True, help="Convert weights that contain NaN or Inf.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
-@click.option("--quant-method", type=click.Choice(METHODS), default="auto", show_default=True,
-              help="4-bit rounding: auto (best the model's size allows), rtn, weighted (calibrated ranges), gptq, "
-                   "awq (activation-aware input scales, then gptq).")
-@click.option("--group-size", type=int, help="4-bit group size (power of two; default: the format's choice).")
-@click.option("--sym", "symmetric", is_flag=True, help="Symmetric 4-bit codes (no zero points).")
-@click.option("--calibration", type=click.Path(path_type=Path), help="UTF-8 calibration text (default: built-in).")
-@click.option("--int8-share", type=float, default=DEFAULT_INT8_SHARE, show_default=True,
-              help="Share of linear weights kept at 8 bits, most quantization-sensitive first.")
+@quantization_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def convert(checkpoint: Path, target: str, output: Path, no_parity: bool, prompts: tuple[str, ...],
-            thresholds: tuple[str, ...], allow_nonfinite: bool, force: bool, quant_method: str,
-            group_size: int | None, symmetric: bool, calibration: Path | None, int8_share: float,
+            thresholds: tuple[str, ...], allow_nonfinite: bool, force: bool, quant_method: str | None,
+            group_size: int | None, symmetric: bool | None, calibration: Path | None, int8_share: float | None,
             as_json: bool) -> None:
     """Convert a checkpoint into one runnable artifact directory and check parity on its runtime.
 
@@ -236,8 +228,7 @@ def convert(checkpoint: Path, target: str, output: Path, no_parity: bool, prompt
     from sovpack.parity import parse_threshold_overrides
     from sovpack.quantize.options import QuantOptions
 
-    quant = QuantOptions(method=quant_method, group_size=group_size, symmetric=symmetric, calibration=calibration,
-                         int8_share=int8_share)
+    quant = QuantOptions(**quantization_flags(quant_method, group_size, symmetric, calibration, int8_share))
 
     with progress_bar(not as_json) as progress:
         result = convert_model(

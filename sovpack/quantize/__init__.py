@@ -15,7 +15,7 @@ from sovpack.quantize.options import DEFAULT_INT8_SHARE, METHODS, QuantOptions
 _LAZY = {
     "Calibration": "calibration", "InputStats": "calibration", "calibrate": "calibration",
     "GroupCodes": "groups", "fit_groups": "groups", "quantize_rtn": "groups", "gptq_quantize": "gptq",
-    "QuantPlan": "plan", "plan_quantization": "plan", "quantize_tensor": "plan",
+    "QuantPlan": "plan", "plan_quantization": "plan",
 }
 
 
@@ -38,5 +38,4 @@ __all__ = [
     "gptq_quantize",
     "plan_quantization",
     "quantize_rtn",
-    "quantize_tensor",
 ]

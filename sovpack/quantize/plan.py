@@ -20,7 +20,7 @@ from sovpack.quantize.calibration import Calibration, calibrate
 from sovpack.quantize.gptq import gptq_quantize
 from sovpack.quantize.groups import GroupCodes, fit_groups, quantize_rtn
 from sovpack.quantize.options import QuantOptions
-from sovpack.quantize.scaling import search_input_scale
+from sovpack.quantize.scaling import output_error, search_input_scale
 from sovpack.source.model import SourceModel
 
 # (bits, input size) -> the group size the target stores for it, or None when none divides the input.
@@ -92,8 +92,8 @@ class QuantPlan:
             hessian = None if hessian is None else hessian / np.outer(scale, scale)
         if self.method in ("gptq", "awq") and hessian is not None:
             return gptq_quantize(weight, hessian, bits=tensor.bits, group_size=tensor.group_size,
-                                     symmetric=self.options.symmetric, scale_dtype=self.scale_dtype,
-                                     integer_zero=self.integer_zero)
+                                 symmetric=self.options.symmetric, scale_dtype=self.scale_dtype,
+                                 integer_zero=self.integer_zero)
         if self.method == "rtn":
             return quantize_rtn(weight, bits=tensor.bits, group_size=tensor.group_size,
                                 symmetric=self.options.symmetric, scale_dtype=self.scale_dtype)
@@ -110,14 +110,11 @@ def linear_tensors(model: SourceModel) -> dict[str, tuple[int, ...]]:
 
 def relative_error(weight: np.ndarray, codes: GroupCodes, calib: Calibration | None, name: str) -> float:
     """E|dW x|^2 / E|W x|^2 over the calibration inputs (diagonal approximation without a Hessian)."""
-    delta = codes.dequantize() - weight
     hessian = calib.hessian(name) if calib is not None else None
-    if hessian is not None:
-        h = hessian.astype(np.float32)
-        return float(np.einsum("nk,nk->", delta @ h, delta) / max(np.einsum("nk,nk->", weight @ h, weight), 1e-30))
+    h = None if hessian is None else hessian.astype(np.float32)
     imp = calib.importance(name) if calib is not None else None
     channel = np.ones(weight.shape[1], dtype=np.float32) if imp is None else imp
-    return float(((delta * delta) @ channel).sum() / max(((weight * weight) @ channel).sum(), 1e-30))
+    return output_error(codes.dequantize() - weight, channel, h) / max(output_error(weight, channel, h), 1e-30)
 
 
 def plan_quantization(model: SourceModel, options: QuantOptions, group_for: GroupChooser, *,
@@ -187,7 +184,3 @@ def _sensitivity(model: SourceModel, name: str, group: int, method: str, symmetr
         result = (relative_error(weight, codes, calib, name), None)
     model.derived[key] = result
     return result
-
-
-def quantize_tensor(plan: QuantPlan, name: str, weight: np.ndarray) -> GroupCodes:
-    return plan.quantize(name, weight)

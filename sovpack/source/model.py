@@ -86,19 +86,19 @@ class SourceModel:
         out = np.ascontiguousarray(self.stored(name)[index], dtype=np.float32)
         if source.add:
             out = out + np.float32(source.add)
-        self._check_finite(f"{name}[rows]", out, memo=False)
+        self._check_finite(name, out, memo=False)
         return out
 
     def _check_finite(self, name: str, array: np.ndarray, *, memo: bool = True) -> None:
-        """SourceError on NaN/Inf (unless allowed); a tensor is checked once per dtype per opened model (the
-        numpy reference of a large model reads every weight again at each step)."""
+        """SourceError on NaN/Inf (unless allowed); with ``memo`` a whole tensor is checked once per dtype per
+        opened model (the numpy reference of a large model reads every weight again at each step)."""
         if self.allow_nonfinite or not np.issubdtype(array.dtype, np.floating):
             return
         key = ("finite", name, array.dtype.str)
         if memo and key in self.derived:
             return
         if not np.isfinite(array).all():
-            source = self.tensor_map[name.removesuffix("[rows]")]
+            source = self.tensor_map[name]
             where = self.checkpoint.shard_of(source.name)
             part = "" if source.expert is None else f" (expert {source.expert})"
             raise SourceError(
