@@ -9,9 +9,10 @@
 # 3.11 wheel): fp32/fp16 run on 1.15.0 and later; int4 is refused by 1.15.0 (no MatMulNBits), computes wrong
 # logits on 1.16.3 when a column has an odd number of blocks (e.g. K=160, block 32), and is right from 1.17.0
 # (float zero points: from 1.18.0, ORT_FOR_MATMULNBITS_FLOAT_ZERO); int8 is refused at load by 1.21.1, fails at
-# run time on 1.22.0 (its 8-bit kernel covers only accuracy_level 4, int8 compute) and is right from 1.23.0. The
-# precision table's ``runtime_floor`` is this rule's result for the opset and IR version the writer emits (17
-# and 8) and its default int4 plan (which keeps some tensors at 8 bits); the tests check that the two agree.
+# run time on 1.22.0 (its 8-bit kernel covers only accuracy_level 4, int8 compute) and is right from 1.23.0;
+# the writer no longer emits 8-bit nodes (two 4-bit ones instead, quantize.py), so int8 and int4 artifacts
+# need 1.17 (checked by running both on 1.17.0). The precision table's ``runtime_floor`` is this rule's result
+# for the opset and IR version the writer emits (17 and 8); the tests check that the two agree.
 # Mixture-of-experts artifacts add their MoE/QMoE kernels (ORT_FOR_MOE: 1.23.1 and 1.24), so their
 # min_onnxruntime lies above the table's floor.
 """
@@ -36,11 +37,12 @@ PRECISIONS: dict[str, Precision] = precision_table(
     # (measured on a 0.6B model: 2.7 GB of anonymous memory for a 1.2 GB artifact).
     Precision(name="fp16", weights="float16", quantized=False, thresholds=DEFAULT_THRESHOLDS["fp16"],
               runtime_floor="1.12", runtime_bytes_per_weight=4.0),
+    # 8-bit weights are stored as two 4-bit MatMulNBits (quantize.split_eight_bits) and 4-bit float zero
+    # points as uint8 ones plus a residual: both precisions need only the 4-bit, uint8-zero-point kernel.
     Precision(name="int8", weights="int8", quantized=True, thresholds=DEFAULT_THRESHOLDS["int8"],
-              runtime_floor="1.23"),
-    # int4's default plan keeps its most sensitive tensors at 8 bits (quantize.py): 1.23, not 1.18.
+              runtime_floor="1.17"),
     Precision(name="int4", weights="int4", quantized=True, thresholds=DEFAULT_THRESHOLDS["int4"],
-              runtime_floor="1.23"),
+              runtime_floor="1.17"),
 )
 
 

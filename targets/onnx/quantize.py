@@ -31,7 +31,14 @@
 # to llama.cpp keeping its output tensor at 6-8 bits). The head is the most quantization-sensitive matrix (its
 # error lands on the logits unfiltered; 4-bit there raises the fixtures' KL by ~20%), fp16 costs no extra copy
 # when the head is tied (the Gemm reads the fp16 embedding table with transB). (An 8-bit MatMulNBits head
-# once meant lifting int4's minimum onnxruntime from 1.17 to 1.23; int4's mixed plan now needs 1.23 anyway.)
+# once meant lifting int4's minimum onnxruntime from 1.17 to 1.23.)
+#
+# NOTE: no 8-bit MatMulNBits node is written. onnxruntime 1.32's 8-bit CPU kernel has no fast float32 path
+# here (14336 x 4096 weight, 2 threads: 229 ms a token against 13.6 ms for the same weight as two 4-bit nodes;
+# 243 vs 55 ms for 8 rows; block size, symmetry and accuracy levels do not help), so an 8-bit weight (int8,
+# int4's 8-bit share, the fallback above) is written as its high and low nibbles, two 4-bit MatMulNBits whose
+# outputs are added: (q - z) s = (q_hi - z_hi) 16 s + (q_lo - z_lo) s, exact (``split_eight_bits``). The same
+# bytes of codes; scales twice (+1/8 byte a weight at blocks of 32).
 """
 
 from __future__ import annotations
@@ -111,6 +118,32 @@ def split_float_zero_points(codes: GroupCodes) -> tuple[GroupCodes, np.ndarray |
     integer_codes = GroupCodes(codes=codes.codes, scale=codes.scale, zero=integer.astype(np.uint8), bits=codes.bits,
                                symmetric=codes.symmetric)
     return integer_codes, np.ascontiguousarray(residual)
+
+
+def split_eight_bits(attrs: dict[str, Any], arrays: list[np.ndarray]
+                     ) -> list[tuple[dict[str, Any], list[np.ndarray]]]:
+    """An 8-bit MatMulNBits' inputs as two 4-bit ones whose outputs sum to the same product (see the NOTE).
+
+    ``(q - z) * s = (q_high - z_high) * 16 s + (q_low - z_low) * s`` for the nibbles of code q and zero point z,
+    exactly (16 s is exact in float32). ``arrays``: uint8 codes [N, blocks, block] (or flat), scales and
+    uint8 zero points (absent: 128) as pack_matmulnbits or onnxruntime's quantizer writes them.
+    """
+    n, block = int(attrs["N"]), int(attrs["block_size"])
+    if attrs["bits"] != 8 or (len(arrays) > 2 and arrays[2].dtype != np.uint8):
+        raise ConversionError(f"only 8-bit MatMulNBits weights with uint8 zero points split, not {attrs['bits']}-bit"
+                              f" ones with {[str(a.dtype) for a in arrays]} inputs")
+    codes = np.asarray(arrays[0], dtype=np.uint8).reshape(n, -1, block)
+    blocks = codes.shape[1]
+    scale = np.asarray(arrays[1], dtype=np.float32).reshape(n, blocks)
+    zero = (np.asarray(arrays[2], dtype=np.uint8).reshape(n, -1)[:, :blocks] if len(arrays) > 2
+            else np.full((n, blocks), 128, dtype=np.uint8))
+    halves = []
+    for shift, mask, factor in ((4, 0x0F, 16.0), (0, 0x0F, 1.0)):
+        half = GroupCodes(codes=(codes >> shift) & mask, scale=scale * np.float32(factor), zero=(zero >> shift) & mask,
+                          bits=4, symmetric=False)
+        half_attrs, half_arrays = pack_matmulnbits(half)
+        halves.append(({**attrs, **half_attrs, "K": attrs["K"]}, half_arrays))
+    return halves
 
 
 def quantize_matmul_weight(

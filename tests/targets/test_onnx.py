@@ -38,7 +38,7 @@ from sovpack.targets.onnx.graph import MODEL_FILE
 from sovpack.targets.onnx.precisions import PLANS, min_onnxruntime
 from sovpack.targets.onnx.quantize import QUANT_BLOCK_SIZE
 from tests.targets.shared import reference_on
-from tests.targets.test_onnx_quant import unpack_matmulnbits
+from tests.targets.test_onnx_quant import stored_linears
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -286,30 +286,16 @@ def test_int8_passes_its_default_thresholds(artifact: Callable[..., ConvertResul
     assert report.metrics.top1_agreement == 1.0
 
 
-_unpack_matmulnbits = unpack_matmulnbits  # the name test_onnx_moe.py imports
-
-
 def dequantized_reference(out: Path, ckpt: Path, precision: str) -> ReferenceModel:
     """The numpy reference over exactly the weights a quantized artifact stores (MatMulNBits unpacked)."""
-    proto = onnx.load(str(out / MODEL_FILE))  # external data included: tiny model
-    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
     bits = PLANS[precision].bits
     assert bits is not None
     model = open_model(ckpt)
-    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nodes) == 7 * model.spec.num_layers  # q, k, v, o, gate, up, down
-    overrides: dict[str, np.ndarray] = {}
-    for node in nodes:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        # int4's plan keeps its most sensitive tensors (and those no block size fits) at 8 bits
-        assert attrs["bits"] in ((4, 8) if bits == 4 else (bits,))
-        packed, scales, *zero_points = (inits[name] for name in node.input[1:4] if name)
-        weight = node.input[1].rsplit(".", 1)[0]  # "layers.0.q.q4" -> "layers.0.q"
-        overrides[weight] = unpack_matmulnbits(packed, scales, zero_points[0] if zero_points else None, attrs["K"],
-                                               attrs["bits"], attrs["block_size"])
-        residual = inits.get(f"{weight}.zero_residual")  # float zero points' fractional parts, per block
-        if residual is not None:
-            overrides[weight] -= np.repeat(residual.T, attrs["block_size"], axis=1)
+    stored = stored_linears(onnx.load(str(out / MODEL_FILE)))  # external data included: tiny model
+    assert len(stored) == 7 * model.spec.num_layers  # q, k, v, o, gate, up, down
+    # int4's plan keeps its most sensitive tensors (and those no block size fits) at 8 bits
+    assert {linear.bits for linear in stored.values()} <= ({4, 8} if bits == 4 else {bits})
+    overrides: dict[str, np.ndarray] = {name: linear.weight() for name, linear in stored.items()}
     for name in ("embed", "lm_head"):  # not quantized, stored as float16
         if name in model.tensor_names():
             overrides[name] = model.tensor(name).astype(np.float16).astype(np.float32)
@@ -370,7 +356,8 @@ def test_checker_and_external_data(artifact: Callable[..., ConvertResult], ckpts
         offset, length = int(info["offset"]), int(info["length"])
         assert offset % 64 == 0 and offset + length <= data_size
         external += 1
-    stored = {t.name.rsplit(".", 1)[0] if t.name.endswith((".q4", ".q8", ".scales", ".zero_points", ".zero_residual"))
+    parts = (".q4", ".scales", ".zero_points", ".zero_residual")
+    stored = {t.name.rsplit(".", 1)[0].removesuffix(".high").removesuffix(".low") if t.name.endswith(parts)
               else t.name
               for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     assert stored == names  # every canonical tensor is stored once, externally
@@ -379,8 +366,8 @@ def test_checker_and_external_data(artifact: Callable[..., ConvertResult], ckpts
 
 
 @pytest.mark.parametrize(("precision", "min_ort", "weight_dtype"),
-                         [("fp32", "1.12", "float32"), ("fp16", "1.12", "float16"), ("int4", "1.23", "int4"),
-                          ("int8", "1.23", "int8")])
+                         [("fp32", "1.12", "float32"), ("fp16", "1.12", "float16"), ("int4", "1.17", "int4"),
+                          ("int8", "1.17", "int8")])
 def test_metadata_records_versions(artifact: Callable[..., ConvertResult], precision: str, min_ort: str,
                                    weight_dtype: str) -> None:
     out = artifact("qwen2", precision).out_dir

@@ -235,8 +235,10 @@ def test_precision_storage_and_quantization_metadata(
     assert "LayerNormalization" in ops and fmt["compute_dtype"] == "float32"
     if precision == "int8":
         assert fmt["quantization"]["bits"] == 8 and "MatMulNBits" in ops
-        assert fmt["min_onnxruntime"] == "1.23" and fmt["opset_imports"]["com.microsoft"] == 1
-        assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 6 * metadata.spec.num_layers
+        assert fmt["min_onnxruntime"] == "1.17" and fmt["opset_imports"]["com.microsoft"] == 1
+        # every 8-bit projection as two 4-bit MatMulNBits (high and low nibbles, summed)
+        assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 2 * 6 * metadata.spec.num_layers
+        assert {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"} == {4}
     else:
         assert fmt["quantization"] is None and "MatMulNBits" not in ops and "com.microsoft" not in fmt["opset_imports"]
         stored = {t.name: t.data_type for t in graph.initializer}
@@ -280,7 +282,7 @@ def test_modernbert_graph_is_pre_ln_with_rope_local_windows_and_geglu(
     assert "base 160000 on global layers, 10000 on local layers" in fmt["rope"]
     assert fmt["layer_norm"].endswith("no bias input") is not biases
     if precision == "int8":
-        assert sum(op == "MatMulNBits" for op in ops) == 7 * spec.num_layers  # q k v o up gate down
+        assert sum(op == "MatMulNBits" for op in ops) == 2 * 7 * spec.num_layers  # q k v o up gate down, 2 nibbles
         assert "gate" in fmt["quantization"]["quantized"]
         assert fmt["quantization"]["not_quantized"].startswith("word embedding table (float16)")
     else:

@@ -36,7 +36,7 @@ from sovpack.targets.onnx.graph import MODEL_FILE, DecoderBuilder
 from sovpack.targets.onnx.moe import moe_plan, rtn_quantize
 from sovpack.targets.onnx.precisions import F16, F32, min_onnxruntime
 from tests.targets.shared import reference_on
-from tests.targets.test_onnx import _unpack_matmulnbits
+from tests.targets.test_onnx_quant import stored_linears
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -252,11 +252,7 @@ def _stored_reference(out: Path, ckpt: Path) -> ReferenceModel:
     overrides: dict[str, np.ndarray] = {}
     for node in proto.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "MatMulNBits":
-            packed, scales, zero_points = (inits[name] for name in node.input[1:4])
-            overrides[node.input[1].rsplit(".", 1)[0]] = _unpack_matmulnbits(
-                packed, scales, zero_points, attrs["K"], attrs["bits"], attrs["block_size"])
-        elif node.op_type == "QMoE":
+        if node.op_type == "QMoE":
             p = node.name.split("moe/")[0]
             bits, block = attrs["expert_weight_bits"], attrs.get("block_size")
             fc1 = _dequantized_experts(inits[node.input[2]], inits[node.input[3]], inits[node.input[11]],
@@ -267,6 +263,7 @@ def _stored_reference(out: Path, ckpt: Path) -> ReferenceModel:
                 overrides[f"{p}experts.{e}.gate"] = fc1[e, 0::2]
                 overrides[f"{p}experts.{e}.up"] = fc1[e, 1::2]
                 overrides[f"{p}experts.{e}.down"] = fc2[e]
+    overrides.update({name: linear.weight() for name, linear in stored_linears(proto).items()})  # dense layers
     for name in ("embed", "lm_head"):  # not quantized, stored as float16
         if name in model.tensor_names():
             overrides[name] = model.tensor(name).astype(np.float16).astype(np.float32)

@@ -2,12 +2,13 @@
 
 The packer is proven against onnxruntime's own MatMulNBitsQuantizer (same bytes for the same RTN codes); the
 artifacts are then checked to store exactly the plan's codes (decoded back and compared with
-``GroupCodes.dequantize()``), its 8-bit tensors as 8-bit MatMulNBits, and the user's options as asked.
+``GroupCodes.dequantize()``), its 8-bit tensors as pairs of 4-bit MatMulNBits, and the user's options as asked.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from sovpack.targets.onnx.quantize import (
     group_chooser,
     pack_matmulnbits,
     quantize_matmul_weight,
+    split_eight_bits,
     split_float_zero_points,
 )
 
@@ -51,29 +53,57 @@ def unpack_matmulnbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.n
     return w.reshape(n, k_blocks * block)[:, :k]
 
 
-def _nodes(out: Path) -> dict[str, tuple[dict[str, Any], list[np.ndarray]]]:
-    """Canonical weight name -> (MatMulNBits attributes, its weight inputs) of an artifact; a 4-bit weight's
-    zero-point residual (split_float_zero_points), when it has one, is appended to the inputs."""
-    proto = onnx.load(str(out / MODEL_FILE))  # external data included: tiny model
+@dataclass
+class StoredLinear:
+    """One quantized projection as an artifact stores it: its MatMulNBits node(s) (an 8-bit weight: two 4-bit
+    ones, its high and low nibbles, summed; quantize.split_eight_bits) and a 4-bit weight's zero-point residual."""
+
+    input: str
+    parts: list[tuple[dict[str, Any], list[np.ndarray]]]  # (attributes, weight inputs) per node, high first
+    residual: np.ndarray | None
+
+    @property
+    def bits(self) -> int:
+        return 8 if len(self.parts) == 2 else int(self.parts[0][0]["bits"])
+
+    @property
+    def block_size(self) -> int:
+        return int(self.parts[0][0]["block_size"])
+
+    def weight(self) -> np.ndarray:
+        """The float [N, K] weight the node(s) and the residual compute with."""
+        total = sum(_decoded(attrs, arrays) for attrs, arrays in self.parts)
+        assert isinstance(total, np.ndarray)
+        if self.residual is not None:  # minus the residual of each block, [blocks, N]
+            total = total - np.repeat(self.residual.T, self.block_size, axis=1)
+        return total
+
+
+def stored_linears(proto: Any) -> dict[str, StoredLinear]:
+    """Canonical weight name -> how a loaded ONNX model (external data included) stores it."""
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
-    found = {}
+    found: dict[str, StoredLinear] = {}
     for node in proto.graph.node:
-        if node.op_type == "MatMulNBits":
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            name = node.input[1].rsplit(".", 1)[0]
-            arrays = [inits[i] for i in node.input[1:] if i]
-            residual = inits.get(f"{name}.zero_residual")
-            found[name] = (attrs, arrays if residual is None else [*arrays, residual])
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        prefix = node.input[1].rsplit(".", 1)[0]  # "layers.0.q.q4", "layers.0.q.high.q4" -> "layers.0.q"
+        name = prefix.removesuffix(".high").removesuffix(".low")
+        stored = found.setdefault(name, StoredLinear(node.input[0], [], inits.get(f"{name}.zero_residual")))
+        stored.parts.append((attrs, [inits[i] for i in node.input[1:] if i]))
+    for name, stored in found.items():
+        assert len(stored.parts) == 1 or [a["bits"] for a, _ in stored.parts] == [4, 4], name
     return found
 
 
+def _nodes(out: Path) -> dict[str, StoredLinear]:
+    return stored_linears(onnx.load(str(out / MODEL_FILE)))  # external data included: tiny model
+
+
 def _decoded(attrs: dict[str, Any], arrays: list[np.ndarray]) -> np.ndarray:
-    """The float weight the node (and its zero-point residual, if any) computes with."""
-    weight = unpack_matmulnbits(arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, attrs["K"],
-                                attrs["bits"], attrs["block_size"])
-    if len(arrays) > 3:  # minus the residual of each block, [blocks, N]
-        weight = weight - np.repeat(arrays[3].T, attrs["block_size"], axis=1)
-    return weight
+    """The float weight one MatMulNBits node computes with."""
+    return unpack_matmulnbits(arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, attrs["K"],
+                              attrs["bits"], attrs["block_size"])
 
 
 def _quantization(result: ConvertResult) -> dict[str, Any]:
@@ -134,6 +164,53 @@ def test_packer_reproduces_onnxruntime_quantizer_bytes_8bit() -> None:
     assert differing <= total * 1e-4
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_eight_bits_split_into_two_4bit_nodes_compute_the_same_product(symmetric: bool) -> None:
+    """split_eight_bits: the high and low nibbles' weights sum to the 8-bit weight, and onnxruntime's two
+    4-bit nodes reproduce its product (K=100: a padded last block from onnxruntime's quantizer, 4 blocks)."""
+    rng = np.random.default_rng(3)
+    weight = (rng.standard_normal((48, 128)) * 0.05).astype(np.float32)
+    codes = quantize_rtn(weight, bits=8, group_size=32, symmetric=symmetric, scale_dtype=np.float32)
+    cases = [pack_matmulnbits(codes),
+             quantize_matmul_weight(lambda: np.ascontiguousarray(weight[:, :100].T), 8, 32, 17)]
+    x = rng.standard_normal((5, 128)).astype(np.float32)
+    for attrs, arrays in cases:
+        halves = split_eight_bits(attrs, arrays)
+        assert [(a["bits"], a["K"], a["block_size"]) for a, _ in halves] == [(4, attrs["K"], 32)] * 2
+        whole = _decoded(attrs, arrays)
+        # exact in real arithmetic; float32 rounds each half's product once
+        np.testing.assert_allclose(sum(_decoded(a, arr) for a, arr in halves), whole, rtol=0,
+                                   atol=1e-6 * np.abs(whole).max())
+        got = _run_matmulnbits(halves, x[:, :attrs["K"]])
+        want = _run_matmulnbits([(attrs, arrays)], x[:, :attrs["K"]])
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+        np.testing.assert_allclose(got, x[:, :attrs["K"]] @ whole.T, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def _run_matmulnbits(nodes: list[tuple[dict[str, Any], list[np.ndarray]]], x: np.ndarray) -> np.ndarray:
+    """onnxruntime's sum of MatMulNBits nodes over one input."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph_nodes, inits, outputs = [], [], []
+    for i, (attrs, arrays) in enumerate(nodes):
+        names = [f"w{i}_{j}" for j in range(len(arrays))]
+        inits += [numpy_helper.from_array(a, n) for a, n in zip(arrays, names, strict=True)]
+        graph_nodes.append(helper.make_node("MatMulNBits", ["x", *names], [f"y{i}"], domain="com.microsoft", **attrs))
+        outputs.append(f"y{i}")
+    if len(outputs) > 1:
+        graph_nodes.append(helper.make_node("Sum", outputs, ["y"]))
+    else:
+        graph_nodes[0].output[0] = "y"
+    n, k = nodes[0][0]["N"], nodes[0][0]["K"]
+    graph = helper.make_graph(graph_nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])], initializer=inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"x": x})[0])
+
+
 def test_packer_float_and_symmetric_zero_points() -> None:
     """Float zero points are stored as float32 like the scales; symmetric codes leave the zero points out."""
     rng = np.random.default_rng(3)
@@ -165,29 +242,34 @@ def test_artifact_stores_the_plans_codes(checkpoints: dict[str, Path], tmp_path:
     assert quant["algorithm"] == plan.method == "gptq"  # "auto" on a model whose Hessians fit
     nodes = _nodes(result.out_dir)
     assert set(nodes) == set(plan.tensors)
-    eight = sorted(name for name, (attrs, _) in nodes.items() if attrs["bits"] == 8)
+    eight = sorted(name for name, stored in nodes.items() if stored.bits == 8)
     assert eight == quant["plan"]["int8_tensors"] and eight  # the mixed plan's 8-bit tensors are 8-bit in the file
     fallback = quant["onnxruntime_quantizer"]
-    for name, (attrs, arrays) in nodes.items():
+    for name, stored in nodes.items():
         tensor = plan.tensors[name]
-        assert attrs["bits"] == tensor.bits
+        assert stored.bits == tensor.bits
+        assert all(attrs["bits"] == 4 and arrays[2].dtype == np.uint8 for attrs, arrays in stored.parts)
         if fallback is not None and name in fallback["tensors"]:  # no block size divides K: ORT's RTN, padded
             assert tensor.bits == 8 and model.spec.tensor_shapes()[name][1] % 16
             continue
-        assert attrs["block_size"] == tensor.group_size
-        assert arrays[2].dtype == np.uint8 and len(arrays) == (4 if tensor.bits == 4 else 3)  # 4-bit: + residual
+        assert stored.block_size == tensor.group_size
+        assert (stored.residual is not None) == (tensor.bits == 4)  # float zero points: uint8 ones + residual
         codes = (plan if tensor.bits == 4 else _integer_zero(plan)).quantize(name, model.tensor(name, np.float32))
         expected = codes.dequantize()
-        np.testing.assert_allclose(_decoded(attrs, arrays), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+        np.testing.assert_allclose(stored.weight(), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
         integer, residual = split_float_zero_points(codes)
-        packed = pack_matmulnbits(integer)[1] + ([] if residual is None else [residual])
-        for stored, made in zip(arrays, packed, strict=True):
-            np.testing.assert_array_equal(stored, made)
+        attrs, packed = pack_matmulnbits(integer)
+        made = split_eight_bits(attrs, packed) if tensor.bits == 8 else [(attrs, packed)]
+        for (_, stored_arrays), (_, made_arrays) in zip(stored.parts, made, strict=True):
+            for stored_array, made_array in zip(stored_arrays, made_arrays, strict=True):
+                np.testing.assert_array_equal(stored_array, made_array)
+        if residual is not None:
+            np.testing.assert_array_equal(stored.residual, residual)
     if variant == "llama2":
         downs = {f"layers.{i}.down" for i in range(model.spec.num_layers)}
         assert fallback is not None and set(fallback["tensors"]) == downs
     fmt = json.loads((result.out_dir / "sovpack-artifact.json").read_text())["format_metadata"]
-    assert fmt["min_onnxruntime"] == "1.23"  # 8-bit MatMulNBits
+    assert fmt["min_onnxruntime"] == "1.17"  # 4-bit MatMulNBits only: 8-bit weights as two 4-bit nodes
     assert not any("float zero points" in r for r in fmt["min_onnxruntime_reasons"])  # stored as uint8 + residual
 
 
@@ -207,11 +289,12 @@ def test_options_are_honoured_and_recorded(checkpoints: dict[str, Path], tmp_pat
     assert quant["plan"]["calibration"] is None  # rtn needs none
     assert (quant["block_size"], quant["symmetric"], quant["plan"]["int8_tensors"]) == (64, True, [])
     model = open_model(checkpoints["llama3"])
-    for name, (attrs, arrays) in _nodes(result.out_dir).items():
+    for name, stored in _nodes(result.out_dir).items():
+        [(attrs, arrays)] = stored.parts
         assert (attrs["bits"], attrs["block_size"], len(arrays)) == (4, 64, 2)  # no zero-point input
         expected = quantize_rtn(model.tensor(name, np.float32), bits=4, group_size=64, symmetric=True,
                                 scale_dtype=np.float32)
-        np.testing.assert_array_equal(_decoded(attrs, arrays), expected.dequantize())
+        np.testing.assert_array_equal(stored.weight(), expected.dequantize())
 
     weighted = convert(checkpoints["llama3"], "onnx:int4", tmp_path / "weighted", parity=False,
                        quant=QuantOptions(method="weighted"))
@@ -236,18 +319,14 @@ def test_awq_scaled_inputs_pass_through_a_mul_into_their_matmulnbits(checkpoints
     nodes = _nodes(result.out_dir)
     scaled = [n for n, t in plan.tensors.items() if t.input_scale is not None]
     assert scaled and len(muls) == len(scaled)
-    for node in proto.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        name = node.input[1].rsplit(".", 1)[0]
+    for name, stored in nodes.items():
         multiplier = plan.input_multiplier(name)
-        assert (node.input[0] in muls) == (multiplier is not None), name
+        assert (stored.input in muls) == (multiplier is not None), name
         if multiplier is None:
             continue
-        np.testing.assert_array_equal(inits[muls[node.input[0]].input[1]], multiplier)
-        attrs, arrays = nodes[name]
+        np.testing.assert_array_equal(inits[muls[stored.input].input[1]], multiplier)
         expected = plan.quantize(name, model.tensor(name, np.float32)).dequantize()
-        np.testing.assert_allclose(_decoded(attrs, arrays), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+        np.testing.assert_allclose(stored.weight(), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
 
 
 # --------------------------------------------------------------------------------------------- real weights
