@@ -169,6 +169,7 @@ def build_bundle(
     check_not_input(output, [checkpoint])
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.work.", dir=output.parent))
+    model.scratch = work / "shared"  # e.g. 4-bit codes fitted once for onnx:int4 and openvino:int4
     try:
         with atomic_directory(output, force=force, inputs=[checkpoint]) as tmp:
             store = BlobStore(tmp)

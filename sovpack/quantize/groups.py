@@ -60,7 +60,8 @@ def _grouped(weight: np.ndarray, group_size: int) -> np.ndarray:
 
 
 def _round_scale(scale: np.ndarray, dtype: type) -> np.ndarray:
-    rounded = np.asarray(scale, dtype=np.float32).astype(dtype).astype(np.float32)
+    finite = np.minimum(np.asarray(scale, dtype=np.float32), np.float32(np.finfo(dtype).max))  # never inf
+    rounded = finite.astype(dtype).astype(np.float32)
     tiny = float(np.finfo(dtype).tiny)
     return np.where(rounded <= 0, np.float32(tiny), rounded).astype(np.float32)
 

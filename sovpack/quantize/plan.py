@@ -9,6 +9,7 @@ offers divides stays 8-bit too (per tensor, never a failure).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from sovpack._io import Progress, no_progress
+from sovpack.quantize.cache import CodesCache
 from sovpack.quantize.calibration import Calibration, calibrate
 from sovpack.quantize.gptq import gptq_quantize
 from sovpack.quantize.groups import GroupCodes, fit_groups, quantize_rtn
@@ -50,6 +52,7 @@ class QuantPlan:
     # False: zero points are floats in the scale's dtype (the runtime's format allows it), so a group's
     # range is not snapped to a multiple of its step.
     integer_zero: bool = True
+    cache: CodesCache | None = field(default=None, repr=False, compare=False)  # a build's shared 4-bit codes
 
     def bits(self, name: str) -> int:
         return self.tensors[name].bits
@@ -78,6 +81,22 @@ class QuantPlan:
             "int4_group_sizes": groups,
             "calibration": self.calibration.to_dict() if self.calibration is not None else None,
         }
+
+    def codes(self, name: str, load: Callable[[], np.ndarray]) -> GroupCodes:
+        """``quantize(name, load())``, or the codes another target of this build already fitted with the same
+        recipe (``cache``; then the weight is not read at all)."""
+        tensor = self.tensors[name]
+        if self.cache is None or tensor.bits != 4:
+            return self.quantize(name, load())
+        scaled = None if tensor.input_scale is None else hashlib.sha256(tensor.input_scale.tobytes()).hexdigest()
+        key = (name, tensor.bits, tensor.group_size, self.method, self.options.symmetric,
+               np.dtype(self.scale_dtype).str, self.integer_zero, scaled, calibration_key(self.calibration))
+        kept = self.cache.get(key)
+        if kept is not None:
+            return kept
+        codes = self.quantize(name, load())
+        self.cache.put(key, codes)
+        return codes
 
     def quantize(self, name: str, weight: np.ndarray) -> GroupCodes:
         """The codes of canonical tensor ``name`` [out, in] under this plan."""
@@ -108,6 +127,11 @@ def linear_tensors(model: SourceModel) -> dict[str, tuple[int, ...]]:
             if len(shape) == 2 and name not in ("embed", "lm_head") and not name.endswith(".router")}
 
 
+def calibration_key(calib: Calibration | None) -> tuple[object, ...] | None:
+    """What identifies a calibration's statistics within one opened model (its text, source and size)."""
+    return None if calib is None else (calib.text_sha256, calib.source, calib.tokens, calib.has_hessians)
+
+
 def relative_error(weight: np.ndarray, codes: GroupCodes, calib: Calibration | None, name: str) -> float:
     """E|dW x|^2 / E|W x|^2 over the calibration inputs (diagonal approximation without a Hessian)."""
     hessian = calib.hessian(name) if calib is not None else None
@@ -130,8 +154,9 @@ def plan_quantization(model: SourceModel, options: QuantOptions, group_for: Grou
         progress(f"{label}: calibration", 1, 1)
         if method == "auto":
             method = "gptq" if calib.has_hessians else "weighted"
+    cache = None if model.scratch is None else CodesCache(model.scratch / "codes")
     plan = QuantPlan(options=options, method=method, calibration=calib, scale_dtype=scale_dtype,
-                     integer_zero=integer_zero)
+                     integer_zero=integer_zero, cache=cache)
     shapes = linear_tensors(model)
     sizes: dict[str, int] = {}
     progress(label, 0, len(shapes))
@@ -167,8 +192,7 @@ def _sensitivity(model: SourceModel, name: str, group: int, method: str, symmetr
     """
     importance = calib.importance(name) if calib is not None else None
     awq = method == "awq" and importance is not None
-    calib_key = None if calib is None else (calib.text_sha256, calib.source, calib.tokens, calib.has_hessians)
-    key = ("sensitivity", name, group, symmetric, integer_zero if awq else None, awq, calib_key)
+    key = ("sensitivity", name, group, symmetric, integer_zero if awq else None, awq, calibration_key(calib))
     kept = model.derived.get(key)
     if kept is not None:
         return kept  # type: ignore[return-value]

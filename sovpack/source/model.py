@@ -34,6 +34,9 @@ class SourceModel:
     # Measurements derived from the weights that every target converted from this opened model shares (one
     # build: calibration statistics, quantization sensitivities), keyed by their producer; not compared.
     derived: dict[object, object] = field(default_factory=dict, repr=False, compare=False)
+    # A private directory where a build's targets share large derived data (4-bit codes, sovpack.quantize.cache);
+    # None: nothing is shared on disk.
+    scratch: Path | None = field(default=None, repr=False, compare=False)
 
     @property
     def path(self) -> Path:

@@ -202,10 +202,8 @@ class DecoderBuilder:
                 scale_name = f"{prefix}.input_scale"
                 self.g.initializers.append(self.data.write_array(scale_name, multiplier))
                 x = self.g.op("Mul", x, scale_name, name=f"{prefix}/input_scale")
-            source = self.source(weight)
-            codes = plan.quantize(weight, source)
+            codes = plan.codes(weight, lambda: self.source(weight))  # maybe fitted by another target of the build
             self.model.release_pages(weight)
-            del source
             codes, residual = split_float_zero_points(codes)
             attrs, arrays = pack_matmulnbits(codes)
             del codes

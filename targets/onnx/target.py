@@ -218,9 +218,10 @@ class OnnxTarget:
 
     @staticmethod
     def _quant_plan(model: SourceModel, options: QuantOptions, progress: Progress) -> QuantPlan:
-        """The int4 recipe: float32 scales and float zero points (MatMulNBits' T1 is the float32 activation
-        type, and its CPU kernel takes float zero points at 4 bits; quantize.py's NOTE)."""
-        return plan_quantization(model, options, group_chooser(options), scale_dtype=np.float32,
+        """The int4 recipe: float zero points (stored as uint8 ones plus a residual; quantize.py's NOTE) and
+        scales rounded to float16 (stored as float32, MatMulNBits' T1 being the float32 activation type): the
+        recipe of openvino:int4, so a build of both fits each tensor once (sovpack.quantize.cache)."""
+        return plan_quantization(model, options, group_chooser(options), scale_dtype=np.float16,
                                  integer_zero=False, progress=progress, label="onnx:int4: quantization plan")
 
     @staticmethod
@@ -233,7 +234,7 @@ class OnnxTarget:
             "bits": 4,
             "block_size": plan.options.group_size or QUANT_BLOCK_SIZE,
             "symmetric": plan.options.symmetric,
-            "scale_dtype": "float32",
+            "scale_dtype": "float32 (values rounded to float16)",
             "zero_points": "none (symmetric: the op's default 2^(bits-1))" if plan.options.symmetric else
             "float32 at 4 bits, uint8 at 8 bits",
             "algorithm": plan.method,

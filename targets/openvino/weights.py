@@ -260,6 +260,15 @@ class WeightFactory:
         finally:
             self.model.release_pages(name)
 
+    def _planned_codes(self, plan: QuantPlan, name: str) -> GroupCodes:
+        """The plan's codes of ``name``: fitted here, or read back when another target of the build fitted
+        them with the same recipe (then the weight is not read)."""
+        self._progress(name)
+        try:
+            return plan.codes(name, lambda: self.model.tensor(name, np.float32))
+        finally:
+            self.model.release_pages(name)
+
     def _float_tensor(self, name: str, ov_type: Any, shape: tuple[int, ...]) -> Any:
         """An owning ov.Tensor of ``name`` in ``ov_type`` (f32 or f16), filled without extra copies."""
         import openvino as ov
@@ -377,7 +386,7 @@ class WeightFactory:
         ]
         plan = self.plan if planned else None
         if plan is not None:
-            lazy = _LazyQuantized(lambda: self._consume(name, lambda w: from_group_codes(plan.quantize(name, w))))
+            lazy = _LazyQuantized(lambda: from_group_codes(self._planned_codes(plan, name)))
         else:
             lazy = _LazyQuantized(lambda: self._quantize_by_rows(name, bits=bits, symmetric=symmetric,
                                                                  group_size=group_size))

@@ -9,13 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from sovpack.attest.dsse import SigstoreBundle, VerifyingKey, generate_key_pair
+from sovpack.attest.dsse import SigningKey, SigstoreBundle, VerifyingKey, generate_key_pair
+from sovpack.bundle import build_bundle
 from sovpack.bundle.config import BuildConfig, load_build_config
 from sovpack.errors import UsageError
 from sovpack.oci.media import ANN_ATTESTATION, ANN_TARGET
+from sovpack.quantize.groups import GroupCodes
 from sovpack.quantize.options import QuantOptions
+from sovpack.quantize.plan import QuantPlan
 from sovpack.verify import Policy
 from sovpack.verify.extract import extract_target
 
@@ -114,3 +118,27 @@ def _provenance(bundle: Path, target: str) -> dict[str, object]:
             predicate = json.loads(SigstoreBundle.from_bytes(raw).envelope.payload)["predicate"]
             return dict(predicate["buildDefinition"]["externalParameters"])
     raise AssertionError(f"no provenance attestation for {target}")
+
+
+def test_onnx_and_openvino_int4_in_one_build_fit_each_tensor_once(checkpoints: dict[str, Path], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two targets share one recipe (float zero points, float16-rounded scales, groups of 32): the second
+    reads the first's 4-bit codes from the build's scratch directory (sovpack.quantize.cache), which is gone
+    afterwards."""
+    fitted: list[tuple[str, int]] = []
+    original = QuantPlan.quantize
+
+    def counting(self: QuantPlan, name: str, weight: np.ndarray) -> GroupCodes:
+        fitted.append((name, self.tensors[name].bits))
+        return original(self, name, weight)
+
+    monkeypatch.setattr(QuantPlan, "quantize", counting)
+    pair = generate_key_pair(tmp_path / "keys")
+    config = BuildConfig(checkpoint=checkpoints["llama3"], output=tmp_path / "bundle",
+                         targets=("onnx:int4", "openvino:int4"), tag="v1",
+                         thresholds={"mean_kl": 0.6})
+    result = build_bundle(config, key=SigningKey.load(pair.private_key))
+    assert [t.parity for t in result.targets] == ["PASSED", "PASSED"]
+    four = [name for name, bits in fitted if bits == 4]
+    assert four and len(four) == len(set(four))  # each 4-bit tensor fitted once for both targets
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "keys"]  # the scratch codes are gone

@@ -113,7 +113,7 @@ def _quantization(result: ConvertResult) -> dict[str, Any]:
 
 def _plan(model: SourceModel, options: QuantOptions) -> QuantPlan:
     """The plan the writer makes (same calls, same deterministic calibration)."""
-    return plan_quantization(model, options, group_chooser(options), scale_dtype=np.float32, integer_zero=False)
+    return plan_quantization(model, options, group_chooser(options), scale_dtype=np.float16, integer_zero=False)
 
 
 # ------------------------------------------------------------------------------------------------ the packer
@@ -293,7 +293,7 @@ def test_options_are_honoured_and_recorded(checkpoints: dict[str, Path], tmp_pat
         [(attrs, arrays)] = stored.parts
         assert (attrs["bits"], attrs["block_size"], len(arrays)) == (4, 64, 2)  # no zero-point input
         expected = quantize_rtn(model.tensor(name, np.float32), bits=4, group_size=64, symmetric=True,
-                                scale_dtype=np.float32)
+                                scale_dtype=np.float16)
         np.testing.assert_array_equal(stored.weight(), expected.dequantize())
 
     weighted = convert(checkpoints["llama3"], "onnx:int4", tmp_path / "weighted", parity=False,
