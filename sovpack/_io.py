@@ -312,3 +312,17 @@ def read_json_file(path: Path, limit: int, *, where: str | None = None, error: t
     """A local JSON document: a regular file, at most ``limit`` bytes, parsed by :func:`parse_json`."""
     display = where or str(path)
     return parse_json(read_capped(path, limit, error=error, where=display), display, error=error)
+
+
+def return_freed_memory() -> None:
+    """Hand the heap pages freed by the last stage back to the system (glibc keeps them otherwise).
+
+    A build runs stages one after another in one process (reference, each target's conversion and runtime);
+    without this, what one stage freed stays in its process's anonymous memory while the next one peaks.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

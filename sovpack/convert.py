@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sovpack import __version__
-from sovpack._io import Progress, atomic_directory, check_not_input, no_progress
+from sovpack._io import Progress, atomic_directory, check_not_input, no_progress, return_freed_memory
 from sovpack.artifact import ARTIFACT_FILE, ArtifactMetadata
 from sovpack.errors import ConversionError, ParityError
 from sovpack.parity.embeddings import (
@@ -99,6 +99,7 @@ def convert(
                 traits=written.traits,
             )
             metadata.save(tmp)
+            return_freed_memory()  # the writer's heap goes back before the runtime loads the artifact
             report = None
             if parity and model.spec.encoder is not None:
                 embedded = reference if isinstance(reference, RecordedEmbeddings) else record_embeddings(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sovpack import __version__
-from sovpack._io import Progress, atomic_directory, check_not_input, no_progress, source_date
+from sovpack._io import Progress, atomic_directory, check_not_input, no_progress, return_freed_memory, source_date
 from sovpack.artifact import ARTIFACT_FILE
 from sovpack.attest.dsse import SigningKey, Statement, Subject, canonical_json, pretty_json
 from sovpack.attest.release import Release, ReleaseTarget, parse_time
@@ -179,6 +179,7 @@ def build_bundle(
             else:
                 reference = record_reference(model, config.prompts, progress=progress)
             ref_manifest = _store_reference(store, reference, model, context)
+            return_freed_memory()
             entries: list[Descriptor] = []
             attestations: list[Descriptor] = []
             built: list[BuiltTarget] = []
@@ -197,6 +198,7 @@ def build_bundle(
                     quant=config.quantization_for(str(ref)),
                 )
                 progress(f"{stage}: convert + parity", 1, 1)
+                return_freed_memory()  # the runtime's session is closed: its heap goes back before the next
                 progress(f"{stage}: store + sign", 0, 1)
                 manifest, signed, stored = _store_target(store, ref, result, model, ref_manifest, context)
                 entries.append(manifest)
