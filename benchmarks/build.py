@@ -2,8 +2,11 @@
 
 Builds the committed fixture and a synthetic Llama-like checkpoint (``--size-gb``, default 1.2 GiB bf16:
 about 0.6B parameters; writing it needs that much disk, the bundle about as much again per 16-bit target)
-into a signed bundle of ``--target``s, each build in its own measured process. ``--sovpack`` compares another
-installation (e.g. an older checkout's virtualenv ``bin/sovpack``) on the same checkpoints, side by side.
+into a signed bundle of ``--target``s, each build in its own process, its memory sampled every 0.5 s and split
+into phases at the build's stage lines (benchmarks/_phases.py): with the default targets the first phase after
+the reference is the three writers at once (one read of the checkpoint), the rest each runtime's parity run
+and the signing. ``--sovpack`` compares another installation (e.g. an older checkout's virtualenv
+``bin/sovpack``) on the same checkpoints, side by side.
 
     python benchmarks/build.py                                  # this checkout
     python benchmarks/build.py --sovpack /tmp/oldvenv/bin/sovpack --label before
@@ -18,7 +21,6 @@ from pathlib import Path
 
 from _common import (
     FIXTURE,
-    Measurement,
     add_checkpoint_args,
     checkpoint_from_args,
     dir_size,
@@ -27,18 +29,19 @@ from _common import (
     print_table,
     work_dir,
 )
+from _phases import Run, phase_rows, run_build
 
 DEFAULT_TARGETS = ("onnx:fp16", "gguf:q8_0", "openvino:fp16")
 HEADER = ("sovpack", "checkpoint", "targets", "wall s", "peak RSS MiB", "peak anon MiB", "bundle MiB")
 
 
 def build(sovpack: str, checkpoint: Path, out: Path, key: Path, targets: list[str], extra: list[str], log: Path
-          ) -> Measurement:
+          ) -> Run:
     shutil.rmtree(out, ignore_errors=True)
-    argv = [sovpack, "build", str(checkpoint), "-o", str(out), "--key", str(key), "--quiet", *extra]
+    argv = [sovpack, "build", str(checkpoint), "-o", str(out), "--key", str(key), "--json", *extra]
     for target in targets:
         argv += ["-t", target]
-    return measure(argv, log)
+    return run_build(argv, log)
 
 
 def main() -> int:
@@ -67,16 +70,22 @@ def main() -> int:
             extra = [arg for item in args.threshold for arg in ("--threshold", item)]
             cases.append((f"synthetic {ckpt.dims.nbytes() / 2**30:.1f} GiB", ckpt.path, extra))
         rows: list[list[str]] = []
+        phases: dict[str, list[list[str]]] = {}
         failures: list[str] = []
         for name, path, extra in cases:
             out = work / "bundle"
             print(f"building {name} with {args.label} ...", flush=True)
             run = build(args.sovpack, path, out, key, targets, extra, work / f"build-{len(rows)}.log")
-            rows.append([args.label, name, " ".join(targets), f"{run.wall_s:.1f}", mib(run.peak_rss),
-                         mib(run.peak_anon), mib(dir_size(out)) if run.ok else "-"])
-            if not run.ok:
-                failures.append(f"{name}: {run.failure()}")
-                print("\n".join(run.tail()), file=sys.stderr)
+            ok = run.returncode == 0
+            rows.append([args.label, name, " ".join(targets), f"{run.wall:.1f}", mib(run.peak_rss),
+                         mib(run.peak_anon), mib(dir_size(out)) if ok else "-"])
+            phases[name] = phase_rows(run)
+            if not ok:
+                failures.append(f"{name}: exit {run.returncode}")
+                print("\n".join(run.tail), file=sys.stderr)
+        for name, table in phases.items():
+            print(f"\n{name}, per phase (the build's stage lines; memory sampled every 0.5 s):")
+            print_table(["phase", "seconds", "peak anon MiB", "peak RSS MiB"], table)
         print()
         print_table(HEADER, rows)
         for failure in failures:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
+import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from sovpack.parity.recorded import RecordedReference, record_reference
 from sovpack.parity.report import PARITY_FILE, ParityReport
 from sovpack.quantize.options import QuantOptions
 from sovpack.source.model import SourceModel, open_model
-from sovpack.targets.base import TargetRef, check_runtime_memory
+from sovpack.targets.base import TargetRef, check_runtime_memory, machine_memory
 
 Overrides = Mapping[str, float | bool | None]
 
@@ -76,52 +79,149 @@ def convert(
         check_runtime_memory([ref], model.spec)
     # NOTE: the output may neither be, contain nor lie inside the checkpoint; a destination that cannot take
     # the output (read-only, full) is a ConversionError naming it, with nothing left behind.
-    recipes = quant_recipes(ref, quant)
-    tried: list[dict[str, Any]] = []
     with atomic_directory(out, force=force, inputs=[model.checkpoint.root], error=ConversionError) as tmp:
-        for attempt, recipe in enumerate(recipes, start=1):
-            if attempt > 1:  # the previous recipe FAILED parity: start over from an empty directory
-                _empty(tmp)
-            written = ref.target.write(model, ref.precision, tmp, progress, quant=recipe)
-            recorded_quant = written.format_metadata.get("quantization")
-            if tried and isinstance(recorded_quant, dict):
-                recorded_quant["attempts"] = list(tried)  # the recipes that FAILED before this one
-            metadata = ArtifactMetadata(
-                sovpack_version=__version__,
-                target=str(ref),
-                format=ref.format,
-                precision=ref.precision,
-                name=model.name,
-                files=tuple(sorted({*written.files, ARTIFACT_FILE})),
-                spec=model.spec,
-                source=tuple(model.checkpoint.source_files),
-                format_metadata=written.format_metadata,
-                traits=written.traits,
-            )
-            metadata.save(tmp)
-            return_freed_memory()  # the writer's heap goes back before the runtime loads the artifact
-            report = None
-            if parity and model.spec.encoder is not None:
-                embedded = reference if isinstance(reference, RecordedEmbeddings) else record_embeddings(
-                    model, labeled_texts(prompts), progress=progress)
-                reference = embedded
-                report = run_embedding_parity(ref, tmp, metadata, embedded, model.checkpoint.tokenizer_json,
-                                              threshold_overrides, progress)
-            elif parity:
-                recorded = reference if isinstance(reference, RecordedReference) else record_reference(
-                    model, prompts, progress=progress)
-                reference = recorded
-                report = run_parity(ref, tmp, metadata, recorded, model.checkpoint.tokenizer_json,
-                                    threshold_overrides, progress)
-            if report is not None:
-                report.save(tmp / PARITY_FILE)
-                if report.status == "FAILED" and attempt < len(recipes):
-                    tried.append({**(recipe or QuantOptions()).to_dict(), "mean_kl": report.metrics.mean_kl})
-                    continue
-                if report.status == "FAILED":
-                    raise ParityError(f"{ref}: parity FAILED, nothing written: " + "; ".join(report.reasons))
-            break
+        metadata, report = _write_and_check(model, TargetJob(ref, tmp, threshold_overrides, quant), parity=parity,
+                                            prompts=prompts, reference=reference, progress=progress)
     return ConvertResult(target=str(ref), out_dir=out, metadata=metadata, parity=report)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetJob:
+    """One target of a build: written into an empty directory, judged with its overrides and 4-bit recipe."""
+
+    ref: TargetRef
+    directory: Path
+    threshold_overrides: Overrides | None = None
+    quant: QuantOptions | None = None
+
+
+def write_targets(model: SourceModel, jobs: Sequence[TargetJob], progress: Progress = no_progress
+                  ) -> list[ArtifactMetadata]:
+    """Every job's artifact (its first recipe) written at the same time, on a thread each; no parity yet.
+
+    The writers share the opened model, whose mapped pages come from disk once, and keep both cores busy where
+    one writer alone would wait on the disk. Which targets a build writes so: ``overlapped_targets``.
+    """
+    shared = _locked(progress)
+    with ThreadPoolExecutor(max_workers=max(len(jobs), 1)) as pool:
+        written = list(pool.map(lambda job: _write(model, job, quant_recipes(job.ref, job.quant)[0], [], shared),
+                                jobs))
+    return_freed_memory()
+    return written
+
+
+def finish_target(
+    model: SourceModel,
+    job: TargetJob,
+    *,
+    reference: RecordedReference | RecordedEmbeddings,
+    prompts: Sequence[str] = (),
+    progress: Progress = no_progress,
+    written: ArtifactMetadata | None = None,
+) -> ConvertResult:
+    """``job`` written (unless ``written`` says its first recipe is on disk already) and judged against the
+    recorded ``reference`` on its runtime; FAILED raises ParityError (see ``convert``)."""
+    metadata, report = _write_and_check(model, job, parity=True, prompts=prompts, reference=reference,
+                                        progress=progress, written=written)
+    return ConvertResult(target=str(job.ref), out_dir=job.directory, metadata=metadata, parity=report)
+
+
+# NOTE: writers overlap only where that cannot cost memory or repeated work. 4-bit targets do not: their
+# calibration, sensitivities and codes are shared between targets through the opened model (computed by the
+# first, reused by the next), and their fits already use every core; they are written in their turn. Other
+# writers hold a few copies of one tensor at a time (its float32 form, a converted copy, a quantized or packed
+# one); running them together must keep that under a quarter of the machine's memory (a 0.6B model's largest
+# tensor is ~0.2 GB as float32, an 8B model's embedding table 2.1 GB: three writers at once would need ~25 GB).
+WRITER_COPIES = 4
+OVERLAP_MEMORY_SHARE = 0.25
+
+
+def overlapped_targets(model: SourceModel, refs: Sequence[TargetRef]) -> list[TargetRef]:
+    """The targets a build writes at the same time (none, or at least two; see the NOTE)."""
+    chosen = [ref for ref in refs if ref.info.weights != "int4"]
+    largest = max(math.prod(shape) for shape in model.spec.tensor_shapes().values())
+    if len(chosen) < 2 or largest * 4 * WRITER_COPIES * len(chosen) > OVERLAP_MEMORY_SHARE * machine_memory():
+        return []
+    return chosen
+
+
+def _locked(progress: Progress) -> Progress:
+    """``progress`` callable from several writer threads (one report at a time)."""
+    lock = threading.Lock()
+
+    def report(description: str, completed: int, total: int) -> None:
+        with lock:
+            progress(description, completed, total)
+
+    return report
+
+
+def _write(model: SourceModel, job: TargetJob, recipe: QuantOptions | None, tried: list[dict[str, Any]],
+           progress: Progress) -> ArtifactMetadata:
+    """Write ``job``'s artifact with one 4-bit recipe into its (empty) directory, metadata included."""
+    ref = job.ref
+    written = ref.target.write(model, ref.precision, job.directory, progress, quant=recipe)
+    recorded_quant = written.format_metadata.get("quantization")
+    if tried and isinstance(recorded_quant, dict):
+        recorded_quant["attempts"] = list(tried)  # the recipes that FAILED before this one
+    metadata = ArtifactMetadata(
+        sovpack_version=__version__,
+        target=str(ref),
+        format=ref.format,
+        precision=ref.precision,
+        name=model.name,
+        files=tuple(sorted({*written.files, ARTIFACT_FILE})),
+        spec=model.spec,
+        source=tuple(model.checkpoint.source_files),
+        format_metadata=written.format_metadata,
+        traits=written.traits,
+    )
+    metadata.save(job.directory)
+    return metadata
+
+
+def _write_and_check(
+    model: SourceModel,
+    job: TargetJob,
+    *,
+    parity: bool,
+    prompts: Sequence[str],
+    reference: RecordedReference | RecordedEmbeddings | None,
+    progress: Progress,
+    written: ArtifactMetadata | None = None,
+) -> tuple[ArtifactMetadata, ParityReport | None]:
+    """Write ``job`` (unless ``written``: its first recipe is on disk already) and judge it on its runtime,
+    retrying the larger 8-bit shares of the default 4-bit recipe while parity FAILS; FAILED raises ParityError."""
+    ref = job.ref
+    recipes = quant_recipes(ref, job.quant)
+    tried: list[dict[str, Any]] = []
+    for attempt, recipe in enumerate(recipes, start=1):
+        if attempt > 1:  # the previous recipe FAILED parity: start over from an empty directory
+            _empty(job.directory)
+        metadata = written if attempt == 1 and written is not None else _write(model, job, recipe, tried, progress)
+        return_freed_memory()  # the writer's heap goes back before the runtime loads the artifact
+        report = None
+        if parity and model.spec.encoder is not None:
+            embedded = reference if isinstance(reference, RecordedEmbeddings) else record_embeddings(
+                model, labeled_texts(prompts), progress=progress)
+            reference = embedded
+            report = run_embedding_parity(ref, job.directory, metadata, embedded, model.checkpoint.tokenizer_json,
+                                          job.threshold_overrides, progress)
+        elif parity:
+            recorded = reference if isinstance(reference, RecordedReference) else record_reference(
+                model, prompts, progress=progress)
+            reference = recorded
+            report = run_parity(ref, job.directory, metadata, recorded, model.checkpoint.tokenizer_json,
+                                job.threshold_overrides, progress)
+        if report is not None:
+            report.save(job.directory / PARITY_FILE)
+            if report.status == "FAILED" and attempt < len(recipes):
+                tried.append({**(recipe or QuantOptions()).to_dict(), "mean_kl": report.metrics.mean_kl})
+                continue
+            if report.status == "FAILED":
+                raise ParityError(f"{ref}: parity FAILED, nothing written: " + "; ".join(report.reasons))
+        return metadata, report
+    raise AssertionError("unreachable: quant_recipes returns at least one recipe")
 
 
 # NOTE: `-t FORMAT:int4` with the default method keeps the recipe that passes parity: when 4-bit codes with

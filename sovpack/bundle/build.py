@@ -11,13 +11,13 @@ from typing import Any
 
 from sovpack import __version__
 from sovpack._io import Progress, atomic_directory, check_not_input, no_progress, return_freed_memory, source_date
-from sovpack.artifact import ARTIFACT_FILE
+from sovpack.artifact import ARTIFACT_FILE, ArtifactMetadata
 from sovpack.attest.dsse import SigningKey, Statement, Subject, canonical_json, pretty_json
 from sovpack.attest.release import Release, ReleaseTarget, parse_time
 from sovpack.bundle.attestations import attestation_manifest, parity_predicate, release_manifest, subject_name
 from sovpack.bundle.config import BuildConfig
 from sovpack.bundle.modelpack import file_metadata, layer_media_type, list_artifact_files, modelpack_config
-from sovpack.convert import ConvertResult
+from sovpack.convert import ConvertResult, TargetJob, finish_target, overlapped_targets, write_targets
 from sovpack.errors import ParityError, SourceError, UsageError, VerificationError
 from sovpack.oci.descriptor import Descriptor
 from sovpack.oci.media import (
@@ -156,8 +156,6 @@ def build_bundle(
     ParityError and nothing is written; WARNED targets are kept (their attestation says WARNED and ``sovpack
     verify`` policy decides).
     """
-    from sovpack.convert import convert
-
     checkpoint, output, refs = _resolve_targets(config)
     model = open_model(checkpoint, allow_nonfinite=config.allow_nonfinite)
     for ref in refs:
@@ -184,20 +182,18 @@ def build_bundle(
             attestations: list[Descriptor] = []
             built: list[BuiltTarget] = []
             released: list[ReleaseTarget] = []
-            for i, ref in enumerate(refs, start=1):
+            jobs = [TargetJob(ref, work / f"{i:02d}-{ref.format}-{ref.precision}", config.overrides_for(str(ref))
+                              or None, config.quantization_for(str(ref))) for i, ref in enumerate(refs, start=1)]
+            for job in jobs:
+                job.directory.mkdir()
+            written = _write_together(model, jobs, progress)
+            for i, (ref, job) in enumerate(zip(refs, jobs, strict=True), start=1):
                 stage = f"[{i}/{len(refs)}] {ref}"
-                progress(f"{stage}: convert + parity", 0, 1)
-                result = convert(
-                    model,
-                    ref,
-                    work / f"{i:02d}-{ref.format}-{ref.precision}",
-                    prompts=config.prompts,
-                    threshold_overrides=config.overrides_for(str(ref)) or None,
-                    progress=progress,
-                    reference=reference,
-                    quant=config.quantization_for(str(ref)),
-                )
-                progress(f"{stage}: convert + parity", 1, 1)
+                step = "parity check" if ref in written else "convert + parity"
+                progress(f"{stage}: {step}", 0, 1)
+                result = finish_target(model, job, reference=reference, prompts=config.prompts, progress=progress,
+                                       written=written.get(ref))
+                progress(f"{stage}: {step}", 1, 1)
                 return_freed_memory()  # the runtime's session is closed: its heap goes back before the next
                 progress(f"{stage}: store + sign", 0, 1)
                 manifest, signed, stored = _store_target(store, ref, result, model, ref_manifest, context)
@@ -232,6 +228,21 @@ def build_bundle(
         targets=tuple(built),
         size=size,
     )
+
+
+def _write_together(model: SourceModel, jobs: list[TargetJob], progress: Progress
+                    ) -> dict[TargetRef, ArtifactMetadata]:
+    """The artifacts a build writes at once before any parity run (convert.overlapped_targets), by target."""
+    refs = [job.ref for job in jobs]
+    together = overlapped_targets(model, refs)
+    if not together:
+        return {}
+    numbers = "+".join(str(refs.index(ref) + 1) for ref in together)
+    stage = f"[{numbers}/{len(refs)}] {', '.join(map(str, together))}: write at once"
+    progress(stage, 0, 1)
+    metadata = write_targets(model, [job for job in jobs if job.ref in together], progress)
+    progress(stage, 1, 1)
+    return dict(zip(together, metadata, strict=True))
 
 
 def _release(

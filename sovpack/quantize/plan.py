@@ -20,7 +20,7 @@ from sovpack._io import Progress, no_progress
 from sovpack.quantize.cache import CodesCache
 from sovpack.quantize.calibration import Calibration, calibrate
 from sovpack.quantize.gptq import gptq_quantize
-from sovpack.quantize.groups import GroupCodes, fit_groups, quantize_rtn
+from sovpack.quantize.groups import GroupCodes, fit_groups, quantize_rtn, rtn_error
 from sovpack.quantize.options import QuantOptions
 from sovpack.quantize.scaling import output_error, search_input_scale
 from sovpack.source.model import SourceModel
@@ -202,9 +202,14 @@ def _sensitivity(model: SourceModel, name: str, group: int, method: str, symmetr
                                                 symmetric=symmetric, scale_dtype=SENSITIVITY_SCALE_DTYPE,
                                                 integer_zero=integer_zero)
         result = (sensitivity, scale)
-    else:
+    elif calib is not None and calib.hessian(name) is not None:
         codes = quantize_rtn(weight, bits=4, group_size=group, symmetric=symmetric,
                              scale_dtype=SENSITIVITY_SCALE_DTYPE)
         result = (relative_error(weight, codes, calib, name), None)
+    else:  # the diagonal approximation, without materialising the codes (blocks of rows on every core)
+        channel = importance if importance is not None else np.ones(weight.shape[1], dtype=np.float32)
+        error, norm = rtn_error(weight, channel, bits=4, group_size=group, symmetric=symmetric,
+                                scale_dtype=SENSITIVITY_SCALE_DTYPE)
+        result = (error / max(norm, 1e-30), None)
     model.derived[key] = result
     return result

@@ -1,0 +1,67 @@
+"""One read, several writers: a build writes its non-4-bit targets at the same time, then judges each in turn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sovpack.attest.dsse import SigningKey, generate_key_pair
+from sovpack.bundle import build_bundle
+from sovpack.bundle.config import BuildConfig
+from sovpack.convert import TargetJob, convert, overlapped_targets, write_targets
+from sovpack.source.model import open_model
+from sovpack.targets.base import TargetRef
+
+TOGETHER = ("onnx:fp16", "gguf:q8_0", "openvino:fp16")
+
+
+def _refs(*targets: str) -> list[TargetRef]:
+    return [TargetRef.parse(t) for t in targets]
+
+
+def test_writing_at_once_gives_the_bytes_of_one_at_a_time(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """Deterministic whatever the schedule: every file of every artifact written by concurrent writers equals
+    the same target converted alone."""
+    model = open_model(checkpoints["llama3"])
+    jobs = [TargetJob(ref, tmp_path / "together" / ref.format) for ref in _refs(*TOGETHER)]
+    for job in jobs:
+        job.directory.mkdir(parents=True)
+    written = write_targets(model, jobs)
+    assert [m.target for m in written] == list(TOGETHER)
+    for job in jobs:
+        alone = convert(checkpoints["llama3"], job.ref, tmp_path / "alone" / job.ref.format, parity=False).out_dir
+        files = sorted(p.name for p in job.directory.iterdir())
+        assert files == sorted(p.name for p in alone.iterdir()) and len(files) > 2
+        for name in files:
+            assert (job.directory / name).read_bytes() == (alone / name).read_bytes(), f"{job.ref}: {name}"
+
+
+def test_which_targets_overlap(checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """4-bit targets are written in their turn (they share calibration and codes through the model); one
+    target alone, or writers whose tensors would not fit a quarter of the memory, do not overlap."""
+    model = open_model(checkpoints["llama3"])
+    mixed = _refs("onnx:int4", "onnx:fp16", "gguf:q4_k_m", "gguf:q8_0", "openvino:int8")
+    assert overlapped_targets(model, mixed) == _refs("onnx:fp16", "gguf:q8_0", "openvino:int8")
+    assert overlapped_targets(model, _refs("onnx:fp16", "openvino:int4")) == []
+    monkeypatch.setattr("sovpack.convert.machine_memory", lambda: 1 << 20)  # 1 MiB: too little
+    assert overlapped_targets(model, _refs(*TOGETHER)) == []
+
+
+def test_build_writes_at_once_then_judges_each_in_turn(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    pair = generate_key_pair(tmp_path / "keys")
+    stages: list[str] = []
+
+    def progress(description: str, completed: int, total: int) -> None:
+        if completed == 0 and description.startswith("["):
+            stages.append(description)
+
+    config = BuildConfig(checkpoint=checkpoints["llama3"], output=tmp_path / "bundle",
+                         targets=(*TOGETHER, "onnx:int4"), tag="v1", target_thresholds={"onnx:int4": {"mean_kl": 0.6}})
+    result = build_bundle(config, key=SigningKey.load(pair.private_key), progress=progress)
+    assert [t.parity for t in result.targets] == ["PASSED"] * 4
+    assert stages == ["[1+2+3/4] onnx:fp16, gguf:q8_0, openvino:fp16: write at once",
+                      "[1/4] onnx:fp16: parity check", "[1/4] onnx:fp16: store + sign",
+                      "[2/4] gguf:q8_0: parity check", "[2/4] gguf:q8_0: store + sign",
+                      "[3/4] openvino:fp16: parity check", "[3/4] openvino:fp16: store + sign",
+                      "[4/4] onnx:int4: convert + parity", "[4/4] onnx:int4: store + sign"]
