@@ -177,6 +177,7 @@ def build_bundle(
             else:
                 reference = record_reference(model, config.prompts, progress=progress)
             ref_manifest = _store_reference(store, reference, model, context)
+            model.release_all_pages()  # the reference read every weight: the writers start from none resident
             return_freed_memory()
             entries: list[Descriptor] = []
             attestations: list[Descriptor] = []

@@ -63,6 +63,19 @@ class SourceModel:
         ``tensor`` gives the same values dequantized (and refuses scale 255); these are passed through unchecked."""
         return read_mxfp4(self.checkpoint, self.tensor_map[name])
 
+    def stores_half(self, name: str) -> bool:
+        """Whether canonical tensor ``name`` is stored as bfloat16 or float16 with no family offset: a float16
+        writer may then convert ``stored(name)`` directly (every bfloat16 value converts to float16 exactly as
+        through float32; checked over all 65536), skipping the float32 copy ``tensor`` makes."""
+        source = self.tensor_map[name]
+        info = self.checkpoint.tensors.get(source.name)
+        return not source.add and source.mxfp4_scales is None and info is not None and info.dtype in ("BF16", "F16")
+
+    def release_all_pages(self) -> None:
+        """Let go of every mapped page of the checkpoint (after a pass over all weights, e.g. the reference)."""
+        for shard in self.checkpoint.shards.values():
+            shard.release_pages()
+
     def release_pages(self, name: str) -> None:
         """Let go of the mapped pages behind a canonical tensor once a streaming writer is done with it."""
         for shard in source_shards(self.checkpoint, self.tensor_map[name]):

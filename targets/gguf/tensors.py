@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from sovpack.errors import ConversionError
@@ -51,8 +52,14 @@ class TensorJob:
     f32: bool = False
 
 
+# Exponent bits of the stored 16-bit floats: all set means Inf or NaN.
+_HALF_EXPONENT = {np.dtype(np.float16): 0x7C00, np.dtype(ml_dtypes.bfloat16): 0x7F80}
+
+
 def row_blocks(model: SourceModel, canonical: str, *, align: int = 1) -> Iterator[np.ndarray]:
-    """A canonical tensor as float32 row blocks (row counts a multiple of ``align``), read lazily.
+    """A canonical tensor as row blocks (row counts a multiple of ``align``), read lazily: float32, or the
+    stored bfloat16/float16 itself when that needs no adjustment (``encode`` converts each block once, to its
+    type: float16 and bfloat16 then need no float32 copy).
 
     1-D tensors and tensors with a family offset (Gemma's norms) come whole through ``SourceModel.tensor``;
     a block with NaN/Inf defers to it too, so the error is the one every target raises.
@@ -61,10 +68,12 @@ def row_blocks(model: SourceModel, canonical: str, *, align: int = 1) -> Iterato
     if view.ndim == 1 or model.tensor_map[canonical].add:
         yield model.tensor(canonical, np.float32)
         return
+    half = _HALF_EXPONENT.get(view.dtype) if model.stores_half(canonical) else None
     rows = max(align, BLOCK_BYTES // max(1, 4 * math.prod(view.shape[1:])) // align * align)
     for start in range(0, view.shape[0], rows):
-        block = np.asarray(view[start : start + rows], dtype=np.float32)
-        if not model.allow_nonfinite and not np.isfinite(block).all():
+        block = np.asarray(view[start : start + rows], dtype=view.dtype if half else np.float32)
+        finite = ((block.view(np.uint16) & half) != half).all() if half else np.isfinite(block).all()
+        if not model.allow_nonfinite and not finite:
             model.tensor(canonical, np.float32)  # raises SourceError naming the file and tensor
         yield block
     model.release_pages(canonical)  # the tensor is written: its mapped pages need not stay resident
@@ -300,10 +309,17 @@ def encode(job: TensorJob, qtype: Any, model: SourceModel) -> Iterator[np.ndarra
     gguf = import_gguf()
     rows = math.prod(job.shape[:-1])
     done = 0
+    q = gguf.GGMLQuantizationType
     for block in job.blocks():
-        block = np.ascontiguousarray(block, dtype=np.float32).reshape(-1, job.shape[-1])
-        encoded = gguf.quants.quantize(block, qtype)
-        if qtype == gguf.GGMLQuantizationType.F16 and not np.isfinite(encoded).all():
+        block = block.reshape(-1, job.shape[-1])
+        if qtype == q.BF16 and block.dtype == ml_dtypes.bfloat16:  # stored bf16: these are the bytes
+            encoded = np.ascontiguousarray(block).view(np.uint8)
+        elif qtype == q.F16 and block.dtype != np.float32:  # stored bf16/f16: one exact cast
+            with np.errstate(over="ignore"):
+                encoded = block.astype(np.float16)
+        else:
+            encoded = gguf.quants.quantize(np.ascontiguousarray(block, dtype=np.float32), qtype)
+        if qtype == q.F16 and not np.isfinite(encoded).all():
             raise ConversionError(
                 f"{model.path}: tensor {job.name} has values beyond the float16 range; convert to bf16 or f32 instead"
             )

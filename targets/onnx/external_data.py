@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,18 +79,28 @@ class ExternalData:
         return self.write(name, array.shape, array.dtype, [array])
 
 
-def converted_chunks(name: str, array: np.ndarray, dtype: np.dtype) -> Iterable[np.ndarray]:
-    """``array`` converted to ``dtype`` in row blocks of ~CHUNK_BYTES, so no full-size converted copy exists."""
+def converted_chunks(name: str, array: np.ndarray, dtype: np.dtype,
+                     check_source: Callable[[], object] | None = None) -> Iterable[np.ndarray]:
+    """``array`` converted to ``dtype`` in row blocks of ~CHUNK_BYTES, so no full-size converted copy exists.
+
+    ``array`` may be the checkpoint's stored tensor itself (bfloat16 converts to float16 directly, exactly as
+    through float32); then ``check_source`` raises the model's SourceError when a block turns out to hold NaN
+    or Inf, which a float32 source was already checked for.
+    """
     rows = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
     step = max(1, CHUNK_BYTES // max(1, rows.shape[1] * 4))
     for start in range(0, rows.shape[0], step):
         source = rows[start : start + step]
         with np.errstate(over="ignore"):  # overflow is checked just below, with a clearer message
             converted = source.astype(dtype)
-        if dtype == np.float16 and (np.isinf(converted) & np.isfinite(source)).any():
-            peak = float(np.max(np.abs(source)))
-            raise ConversionError(
-                f"tensor {name!r} has values up to {peak:.4g}, beyond the float16 range (65504); "
-                "use onnx:fp32 or a quantized precision"
-            )
+        if dtype == np.float16 and not np.isfinite(converted).all():
+            wide = source.astype(np.float32)
+            if check_source is not None and not np.isfinite(wide).all():
+                check_source()  # NaN/Inf in the checkpoint: SourceError (unless the model allows them)
+            if (np.isinf(converted) & np.isfinite(wide)).any():
+                peak = float(np.max(np.abs(wide[np.isfinite(wide)])))
+                raise ConversionError(
+                    f"tensor {name!r} has values up to {peak:.4g}, beyond the float16 range (65504); "
+                    "use onnx:fp32 or a quantized precision"
+                )
         yield converted

@@ -153,8 +153,13 @@ class DecoderBuilder:
         key = (name, np.dtype(dtype).str)
         if key in self._weights:
             return self._weights[key]
-        array = self.source(name)
-        tensor = self.data.write(name, array.shape, dtype, converted_chunks(name, array, np.dtype(dtype)))
+        if np.dtype(dtype) == np.float16 and self.model.stores_half(name):  # straight from bf16/f16
+            array = self.model.stored(name)
+            chunks = converted_chunks(name, array, np.dtype(dtype), lambda: self.model.tensor(name, np.float32))
+        else:
+            array = self.source(name)
+            chunks = converted_chunks(name, array, np.dtype(dtype))
+        tensor = self.data.write(name, array.shape, dtype, chunks)
         self.model.release_pages(name)
         del array
         self.g.initializers.append(tensor)

@@ -273,19 +273,27 @@ class WeightFactory:
         """An owning ov.Tensor of ``name`` in ``ov_type`` (f32 or f16), filled without extra copies."""
         import openvino as ov
 
-        def fill(array: np.ndarray) -> Any:
-            if ov_type == ov.Type.f16 and array.size:
-                peak = max(float(array.max()), -float(array.min()))  # no |array| temporary
-                if peak > FP16_MAX:
-                    raise ConversionError(
-                        f"{self.model.path}: tensor {name!r} has values up to {peak:.6g}, beyond float16's range "
-                        f"({FP16_MAX:g}); use openvino:fp32 or an integer precision"
-                    )
+        def fill(array: np.ndarray, *, checked: bool = False) -> Any:
+            peak = max(float(array.max()), -float(array.min())) if ov_type == ov.Type.f16 and array.size and \
+                not checked else 0.0  # max/min: no |array| temporary
+            if peak > FP16_MAX:
+                raise ConversionError(f"{self.model.path}: tensor {name!r} has values up to {peak:.6g}, beyond "
+                                      f"float16's range ({FP16_MAX:g}); use openvino:fp32 or an integer precision")
             tensor = ov.Tensor(ov_type, ov.Shape(list(shape)))
-            np.copyto(tensor.data, array.reshape(shape), casting="unsafe")
+            with np.errstate(over="ignore"):
+                np.copyto(tensor.data, array.reshape(shape), casting="unsafe")
             return tensor
 
-        return self._consume(name, fill)
+        if ov_type != ov.Type.f16 or not self.model.stores_half(name):
+            return self._consume(name, fill)
+        # Straight from the stored bfloat16/float16 (exact, no float32 copy); only a result holding Inf/NaN is
+        # looked at in float32 (NaN/Inf in the checkpoint: SourceError; beyond float16's range: ConversionError).
+        self._progress(name)
+        try:
+            tensor = fill(self.model.stored(name), checked=True)
+        finally:
+            self.model.release_pages(name)
+        return tensor if np.isfinite(tensor.data).all() else self._consume(name, fill)
 
     def _quantize_by_rows(self, name: str, *, bits: int, symmetric: bool, group_size: int | None) -> Quantized:
         """Round-to-nearest codes of ``name`` computed a block of rows at a time (rows are independent): an
