@@ -10,7 +10,7 @@ import numpy as np
 
 from sovpack._io import Progress
 from sovpack._protocols import Precision, RunnerTraits, WrittenArtifact
-from sovpack.errors import ConversionError, UsageError
+from sovpack.errors import ConversionError, SovpackError, UsageError
 from sovpack.parity.thresholds import DEFAULT_THRESHOLDS
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
@@ -205,14 +205,15 @@ def _notes(spec: ModelSpec) -> list[str]:
 
 
 def _save_model(ov: Any, graph: Any, path: Path) -> None:
-    """``ov.save_model`` without fp16 compression; a failure (a weight maker's included) is a ConversionError."""
+    """``ov.save_model`` without fp16 compression; a failure is a ConversionError, or a weight maker's own
+    SovpackError (e.g. the SourceError of NaN in the checkpoint)."""
     try:
         ov.save_model(graph, path, compress_to_fp16=False)
-    except ConversionError:
+    except SovpackError:
         raise
     except Exception as e:  # broad: a failing weight maker surfaces as whatever the binding wraps it in
         cause = e.__cause__ or e.__context__
-        if isinstance(cause, ConversionError):
+        if isinstance(cause, SovpackError):
             raise cause from e
         raise ConversionError(f"{path}: writing the OpenVINO IR failed: {e}") from e
 
