@@ -3,7 +3,8 @@
 # NOTE: int4. The codes, scales and zero points come from sovpack.quantize's plan (calibrated method,
 # mixed 4/8-bit by measured sensitivity) and are packed here into MatMulNBits' inputs (onnxruntime's contrib
 # op spec): B uint8 [N, blocks, block_size * bits / 8] (4 bits: even k in the low nibble), scales [N, blocks]
-# of T1 (the activation type: float32 in our graph, so scales are stored unrounded), zero points either uint8
+# of T1 (the activation type: float32 in our graph; the plan rounds them to float16, the recipe openvino:int4
+# shares, sovpack.quantize.cache), zero points either uint8
 # (4 bits: two blocks a byte, low nibble first, a row's odd last block padded with 8, the default) or T1
 # floats shaped like the scales. The packer reproduces MatMulNBitsQuantizer's bytes for its own RTN codes
 # (tests/targets/test_onnx_quant.py), so only the codes differ from the old path.
