@@ -13,8 +13,10 @@ fit the scale the runtime will read.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -30,6 +32,7 @@ SEARCH_RATIOS = tuple(1.0 - 0.05 * i for i in range(10))
 ROW_BLOCK = 64
 ROW_BLOCK_RTN = 256  # round-to-nearest is one pass: larger blocks, fewer tasks
 MAX_THREADS = 4
+_Part = TypeVar("_Part")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,11 +134,18 @@ def rtn_error(weight: np.ndarray, channel: np.ndarray, *, bits: int, group_size:
         error = _error(part, codes.codes.astype(np.float32), codes.scale, codes.zero.astype(np.float32), weights)
         return float(error.sum(dtype=np.float64)), float(np.einsum("ngk,ngk,gk->", part, part, weights))
 
-    starts = range(0, w.shape[0], ROW_BLOCK_RTN)
-    threads = min(len(starts), os.cpu_count() or 1, MAX_THREADS)
-    with ThreadPoolExecutor(max(threads, 1)) as pool:
-        sums = list(pool.map(block, starts))
+    sums = _over_row_blocks(block, w.shape[0], ROW_BLOCK_RTN)
     return sum(e for e, _ in sums), sum(n for _, n in sums)
+
+
+def _over_row_blocks(work: Callable[[int], _Part], rows: int, block: int) -> list[_Part]:
+    """``work(start)`` for every block of ``block`` rows, in order, on a thread per core (see the NOTE above)."""
+    starts = range(0, rows, block)
+    threads = min(len(starts), os.cpu_count() or 1, MAX_THREADS)
+    if threads <= 1:
+        return [work(start) for start in starts]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(work, starts))
 
 
 def fit_params(w: np.ndarray, weights: np.ndarray, *, bits: int, symmetric: bool, scale_dtype: type,
@@ -205,13 +215,7 @@ def fit_groups(weight: np.ndarray, *, bits: int, group_size: int, symmetric: boo
         return fit_params(w[start:start + ROW_BLOCK], weights, bits=bits, symmetric=symmetric,
                           scale_dtype=scale_dtype, integer_zero=integer_zero)
 
-    starts = range(0, w.shape[0], ROW_BLOCK)
-    threads = min(len(starts), os.cpu_count() or 1, MAX_THREADS)
-    if threads > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            parts = list(pool.map(fit, starts))
-    else:
-        parts = [fit(start) for start in starts]
+    parts = _over_row_blocks(fit, w.shape[0], ROW_BLOCK)
     scale = np.concatenate([part[0] for part in parts])
     zero = np.concatenate([part[1] for part in parts])
     codes = _encode(w, scale, zero, bits)

@@ -247,8 +247,10 @@ class WeightFactory:
         self.group_size = scheme.group_size or default_group_size(spec.hidden_size)
 
     # -- reading ---------------------------------------------------------------------------------------
-    def _consume(self, name: str, use: Callable[[np.ndarray], _T]) -> _T:
-        """``use(tensor)`` on canonical tensor ``name`` (float32), then release its checkpoint pages.
+    def _consume(self, name: str, use: Callable[[np.ndarray], _T], read: Callable[[], np.ndarray] | None = None
+                 ) -> _T:
+        """``use(tensor)`` on canonical tensor ``name`` (float32, or what ``read`` returns), then release its
+        checkpoint pages.
 
         ``use`` must copy what it keeps: the array may be a view of the checkpoint's mapping. Releasing the pages
         (``SourceModel.release_pages``) keeps the writer's resident memory near one tensor instead of letting the
@@ -256,7 +258,7 @@ class WeightFactory:
         """
         self._progress(name)
         try:
-            return use(self.model.tensor(name, np.float32))
+            return use(self.model.tensor(name, np.float32) if read is None else read())
         finally:
             self.model.release_pages(name)
 
@@ -288,11 +290,7 @@ class WeightFactory:
             return self._consume(name, fill)
         # Straight from the stored bfloat16/float16 (exact, no float32 copy); only a result holding Inf/NaN is
         # looked at in float32 (NaN/Inf in the checkpoint: SourceError; beyond float16's range: ConversionError).
-        self._progress(name)
-        try:
-            tensor = fill(self.model.stored(name), checked=True)
-        finally:
-            self.model.release_pages(name)
+        tensor = self._consume(name, lambda stored: fill(stored, checked=True), read=lambda: self.model.stored(name))
         return tensor if np.isfinite(tensor.data).all() else self._consume(name, fill)
 
     def _quantize_by_rows(self, name: str, *, bits: int, symmetric: bool, group_size: int | None) -> Quantized:
