@@ -95,6 +95,16 @@ class Runner(Protocol):
         """Generated ids only (a produced stop token included), decoded through the runtime's own KV cache."""
         ...
 
+    def run_prompts(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+    ) -> list[PromptRun]:
+        """Each prompt's prefill logits and greedy continuation, in prompt order: what parity compares.
+
+        A runtime that takes padded batches runs all prompts at once (one prefill, greedy steps in lockstep);
+        one that takes a single sequence answers with :func:`run_each`.
+        """
+        ...
+
     def runtime_info(self) -> dict[str, str]:
         """Runtime name/version, device, precision hints: recorded in the report for provenance."""
         ...
@@ -102,6 +112,25 @@ class Runner(Protocol):
     def close(self) -> None:
         """Release the runtime's sessions and memory maps; the runner is unusable afterwards."""
         ...
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PromptRun:
+    """One prompt through a runner: its prefill logits [T, vocab] (float32) and the greedy continuation (a
+    produced stop token included). The harness checks both, so a runtime's odd answer is reported, not trusted."""
+
+    logits: np.ndarray
+    tokens: Sequence[int]
+
+
+def run_each(
+    runner: Runner, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+) -> list[PromptRun]:
+    """``run_prompts`` for a runtime that takes one sequence at a time: prefill, then greedy, prompt by prompt."""
+    return [
+        PromptRun(logits=runner.prefill_logits(ids), tokens=runner.greedy(ids, max_new_tokens, stop_ids))
+        for ids in prompts
+    ]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

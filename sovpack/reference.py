@@ -13,8 +13,8 @@ queries to short-rotated keys of the prompt, exactly as transformers generates; 
 factors from its context size (llama.cpp) matches only while prompt and generation stay on one side of it.
 
 Weights are read lazily from the memory-mapped checkpoint. Small models keep their float32 copies (fast
-decode); models whose float32 weights exceed ``cache_budget_bytes`` re-read each tensor per forward pass, so
-memory stays bounded by the largest tensor whatever the model size.
+decode); models whose float32 weights exceed ``cache_budget_bytes`` (default: a quarter of the machine's memory)
+re-read each tensor per forward pass, so memory stays bounded by the largest tensor whatever the model size.
 
 A mixture-of-experts layer (``spec.moe``) routes each token as transformers does (see ``route``) and runs each
 expert only on the tokens routed to it, so unrouted experts are never read.
@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sovpack._protocols import RunnerTraits
+from sovpack._io import machine_memory
+from sovpack._protocols import PromptRun, RunnerTraits
 from sovpack.errors import UsageError
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec, MoESpec
 
-DEFAULT_CACHE_BUDGET = 2 * 1024**3
+CACHE_MEMORY_SHARE = 0.25  # of the machine's memory: float32 weights kept across passes up to this
 
 
 def _default_inv_freq(dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
@@ -244,7 +245,7 @@ class ReferenceModel:
         model: SourceModel,
         *,
         weight_dtype: np.dtype | type | None = None,
-        cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
+        cache_budget_bytes: int | None = None,
     ) -> None:
         if model.spec.encoder is not None:
             raise UsageError(f"{model.path}: {model.spec.family} is an embedding encoder, not a decoder")
@@ -252,7 +253,8 @@ class ReferenceModel:
         self.spec = model.spec
         self.weight_dtype = np.dtype(weight_dtype) if weight_dtype is not None else None
         fp32_bytes = 4 * self.spec.parameter_count()
-        self._cache_weights = fp32_bytes <= cache_budget_bytes
+        budget = int(CACHE_MEMORY_SHARE * machine_memory()) if cache_budget_bytes is None else cache_budget_bytes
+        self._cache_weights = fp32_bytes <= budget
         self._weights: dict[str, np.ndarray] = {}
         self.rope_tables = {kind: RopeTable.of(self.spec, local=kind == "local") for kind in ("global", "local")}
 
@@ -457,6 +459,13 @@ class ReferenceModel:
     def greedy(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
         """Greedy continuation through the KV cache; the stop token, if produced, is included."""
         return self.greedy_batch([ids], max_new_tokens, stop_ids)[0].tokens
+
+    def run_prompts(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+    ) -> list[PromptRun]:
+        """Every prompt decoded in lockstep (:meth:`greedy_batch`); the prefill logits are its first rows."""
+        traces = self.greedy_batch(prompts, max_new_tokens, stop_ids)
+        return [PromptRun(logits=t.logits[: len(ids)], tokens=t.tokens) for ids, t in zip(prompts, traces, strict=True)]
 
     def greedy_batch(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()

@@ -10,13 +10,12 @@ format is one package and nothing else. Orchestration (temp dirs, atomic rename,
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar, cast
 
-from sovpack._io import hashing_copy, open_regular
+from sovpack._io import hashing_copy, machine_memory, open_regular
 from sovpack._plugins import Plugins, import_submodules
 from sovpack._protocols import Precision, Target
 from sovpack.errors import ConversionError, UsageError
@@ -113,16 +112,6 @@ class TargetRef:
 BASE_MEMORY_BYTES = 2 << 30
 # Share of the machine's memory a build may plan to use (the rest: page cache, the system).
 MEMORY_SHARE = 0.9
-
-
-def machine_memory() -> int:
-    """Bytes of memory this process may use: physical memory, or the cgroup's limit when lower."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text(encoding="ascii").strip()
-    except OSError:
-        return total
-    return min(total, int(limit)) if limit.isdigit() else total
 
 
 def check_runtime_memory(refs: Sequence[TargetRef], spec: ModelSpec, *, memory: int | None = None) -> None:

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sovpack._protocols import Runner
-from sovpack.errors import UsageError
+from sovpack._protocols import PromptRun, Runner
+from sovpack.errors import ParityError, UsageError
 from sovpack.parity.metrics import Pooled, aggregate_metrics, check_tokenizer, prompt_metrics
 from sovpack.parity.prompts import DEFAULT_MAX_NEW_TOKENS, TOKENIZER_CORPUS
 from sovpack.parity.recorded import RecordedReference
@@ -190,6 +190,17 @@ def verdict(checks: Sequence[Check]) -> tuple[Status, tuple[str, ...]]:
                          if c.verdict in ("fail", "warn") and c.detail)
 
 
+def _runs(
+    runner: Runner, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: list[int], *, who: str,
+    target: str,
+) -> list[PromptRun]:
+    """All prompts through one side (batched where its runtime can), one run per prompt or ParityError."""
+    runs = runner.run_prompts([[int(t) for t in ids] for ids in prompts], max_new_tokens, stop_ids)
+    if len(runs) != len(prompts):
+        raise ParityError(f"{target}: the {who} answered {len(runs)} of {len(prompts)} prompts")
+    return list(runs)
+
+
 def check_parity(
     reference: Runner,
     runner: Runner,
@@ -228,19 +239,22 @@ def check_parity(
     gaps = [reference.router_gaps(ids) if isinstance(reference, RecordedReference) else None for ids in prompts]
     router_margin = (used.max_rel or 0.0) * ROUTER_MARGIN_SHARE if any(g is not None for g in gaps) else None
 
+    stops = [int(s) for s in stop_ids]
+    reference_runs = _runs(reference, prompts, max_new_tokens, stops, who="reference", target=target)
+    target_runs = _runs(runner, prompts, max_new_tokens, stops, who="target", target=target)
     per_prompt: list[PromptMetrics] = []
     pooled: list[Pooled] = []
     for i, ids in enumerate(prompts):
         metrics, raw = prompt_metrics(
             reference,
-            runner,
+            reference_runs[i],
+            target_runs[i],
             target=target,
             index=i,
             label=prompt_labels[i] if prompt_labels is not None else None,
             ids=[int(t) for t in ids],
             thresholds=used,
             max_new_tokens=max_new_tokens,
-            stop_ids=[int(s) for s in stop_ids],
             router_gaps=gaps[i],
             router_margin=router_margin or 0.0,
         )

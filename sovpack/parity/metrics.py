@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from sovpack._protocols import EmbeddingRunner, Runner
+from sovpack._protocols import EmbeddingRunner, PromptRun, Runner
 from sovpack.errors import ParityError
 from sovpack.parity.report import (
     AggregateMetrics,
@@ -81,7 +81,7 @@ def _as_logits(value: Any, *, who: str, target: str, index: int, steps: int) -> 
     array = np.asarray(value)
     if array.ndim != 2 or array.shape[0] != steps or not np.issubdtype(array.dtype, np.floating):
         raise ParityError(
-            f"{target}: {who} prefill_logits for prompt {index} returned shape {list(array.shape)} "
+            f"{target}: {who} prefill logits for prompt {index} have shape {list(array.shape)} "
             f"({array.dtype}); expected a float array of shape [{steps}, vocab]"
         )
     return array
@@ -143,7 +143,8 @@ def _token_list(value: Any, *, who: str, target: str, method: str) -> list[int]:
 
 def prompt_metrics(
     reference: Runner,
-    runner: Runner,
+    reference_run: PromptRun,
+    target_run: PromptRun,
     *,
     target: str,
     index: int,
@@ -151,19 +152,20 @@ def prompt_metrics(
     ids: list[int],
     thresholds: Thresholds,
     max_new_tokens: int,
-    stop_ids: Sequence[int],
     router_gaps: np.ndarray | None = None,
     router_margin: float = 0.0,
 ) -> tuple[PromptMetrics, Pooled]:
     """Metrics of one prompt, plus what the aggregate pools: per-position KL and top-1 agreement counts.
 
+    ``reference_run`` and ``target_run``: the prompt's prefill logits and greedy continuation on each side;
+    ``reference`` is asked again only where the continuations diverge (how close the call was).
     ``router_gaps``: the reference's recorded router gap of each of its logits rows (mixture of experts); a
     row whose gap is below ``router_margin`` is a router near-tie, excluded from top-1 judging and excusing a
     greedy divergence there, as a near-tie of the logits is.
     """
     steps = len(ids)
-    ref = _as_logits(reference.prefill_logits(ids), who="reference", target=target, index=index, steps=steps)
-    tgt = _as_logits(runner.prefill_logits(ids), who="target", target=target, index=index, steps=steps)
+    ref = _as_logits(reference_run.logits, who="reference", target=target, index=index, steps=steps)
+    tgt = _as_logits(target_run.logits, who="target", target=target, index=index, steps=steps)
     if tgt.shape != ref.shape:
         raise ParityError(
             f"{target}: target logits for prompt {index} have shape {list(tgt.shape)}, "
@@ -185,12 +187,8 @@ def prompt_metrics(
 
     greedy = None
     if max_new_tokens > 0:
-        ref_tokens = _token_list(
-            reference.greedy(ids, max_new_tokens, stop_ids), who="reference", target=target, method="greedy"
-        )
-        tgt_tokens = _token_list(
-            runner.greedy(ids, max_new_tokens, stop_ids), who="target", target=target, method="greedy"
-        )
+        ref_tokens = _token_list(reference_run.tokens, who="reference", target=target, method="greedy")
+        tgt_tokens = _token_list(target_run.tokens, who="target", target=target, method="greedy")
         greedy = _greedy_result(reference, ids, ref_tokens, tgt_tokens, thresholds.clear_margin, tied)
 
     def stat(values: np.ndarray, reduce: Any) -> float | None:

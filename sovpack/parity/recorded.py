@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from sovpack._io import Progress, no_progress
-from sovpack._protocols import RunnerTraits
+from sovpack._protocols import PromptRun, RunnerTraits, run_each
 from sovpack.errors import ParityError, VerificationError
 from sovpack.parity.prompts import DEFAULT_MAX_NEW_TOKENS, PROMPT_LABELS, PROMPTS, encode_prompts
 from sovpack.parity.report import round_metric
@@ -179,6 +179,11 @@ class RecordedReference:
         if max_new_tokens != self.config.max_new_tokens:
             raise ParityError(f"the recorded reference holds {self.config.max_new_tokens} greedy tokens per prompt")
         return list(prompt.greedy_ids)
+
+    def run_prompts(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+    ) -> list[PromptRun]:
+        return run_each(self, prompts, max_new_tokens, stop_ids)
 
     @property
     def prompt_ids(self) -> list[list[int]]:

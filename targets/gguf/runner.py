@@ -20,10 +20,12 @@ from typing import Any
 import numpy as np
 
 from sovpack._io import sha256_file
-from sovpack._protocols import RunnerTraits
+from sovpack._protocols import PromptRun, RunnerTraits
 from sovpack.errors import UsageError
 from sovpack.source.spec import ModelSpec
+from sovpack.targets.batching import decode_in_lockstep
 from sovpack.targets.gguf.arch import ARCHES
+from sovpack.targets.gguf.batch import prefill_tokens, sequence_batch
 from sovpack.targets.gguf.runtime import (
     N_THREADS,
     extra_buffers_allowed,
@@ -191,6 +193,30 @@ class LlamaCppRunner:
                     break
                 llm.eval([token])
         return generated
+
+    def run_prompts(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+    ) -> list[PromptRun]:
+        """All prompts as sequences of one batch (see targets/gguf/batch.py): prefilled together, then decoded
+        in lockstep, one token of every sequence per llama_decode."""
+        batch = [[int(i) for i in ids] for ids in prompts]
+        if not batch:
+            return []
+        if not all(batch):
+            raise UsageError("greedy decoding needs at least one prompt token")
+        lengths = [len(ids) for ids in batch]
+        llm = self._open(max(lengths) + max_new_tokens)
+        with runtime_errors(self.path, "decode"), sequence_batch(self.path, llm, len(batch), self._n_ctx) as run:
+            rows = run.decode(prefill_tokens(batch))
+            ends = np.cumsum(lengths)
+            prefill = [rows[end - n : end] for end, n in zip(ends.tolist(), lengths, strict=True)]
+
+            def step(tokens: np.ndarray, k: int) -> np.ndarray:
+                return run.decode([(b, n + k, int(t)) for b, (n, t) in enumerate(zip(lengths, tokens, strict=True))])
+
+            last = np.stack([logits[-1] for logits in prefill])
+            tokens = decode_in_lockstep(last, step, max_new_tokens, stop_ids)
+        return [PromptRun(logits=logits, tokens=t) for logits, t in zip(prefill, tokens, strict=True)]
 
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's tokenizer from the GGUF file (vocab only), adding the special tokens the file asks for."""

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from sovpack._protocols import RunnerTraits
+from sovpack._protocols import PromptRun, RunnerTraits, run_each
 from sovpack.errors import ParityError
+from sovpack.targets.batching import LeftPadded, decode_in_lockstep
 from sovpack.targets.onnx.deps import require
 from sovpack.targets.onnx.graph import MODEL_FILE
 
@@ -149,6 +150,25 @@ class OnnxRunner:
             )
         return generated
 
+    def run_prompts(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+    ) -> list[PromptRun]:
+        """All prompts in one left-padded batch: one prefill, then greedy steps in lockstep through the cache."""
+        if not prompts:
+            return []
+        batch = LeftPadded.of(prompts)
+        logits, past = self.forward(batch.ids, batch.mask, batch.positions)
+        mask = batch.mask
+
+        def step(tokens: np.ndarray, k: int) -> np.ndarray:
+            nonlocal past, mask
+            mask = np.concatenate([mask, np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
+            out, past = self.forward(tokens[:, None], mask, (batch.lengths + k)[:, None], past)
+            return np.asarray(out[:, -1], dtype=np.float32)
+
+        tokens = decode_in_lockstep(np.asarray(logits[:, -1], dtype=np.float32), step, max_new_tokens, stop_ids)
+        return [PromptRun(logits=rows, tokens=t) for rows, t in zip(batch.own_rows(logits), tokens, strict=True)]
+
     def tokenize(self, text: str) -> list[int] | None:
         """Plain onnxruntime carries no tokenizer (the genai runner does)."""
         return None
@@ -247,6 +267,12 @@ class GenaiRunner:
         except RuntimeError as e:
             raise ParityError(f"{self.dir}: onnxruntime-genai failed generating: {e}") from e
         return generated
+
+    def run_prompts(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+    ) -> list[PromptRun]:
+        """Prompt by prompt: genai's own search is what this runner checks, one sequence at a time."""
+        return run_each(self, prompts, max_new_tokens, stop_ids)
 
     def tokenize(self, text: str) -> list[int] | None:
         tokenizer = self.tokenizer

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sovpack._protocols import RunnerTraits
+from sovpack._protocols import PromptRun, RunnerTraits, run_each
 from sovpack.errors import ParityError, SourceError, UsageError
+from sovpack.targets.batching import LeftPadded, decode_in_lockstep
 from sovpack.targets.openvino.runtime import (
     DETOKENIZER_XML,
     MODEL_XML,
@@ -145,6 +146,27 @@ class OpenvinoRunner:
             raise ParityError(f"{self.dir / MODEL_XML}: OpenVINO inference failed: {e}") from e
         return np.array(result["logits"][0], dtype=np.float32, copy=True)
 
+    def _regimes_differ(self, lengths: Sequence[int], max_new_tokens: int) -> bool:
+        """Whether some prompt would pass LongRoPE's switch where the batch's longest prompt is past it."""
+        scaling = self.metadata.spec.rope_scaling if self.metadata is not None else None
+        if scaling is None or scaling.kind != "longrope":
+            return False
+        switch = scaling.original_max_position_embeddings or 0
+        return not (max(lengths) + max_new_tokens <= switch or min(lengths) > switch)
+
+    def _batch_step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Logits [B, T, V] of one step of a batch whose cache rows stay in place (beam_idx = 0..B-1)."""
+        try:
+            result = self.request.infer({
+                "input_ids": ids,
+                "attention_mask": mask,
+                "position_ids": positions,
+                "beam_idx": np.arange(ids.shape[0], dtype=np.int32),
+            })
+        except RuntimeError as e:  # the plugin's failure, with its message
+            raise ParityError(f"{self.dir / MODEL_XML}: OpenVINO inference failed: {e}") from e
+        return np.array(result["logits"], dtype=np.float32, copy=True)
+
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
         tokens = [int(t) for t in ids]
         if not tokens:
@@ -174,6 +196,31 @@ class OpenvinoRunner:
             logits = self._step([token], past)
             past += 1
         return generated
+
+    def run_prompts(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+    ) -> list[PromptRun]:
+        """All prompts in one left-padded batch: one prefill, then greedy steps in lockstep through the state.
+
+        A LongRoPE graph picks its factors by the largest position in the whole batch (as transformers does),
+        so prompts whose runs would sit in different regimes alone are run one by one.
+        """
+        if not prompts:
+            return []
+        if self._regimes_differ([len(ids) for ids in prompts], max_new_tokens):
+            return run_each(self, prompts, max_new_tokens, stop_ids)
+        batch = LeftPadded.of([self._check_ids(ids) for ids in prompts])
+        self.request.reset_state()
+        logits = self._batch_step(batch.ids, batch.mask, batch.positions)
+        mask = batch.mask
+
+        def step(tokens: np.ndarray, k: int) -> np.ndarray:
+            nonlocal mask
+            mask = np.concatenate([mask, np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
+            return self._batch_step(tokens[:, None], mask, (batch.lengths + k)[:, None])[:, -1]
+
+        tokens = decode_in_lockstep(logits[:, -1], step, max_new_tokens, stop_ids)
+        return [PromptRun(logits=rows, tokens=t) for rows, t in zip(batch.own_rows(logits), tokens, strict=True)]
 
     # -- the tokenizer ---------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int] | None:

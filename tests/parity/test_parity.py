@@ -17,6 +17,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from fixtures.generate import make_checkpoint
+from sovpack._protocols import PromptRun, run_each
 from sovpack.errors import ParityError, SourceError, UsageError
 from sovpack.parity import (
     DEFAULT_THRESHOLDS,
@@ -50,6 +51,10 @@ class TokenizingRunner:
     def greedy(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
         return self.inner.greedy(ids, max_new_tokens, stop_ids)
 
+    def run_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+                    ) -> list[PromptRun]:
+        return self.inner.run_prompts(prompts, max_new_tokens, stop_ids)
+
     def tokenize(self, text: str) -> list[int] | None:
         ids = list(self.tokenizer.encode(text, add_special_tokens=True).ids)
         if self.drop_bos_on_tabs and "\t" in text:
@@ -81,6 +86,11 @@ class DamagedLogitsRunner:
     def greedy(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
         return self.inner.greedy(ids, max_new_tokens, stop_ids)
 
+    def run_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+                    ) -> list[PromptRun]:
+        runs = self.inner.run_prompts(prompts, max_new_tokens, stop_ids)
+        return [PromptRun(logits=self.damage(run.logits.copy()), tokens=run.tokens) for run in runs]
+
     def runtime_info(self) -> dict[str, str]:
         return self.inner.runtime_info()
 
@@ -98,6 +108,10 @@ class SwappedGreedyRunner(DamagedLogitsRunner):
         swapped = int(np.argsort(logits)[-2])
         rest = self.inner.greedy([*ids, *head, swapped], max_new_tokens - self.step - 1, stop_ids)
         return [*head, swapped, *rest]
+
+    def run_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+                    ) -> list[PromptRun]:
+        return run_each(self, prompts, max_new_tokens, stop_ids)  # prompt by prompt, through the swapped greedy
 
 
 @pytest.fixture(scope="module")
