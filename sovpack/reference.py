@@ -13,7 +13,7 @@ queries to short-rotated keys of the prompt, exactly as transformers generates; 
 factors from its context size (llama.cpp) matches only while prompt and generation stay on one side of it.
 
 Weights are read lazily from the memory-mapped checkpoint. Small models keep their float32 copies (fast
-decode); models whose float32 weights exceed ``cache_budget_bytes`` (default: a quarter of the machine's memory)
+decode); models whose float32 weights exceed ``cache_budget_bytes`` (default: an eighth of the machine's memory)
 re-read each tensor per forward pass, so memory stays bounded by the largest tensor whatever the model size.
 
 A mixture-of-experts layer (``spec.moe``) routes each token as transformers does (see ``route``) and runs each
@@ -35,7 +35,7 @@ from sovpack.errors import UsageError
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec, MoESpec
 
-CACHE_MEMORY_SHARE = 0.25  # of the machine's memory: float32 weights kept across passes up to this
+CACHE_MEMORY_SHARE = 0.125  # of the machine's memory: float32 weights kept across passes up to this
 
 
 def _default_inv_freq(dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:

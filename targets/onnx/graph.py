@@ -46,9 +46,11 @@ from sovpack.targets.onnx.positions import attention_biases, rope_tables
 from sovpack.targets.onnx.precisions import F32, plan_for
 from sovpack.targets.onnx.quantize import (
     QUANT_BLOCK_SIZE,
+    block_for,
     is_block_size,
     pack_matmulnbits,
     quantize_matmul_weight,
+    rtn_by_rows,
     split_eight_bits,
     split_float_zero_points,
 )
@@ -210,6 +212,13 @@ class DecoderBuilder:
             codes = plan.codes(weight, lambda: self.source(weight))  # maybe fitted by another target of the build
             self.model.release_pages(weight)
             codes, residual = split_float_zero_points(codes)
+            attrs, arrays = pack_matmulnbits(codes)
+            del codes
+        elif planned is None and bits == 8 and (block := block_for(self.spec.tensor_shapes()[weight][1])):
+            residual = None  # unplanned 8-bit (int8, an integer plan's head): our round-to-nearest, by row blocks
+            rows = self.spec.tensor_shapes()[weight][0]
+            codes = rtn_by_rows(lambda part: self.model.rows(weight, part), rows, bits=8, block=block)
+            self.model.release_pages(weight)
             attrs, arrays = pack_matmulnbits(codes)
             del codes
         else:
@@ -458,10 +467,16 @@ class DecoderBuilder:
             x = self.residual(x, down, p + "post_mlp_norm", f"{p}mlp")
 
         x = self.rms_norm(x, "final_norm", "final_norm")
-        # The head reads the (tied) embedding table in place: Gemm with transB needs no transposed copy.
-        head = "embed" if s.tie_word_embeddings else "lm_head"
-        head_dtype = self.plan.embed_dtype if s.tie_word_embeddings else self.plan.head_dtype
-        logits = self.dense(x, head, head_dtype)
+        # The head reads the (tied) embedding table in place: Gemm with transB needs no transposed copy. An
+        # untied head of an integer precision is 8-bit MatMulNBits (blocks of 32), as OpenVINO's and NNCF's
+        # integer heads are 8-bit: as a float16 Gemm onnxruntime would widen it to float32 at load (2 GB for
+        # a 128k vocabulary at hidden 4096, twice that while it converts).
+        if self.plan.bits is not None and not s.tie_word_embeddings:
+            logits = self.quantized_linear(x, "lm_head", 8)
+        else:
+            head = "embed" if s.tie_word_embeddings else "lm_head"
+            head_dtype = self.plan.embed_dtype if s.tie_word_embeddings else self.plan.head_dtype
+            logits = self.dense(x, head, head_dtype)
         if s.logits_divisor != 1.0:  # Granite's logits_scaling, before any soft-cap
             logits = g.op("Div", logits, g.const(s.logits_divisor, np.float32), name="lm_head/divide")
         logits = self.soft_cap(logits, s.final_logit_softcap, "lm_head")

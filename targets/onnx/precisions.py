@@ -53,7 +53,7 @@ class PrecisionPlan:
     name: str
     matrix_dtype: np.dtype  # unquantized attention/MLP matrices (Gemm weights)
     embed_dtype: np.dtype  # the Gather table
-    head_dtype: np.dtype  # the lm_head (a Gemm, never quantized)
+    head_dtype: np.dtype  # the lm_head's Gemm (float plans; an integer plan's untied head is 8-bit)
     bits: int | None = None  # MatMulNBits bits for the attention and MLP projections
 
 

@@ -1,4 +1,4 @@
-"""int8/int4 weights as MatMulNBits: int4 packed here from sovpack.quantize's plan, int8 by onnxruntime's quantizer.
+"""int8/int4 weights as MatMulNBits: int4 from sovpack.quantize's plan, int8 and heads round-to-nearest, packed here.
 
 # NOTE: int4. The codes, scales and zero points come from sovpack.quantize's plan (calibrated method,
 # mixed 4/8-bit by measured sensitivity) and are packed here into MatMulNBits' inputs (onnxruntime's contrib
@@ -20,19 +20,19 @@
 # A tensor whose input size no block size (a power of two >= 16) divides stays 8-bit (the plan), packed by
 # onnxruntime's quantizer with its zero-padded last block (RTN), so no model width makes the writer fail.
 #
-# NOTE: int8 (and the fallback above). Weight-only, round-to-nearest, block-wise (block 32, asymmetric with
-# uint8 zero points), done by onnxruntime's own ``MatMulNBitsQuantizer`` (bits=4 or bits=8) and run as
-# ``MatMulNBits``. To keep it streaming we never build the full fp32 graph in memory: each linear weight is
-# quantized on its own, as the only MatMul of a one-node model that MatMulNBitsQuantizer processes, and the
-# node and packed initializers it emits are moved into the real graph. Peak memory is therefore a few times
-# the largest single weight (its fp32 copy, the transposed copy inside the one-node model, the packed output),
-# not the model. What is not streaming: nothing model-wide, but each individual matrix is quantized whole (the
-# ORT kernel takes one contiguous [K, N] fp32 array), so an 8k x 28k MLP matrix needs ~3 x 0.9 GB transiently.
-# The embedding table and the lm_head are not quantized: both stay fp16 (as in GPTQ/AWQ checkpoints, and close
-# to llama.cpp keeping its output tensor at 6-8 bits). The head is the most quantization-sensitive matrix (its
-# error lands on the logits unfiltered; 4-bit there raises the fixtures' KL by ~20%), fp16 costs no extra copy
-# when the head is tied (the Gemm reads the fp16 embedding table with transB). (An 8-bit MatMulNBits head
-# once meant lifting int4's minimum onnxruntime from 1.17 to 1.23.)
+# NOTE: int8 and integer heads. Weight-only, round-to-nearest, block-wise (block 32, asymmetric with uint8
+# zero points): ``quantize_rtn`` over a row block at a time (``rtn_by_rows``), packed into the bytes onnxruntime's
+# ``MatMulNBitsQuantizer`` writes for the same codes (its scales and zero points exactly; a code may differ by
+# one at a float32 .5 tie: tests/targets/test_onnx_quant.py). Peak memory is one row block's float32 copy plus
+# the packed output, whatever the matrix (onnxruntime's quantizer took ~3 float32 copies of it, and 30 s for
+# a 128k x 4096 head). Only a width no block size divides still goes through onnxruntime's quantizer (a
+# one-MatMul model, its padded last block), as int4's fallback above does.
+# The embedding table stays float16 (a Gather of float16 rows, cast: onnxruntime keeps the table as stored).
+# An untied lm_head is 8-bit in both integer precisions, as NNCF's and OpenVINO's integer heads are (llama.cpp
+# keeps its output tensor at 6-8 bits): the head is the most quantization-sensitive matrix (its error lands on
+# the logits unfiltered; 4-bit there raises the fixtures' KL by ~20%), and as a float16 Gemm onnxruntime would
+# widen it to float32 at load: 2 GB for a 128k vocabulary at hidden 4096, ~4 GB while it converts, the largest
+# share of an 8B int4 session. A tied head reads the float16 embedding table in place (a Gemm with transB).
 #
 # NOTE: no 8-bit MatMulNBits node is written. onnxruntime 1.32's 8-bit CPU kernel has no fast float32 path
 # here (14336 x 4096 weight, 2 threads: 229 ms a token against 13.6 ms for the same weight as two 4-bit nodes;
@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from sovpack.errors import ConversionError
-from sovpack.quantize import GroupCodes, QuantOptions
+from sovpack.quantize import GroupCodes, QuantOptions, quantize_rtn
 
 QUANT_BLOCK_SIZE = 32
 MIN_BLOCK_SIZE = 16  # MatMulNBits' smallest block (a power of two >= 16)
@@ -63,14 +63,30 @@ def group_chooser(options: QuantOptions) -> Callable[[int, int], int | None]:
     wanted = options.group_size or QUANT_BLOCK_SIZE
 
     def group_for(bits: int, k: int) -> int | None:
-        size = wanted
-        while size >= MIN_BLOCK_SIZE:
-            if k % size == 0:
-                return size
-            size //= 2
-        return None
+        return block_for(k, wanted)
 
     return group_for
+
+
+def block_for(k: int, wanted: int = QUANT_BLOCK_SIZE) -> int | None:
+    """``wanted``, or the largest smaller power of two >= 16 that divides ``k``; None when none does."""
+    size = wanted
+    while size >= MIN_BLOCK_SIZE:
+        if k % size == 0:
+            return size
+        size //= 2
+    return None
+
+
+def rtn_by_rows(read_rows: Callable[[slice], np.ndarray], rows: int, *, bits: int, block: int,
+                rows_per_part: int = 4096) -> GroupCodes:
+    """Round-to-nearest codes (asymmetric, integer zero points, float32 scales: what onnxruntime's quantizer
+    makes) of a [rows, K] weight read ``rows_per_part`` rows at a time, so a 128k-row head never exists whole as
+    float32."""
+    parts = [quantize_rtn(read_rows(slice(start, min(start + rows_per_part, rows))), bits=bits, group_size=block,
+                          symmetric=False, scale_dtype=np.float32) for start in range(0, rows, rows_per_part)]
+    return GroupCodes(codes=np.concatenate([p.codes for p in parts]), scale=np.concatenate([p.scale for p in parts]),
+                      zero=np.concatenate([p.zero for p in parts]), bits=bits, symmetric=False)
 
 
 def is_block_size(size: int) -> bool:

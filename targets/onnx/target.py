@@ -96,20 +96,18 @@ class OnnxTarget:
             "largest_tensor_bytes": built.largest_tensor_bytes,
             "quantization": None,
         }
+        tied = model.spec.tie_word_embeddings
+        coverage = {
+            "quantized": "every attention and MLP projection (q, k, v, o, gate, up, down)"
+            + ("" if tied else "; the lm_head at 8 bits (round-to-nearest, blocks of 32)"),
+            "not_quantized": f"embedding table{' (also the tied lm_head)' if tied else ''} "
+            f"({plan.embed_dtype.name}), norms and biases (float32)",
+        }
         if quant_plan is not None:
             metadata["quantization"] = {
-                **self._planned_quantization(quant_plan, builder.fallback, quantizer_version),
-                "quantized": "every attention and MLP projection (q, k, v, o, gate, up, down)",
-                "not_quantized": f"embedding table and lm_head ({plan.embed_dtype.name}), norms and biases "
-                "(float32)",
-            }
+                **self._planned_quantization(quant_plan, builder.fallback, quantizer_version), **coverage}
         elif plan.bits is not None:
-            metadata["quantization"] = {
-                **self._quantization(plan.bits, quantizer_version),
-                "quantized": "every attention and MLP projection (q, k, v, o, gate, up, down)",
-                "not_quantized": f"embedding table and lm_head ({plan.embed_dtype.name}), norms and biases "
-                "(float32)",
-            }
+            metadata["quantization"] = {**self._quantization(plan.bits, quantizer_version), **coverage}
         if builder.moe is not None:  # routed experts: com.microsoft.MoE / QMoE (moe.py)
             metadata["moe"] = builder.moe.describe(model.spec)
             if metadata["quantization"] is not None:
@@ -248,7 +246,8 @@ class OnnxTarget:
     def _quantization(bits: int, quantizer_version: str | None) -> dict[str, Any]:
         return {
             "op": "com.microsoft.MatMulNBits",
-            "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
+            "quantizer": "sovpack round-to-nearest, packed as onnxruntime's MatMulNBitsQuantizer packs it (that "
+                         "quantizer itself for a width no block size divides)",
             "onnxruntime_version": quantizer_version,
             "bits": bits,
             "block_size": QUANT_BLOCK_SIZE,

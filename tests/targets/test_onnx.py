@@ -292,13 +292,13 @@ def dequantized_reference(out: Path, ckpt: Path, precision: str) -> ReferenceMod
     assert bits is not None
     model = open_model(ckpt)
     stored = stored_linears(onnx.load(str(out / MODEL_FILE)))  # external data included: tiny model
-    assert len(stored) == 7 * model.spec.num_layers  # q, k, v, o, gate, up, down
+    untied = not model.spec.tie_word_embeddings
+    assert len(stored) == 7 * model.spec.num_layers + untied  # q, k, v, o, gate, up, down (+ an untied head)
+    assert untied == ("lm_head" in stored) and (not untied or stored["lm_head"].bits == 8)  # the head: 8-bit
     # int4's plan keeps its most sensitive tensors (and those no block size fits) at 8 bits
     assert {linear.bits for linear in stored.values()} <= ({4, 8} if bits == 4 else {bits})
     overrides: dict[str, np.ndarray] = {name: linear.weight() for name, linear in stored.items()}
-    for name in ("embed", "lm_head"):  # not quantized, stored as float16
-        if name in model.tensor_names():
-            overrides[name] = model.tensor(name).astype(np.float16).astype(np.float32)
+    overrides["embed"] = model.tensor("embed").astype(np.float16).astype(np.float32)  # a float16 Gather table
     return reference_on(ckpt, overrides)
 
 

@@ -241,7 +241,12 @@ def test_artifact_stores_the_plans_codes(checkpoints: dict[str, Path], tmp_path:
     assert quant["plan"] == json.loads(json.dumps(plan.to_dict()))
     assert quant["algorithm"] == plan.method == "gptq"  # "auto" on a model whose Hessians fit
     nodes = _nodes(result.out_dir)
+    head = nodes.pop("lm_head")  # untied: 8-bit round-to-nearest, outside the plan
     assert set(nodes) == set(plan.tensors)
+    expected_head = quantize_rtn(model.tensor("lm_head"), bits=8, group_size=32, symmetric=False,
+                                 scale_dtype=np.float32).dequantize()
+    assert head.bits == 8 and head.residual is None
+    np.testing.assert_allclose(head.weight(), expected_head, rtol=0, atol=1e-6 * np.abs(expected_head).max())
     eight = sorted(name for name, stored in nodes.items() if stored.bits == 8)
     assert eight == quant["plan"]["int8_tensors"] and eight  # the mixed plan's 8-bit tensors are 8-bit in the file
     fallback = quant["onnxruntime_quantizer"]
@@ -289,7 +294,9 @@ def test_options_are_honoured_and_recorded(checkpoints: dict[str, Path], tmp_pat
     assert quant["plan"]["calibration"] is None  # rtn needs none
     assert (quant["block_size"], quant["symmetric"], quant["plan"]["int8_tensors"]) == (64, True, [])
     model = open_model(checkpoints["llama3"])
-    for name, stored in _nodes(result.out_dir).items():
+    nodes = _nodes(result.out_dir)
+    assert nodes.pop("lm_head").bits == 8  # the untied head: 8-bit whatever the 4-bit options
+    for name, stored in nodes.items():
         [(attrs, arrays)] = stored.parts
         assert (attrs["bits"], attrs["block_size"], len(arrays)) == (4, 64, 2)  # no zero-point input
         expected = quantize_rtn(model.tensor(name, np.float32), bits=4, group_size=64, symmetric=True,
