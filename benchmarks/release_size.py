@@ -3,8 +3,10 @@ parity, timed and measured per phase (issue 17).
 
 The checkpoint has the real shapes (hidden 4096, 32 layers, 32 query / 8 key-value heads, MLP 14336, vocabulary
 128256, untied head; bf16, sharded in ~5 GB files with a model.safetensors.index.json like published ones) and
-random weights: about 16 GB of disk, plus the bundle (~14 GB for the 4-bit set, ~48 GB for the fp16 set) and
-scratch space, so the fp16 set needs ~70 GB free. It is written once into the work directory and reused.
+random weights: about 16 GB of disk, written once into the work directory and reused, plus the bundle (~14 GB
+for the 4-bit set, ~32 GB for the fp16 set's targets that fit 24 GB) and scratch space. Targets whose parity
+check this machine's memory cannot hold (an 8B onnx:fp16: onnxruntime widens it to float32) are refused up
+front, as ``sovpack build`` refuses them; the script prints the refusal and builds the rest.
 
 Random weights give near-uniform logits, so 4-bit artifacts of them fail parity by nature (their mean KL is
 measured, not a defect): the 4-bit set runs with the ``--threshold`` overrides printed in the table. Each build
@@ -77,6 +79,27 @@ def write_sharded(out: Path, dims: Dims) -> Path:
     return out
 
 
+def fitting(targets: tuple[str, ...], checkpoint: Path) -> tuple[tuple[str, ...], list[str]]:
+    """The targets whose parity check this machine's memory can hold (sovpack's own up-front check, the one
+    ``sovpack build`` runs first), and the refusal of each other one."""
+    from sovpack.errors import SovpackError
+    from sovpack.source.model import open_model
+    from sovpack.targets import TargetRef
+    from sovpack.targets.base import check_runtime_memory
+
+    spec = open_model(checkpoint).spec
+    kept: list[str] = []
+    refused: list[str] = []
+    for target in targets:
+        try:
+            check_runtime_memory([TargetRef.parse(target)], spec)
+        except SovpackError as e:
+            refused.append(str(e))
+            continue
+        kept.append(target)
+    return tuple(kept), refused
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", choices=sorted(SETS), default="int4", help="the targets to build (default int4)")
@@ -94,6 +117,11 @@ def main() -> int:
             subprocess.run([args.sovpack, "keygen", "-o", str(keys), "--force"], check=True, capture_output=True)
         out = work / f"bundle-{args.set}"
         shutil.rmtree(out, ignore_errors=True)
+        targets, refused = fitting(targets, checkpoint)
+        for reason in refused:  # what sovpack build itself refuses up front, before reading anything
+            print(f"refused up front: {reason}", flush=True)
+        if not targets:
+            return 1
         argv = [args.sovpack, "build", str(checkpoint), "-o", str(out), "--key", str(keys / "private.pem"), "--json"]
         for target in targets:
             argv += ["-t", target]

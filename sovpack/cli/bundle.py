@@ -110,6 +110,11 @@ def keygen(output: Path, password_file: Path | None, password_env: str | None, f
 @click.option("--threshold", "thresholds", multiple=True, help="Parity threshold override for all targets: NAME=VALUE.")
 @click.option("--allow-nonfinite", is_flag=True, help="Convert weights that contain NaN or Inf.")
 @quantization_options
+@click.option("--push", type=BUNDLE, metavar="DEST",
+              help="Then copy the signed bundle to DEST (docker://HOST/REPO:TAG, oci-archive:FILE.tar or a "
+                   "directory) as `sovpack copy` does; a docker:// tag is the bundle's tag. Without -o the "
+                   "bundle is built in a temporary directory.")
+@registry_options
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -134,6 +139,7 @@ def build(
     symmetric: bool | None,
     calibration: Path | None,
     int8_share: float | None,
+    push: str | Path | None,
     force: bool,
     quiet: bool,
     as_json: bool,
@@ -141,11 +147,14 @@ def build(
     """Convert CHECKPOINT to every target, check parity on each runtime, and write one signed OCI bundle.
 
     \b
-    Example:
+    Examples:
       sovpack build ./ckpt -o model.oci -t onnx:fp16 -t gguf:q8_0 -t openvino:fp16 --key keys/private.pem
       sovpack build --config sovpack.toml
+      sovpack build ./ckpt -t onnx:int4 --key keys/private.pem --push docker://registry.example/models/x:1.0-onnx
     """
     import dataclasses
+    import shutil
+    import tempfile
 
     from sovpack.attest.dsse import SigningKey, read_password
     from sovpack.bundle import build_bundle
@@ -153,6 +162,7 @@ def build(
     from sovpack.errors import UsageError
     from sovpack.parity import parse_threshold_overrides
     from sovpack.quantize.options import QuantOptions
+    from sovpack.transport import RegistryEndpoint, copy_bundle, parse_endpoint
 
     config = load_build_config(config_path) if config_path is not None else BuildConfig()
     updates: dict[str, Any] = {}
@@ -178,23 +188,45 @@ def build(
         updates["target_quantization"] = {t: dataclasses.replace(q, **quant_flags)
                                           for t, q in config.target_quantization.items()}
     updates["metadata"] = config.metadata.merged(BundleMetadata(name=name, licenses=licenses))
+    destination = parse_endpoint(push) if push is not None else None
+    if isinstance(destination, RegistryEndpoint) and destination.ref.tag is not None:
+        wanted = updates.get("tag", config.tag)
+        if wanted not in (BuildConfig().tag, destination.ref.tag):  # a registry keeps only the signed tag
+            raise UsageError(f"--push {destination} names tag {destination.ref.tag!r}, the bundle's is {wanted!r}")
+        updates["tag"] = destination.ref.tag
+    scratch = None
+    if destination is not None and updates.get("output", config.output) is None:
+        scratch = Path(tempfile.mkdtemp(prefix="sovpack-build-"))
+        updates["output"] = scratch / "bundle"
     config = dataclasses.replace(config, **updates)
     if config.key is None:
         raise UsageError("no signing key: pass --key KEY.pem (or 'key' under [signing] in the config file)")
     signing_key = SigningKey.load(config.key, read_password(config.password_file, config.password_env))
     started = time.monotonic()
-    with _stages(quiet) as progress:
-        result = build_bundle(config, key=signing_key, force=force, progress=progress)
+    pushed = None
+    try:
+        with _stages(quiet) as progress:
+            result = build_bundle(config, key=signing_key, force=force, progress=progress)
+            if destination is not None:
+                pushed = copy_bundle(result.output, str(destination), options=current_registry_options(),
+                                     progress=progress)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     elapsed = time.monotonic() - started
     if as_json:
-        echo_json({**result.to_dict(), "seconds": round(elapsed, 1)})
+        echo_json({**result.to_dict(), **({"pushed": pushed.to_dict()} if pushed is not None else {}),
+                   **({"output": None} if scratch is not None else {}), "seconds": round(elapsed, 1)})
         return
+    where = "built" if scratch is not None else f"wrote {result.output}"
     click.echo(
-        f"wrote {result.output} (tag {result.tag}, {human_size(result.size)}, {elapsed:.1f} s), "
+        f"{where} (tag {result.tag}, {human_size(result.size)}, {elapsed:.1f} s), "
         f"signed with key {result.key_id[:16]}…"
     )
     for target in result.targets:
         click.echo(f"  {target.target:<16} {target.parity:<7} {human_size(target.size):>10}  {target.manifest_digest}")
+    if pushed is not None:
+        click.echo(f"pushed to {pushed.destination}: bundle index {pushed.digest}")
 
 
 # ------------------------------------------------------------------------------------------------- verify
