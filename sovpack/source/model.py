@@ -6,7 +6,6 @@ This is what every stage after reading takes: targets, the reference and parity 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 from sovpack._protocols import Family, TensorSource
 from sovpack.converters import family_for_config
 from sovpack.converters.base import check_generation_config, stored_layout
-from sovpack.errors import SourceError
+from sovpack.errors import ConversionError, SourceError
 from sovpack.source.checkpoint import Checkpoint
 from sovpack.source.fused import check_source, read_mxfp4, read_source, source_shards
 from sovpack.source.sentence_transformers import read_pooling
@@ -91,8 +90,9 @@ class SourceModel:
         if source.add:
             array = array + np.float32(source.add)
         # NOTE: contiguous, so a transposed or strided expert view reaches writers in plain row-major order
-        out = np.ascontiguousarray(array, dtype=dtype)
-        self._check_finite(name, out)
+        with np.errstate(over="ignore"):  # a value the dtype cannot hold: reported by _check_finite
+            out = np.ascontiguousarray(array, dtype=dtype)
+        self._check_finite(name, out, source=array)
         return out
 
     def rows(self, name: str, index: np.ndarray | slice) -> np.ndarray:
@@ -105,29 +105,31 @@ class SourceModel:
         self._check_finite(name, out, memo=False)
         return out
 
-    def _check_finite(self, name: str, array: np.ndarray, *, memo: bool = True) -> None:
+    def _check_finite(self, name: str, array: np.ndarray, *, memo: bool = True, source: np.ndarray | None = None
+                      ) -> None:
         """SourceError on NaN/Inf (unless allowed); with ``memo`` a whole tensor is checked once per dtype per
-        opened model (the numpy reference of a large model reads every weight again at each step)."""
+        opened model (the numpy reference of a large model reads every weight again at each step). ``source``:
+        what ``array`` was cast from; finite there, a non-finite ``array`` is a ConversionError (out of range)."""
         if self.allow_nonfinite or not np.issubdtype(array.dtype, np.floating):
             return
         key = ("finite", name, array.dtype.str)
         if memo and key in self.derived:
             return
         if not np.isfinite(array).all():
-            source = self.tensor_map[name]
-            where = self.checkpoint.shard_of(source.name)
-            part = "" if source.expert is None else f" (expert {source.expert})"
+            stored = self.tensor_map[name]
+            where = self.checkpoint.shard_of(stored.name)
+            part = "" if stored.expert is None else f" (expert {stored.expert})"
+            if source is not None and source.dtype != array.dtype and np.isfinite(source.astype(np.float32)).all():
+                raise ConversionError(
+                    f"{self.checkpoint.root / where}: tensor {stored.name!r}{part} has values beyond {array.dtype}'s "
+                    f"range (largest {float(np.finfo(array.dtype).max):g})"
+                )
             raise SourceError(
-                f"{self.checkpoint.root / where}: tensor {source.name!r}{part} contains NaN or Inf values "
+                f"{self.checkpoint.root / where}: tensor {stored.name!r}{part} contains NaN or Inf values "
                 "(pass --allow-nonfinite to convert it anyway)"
             )
         if memo:
             self.derived[key] = True
-
-    def tensors(self, dtype: np.dtype | type = np.float32) -> Iterator[tuple[str, np.ndarray]]:
-        """Canonical tensors one at a time, in a fixed order, for streaming writers."""
-        for name in self.tensor_map:
-            yield name, self.tensor(name, dtype)
 
     def validate(self) -> None:
         """Every canonical tensor exists with the shape the config implies; errors name file and tensor."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sovpack.errors import SourceError
+from sovpack.errors import ConversionError, SourceError
 from sovpack.source.checkpoint import Checkpoint
 from sovpack.source.model import open_model
 
@@ -193,6 +193,20 @@ def test_nonfinite_weights(llama3: Path) -> None:
     with pytest.raises(SourceError, match=r"contains NaN or Inf values \(pass --allow-nonfinite"):
         model.tensor("layers.0.q")
     assert np.isnan(open_model(llama3, allow_nonfinite=True).tensor("layers.0.q")).any()
+
+
+def test_values_beyond_the_requested_dtype_are_not_called_nonfinite(llama3: Path) -> None:
+    """A finite weight that float16 cannot hold is a ConversionError naming the range, not "NaN or Inf"."""
+    path = llama3 / "model.safetensors"
+    header, data = _header(path)
+    begin = header["model.layers.0.self_attn.q_proj.weight"]["data_offsets"][0]
+    data = data[:begin] + np.array([1e5], dtype=np.float32).tobytes() + data[begin + 4 :]
+    _write(path, header, data)
+    model = open_model(llama3)
+    assert model.tensor("layers.0.q").max() == np.float32(1e5)
+    with pytest.raises(ConversionError, match=r"'model.layers.0.self_attn.q_proj.weight' has values beyond "
+                                              r"float16's range \(largest 65504\)"):
+        model.tensor("layers.0.q", np.float16)
 
 
 def test_not_a_directory(tmp_path: Path) -> None:
