@@ -144,7 +144,7 @@ class OpenvinoRunner:
             })
         except RuntimeError as e:  # the plugin's failure, with its message
             raise ParityError(f"{self.dir / MODEL_XML}: OpenVINO inference failed: {e}") from e
-        return np.array(result["logits"][0], dtype=np.float32, copy=True)
+        return np.asarray(result["logits"][0], dtype=np.float32)  # infer() hands back copies (share_outputs=False)
 
     def _regimes_differ(self, lengths: Sequence[int], max_new_tokens: int) -> bool:
         """Whether some prompt would pass LongRoPE's switch where the batch's longest prompt is past it."""
@@ -165,7 +165,7 @@ class OpenvinoRunner:
             })
         except RuntimeError as e:  # the plugin's failure, with its message
             raise ParityError(f"{self.dir / MODEL_XML}: OpenVINO inference failed: {e}") from e
-        return np.array(result["logits"], dtype=np.float32, copy=True)
+        return np.asarray(result["logits"], dtype=np.float32)  # infer() hands back copies (share_outputs=False)
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
         tokens = [int(t) for t in ids]
