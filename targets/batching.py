@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sovpack._protocols import PromptRun
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LeftPadded:
@@ -70,3 +72,27 @@ def decode_in_lockstep(
             break
         last = step(np.array([t[-1] for t in tokens], dtype=np.int64), k)
     return tokens
+
+
+def run_left_padded(
+    prompts: Sequence[Sequence[int]],
+    forward: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+) -> list[PromptRun]:
+    """``Runner.run_prompts`` over a graph taking ids, attention mask and positions: one left-padded prefill,
+    then one step per greedy token for every prompt. ``forward(ids, mask, positions)`` returns logits
+    [B, T, V] and carries the runtime's cache from call to call (a fresh cache at the prefill)."""
+    if not prompts:
+        return []
+    batch = LeftPadded.of(prompts)
+    logits = forward(batch.ids, batch.mask, batch.positions)
+    mask = batch.mask
+
+    def step(tokens: np.ndarray, k: int) -> np.ndarray:
+        nonlocal mask
+        mask = np.concatenate([mask, np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
+        return np.asarray(forward(tokens[:, None], mask, (batch.lengths + k)[:, None])[:, -1], dtype=np.float32)
+
+    tokens = decode_in_lockstep(np.asarray(logits[:, -1], dtype=np.float32), step, max_new_tokens, stop_ids)
+    return [PromptRun(logits=rows, tokens=t) for rows, t in zip(batch.own_rows(logits), tokens, strict=True)]

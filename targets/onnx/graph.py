@@ -214,10 +214,9 @@ class DecoderBuilder:
             codes, residual = split_float_zero_points(codes)
             attrs, arrays = pack_matmulnbits(codes)
             del codes
-        elif planned is None and bits == 8 and (block := block_for(self.spec.tensor_shapes()[weight][1])):
+        elif planned is None and bits == 8 and (block := block_for((shape := self.spec.tensor_shapes()[weight])[1])):
             residual = None  # unplanned 8-bit (int8, an integer plan's head): our round-to-nearest, by row blocks
-            rows = self.spec.tensor_shapes()[weight][0]
-            codes = rtn_by_rows(lambda part: self.model.rows(weight, part), rows, bits=8, block=block)
+            codes = rtn_by_rows(lambda part: self.model.rows(weight, part), shape[0], bits=8, block=block)
             self.model.release_pages(weight)
             attrs, arrays = pack_matmulnbits(codes)
             del codes

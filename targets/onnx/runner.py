@@ -16,7 +16,7 @@ import numpy as np
 
 from sovpack._protocols import PromptRun, RunnerTraits, run_each
 from sovpack.errors import ParityError
-from sovpack.targets.batching import LeftPadded, decode_in_lockstep
+from sovpack.targets.batching import run_left_padded
 from sovpack.targets.onnx.deps import require
 from sovpack.targets.onnx.graph import MODEL_FILE
 
@@ -154,20 +154,14 @@ class OnnxRunner:
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
     ) -> list[PromptRun]:
         """All prompts in one left-padded batch: one prefill, then greedy steps in lockstep through the cache."""
-        if not prompts:
-            return []
-        batch = LeftPadded.of(prompts)
-        logits, past = self.forward(batch.ids, batch.mask, batch.positions)
-        mask = batch.mask
+        past: list[np.ndarray] | None = None  # the prefill starts from an empty cache
 
-        def step(tokens: np.ndarray, k: int) -> np.ndarray:
-            nonlocal past, mask
-            mask = np.concatenate([mask, np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
-            out, past = self.forward(tokens[:, None], mask, (batch.lengths + k)[:, None], past)
-            return np.asarray(out[:, -1], dtype=np.float32)
+        def forward(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+            nonlocal past
+            logits, past = self.forward(ids, mask, positions, past)
+            return logits
 
-        tokens = decode_in_lockstep(np.asarray(logits[:, -1], dtype=np.float32), step, max_new_tokens, stop_ids)
-        return [PromptRun(logits=rows, tokens=t) for rows, t in zip(batch.own_rows(logits), tokens, strict=True)]
+        return run_left_padded(prompts, forward, max_new_tokens, stop_ids)
 
     def tokenize(self, text: str) -> list[int] | None:
         """Plain onnxruntime carries no tokenizer (the genai runner does)."""

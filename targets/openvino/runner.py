@@ -14,7 +14,7 @@ import numpy as np
 
 from sovpack._protocols import PromptRun, RunnerTraits, run_each
 from sovpack.errors import ParityError, SourceError, UsageError
-from sovpack.targets.batching import LeftPadded, decode_in_lockstep
+from sovpack.targets.batching import run_left_padded
 from sovpack.targets.openvino.runtime import (
     DETOKENIZER_XML,
     MODEL_XML,
@@ -135,16 +135,8 @@ class OpenvinoRunner:
     # -- the model -------------------------------------------------------------------------------------
     def _step(self, ids: Sequence[int], past: int) -> np.ndarray:
         steps = len(ids)
-        try:
-            result = self.request.infer({
-                "input_ids": np.asarray([ids], dtype=np.int64),
-                "attention_mask": np.ones((1, past + steps), dtype=np.int64),
-                "position_ids": np.arange(past, past + steps, dtype=np.int64)[None, :],
-                "beam_idx": np.zeros(1, dtype=np.int32),
-            })
-        except RuntimeError as e:  # the plugin's failure, with its message
-            raise ParityError(f"{self.dir / MODEL_XML}: OpenVINO inference failed: {e}") from e
-        return np.asarray(result["logits"][0], dtype=np.float32)  # infer() hands back copies (share_outputs=False)
+        return self._batch_step(np.asarray([ids], dtype=np.int64), np.ones((1, past + steps), dtype=np.int64),
+                                np.arange(past, past + steps, dtype=np.int64)[None, :])[0]
 
     def _regimes_differ(self, lengths: Sequence[int], max_new_tokens: int) -> bool:
         """Whether some prompt would pass LongRoPE's switch where the batch's longest prompt is past it."""
@@ -205,22 +197,11 @@ class OpenvinoRunner:
         A LongRoPE graph picks its factors by the largest position in the whole batch (as transformers does),
         so prompts whose runs would sit in different regimes alone are run one by one.
         """
-        if not prompts:
-            return []
-        if self._regimes_differ([len(ids) for ids in prompts], max_new_tokens):
+        if prompts and self._regimes_differ([len(ids) for ids in prompts], max_new_tokens):
             return run_each(self, prompts, max_new_tokens, stop_ids)
-        batch = LeftPadded.of([self._check_ids(ids) for ids in prompts])
+        checked = [self._check_ids(ids) for ids in prompts]
         self.request.reset_state()
-        logits = self._batch_step(batch.ids, batch.mask, batch.positions)
-        mask = batch.mask
-
-        def step(tokens: np.ndarray, k: int) -> np.ndarray:
-            nonlocal mask
-            mask = np.concatenate([mask, np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
-            return self._batch_step(tokens[:, None], mask, (batch.lengths + k)[:, None])[:, -1]
-
-        tokens = decode_in_lockstep(logits[:, -1], step, max_new_tokens, stop_ids)
-        return [PromptRun(logits=rows, tokens=t) for rows, t in zip(batch.own_rows(logits), tokens, strict=True)]
+        return run_left_padded(checked, self._batch_step, max_new_tokens, stop_ids)
 
     # -- the tokenizer ---------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int] | None:
