@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "sovpack.transport": 10,
     "sovpack.bundle": 11,
     "sovpack.verify": 11,
+    "sovpack.bundle.assemble": 12,  # assembling verifies each part first
     "sovpack.run": 12,
     "sovpack.inspection": 12,
     "sovpack.cli": 13,

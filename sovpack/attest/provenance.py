@@ -3,8 +3,10 @@
 - subject: the target's OCI manifest digest (its config and every file layer are bound through it);
 - ``buildDefinition.externalParameters``: what the user asked for (target, bundle name/tag, parity prompts
   and threshold overrides, license);
-- ``buildDefinition.internalParameters``: the sovpack version and the runtimes parity actually ran on (the
-  report's runtime block: runtime name, library versions, threads...);
+- ``buildDefinition.internalParameters``: the sovpack version, the runtimes parity actually ran on (the
+  report's runtime block: runtime name, library versions, threads...) and the runner that ran it (host,
+  OS, CPU model and the CPU features numerics depend on), so a fanned-out release says which machine
+  checked which part;
 - ``buildDefinition.resolvedDependencies``: every source checkpoint file sovpack read, with its sha256;
 - ``runDetails.builder``: sovpack as the builder, with the Python packages it used as builderDependencies
   (``pkg:pypi`` purls); ``runDetails.metadata`` carries timestamps only when SOURCE_DATE_EPOCH is set.
@@ -12,9 +14,13 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
+from pathlib import Path
 from typing import Any
 
 from sovpack import __version__
@@ -38,6 +44,43 @@ def package_versions(names: Sequence[str]) -> dict[str, str]:
     return versions
 
 
+# CPU features the runtimes' kernels choose between (x86 flags, Arm "Features"), as /proc/cpuinfo names them.
+NUMERIC_CPU_FEATURES = frozenset({
+    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+    "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
+    "asimd", "asimdhp", "asimddp", "fphp", "i8mm", "bf16", "sve", "sve2", "sme",
+})
+CI_RUNNER_VARIABLES = ("RUNNER_NAME", "CI_RUNNER_DESCRIPTION", "SOVPACK_RUNNER")  # GitHub, GitLab, ours
+
+
+def runner_facts(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """The machine a parity run happened on: host, OS, CPU model, numeric CPU features, CI runner name."""
+    model, features = "", set()
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu model") and not model:
+            model = value.strip()
+        elif key in ("flags", "features"):
+            features.update(value.split())
+    facts: dict[str, Any] = {
+        "host": socket.gethostname(),
+        "os": f"{platform.system()} {platform.release()}",
+        "machine": platform.machine(),
+        "cpu": model or platform.processor() or "unknown",
+        "cpuCount": os.cpu_count() or 0,
+        "cpuFeatures": sorted(features & NUMERIC_CPU_FEATURES),
+    }
+    runner = next((os.environ[v] for v in CI_RUNNER_VARIABLES if os.environ.get(v)), None)
+    if runner is not None:
+        facts["ciRunner"] = runner
+    return facts
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ProvenanceInput:
     """Everything the provenance of one target records."""
@@ -50,6 +93,7 @@ class ProvenanceInput:
     parity_runtime: Mapping[str, Any]
     packages: Mapping[str, str]
     timestamp: str | None = None
+    runner: Mapping[str, Any] = field(default_factory=dict)  # runner_facts() of the machine parity ran on
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +105,7 @@ class ProvenanceInput:
             "parity_runtime": dict(self.parity_runtime),
             "packages": dict(self.packages),
             "timestamp": self.timestamp,
+            "runner": dict(self.runner),
         }
 
     @classmethod
@@ -93,6 +138,7 @@ def predicate(info: ProvenanceInput) -> dict[str, Any]:
             "internalParameters": {
                 "sovpackVersion": __version__,
                 "parityRuntime": {str(k): v for k, v in info.parity_runtime.items()},
+                **({"runner": dict(info.runner)} if info.runner else {}),
             },
             "resolvedDependencies": resolved,
         },

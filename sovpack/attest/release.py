@@ -26,6 +26,17 @@ SCHEMA = "release-predicate"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class PartOrigin:
+    """Where an assembled target was built: the part bundle's signed tag and its release statement's manifest."""
+
+    tag: str
+    release: str  # sha256:<hex> of the part's release statement manifest
+
+    def to_dict(self) -> dict[str, str]:
+        return {"tag": self.tag, "release": self.release}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ReleaseTarget:
     """One target as the release vouches for it."""
 
@@ -35,9 +46,10 @@ class ReleaseTarget:
     parity: str  # PASSED | WARNED
     thresholds: Mapping[str, float | bool | None]  # the limits the build's parity was judged with
     threshold_overrides: Mapping[str, float | bool | None] = field(default_factory=dict)  # what the user asked
+    part: PartOrigin | None = None  # set by ``sovpack assemble``; None: built in this bundle's own build
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        document = {
             "target": self.target,
             "manifest": self.manifest,
             "attestations": dict(sorted(self.attestations.items())),
@@ -45,9 +57,13 @@ class ReleaseTarget:
             "thresholds": dict(sorted(self.thresholds.items())),
             "thresholdOverrides": dict(sorted(self.threshold_overrides.items())),
         }
+        if self.part is not None:
+            document["part"] = self.part.to_dict()
+        return document
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ReleaseTarget:
+        part = data.get("part")
         return cls(
             target=str(data["target"]),
             manifest=str(data["manifest"]),
@@ -55,6 +71,7 @@ class ReleaseTarget:
             parity=str(data["parity"]),
             thresholds=dict(data["thresholds"]),
             threshold_overrides=dict(data.get("thresholdOverrides") or {}),
+            part=PartOrigin(tag=str(part["tag"]), release=str(part["release"])) if part else None,
         )
 
 

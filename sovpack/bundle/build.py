@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from sovpack import __version__
 from sovpack._io import Progress, atomic_directory, check_not_input, no_progress, return_freed_memory, source_date
 from sovpack.artifact import ARTIFACT_FILE, ArtifactMetadata
+from sovpack.attest import oms, provenance
 from sovpack.attest.dsse import SigningKey, Statement, Subject, canonical_json, pretty_json
 from sovpack.attest.release import Release, ReleaseTarget, parse_time
 from sovpack.bundle.attestations import attestation_manifest, parity_predicate, release_manifest, subject_name
@@ -162,7 +164,8 @@ def build_bundle(
         ref.check_family(model.spec)
     check_runtime_memory(refs, model.spec)  # before any work: nothing gets OOM-killed halfway
     name = config.metadata.name or model.name
-    context = _BuildContext(config=config, name=name, created=source_date(), key=key)
+    context = _BuildContext(config=config, name=name, created=source_date(), key=key,
+                            runner=provenance.runner_facts())
 
     check_not_input(output, [checkpoint])
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -276,6 +279,7 @@ class _BuildContext:
     name: str
     created: str | None
     key: SigningKey
+    runner: Mapping[str, Any]  # provenance.runner_facts(): the machine this build's parity ran on
 
     def external_parameters(self, target: str) -> dict[str, Any]:
         """The build's inputs as provenance records them (SLSA externalParameters)."""
@@ -337,7 +341,6 @@ def _store_target(
     context: _BuildContext,
 ) -> tuple[Descriptor, list[Descriptor], BuiltTarget]:
     """One converted artifact as a ModelPack manifest plus its three signed attestations."""
-    from sovpack.attest import oms, provenance
 
     target = str(ref)
     artifact_dir = result.out_dir
@@ -391,6 +394,7 @@ def _store_target(
             **provenance.package_versions(ref.target.runtime_packages),
         },
         timestamp=context.created,
+        runner=context.runner,
     )
     statements = {
         "signature": oms.OmsManifest(
@@ -423,21 +427,30 @@ def _store_target(
 
 def _store_index(store: BlobStore, refs: list[TargetRef], manifests: list[Descriptor], context: _BuildContext
                  ) -> Descriptor:
-    """The bundle index listing every manifest, with the bundle's annotations."""
-    config = context.config
+    """The bundle index of this build."""
+    metadata = context.config.metadata
+    return store_bundle_index(store, manifests, name=context.name, tag=context.config.tag,
+                              targets=[str(r) for r in refs], licenses=metadata.licenses, version=metadata.version,
+                              created=context.created)
+
+
+def store_bundle_index(store: BlobStore, manifests: Sequence[Descriptor], *, name: str, tag: str,
+                       targets: Sequence[str], licenses: Sequence[str], version: str | None, created: str | None
+                       ) -> Descriptor:
+    """The bundle index listing every manifest, with the bundle's annotations (``build`` and ``assemble``)."""
     annotations = {
-        ANN_REF_NAME: config.tag,
-        ANN_TITLE: context.name,
+        ANN_REF_NAME: tag,
+        ANN_TITLE: name,
         ANN_BUNDLE_VERSION: BUNDLE_FORMAT_VERSION,
         ANN_SOVPACK_VERSION: __version__,
-        ANN_TARGETS: ",".join(str(r) for r in refs),
+        ANN_TARGETS: ",".join(targets),
     }
-    if config.metadata.licenses:
-        annotations[ANN_LICENSES] = " AND ".join(config.metadata.licenses)
-    if config.metadata.version:
-        annotations[ANN_VERSION] = config.metadata.version
-    if context.created:
-        annotations[ANN_CREATED] = context.created
+    if licenses:
+        annotations[ANN_LICENSES] = " AND ".join(licenses)
+    if version:
+        annotations[ANN_VERSION] = version
+    if created:
+        annotations[ANN_CREATED] = created
     document = {
         "schemaVersion": 2,
         "mediaType": MT_INDEX,

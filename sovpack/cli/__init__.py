@@ -7,10 +7,10 @@ Usage errors exit 2 (click's convention). Command modules register themselves on
 
 from __future__ import annotations
 
-from sovpack.cli import bundle, model, transfer
+from sovpack.cli import assemble, bundle, model, transfer
 from sovpack.cli._app import cli
 
-__all__ = ["bundle", "cli", "main", "model", "transfer"]
+__all__ = ["assemble", "bundle", "cli", "main", "model", "transfer"]
 
 
 def main() -> None:

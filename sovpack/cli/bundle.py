@@ -36,7 +36,7 @@ def _is_stage(description: str) -> bool:
 
 
 @contextmanager
-def _stages(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
+def stages(quiet: bool, command: str = "build") -> Iterator[Callable[[str, int, int], None]]:
     """Progress on stderr: a line per build stage as it starts, plus (on a terminal) one live bar for the step."""
     if quiet:
         yield lambda _d, _c, _t: None
@@ -49,7 +49,7 @@ def _stages(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
     def announce(description: str) -> None:
         if _is_stage(description) and description not in seen:
             seen.add(description)
-            console.print(f"sovpack build: {description}", highlight=False)
+            console.print(f"sovpack {command}: {description}", highlight=False)
 
     if not sys.stderr.isatty():
         yield lambda description, _completed, _total: announce(description)
@@ -153,16 +153,13 @@ def build(
       sovpack build ./ckpt -t onnx:int4 --key keys/private.pem --push docker://registry.example/models/x:1.0-onnx
     """
     import dataclasses
-    import shutil
-    import tempfile
 
     from sovpack.attest.dsse import SigningKey, read_password
-    from sovpack.bundle import build_bundle
     from sovpack.bundle.config import BuildConfig, BundleMetadata, load_build_config
+    from sovpack.bundle.publish import publish_build
     from sovpack.errors import UsageError
     from sovpack.parity import parse_threshold_overrides
     from sovpack.quantize.options import QuantOptions
-    from sovpack.transport import RegistryEndpoint, copy_bundle, parse_endpoint
 
     config = load_build_config(config_path) if config_path is not None else BuildConfig()
     updates: dict[str, Any] = {}
@@ -188,45 +185,28 @@ def build(
         updates["target_quantization"] = {t: dataclasses.replace(q, **quant_flags)
                                           for t, q in config.target_quantization.items()}
     updates["metadata"] = config.metadata.merged(BundleMetadata(name=name, licenses=licenses))
-    destination = parse_endpoint(push) if push is not None else None
-    if isinstance(destination, RegistryEndpoint) and destination.ref.tag is not None:
-        wanted = updates.get("tag", config.tag)
-        if wanted not in (BuildConfig().tag, destination.ref.tag):  # a registry keeps only the signed tag
-            raise UsageError(f"--push {destination} names tag {destination.ref.tag!r}, the bundle's is {wanted!r}")
-        updates["tag"] = destination.ref.tag
-    scratch = None
-    if destination is not None and updates.get("output", config.output) is None:
-        scratch = Path(tempfile.mkdtemp(prefix="sovpack-build-"))
-        updates["output"] = scratch / "bundle"
     config = dataclasses.replace(config, **updates)
     if config.key is None:
         raise UsageError("no signing key: pass --key KEY.pem (or 'key' under [signing] in the config file)")
     signing_key = SigningKey.load(config.key, read_password(config.password_file, config.password_env))
     started = time.monotonic()
-    pushed = None
-    try:
-        with _stages(quiet) as progress:
-            result = build_bundle(config, key=signing_key, force=force, progress=progress)
-            if destination is not None:
-                pushed = copy_bundle(result.output, str(destination), options=current_registry_options(),
-                                     progress=progress)
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+    with stages(quiet) as progress:
+        published = publish_build(config, key=signing_key, push=push, options=current_registry_options(), force=force,
+                                  progress=progress)
     elapsed = time.monotonic() - started
     if as_json:
-        echo_json({**result.to_dict(), **({"pushed": pushed.to_dict()} if pushed is not None else {}),
-                   **({"output": None} if scratch is not None else {}), "seconds": round(elapsed, 1)})
+        echo_json({**published.to_dict(), "seconds": round(elapsed, 1)})
         return
-    where = "built" if scratch is not None else f"wrote {result.output}"
+    result = published.build
+    where = f"wrote {result.output}" if published.kept else "built"
     click.echo(
         f"{where} (tag {result.tag}, {human_size(result.size)}, {elapsed:.1f} s), "
         f"signed with key {result.key_id[:16]}…"
     )
     for target in result.targets:
         click.echo(f"  {target.target:<16} {target.parity:<7} {human_size(target.size):>10}  {target.manifest_digest}")
-    if pushed is not None:
-        click.echo(f"pushed to {pushed.destination}: bundle index {pushed.digest}")
+    if published.pushed is not None:
+        click.echo(f"pushed to {published.pushed.destination}: bundle index {published.pushed.digest}")
 
 
 # ------------------------------------------------------------------------------------------------- verify
@@ -403,4 +383,6 @@ def render_bundle_info(info: dict[str, Any]) -> None:
         click.echo(f"problem: {problem}")
 
 
-__all__ = ["VerificationError", "build", "extract", "keygen", "parity_command", "render_bundle_info", "verify"]
+__all__ = [
+    "VerificationError", "build", "extract", "keygen", "parity_command", "render_bundle_info", "stages", "verify",
+]

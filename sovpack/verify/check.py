@@ -163,7 +163,7 @@ def _check_binding(
     if kind == "provenance":
         provenance.check(statement, manifest_digest=digest, target=target.name)
         if release is not None:
-            check_provenance_agrees(release, statement)
+            check_provenance_agrees(release, target.name, statement)
         return None
     predicate = statement.predicate
     result = predicate.get("result")

@@ -128,16 +128,21 @@ def check_attestation_membership(release: Release, target: str, kind: str, diges
         raise VerificationError(f"this {kind} attestation is not the one the signed release lists for {target}")
 
 
-def check_provenance_agrees(release: Release, statement: Statement) -> None:
-    """The target's provenance must name the release's bundle and exactly its source files."""
+def check_provenance_agrees(release: Release, target: str, statement: Statement) -> None:
+    """The target's provenance must name the release's bundle and exactly its source files.
+
+    An assembled release (``sovpack assemble``) records the part each target was built in: that target's
+    provenance names the part's tag, which the release signs, instead of the release's own.
+    """
     definition = statement.predicate.get("buildDefinition")
     params = definition.get("externalParameters") if isinstance(definition, Mapping) else None
     bundle = params.get("bundle") if isinstance(params, Mapping) else None
-    if not isinstance(bundle, Mapping) or (bundle.get("name"), bundle.get("tag")) != (release.name, release.tag):
+    signed = release.target(target)
+    tag = signed.part.tag if signed is not None and signed.part is not None else release.tag
+    if not isinstance(bundle, Mapping) or (bundle.get("name"), bundle.get("tag")) != (release.name, tag):
         named = (bundle.get("name"), bundle.get("tag")) if isinstance(bundle, Mapping) else None
-        raise VerificationError(
-            f"provenance names bundle {named}, the signed release is ({release.name!r}, {release.tag!r})"
-        )
+        whose = "the signed release is" if tag == release.tag else "the signed release built it in part"
+        raise VerificationError(f"provenance names bundle {named}, {whose} ({release.name!r}, {tag!r})")
     deps = definition.get("resolvedDependencies") if isinstance(definition, Mapping) else None
     recorded: dict[str, Any] = {}
     for dep in deps if isinstance(deps, list) else []:

@@ -337,6 +337,9 @@ def test_provenance_records_sources_parameters_and_runtimes(built: Any, checkpoi
     runtime = predicate["buildDefinition"]["internalParameters"]["parityRuntime"]
     assert runtime["target"]["runtime"] and runtime["reference"]["runtime"] == "numpy-reference"
     assert "metadata" not in predicate["runDetails"]
+    from sovpack.attest.provenance import runner_facts
+
+    assert predicate["buildDefinition"]["internalParameters"]["runner"] == runner_facts()  # who checked this part
 
 
 # ------------------------------------------------------------------------------------------- verify/inspect
