@@ -42,7 +42,9 @@ LAYERS: dict[str, int] = {
     "sovpack.transport": 10,
     "sovpack.bundle": 11,
     "sovpack.verify": 11,
-    "sovpack.bundle.assemble": 12,  # assembling verifies each part first
+    "sovpack.bundle.assemble": 12,  # these read signed bundles as inputs: each is verified first
+    "sovpack.bundle.earlier": 12,
+    "sovpack.bundle.publish": 12,
     "sovpack.run": 12,
     "sovpack.inspection": 12,
     "sovpack.cli": 13,

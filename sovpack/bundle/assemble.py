@@ -26,13 +26,12 @@ from sovpack._io import Progress, atomic_directory, check_not_input, no_progress
 from sovpack.attest.dsse import SigningKey, VerifyingKey
 from sovpack.attest.release import PartOrigin, Release, ReleaseTarget, parse_time
 from sovpack.bundle.attestations import release_manifest
-from sovpack.bundle.build import store_bundle_index
 from sovpack.bundle.config import DEFAULT_TAG
-from sovpack.errors import RegistryError, UsageError, VerificationError
-from sovpack.oci.blobs import collect
+from sovpack.bundle.earlier import VerifiedBundle, verified_bundle
+from sovpack.bundle.members import copy_manifest, store_bundle_index
+from sovpack.errors import UsageError, VerificationError
 from sovpack.oci.descriptor import Descriptor
-from sovpack.oci.media import ANN_TITLE, TAG_RE
-from sovpack.oci.reader import Layout
+from sovpack.oci.media import TAG_RE
 from sovpack.oci.store import BlobStore, write_layout
 from sovpack.transport import (
     CopyResult,
@@ -40,12 +39,9 @@ from sovpack.transport import (
     RegistryEndpoint,
     RegistryOptions,
     copy_bundle,
-    local_bundle,
     parse_endpoint,
 )
 from sovpack.transport.copy import spool_directory, staging_directory
-from sovpack.verify.check import verify_bundle
-from sovpack.verify.view import BundleView, read_bundle
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -91,18 +87,6 @@ class AssembleResult:
             "targets": list(self.targets),
             "pushed": self.pushed.to_dict() if self.pushed is not None else None,
         }
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class _Part:
-    """A verified part, read from a local layout."""
-
-    location: str
-    layout: Layout
-    view: BundleView
-    release: Release
-    release_digest: str
-    signer: str
 
 
 def assembled_tag(destination: str | os.PathLike[str], tag: str | None) -> str:
@@ -152,14 +136,10 @@ def assemble_bundle(
         check_not_input(dst.path, local_parts)
     keys = {k.key_id: k for k in (key.public, *trusted)}
     with contextlib.ExitStack() as stack:
-        verified: list[_Part] = []
+        verified: list[VerifiedBundle] = []
         for i, part in enumerate(parts, start=1):
             progress(f"[{i}/{len(parts)}] verify part {part}", 0, 1)
-            try:
-                location = stack.enter_context(local_bundle(part, options))
-            except (VerificationError, RegistryError) as e:  # pulled or unpacked: a corrupt or missing blob
-                raise type(e)(f"part {part}: {e}") from e
-            verified.append(_verified_part(str(part), location, tuple(keys.values())))
+            verified.append(stack.enter_context(verified_bundle(part, tuple(keys.values()), options, role="part")))
             progress(f"[{i}/{len(parts)}] verify part {part}", 1, 1)
         release = _joined_release(verified, tag=bundle_tag, sequence=sequence, expires=expires)
         if isinstance(dst, LayoutEndpoint):
@@ -189,21 +169,7 @@ def assemble_bundle(
     )
 
 
-def _verified_part(location: str, path: Path, keys: tuple[VerifyingKey, ...]) -> _Part:
-    """A part verified in full (every blob, signature, binding and its release), or VerificationError naming it."""
-    report = verify_bundle(path, keys=keys)
-    if not report.ok:
-        more = len(report.failures) - 1
-        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-        raise VerificationError(f"part {location}: does not verify: {report.failures[0]}{suffix}")
-    if report.release is None or report.release_signer is None:  # pragma: no cover  (verify fails without one)
-        raise VerificationError(f"part {location}: has no verified release statement")
-    view = read_bundle(path, deep=False)  # verified above: read its structure again without hashing every layer
-    return _Part(location=location, layout=view.local_layout(), view=view, release=report.release,
-                 release_digest=view.releases[0].descriptor.digest, signer=report.release_signer)
-
-
-def _joined_release(parts: list[_Part], *, tag: str, sequence: int | None, expires: str | None) -> Release:
+def _joined_release(parts: list[VerifiedBundle], *, tag: str, sequence: int | None, expires: str | None) -> Release:
     """The release of the assembled bundle, or VerificationError naming the part that does not belong."""
     first = parts[0].release
     agree = (
@@ -251,7 +217,7 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _write(out: Path, parts: list[_Part], release: Release, key: SigningKey, *, force: bool,
+def _write(out: Path, parts: list[VerifiedBundle], release: Release, key: SigningKey, *, force: bool,
            inputs: list[Path], progress: Progress) -> Descriptor:
     """The parts' target manifests, reference and attestations copied unchanged, then the new release and index."""
     with atomic_directory(out, force=force, inputs=inputs) as tmp:
@@ -265,7 +231,7 @@ def _write(out: Path, parts: list[_Part], release: Release, key: SigningKey, *, 
             theirs = [a.descriptor for a in view.attestations]
             shared = [view.reference.descriptor] if reference is None and view.reference is not None else []
             for desc in [*mine, *shared, *theirs]:
-                _copy_manifest(part.layout, store, desc, progress)
+                copy_manifest(part.layout, store, desc, progress)
             members.extend(mine)
             attestations.extend(theirs)
             if shared:
@@ -280,19 +246,6 @@ def _write(out: Path, parts: list[_Part], release: Release, key: SigningKey, *, 
         )
         write_layout(tmp, store, index, release.tag)
     return index
-
-
-def _copy_manifest(layout: Layout, store: BlobStore, desc: Descriptor, progress: Progress) -> None:
-    """One manifest and every blob it reaches, copied from a verified part (hashed again while copied)."""
-    graph = collect(lambda d: layout.read(d, f"manifest {d.digest}"), desc)
-    for blob in graph.blobs:
-        if not store.path(blob.digest).exists():
-            progress(f"copy {blob.annotations.get(ANN_TITLE, blob.digest[:19])}", 0, 1)
-            digest, _size = store.put_file(layout.blob_path(blob.digest))
-            if digest != blob.digest:
-                raise VerificationError(f"{layout.root}: blob {blob.digest} changed while it was assembled")
-    for node in graph.manifests:
-        store.put_bytes(node.data)
 
 
 __all__ = ["AssembleResult", "AssembledPart", "assemble_bundle", "assembled_tag"]

@@ -5,86 +5,36 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sovpack import __version__
 from sovpack._io import Progress, atomic_directory, check_not_input, no_progress, return_freed_memory, source_date
-from sovpack.artifact import ARTIFACT_FILE, ArtifactMetadata
-from sovpack.attest import oms, provenance
-from sovpack.attest.dsse import SigningKey, Statement, Subject, canonical_json, pretty_json
-from sovpack.attest.release import Release, ReleaseTarget, parse_time
-from sovpack.bundle.attestations import attestation_manifest, parity_predicate, release_manifest, subject_name
+from sovpack.artifact import ArtifactMetadata
+from sovpack.attest import provenance
+from sovpack.attest.dsse import SigningKey
+from sovpack.attest.release import PartOrigin, Release, ReleaseTarget, parse_time
+from sovpack.bundle.attestations import release_manifest
 from sovpack.bundle.config import BuildConfig
-from sovpack.bundle.modelpack import file_metadata, layer_media_type, list_artifact_files, modelpack_config
-from sovpack.convert import ConvertResult, TargetJob, finish_target, overlapped_targets, write_targets
-from sovpack.errors import ParityError, SourceError, UsageError, VerificationError
+from sovpack.bundle.members import BuildContext, BuiltTarget, store_index, store_reference, store_target
+from sovpack.convert import TargetJob, finish_target, overlapped_targets, write_targets
+from sovpack.errors import UsageError, VerificationError
 from sovpack.oci.descriptor import Descriptor
 from sovpack.oci.media import (
-    ANN_BUNDLE_VERSION,
-    ANN_CREATED,
-    ANN_FILE_METADATA,
-    ANN_FILEPATH,
-    ANN_FORMAT,
-    ANN_KIND,
-    ANN_LICENSES,
-    ANN_PRECISION,
-    ANN_REF_NAME,
-    ANN_SOVPACK_VERSION,
-    ANN_TARGET,
-    ANN_TARGETS,
-    ANN_TITLE,
-    ANN_VERSION,
-    AT_BUNDLE,
-    AT_MODEL,
-    AT_PARITY_REFERENCE,
     ATTESTATION_KINDS,
-    BUNDLE_FORMAT_VERSION,
-    KIND_REFERENCE,
-    KIND_TARGET,
-    MT_INDEX,
-    MT_LOGITS,
-    MT_MANIFEST,
-    MT_MODEL_CONFIG,
-    MT_PARITY_REFERENCE_CONFIG,
-    MT_WEIGHT_CONFIG,
-    PARITY_PREDICATE_TYPE,
     TAG_RE,
 )
-from sovpack.oci.store import BlobStore, manifest_document, write_layout
+from sovpack.oci.store import BlobStore, write_layout
 from sovpack.parity.embeddings import (
-    MT_EMBEDDING_REFERENCE_CONFIG,
-    MT_REFERENCE_EMBEDDINGS,
     RecordedEmbeddings,
     labeled_texts,
     record_embeddings,
 )
-from sovpack.parity.recorded import REFERENCE_TOKENIZER, RecordedReference, record_reference
-from sovpack.parity.report import PARITY_FILE, ParityReport
+from sovpack.parity.recorded import RecordedReference, record_reference
 from sovpack.source.model import SourceModel, open_model
 from sovpack.targets.base import TargetRef, check_runtime_memory
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class BuiltTarget:
-    """One target as stored in the bundle."""
-
-    target: str
-    manifest_digest: str
-    files: tuple[str, ...]
-    size: int
-    parity: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "target": self.target,
-            "manifest_digest": self.manifest_digest,
-            "files": list(self.files),
-            "size": self.size,
-            "parity": self.parity,
-        }
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -98,6 +48,7 @@ class BuildResult:
     key_id: str
     targets: tuple[BuiltTarget, ...]
     size: int  # bytes under blobs/
+    reference_from: str | None = None  # the earlier bundle whose parity reference (and reused targets) it took
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -108,6 +59,7 @@ class BuildResult:
             "key_id": self.key_id,
             "targets": [t.to_dict() for t in self.targets],
             "size": self.size,
+            "reference_from": self.reference_from,
         }
 
 
@@ -143,12 +95,46 @@ def _resolve_targets(config: BuildConfig) -> tuple[Path, Path, list[TargetRef]]:
     return Path(config.checkpoint), Path(config.output), refs
 
 
+class EarlierRelease(Protocol):
+    """A verified, signed earlier bundle a build takes its parity reference (and unchanged targets) from.
+
+    Implemented by sovpack.bundle.earlier (which verifies it first); ``sovpack build --reference-from`` and
+    ``--reuse-from``.
+    """
+
+    @property
+    def location(self) -> str: ...
+
+    @property
+    def release(self) -> Release: ...
+
+    @property
+    def release_digest(self) -> str: ...
+
+    def reference(self) -> RecordedReference | RecordedEmbeddings:
+        """The stored parity reference, ready to judge against."""
+        ...
+
+    def provenance_parameters(self, target: str) -> Mapping[str, Any]:
+        """What the target's signed provenance says it was built with (SLSA externalParameters)."""
+        ...
+
+    def copy_into(self, store: BlobStore, digest: str) -> Descriptor:
+        """Copy one member manifest (and every blob it reaches) into ``store``; its bundle index entry."""
+        ...
+
+    def built_target(self, target: str) -> BuiltTarget:
+        ...
+
+
 def build_bundle(
     config: BuildConfig,
     *,
     key: SigningKey,
     force: bool = False,
     progress: Progress = no_progress,
+    earlier: EarlierRelease | None = None,
+    reuse: bool = False,
 ) -> BuildResult:
     """Convert every target, check parity on its runtime, and write the signed bundle atomically.
 
@@ -157,15 +143,26 @@ def build_bundle(
     converted from that model and judged against those recorded answers. A FAILED target raises
     ParityError and nothing is written; WARNED targets are kept (their attestation says WARNED and ``sovpack
     verify`` policy decides).
+
+    ``earlier``: a signed bundle of the same checkpoint and prompts whose parity reference is used instead of
+    running the numpy reference (so parts built on different machines share one reference, byte for byte);
+    one of other inputs is refused. With ``reuse``, its targets whose inputs are unchanged (sovpack version,
+    bundle name, every option provenance records) are carried over signed as they are, not rebuilt, and an
+    ``earlier`` of other inputs only means nothing is reused.
     """
-    checkpoint, output, refs = _resolve_targets(config)
+    checkpoint, output, all_refs = _resolve_targets(config)
     model = open_model(checkpoint, allow_nonfinite=config.allow_nonfinite)
+    name = config.metadata.name or model.name
+    context = BuildContext(config=config, name=name, created=source_date(), key=key,
+                           runner=provenance.runner_facts())
+    shared = earlier if earlier is not None and _shares_reference(earlier, model, config, strict=not reuse) else None
+    reused: dict[str, ReleaseTarget] = {}
+    if reuse and shared is not None:
+        reused = {str(r): t for r in all_refs if (t := _unchanged(shared, context, str(r))) is not None}
+    refs = [r for r in all_refs if str(r) not in reused]
     for ref in refs:
         ref.check_family(model.spec)
     check_runtime_memory(refs, model.spec)  # before any work: nothing gets OOM-killed halfway
-    name = config.metadata.name or model.name
-    context = _BuildContext(config=config, name=name, created=source_date(), key=key,
-                            runner=provenance.runner_facts())
 
     check_not_input(output, [checkpoint])
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -175,17 +172,29 @@ def build_bundle(
         with atomic_directory(output, force=force, inputs=[checkpoint]) as tmp:
             store = BlobStore(tmp)
             reference: RecordedReference | RecordedEmbeddings
-            if model.spec.encoder is not None:  # an embedding encoder is judged by its embeddings of texts
-                reference = record_embeddings(model, labeled_texts(config.prompts), progress=progress)
+            if shared is not None:  # the earlier bundle's answers, stored byte for byte
+                reference = shared.reference()
+                ref_manifest = shared.copy_into(store, shared.release.reference)
             else:
-                reference = record_reference(model, config.prompts, progress=progress)
-            ref_manifest = _store_reference(store, reference, model, context)
+                if model.spec.encoder is not None:  # an embedding encoder is judged by its embeddings of texts
+                    reference = record_embeddings(model, labeled_texts(config.prompts), progress=progress)
+                else:
+                    reference = record_reference(model, config.prompts, progress=progress)
+                ref_manifest = store_reference(store, reference, model, context)
             model.release_all_pages()  # the reference read every weight: the writers start from none resident
             return_freed_memory()
-            entries: list[Descriptor] = []
-            attestations: list[Descriptor] = []
-            built: list[BuiltTarget] = []
-            released: list[ReleaseTarget] = []
+            entries: dict[str, Descriptor] = {}
+            attestations: dict[str, list[Descriptor]] = {}
+            built: dict[str, BuiltTarget] = {}
+            released: dict[str, ReleaseTarget] = {}
+            for target, signed_target in reused.items():  # carried over as signed, with the bundle they were built in
+                assert shared is not None  # reused is empty without it
+                entries[target] = shared.copy_into(store, signed_target.manifest)
+                attestations[target] = [shared.copy_into(store, signed_target.attestations[kind])
+                                        for kind in ATTESTATION_KINDS]
+                built[target] = shared.built_target(target)
+                origin = signed_target.part or PartOrigin(tag=shared.release.tag, release=shared.release_digest)
+                released[target] = replace(signed_target, part=origin)
             jobs = [TargetJob(ref, work / f"{i:02d}-{ref.format}-{ref.precision}", config.overrides_for(str(ref))
                               or None, config.quantization_for(str(ref))) for i, ref in enumerate(refs, start=1)]
             for job in jobs:
@@ -200,25 +209,25 @@ def build_bundle(
                 progress(f"{stage}: {step}", 1, 1)
                 return_freed_memory()  # the runtime's session is closed: its heap goes back before the next
                 progress(f"{stage}: store + sign", 0, 1)
-                manifest, signed, stored = _store_target(store, ref, result, model, ref_manifest, context)
-                entries.append(manifest)
-                attestations.extend(signed)
-                built.append(stored)
-                released.append(
-                    ReleaseTarget(
+                manifest, signed, stored = store_target(store, ref, result, model, ref_manifest, context)
+                entries[stored.target] = manifest
+                attestations[stored.target] = signed
+                built[stored.target] = stored
+                released[stored.target] = ReleaseTarget(
                         target=stored.target,
                         manifest=manifest.digest,
                         attestations={kind: d.digest for kind, d in zip(ATTESTATION_KINDS, signed, strict=True)},
                         parity=stored.parity,
                         thresholds=result.parity.thresholds.to_dict() if result.parity is not None else {},
                         threshold_overrides=dict(sorted(config.overrides_for(stored.target).items())),
-                    )
                 )
                 shutil.rmtree(result.out_dir, ignore_errors=True)  # stored: free the disk before the next target
                 progress(f"{stage}: store + sign", 1, 1)
-            release = _release(context, model, ref_manifest, released)
+            order = [str(r) for r in all_refs]
+            release = _release(context, model, ref_manifest, [released[t] for t in order])
             release_desc = release_manifest(store, statement=release.statement(), key=key, created=context.created)
-            bundle_index = _store_index(store, refs, [*entries, ref_manifest, *attestations, release_desc], context)
+            members = [*(entries[t] for t in order), ref_manifest, *(a for t in order for a in attestations[t])]
+            bundle_index = store_index(store, all_refs, [*members, release_desc], context)
             write_layout(tmp, store, bundle_index, config.tag)
             size = sum(p.stat().st_size for p in store.dir.iterdir())
     finally:
@@ -229,9 +238,34 @@ def build_bundle(
         tag=config.tag,
         index_digest=bundle_index.digest,
         key_id=key.key_id,
-        targets=tuple(built),
+        targets=tuple(built[t] for t in order),
         size=size,
+        reference_from=shared.location if shared is not None else None,
     )
+
+
+def _shares_reference(earlier: EarlierRelease, model: SourceModel, config: BuildConfig, *, strict: bool) -> bool:
+    """Whether the earlier bundle was judged on this very checkpoint and these prompts (strict: or refuse it)."""
+    prompts = tuple(config.prompts) if config.prompts else None
+    differs = [what for what, same in (
+        ("source checkpoint (file digests)", earlier.release.source == tuple(model.checkpoint.source_files)),
+        ("parity prompts", earlier.release.prompts == prompts),
+    ) if not same]
+    if differs and strict:
+        raise VerificationError(f"{earlier.location}: its {' and '.join(differs)} differ from this build's, so its "
+                                "parity reference is not this build's")
+    return not differs
+
+
+def _unchanged(earlier: EarlierRelease, context: BuildContext, target: str) -> ReleaseTarget | None:
+    """The earlier bundle's signed target when it can be reused: same sovpack, bundle name and recorded inputs."""
+    signed = earlier.release.target(target)
+    if signed is None or earlier.release.sovpack_version != __version__ or earlier.release.name != context.name:
+        return None
+    local = ("checkpoint", "bundle")  # where the checkpoint lay and the tag are not inputs of the target
+    before = {k: v for k, v in earlier.provenance_parameters(target).items() if k not in local}
+    now = {k: v for k, v in {"target": target, **context.external_parameters(target)}.items() if k not in local}
+    return signed if before == now else None
 
 
 def _write_together(model: SourceModel, jobs: list[TargetJob], progress: Progress
@@ -250,7 +284,7 @@ def _write_together(model: SourceModel, jobs: list[TargetJob], progress: Progres
 
 
 def _release(
-    context: _BuildContext, model: SourceModel, ref_manifest: Descriptor, targets: list[ReleaseTarget]
+    context: BuildContext, model: SourceModel, ref_manifest: Descriptor, targets: list[ReleaseTarget]
 ) -> Release:
     """What the build vouches for as a whole (see sovpack.attest.release)."""
     config = context.config
@@ -271,204 +305,3 @@ def _release(
     )
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class _BuildContext:
-    """What every step of one build shares."""
-
-    config: BuildConfig
-    name: str
-    created: str | None
-    key: SigningKey
-    runner: Mapping[str, Any]  # provenance.runner_facts(): the machine this build's parity ran on
-
-    def external_parameters(self, target: str) -> dict[str, Any]:
-        """The build's inputs as provenance records them (SLSA externalParameters)."""
-        config = self.config
-        params: dict[str, Any] = {
-            "checkpoint": Path(str(config.checkpoint)).resolve().name,
-            "bundle": {"name": self.name, "tag": config.tag},
-            "parity": {
-                "prompts": list(config.prompts) if config.prompts else "builtin",
-                "thresholdOverrides": dict(sorted(config.overrides_for(target).items())),
-            },
-            "allowNonfinite": config.allow_nonfinite,
-        }
-        quant = config.quantization_for(target)
-        if quant is not None:
-            params["quantization"] = quant.to_dict()
-        if config.metadata.to_dict():
-            params["metadata"] = config.metadata.to_dict()
-        return params
-
-
-def _store_reference(store: BlobStore, reference: RecordedReference | RecordedEmbeddings, model: SourceModel,
-                     context: _BuildContext) -> Descriptor:
-    """The parity reference manifest: the source tokenizer, the recorded answers, and their config.
-
-    A decoder's answers are its logits per prompt; an encoder's are its embeddings and token states
-    (sovpack.parity.embeddings), under a config media type of their own in the same kind of manifest.
-    """
-    tokenizer_path = model.checkpoint.tokenizer_json
-    if tokenizer_path is None:
-        raise ParityError(f"{model.path}: parity needs tokenizer.json")
-    layers = [store_file(store, tokenizer_path, REFERENCE_TOKENIZER, MT_WEIGHT_CONFIG)]
-    if isinstance(reference, RecordedEmbeddings):
-        for title, data in reference.reference_files():
-            layers.append(store.add(data, MT_REFERENCE_EMBEDDINGS, annotations={ANN_TITLE: title}))
-        config_document = reference.reference_config(REFERENCE_TOKENIZER).to_dict()
-        config = store.add(pretty_json(config_document), MT_EMBEDDING_REFERENCE_CONFIG)
-    else:
-        for title, data in reference.logits_files():
-            layers.append(store.add(data, MT_LOGITS, annotations={ANN_TITLE: title}))
-        config = store.add(pretty_json(reference.config.to_dict()), MT_PARITY_REFERENCE_CONFIG)
-    annotations = {ANN_TITLE: f"{context.name} parity reference"}
-    if context.created:
-        annotations[ANN_CREATED] = context.created
-    document = manifest_document(
-        artifact_type=AT_PARITY_REFERENCE, config=config, layers=layers, annotations=annotations
-    )
-    return store.add(
-        canonical_json(document), MT_MANIFEST, artifact_type=AT_PARITY_REFERENCE, annotations={ANN_KIND: KIND_REFERENCE}
-    )
-
-
-def _store_target(
-    store: BlobStore,
-    ref: TargetRef,
-    result: ConvertResult,
-    model: SourceModel,
-    ref_manifest: Descriptor,
-    context: _BuildContext,
-) -> tuple[Descriptor, list[Descriptor], BuiltTarget]:
-    """One converted artifact as a ModelPack manifest plus its three signed attestations."""
-
-    target = str(ref)
-    artifact_dir = result.out_dir
-    files = list_artifact_files(artifact_dir)
-    if ARTIFACT_FILE not in files or PARITY_FILE not in files:
-        raise SourceError(f"{artifact_dir}: converted artifact lacks {ARTIFACT_FILE} or {PARITY_FILE}")
-    report = ParityReport.load(artifact_dir / PARITY_FILE)
-    # The converted artifact is this build's scratch copy: its files are renamed into the blob store.
-    layers = [
-        store_file(store, artifact_dir / rel, rel, layer_media_type(rel), context.created, move=True)
-        for rel in files
-    ]
-    by_path = {layer.annotations[ANN_FILEPATH]: layer for layer in layers}
-    mp_config = modelpack_config(
-        name=context.name,
-        family=model.spec.family,
-        fmt=ref.format,
-        precision=ref.info,
-        parameters=model.spec.parameter_count(),
-        layers=layers,
-        metadata=context.config.metadata,
-        created=context.created,
-    )
-    config_desc = store.add(pretty_json(mp_config), MT_MODEL_CONFIG)
-    annotations = {
-        ANN_TARGET: target,
-        ANN_FORMAT: ref.format,
-        ANN_PRECISION: ref.precision,
-        ANN_TITLE: subject_name(context.name, target),
-        ANN_SOVPACK_VERSION: __version__,
-    }
-    if context.created:
-        annotations[ANN_CREATED] = context.created
-    manifest = store.add(
-        canonical_json(manifest_document(artifact_type=AT_MODEL, config=config_desc, layers=layers,
-                                         annotations=annotations)),
-        MT_MANIFEST,
-        artifact_type=AT_MODEL,
-        annotations={ANN_KIND: KIND_TARGET, ANN_TARGET: target},
-    )
-    subject = Subject(name=subject_name(context.name, target), digest={"sha256": manifest.digest.split(":", 1)[1]})
-    provenance_input = provenance.ProvenanceInput(
-        subject_name=subject.name,
-        manifest_digest=manifest.digest,
-        target=target,
-        external_parameters=context.external_parameters(target),
-        source_files=[f.to_dict() for f in result.metadata.source],
-        parity_runtime=report.runtime,
-        packages={
-            **provenance.package_versions(provenance.BASE_PACKAGES),
-            **provenance.package_versions(ref.target.runtime_packages),
-        },
-        timestamp=context.created,
-        runner=context.runner,
-    )
-    statements = {
-        "signature": oms.OmsManifest(
-            model_name=subject.name,
-            files={layer.annotations[ANN_FILEPATH]: layer.digest.split(":", 1)[1] for layer in layers},
-        ).statement(),
-        "provenance": provenance.statement(provenance_input),
-        "parity": Statement(
-            subjects=(subject,),
-            predicate_type=PARITY_PREDICATE_TYPE,
-            predicate=parity_predicate(report, by_path[PARITY_FILE].digest, ref_manifest.digest),
-        ),
-    }
-    signed = [
-        attestation_manifest(
-            store, kind=kind, statement=statements[kind], key=context.key, target=target, subject=manifest,
-            created=context.created,
-        )
-        for kind in ATTESTATION_KINDS
-    ]
-    stored = BuiltTarget(
-        target=target,
-        manifest_digest=manifest.digest,
-        files=tuple(files),
-        size=sum(layer.size for layer in layers),
-        parity=report.status,
-    )
-    return manifest, signed, stored
-
-
-def _store_index(store: BlobStore, refs: list[TargetRef], manifests: list[Descriptor], context: _BuildContext
-                 ) -> Descriptor:
-    """The bundle index of this build."""
-    metadata = context.config.metadata
-    return store_bundle_index(store, manifests, name=context.name, tag=context.config.tag,
-                              targets=[str(r) for r in refs], licenses=metadata.licenses, version=metadata.version,
-                              created=context.created)
-
-
-def store_bundle_index(store: BlobStore, manifests: Sequence[Descriptor], *, name: str, tag: str,
-                       targets: Sequence[str], licenses: Sequence[str], version: str | None, created: str | None
-                       ) -> Descriptor:
-    """The bundle index listing every manifest, with the bundle's annotations (``build`` and ``assemble``)."""
-    annotations = {
-        ANN_REF_NAME: tag,
-        ANN_TITLE: name,
-        ANN_BUNDLE_VERSION: BUNDLE_FORMAT_VERSION,
-        ANN_SOVPACK_VERSION: __version__,
-        ANN_TARGETS: ",".join(targets),
-    }
-    if licenses:
-        annotations[ANN_LICENSES] = " AND ".join(licenses)
-    if version:
-        annotations[ANN_VERSION] = version
-    if created:
-        annotations[ANN_CREATED] = created
-    document = {
-        "schemaVersion": 2,
-        "mediaType": MT_INDEX,
-        "artifactType": AT_BUNDLE,
-        "manifests": [d.to_dict() for d in manifests],
-        "annotations": annotations,
-    }
-    return store.add(canonical_json(document), MT_INDEX)
-
-
-def store_file(store: BlobStore, path: Path, rel: str, media_type: str, created: str | None = None, *,
-               move: bool = False) -> Descriptor:
-    """Store one file as a layer annotated with its relative path and ModelPack file metadata (``move``: the
-    file is the build's own scratch copy, renamed into the store instead of copied)."""
-    digest, size = store.move_file(path) if move else store.put_file(path)
-    return Descriptor(
-        media_type=media_type,
-        digest=digest,
-        size=size,
-        annotations={ANN_FILEPATH: rel, ANN_TITLE: rel, ANN_FILE_METADATA: file_metadata(rel, size, created)},
-    )

@@ -114,6 +114,15 @@ def keygen(output: Path, password_file: Path | None, password_env: str | None, f
               help="Then copy the signed bundle to DEST (docker://HOST/REPO:TAG, oci-archive:FILE.tar or a "
                    "directory) as `sovpack copy` does; a docker:// tag is the bundle's tag. Without -o the "
                    "bundle is built in a temporary directory.")
+@click.option("--reference-from", metavar="BUNDLE", type=BUNDLE,
+              help="Judge parity against this signed bundle's stored reference (same checkpoint and prompts) "
+                   "instead of computing it: parts built on different machines then share one reference.")
+@click.option("--reuse-from", metavar="BUNDLE", type=BUNDLE,
+              help="Like --reference-from, and carry over its targets whose inputs are unchanged (same sovpack, "
+                   "name and options) instead of rebuilding them; a bundle of other inputs only means no reuse.")
+@click.option("--trust", "trusted", multiple=True, type=click.Path(path_type=Path), metavar="PUB.pem",
+              help="A public key the --reference-from/--reuse-from bundle may be signed with (repeatable; "
+                   "the public half of --key is always trusted).")
 @registry_options
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
@@ -140,6 +149,9 @@ def build(
     calibration: Path | None,
     int8_share: float | None,
     push: str | Path | None,
+    reference_from: str | Path | None,
+    reuse_from: str | Path | None,
+    trusted: tuple[Path, ...],
     force: bool,
     quiet: bool,
     as_json: bool,
@@ -151,10 +163,11 @@ def build(
       sovpack build ./ckpt -o model.oci -t onnx:fp16 -t gguf:q8_0 -t openvino:fp16 --key keys/private.pem
       sovpack build --config sovpack.toml
       sovpack build ./ckpt -t onnx:int4 --key keys/private.pem --push docker://registry.example/models/x:1.0-onnx
+      sovpack build ./ckpt -t gguf:q4_k_m --key keys/private.pem --reference-from docker://reg.example/models/x:1.0-onnx
     """
     import dataclasses
 
-    from sovpack.attest.dsse import SigningKey, read_password
+    from sovpack.attest.dsse import SigningKey, load_trusted_keys, read_password
     from sovpack.bundle.config import BuildConfig, BundleMetadata, load_build_config
     from sovpack.bundle.publish import publish_build
     from sovpack.errors import UsageError
@@ -188,11 +201,14 @@ def build(
     config = dataclasses.replace(config, **updates)
     if config.key is None:
         raise UsageError("no signing key: pass --key KEY.pem (or 'key' under [signing] in the config file)")
+    if reference_from is not None and reuse_from is not None:
+        raise UsageError("--reference-from and --reuse-from are exclusive (--reuse-from also shares the reference)")
     signing_key = SigningKey.load(config.key, read_password(config.password_file, config.password_env))
     started = time.monotonic()
     with stages(quiet) as progress:
-        published = publish_build(config, key=signing_key, push=push, options=current_registry_options(), force=force,
-                                  progress=progress)
+        published = publish_build(
+            config, key=signing_key, push=push, earlier=reuse_from or reference_from, reuse=reuse_from is not None,
+            trusted=load_trusted_keys(trusted), options=current_registry_options(), force=force, progress=progress)
     elapsed = time.monotonic() - started
     if as_json:
         echo_json({**published.to_dict(), "seconds": round(elapsed, 1)})
@@ -203,8 +219,12 @@ def build(
         f"{where} (tag {result.tag}, {human_size(result.size)}, {elapsed:.1f} s), "
         f"signed with key {result.key_id[:16]}…"
     )
+    if result.reference_from is not None:
+        click.echo(f"parity reference from {result.reference_from}")
     for target in result.targets:
-        click.echo(f"  {target.target:<16} {target.parity:<7} {human_size(target.size):>10}  {target.manifest_digest}")
+        reused = f"  (reused from {target.reused_from})" if target.reused_from else ""
+        click.echo(f"  {target.target:<16} {target.parity:<7} {human_size(target.size):>10}  {target.manifest_digest}"
+                   f"{reused}")
     if published.pushed is not None:
         click.echo(f"pushed to {published.pushed.destination}: bundle index {published.pushed.digest}")
 

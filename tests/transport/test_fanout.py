@@ -7,6 +7,7 @@ The registry is a real Distribution (``docker-registry``) on loopback; the build
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from sovpack.attest.dsse import SigningKey, VerifyingKey, generate_key_pair
-from sovpack.bundle.assemble import assemble_bundle
+from sovpack.bundle.assemble import AssembleResult, assemble_bundle
 from sovpack.cli import cli
 from sovpack.errors import VerificationError
 from sovpack.transport import Reference, RegistryLayout, RegistryOptions
@@ -56,12 +57,18 @@ def parts(registry: Registry, keys: dict[str, Any]) -> dict[str, str]:
     return refs
 
 
-def test_assembled_release_in_the_registry_verifies_and_extracts(
-    registry: Registry, parts: dict[str, str], keys: dict[str, Any], tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def assembled(registry: Registry, parts: dict[str, str], keys: dict[str, Any]) -> tuple[str, AssembleResult]:
     release = registry.ref("models/fan", tag="1.0")
     result = assemble_bundle(release, list(parts.values()), key=SigningKey.load(keys["release"].private_key),
                              trusted=[VerifyingKey.load(keys["runner"].public_key)], options=PUSH_OPTIONS)
+    return release, result
+
+
+def test_assembled_release_in_the_registry_verifies_and_extracts(
+    assembled: tuple[str, AssembleResult], keys: dict[str, Any], tmp_path: Path
+) -> None:
+    release, result = assembled
     assert result.tag == "1.0" and result.targets == tuple(RUNNERS.values())
     assert result.pushed is not None and result.pushed.blobs_transferred == 1  # only the new release signature
     trusted = [VerifyingKey.load(keys[k].public_key) for k in ("release", "runner")]
@@ -105,3 +112,22 @@ def test_a_part_corrupted_in_the_registry_is_refused(registry: Registry, parts: 
     finally:
         stored.write_bytes(original)
     assert not (work / "never").exists()
+
+
+def test_next_release_reuses_every_unchanged_target_from_the_registry(
+    registry: Registry, assembled: tuple[str, AssembleResult], keys: dict[str, Any]
+) -> None:
+    """1.0.1 of the same checkpoint and options: nothing is rebuilt, only a new release is signed and pushed."""
+    release, _result = assembled
+    nxt = registry.ref("models/fan", tag="1.0.1")
+    command = [sys.executable, "-m", "sovpack", "build", str(CHECKPOINT), *(f"-t{t}" for t in RUNNERS.values()),
+               "--name", "fan", "--key", str(keys["release"].private_key), "--trust", str(keys["runner"].public_key),
+               "--reuse-from", release, "--push", nxt, "--plain-http", "-q", "--json"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=900)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    summary = json.loads(done.stdout)
+    assert [t["reused_from"] for t in summary["targets"]] == [release] * len(RUNNERS)
+    assert summary["pushed"]["blobs_transferred"] == 1  # the new release signature; every artifact was there
+    trusted = [VerifyingKey.load(keys[k].public_key) for k in ("release", "runner")]
+    report = verify_bundle(RegistryLayout(Reference.parse(nxt), PUSH_OPTIONS), keys=trusted)
+    assert report.ok, report.failures
