@@ -186,7 +186,7 @@ def _joined_release(parts: list[VerifiedBundle], *, tag: str, sequence: int | No
         for what, value in agree:
             if value(part.release) != value(first):
                 raise VerificationError(
-                    f"part {part.location}: its {what} differs from part {parts[0].location}'s "
+                    f"part {part.location}: not the same {what} as part {parts[0].location} "
                     f"({_short(value(part.release))} vs {_short(value(first))}); parts must be built from the "
                     "same checkpoint, prompts and options"
                 )

@@ -122,8 +122,8 @@ def test_assembly_is_deterministic(assembled: Path, parts: dict[str, Path], keys
 
 
 @pytest.mark.parametrize(("other", "problem"), [
-    ("revised", "its source checkpoint (file digests) differs"),
-    ("prompts", "its parity prompts differs"),
+    ("revised", "not the same source checkpoint (file digests) as part"),
+    ("prompts", "not the same parity prompts as part"),
     ("again", "target gguf:f16 is also in part"),
 ])
 def test_a_part_that_does_not_belong_is_refused_by_name(parts: dict[str, Path], keys: dict[str, Any],

@@ -67,7 +67,7 @@ def test_parts_from_machines_whose_references_differ_assemble_when_one_is_shared
     monkeypatch.setattr(RecordedReference, "__init__", other_rounding)
     own = _build(checkpoints["llama3"], tmp_path / "own", key, ("gguf:f32",))
     assert _reference_digest(own.output) != _reference_digest(earlier)
-    with pytest.raises(VerificationError, match="its parity reference differs"):
+    with pytest.raises(VerificationError, match="not the same parity reference as part"):
         assemble_bundle(tmp_path / "never", [earlier, own.output], key=SigningKey.load(key.private_key))
     shared = _build(checkpoints["llama3"], tmp_path / "shared", key, ("gguf:f32",), earlier=earlier)
     assert shared.reference_from == str(earlier)

@@ -91,7 +91,7 @@ def test_a_foreign_part_in_the_registry_is_refused(registry: Registry, parts: di
     process = _build(foreign, "gguf:f16", keys["release"].private_key, "--prompt", "Other prompts entirely")
     output, _ = process.communicate(timeout=900)
     assert process.returncode == 0, output.decode(errors="replace")
-    with pytest.raises(VerificationError, match=re.escape(f"part {foreign}: its parity prompts differs")):
+    with pytest.raises(VerificationError, match=re.escape(f"part {foreign}: not the same parity prompts as part")):
         assemble_bundle(registry.ref("models/fan", tag="1.0-bad"), [parts["onnx"], foreign],
                         key=SigningKey.load(keys["release"].private_key), options=PUSH_OPTIONS)
 
