@@ -271,7 +271,9 @@ def verify(
         for target in report.targets:
             signers = ", ".join(s[:16] + "…" for s in target.signers) or "none"
             parity = target.parity or "?"
-            click.echo(f"{target.name:<16} parity {parity:<7} signed by {signers}  {target.manifest_digest}")
+            signed = report.release.target(target.name) if report.release is not None else None
+            part = f"  (built in part {signed.part.tag})" if signed is not None and signed.part is not None else ""
+            click.echo(f"{target.name:<16} parity {parity:<7} signed by {signers}  {target.manifest_digest}{part}")
         if report.ok and report.release is not None:
             release = report.release
             click.echo(f"OK: {report.path}: release {release.name} tag {release.tag} sequence {release.sequence} "

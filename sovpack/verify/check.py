@@ -200,7 +200,9 @@ def release_summary(release: Release | None, signer: str | None) -> dict[str, An
     """The signed facts of a release, as verify and inspect report them."""
     if release is None:
         return None
+    parts = {t.target: t.part.to_dict() for t in release.targets if t.part is not None}
     return {
+        **({"parts": parts} if parts else {}),  # assembled or reused: the bundle each target was built in
         "name": release.name,
         "tag": release.tag,
         "sequence": release.sequence,

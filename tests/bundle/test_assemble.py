@@ -22,7 +22,7 @@ from sovpack.bundle.assemble import assemble_bundle
 from sovpack.cli import cli
 from sovpack.errors import UsageError, VerificationError
 from sovpack.transport import copy_bundle
-from sovpack.verify import extract_target, inspect_bundle, read_bundle, verify_bundle
+from sovpack.verify import extract_target, inspect_bundle, read_bundle, recheck_parity, verify_bundle
 
 METADATA = BundleMetadata(name="tiny", licenses=("Apache-2.0",))
 
@@ -114,6 +114,13 @@ def test_extract_and_inspect_work_on_the_assembled_bundle(assembled: Path, keys:
     assert [t["name"] for t in info["targets"]] == ["onnx:fp32", "gguf:f16"] and not info.get("problems")
 
 
+def test_parity_rechecks_the_assembled_targets_against_the_shared_reference(assembled: Path,
+                                                                            keys: dict[str, Any]) -> None:
+    results = recheck_parity(assembled, keys=[keys["release_public"], keys["runner_public"]])
+    assert [(r.target, r.status, r.signature_verified) for r in results] == [
+        ("onnx:fp32", "PASSED", True), ("gguf:f16", "PASSED", True)]
+
+
 def test_assembly_is_deterministic(assembled: Path, parts: dict[str, Path], keys: dict[str, Any],
                                    tmp_path: Path) -> None:
     again = assemble_bundle(tmp_path / "again", [parts["onnx"], parts["gguf"]], key=keys["release_signing"],
@@ -199,6 +206,10 @@ def test_assemble_command(parts: dict[str, Path], keys: dict[str, Any], tmp_path
                                       "--key", str(keys["runner_files"].public_key)])
     assert verify.exit_code == 0, verify.output
     assert "release tiny tag 1.0 sequence 7" in verify.output
+    assert "(built in part 1.0-gguf)" in verify.output
+    as_json = CliRunner().invoke(cli, ["verify", str(out), "--key", str(keys["release_files"].public_key),
+                                       "--key", str(keys["runner_files"].public_key), "--json"])
+    assert json.loads(as_json.output)["release"]["parts"]["onnx:fp32"]["tag"] == "1.0-onnx"
 
 
 def test_assemble_refuses_a_tag_the_destination_contradicts(parts: dict[str, Path], keys: dict[str, Any]) -> None:
