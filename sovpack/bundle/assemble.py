@@ -33,6 +33,7 @@ from sovpack.errors import UsageError, VerificationError
 from sovpack.oci.descriptor import Descriptor
 from sovpack.oci.media import TAG_RE
 from sovpack.oci.store import BlobStore, write_layout
+from sovpack.oci.tags import check_target_tags
 from sovpack.transport import (
     CopyResult,
     LayoutEndpoint,
@@ -142,6 +143,9 @@ def assemble_bundle(
             verified.append(stack.enter_context(verified_bundle(part, tuple(keys.values()), options, role="part")))
             progress(f"[{i}/{len(parts)}] verify part {part}", 1, 1)
         release = _joined_release(verified, tag=bundle_tag, sequence=sequence, expires=expires)
+        problem = check_target_tags(release.tag, [t.target for t in release.targets])
+        if problem is not None:
+            raise UsageError(problem)
         if isinstance(dst, LayoutEndpoint):
             output: Path | None = dst.path
             index = _write(dst.path, verified, release, key, force=force, inputs=local_parts, progress=progress)

@@ -27,6 +27,7 @@ from sovpack.oci.media import (
     TAG_RE,
 )
 from sovpack.oci.store import BlobStore, write_layout
+from sovpack.oci.tags import check_target_tags
 from sovpack.parity.embeddings import (
     RecordedEmbeddings,
     labeled_texts,
@@ -85,6 +86,9 @@ def _resolve_targets(config: BuildConfig) -> tuple[Path, Path, list[TargetRef]]:
         ref = TargetRef.parse(text)
         if ref not in refs:
             refs.append(ref)
+    problem = check_target_tags(config.tag, [str(r) for r in refs])
+    if problem is not None:
+        raise UsageError(problem)
     built = {str(r) for r in refs}
     unknown = sorted(set(config.target_thresholds) - built)
     if unknown:

@@ -24,6 +24,7 @@ from sovpack.errors import ParityError, SourceError, VerificationError
 from sovpack.oci.blobs import collect
 from sovpack.oci.descriptor import Descriptor
 from sovpack.oci.media import (
+    ANN_BUNDLE_TAG,
     ANN_BUNDLE_VERSION,
     ANN_CREATED,
     ANN_FILE_METADATA,
@@ -32,7 +33,6 @@ from sovpack.oci.media import (
     ANN_KIND,
     ANN_LICENSES,
     ANN_PRECISION,
-    ANN_REF_NAME,
     ANN_SOVPACK_VERSION,
     ANN_TARGET,
     ANN_TARGETS,
@@ -256,7 +256,7 @@ def store_bundle_index(store: BlobStore, manifests: Sequence[Descriptor], *, nam
                        ) -> Descriptor:
     """The bundle index listing every manifest, with the bundle's annotations (``build`` and ``assemble``)."""
     annotations = {
-        ANN_REF_NAME: tag,
+        ANN_BUNDLE_TAG: tag,
         ANN_TITLE: name,
         ANN_BUNDLE_VERSION: BUNDLE_FORMAT_VERSION,
         ANN_SOVPACK_VERSION: __version__,

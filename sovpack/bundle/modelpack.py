@@ -43,9 +43,15 @@ def list_artifact_files(artifact_dir: Path) -> list[str]:
     return sorted(files)
 
 
+# ModelPack's precision table (model-spec docs/config.md) has no 4-bit type: 4-bit codes are stored packed two
+# to a byte, so their stored element type is reported (uint8) and ``quantization`` names the scheme.
+MODELPACK_PRECISION = {"int4": "uint8"}
+
+
 def modelpack_precision(precision: Precision) -> tuple[str, str | None]:
     """(ModelPack ``precision``, ``quantization``) of a target precision, from the target's own table."""
-    return precision.weights, precision.name if precision.quantized else None
+    weights = MODELPACK_PRECISION.get(precision.weights, precision.weights)
+    return weights, precision.name if precision.quantized else None
 
 
 def param_size(count: int) -> str:

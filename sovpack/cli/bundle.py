@@ -288,7 +288,8 @@ def verify(
 @cli.command()
 @click.argument("bundle", type=BUNDLE)
 @registry_options
-@click.option("-t", "--target", required=True, help="The target to extract, e.g. gguf:q8_0.")
+@click.option("-t", "--target", help="The target to extract, e.g. gguf:q8_0 (default: the one a per-target tag "
+              "names, or the bundle's only target).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path), help="Trusted public key (repeatable).")
 @click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy file (JSON or TOML).")
@@ -296,19 +297,22 @@ def verify(
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def extract(
-    bundle: Path, target: str, output: Path, keys: tuple[Path, ...], policy_path: Path | None, tag: str | None,
+    bundle: Path, target: str | None, output: Path, keys: tuple[Path, ...], policy_path: Path | None, tag: str | None,
     force: bool, as_json: bool,
 ) -> None:
     """Verify BUNDLE, then write one target's runnable files and its model-signing signature (model.sig).
 
-    The directory then verifies with: model_signing verify key --signature DIR/model.sig --public_key PUB DIR
+    BUNDLE may be opened by a per-target tag (docker://REG/REPO:1.0-gguf-q4_k_m, or --tag 1.0-gguf-q4_k_m): the
+    whole bundle it belongs to is verified and that target extracted. The directory then verifies with:
+    model_signing verify key --signature DIR/model.sig --public_key PUB DIR
     """
     from sovpack.attest.dsse import load_trusted_keys
-    from sovpack.transport import local_bundle
+    from sovpack.transport import local_bundle, target_of_tag
     from sovpack.verify import Policy, extract_target
 
     policy = (_policy(policy_path) or Policy()).narrowed(key_paths=keys, tag=tag)
     with local_bundle(bundle, current_registry_options()) as local:
+        target = target or target_of_tag(bundle, local, policy.tag)
         result = extract_target(
             local, target, output, keys=load_trusted_keys(policy.keys), tag=policy.tag, policy=policy, force=force
         )
@@ -338,11 +342,13 @@ def parity_command(bundle: Path, targets: tuple[str, ...], keys: tuple[Path, ...
     With --key the bundle is verified first and the result is compared with the signed report.
     """
     from sovpack.attest.dsse import load_trusted_keys
-    from sovpack.transport import local_bundle
+    from sovpack.transport import local_bundle, target_of_tag
     from sovpack.verify import Policy, recheck_parity
 
     policy = (_policy(policy_path) or Policy()).narrowed(key_paths=keys, tag=tag)
     with local_bundle(bundle, current_registry_options()) as local:
+        named = target_of_tag(bundle, local, policy.tag)
+        targets = targets or ((named,) if named is not None else ())
         results = recheck_parity(
             local, targets=targets, keys=load_trusted_keys(policy.keys), tag=policy.tag, policy=policy,
             insecure=insecure,

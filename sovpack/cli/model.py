@@ -74,6 +74,14 @@ def inspect(path: Path, keys: tuple[Path, ...], as_json: bool) -> None:
     Console().print(table)
 
 
+def _tagged(path: Path | str, local: Path) -> str | None:
+    """The target a docker:// per-target tag names (``run docker://REG/REPO:1.0-gguf-q8_0``), for a bundle."""
+    from sovpack.oci.store import is_bundle_dir
+    from sovpack.transport import target_of_tag
+
+    return target_of_tag(path, local) if is_bundle_dir(local) else None
+
+
 def _check_logits_out(logits_out: Path, source: Path | str) -> None:
     """Refuse, before running anything, a --logits-out that is a directory or would overwrite the input."""
     from sovpack._io import check_not_input
@@ -139,7 +147,8 @@ def run(path: Path, prompt: str | None, ids: str | None, texts: tuple[str, ...],
         from sovpack.run import embed
 
         with local_bundle(path, current_registry_options()) as local:
-            embedded = embed(local, texts, target=target, keys=trusted, policy=policy, insecure=insecure)
+            embedded = embed(local, texts, target=target or _tagged(path, local), keys=trusted, policy=policy,
+                             insecure=insecure)
         if embedded.verified is False:
             click.echo(f"warning: {path}: nothing was verified (no --key): running the files as they are", err=True)
         if as_json:
@@ -152,7 +161,7 @@ def run(path: Path, prompt: str | None, ids: str | None, texts: tuple[str, ...],
     with local_bundle(path, current_registry_options()) as local:
         result = run_model(
             local, prompt=prompt, ids=_parse_ids(ids) if ids is not None else None, max_new_tokens=max_new_tokens,
-            target=target, keys=trusted, policy=policy, insecure=insecure,
+            target=target or _tagged(path, local), keys=trusted, policy=policy, insecure=insecure,
         )
     if result.verified is False:
         click.echo(f"warning: {path}: nothing was verified (no --key): running the files as they are", err=True)

@@ -12,10 +12,9 @@ is walked from ``index.json`` (:func:`sovpack.oci.blobs.collect`), every member 
 descriptor's size; (3) only the reachable blobs are written, each hashed against its digest, ``index.json`` last.
 
 So the bytes written are at most the sizes the reachable descriptors declare. Members nothing references are
-skipped, never written, and counted (``TransferCounts.unreferenced``): they cannot be part of the signed
-bundle, and an archive is refused only for what could do harm. A compressed archive (gzip, bzip2, xz) inflates
-within a cap (``INFLATE_RATIO`` times its size, at least ``INFLATE_FLOOR``): a decompression bomb is refused
-after at most that many bytes, none of them written.
+skipped, never written, and counted (``TransferCounts.unreferenced``): they cannot be part of the signed bundle.
+A compressed archive (gzip, bzip2, xz) inflates within a cap (``INFLATE_RATIO`` times its size, at least
+``INFLATE_FLOOR``): a decompression bomb is refused after at most that many bytes, none of them written.
 """
 
 from __future__ import annotations
@@ -38,7 +37,16 @@ from sovpack._io import CHUNK, check_relative_path, open_regular, parse_json, so
 from sovpack.errors import UsageError, VerificationError
 from sovpack.oci.blobs import collect
 from sovpack.oci.descriptor import Descriptor
-from sovpack.oci.media import ANN_REF_NAME, BLOBS_DIR, INDEX_FILE, LAYOUT_VERSION, MAX_JSON_DOCUMENT, OCI_LAYOUT_FILE
+from sovpack.oci.media import (
+    ANN_REF_NAME,
+    BLOBS_DIR,
+    INDEX_FILE,
+    LAYOUT_VERSION,
+    MAX_JSON_DOCUMENT,
+    MT_INDEX,
+    OCI_LAYOUT_FILE,
+)
+from sovpack.oci.tags import target_entries
 from sovpack.oci.writer import (
     HashingReader,
     LayoutWriter,
@@ -78,11 +86,6 @@ _REFUSED_TYPES = {
 # ------------------------------------------------------------------------------------------------ writing
 
 
-def _archive_mtime() -> int:
-    """Fixed: SOURCE_DATE_EPOCH if set, else 0, so the same bundle always gives the same tar."""
-    return source_date_epoch() or 0
-
-
 def _tar_info(name: str, size: int, *, directory: bool, mtime: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = tarfile.DIRTYPE if directory else tarfile.REGTYPE
@@ -98,7 +101,8 @@ def write_archive(layout: Path, out: Path, *, force: bool = False) -> tuple[Desc
     """The bundle of ``layout`` as one deterministic tar: sorted entries, fixed mtime/uid/gid/mode, PAX format.
 
     Only what the tagged bundle reaches goes in (stray blobs do not), each blob hashed while it is written.
-    The archive's ``index.json`` carries the bundle's own tag (the one it was built and signed with).
+    The archive's ``index.json`` names only the bundle, by its own tag (the one it was built and signed with): tools
+    read an archive of one image without a tag; unpacking it writes the per-target tags (sovpack.oci.tags).
     """
     if out.exists() and not force:
         raise UsageError(f"{out}: exists (pass --force to replace it)")
@@ -109,7 +113,7 @@ def write_archive(layout: Path, out: Path, *, force: bool = False) -> tuple[Desc
     graph = collect(blobs.read_manifest, top)
     tag = graph.manifests[-1].tag or layout_tag
     items = graph.descriptors()
-    mtime = _archive_mtime()
+    mtime = source_date_epoch() or 0  # fixed, so the same bundle always gives the same tar
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     tmp = Path(name)
@@ -134,7 +138,8 @@ def write_archive(layout: Path, out: Path, *, force: bool = False) -> tuple[Desc
                 counts.transferred += 1
                 counts.bytes += desc.size
             top = Descriptor(media_type=top.media_type, digest=top.digest, size=top.size)
-            for entry, data in ((INDEX_FILE, layout_index_bytes(top, tag)), (OCI_LAYOUT_FILE, layout_marker_bytes())):
+            index_bytes = layout_index_bytes(top, tag)  # one entry: `skopeo copy oci-archive:F` needs no tag
+            for entry, data in ((INDEX_FILE, index_bytes), (OCI_LAYOUT_FILE, layout_marker_bytes())):
                 tar.addfile(_tar_info(entry, len(data), directory=False, mtime=mtime), io.BytesIO(data))
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
@@ -435,9 +440,10 @@ def _archive_top(archive: Path, reader: _Archive) -> tuple[Descriptor, str | Non
         raise VerificationError(f"{archive}: no valid {INDEX_FILE}")
     entries = [Descriptor.from_dict(d, f"{archive}: {INDEX_FILE} manifests[{i}]")
                for i, d in enumerate(index["manifests"])]
-    if len(entries) != 1:
-        raise UsageError(f"{archive}: the archive holds {len(entries)} entries; sovpack copies archives of one bundle")
-    return entries[0], entries[0].annotations.get(ANN_REF_NAME)
+    bundles = [e for e in entries if e.media_type == MT_INDEX] if len(entries) > 1 else entries  # + target tags
+    if len(bundles) != 1:
+        raise UsageError(f"{archive}: the archive holds {len(bundles)} bundles; sovpack copies archives of one bundle")
+    return bundles[0], bundles[0].annotations.get(ANN_REF_NAME)
 
 
 def read_archive(archive: Path, dest: Path, *, force: bool = False, scratch: bool = False
@@ -486,7 +492,8 @@ def read_archive(archive: Path, dest: Path, *, force: bool = False, scratch: boo
                                              path.stat().st_size != blob.size):
             raise VerificationError(f"{where}: blob {blob.digest} is missing from the archive")
     with writer.filling(scratch=scratch):
-        writer.prepare(layout_index_bytes(top, tag), force=force)
+        targets = target_entries(graph.manifests[-1].document, tag)
+        writer.prepare(layout_index_bytes(top, tag, targets), force=force)
         for node in graph.manifests:
             writer.put_bytes(node.descriptor, node.data, where)
         streamed: dict[str, Descriptor] = {}
@@ -505,7 +512,7 @@ def read_archive(archive: Path, dest: Path, *, force: bool = False, scratch: boo
             counts.bytes += blob.size
         reader.stream_members([reader.entries[name] for name in streamed],
                               lambda entry, data: writer.put_stream(streamed[entry.name], data, where))
-        writer.finish(top, tag)
+        writer.finish(top, tag, targets)
     return top, tag, counts
 
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 from sovpack._io import parse_json
 from sovpack.errors import VerificationError
 from sovpack.oci.descriptor import Descriptor
-from sovpack.oci.media import ANN_REF_NAME, DIGEST_RE, INDEX_TYPES, MANIFEST_TYPES, TAG_RE
+from sovpack.oci.media import ANN_BUNDLE_TAG, ANN_REF_NAME, DIGEST_RE, INDEX_TYPES, MANIFEST_TYPES, TAG_RE
 
 # NOTE: Docker's own manifest types are accepted when reading (a registry may answer with them); sovpack
 # only ever writes the OCI ones.
@@ -33,6 +33,7 @@ class BlobSource(Protocol):
 
     root: Any  # names the store in messages; ``root / "index.json"`` names its top-level index
     index: dict[str, Any]  # the top-level OCI index (index.json, or the registry tag as a one-entry index)
+    requested_tag: str | None  # the tag the store was opened by, if it names one itself (a registry reference)
     bytes_checked: int
 
     @property
@@ -106,6 +107,15 @@ class VerifiedReads:
 # ------------------------------------------------------------------------------------------ the bundle graph
 
 
+def bundle_index_tag(document: Mapping[str, Any]) -> Any:
+    """The tag a bundle index records for itself: ``dev.sovpack.tag``, or (bundles before it) the ref.name
+    annotation, which image-spec reserves for index.json descriptors. Unchecked: callers validate it."""
+    annotations = document.get("annotations")
+    if not isinstance(annotations, Mapping):
+        return None
+    return annotations.get(ANN_BUNDLE_TAG, annotations.get(ANN_REF_NAME))
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ManifestNode:
     """One index or manifest of a bundle: its descriptor, verified bytes and parsed document."""
@@ -122,12 +132,11 @@ class ManifestNode:
 
     @property
     def tag(self) -> str | None:
-        """The tag the bundle was built with (the ref.name annotation of the bundle index), if any.
+        """The tag the bundle was built with (the bundle index's ``dev.sovpack.tag``; older bundles: ref.name).
 
         A value that is not a valid OCI tag is refused: it would become part of a registry URL.
         """
-        annotations = self.document.get("annotations")
-        tag = annotations.get(ANN_REF_NAME) if isinstance(annotations, Mapping) else None
+        tag = bundle_index_tag(self.document)
         if tag is None:
             return None
         if not isinstance(tag, str) or not TAG_RE.match(tag):

@@ -39,7 +39,8 @@ AT_SIGSTORE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 
 ANN_FILEPATH = "org.cncf.model.filepath"
 ANN_FILE_METADATA = "org.cncf.model.file.metadata+json"  # ModelPack "File Metadata Annotation Value"
-ANN_REF_NAME = "org.opencontainers.image.ref.name"
+ANN_REF_NAME = "org.opencontainers.image.ref.name"  # image-spec: only on index.json descriptors
+ANN_BUNDLE_TAG = "dev.sovpack.tag"  # the bundle index's own record of its tag (older bundles: ANN_REF_NAME)
 ANN_CREATED = "org.opencontainers.image.created"
 ANN_TITLE = "org.opencontainers.image.title"
 ANN_LICENSES = "org.opencontainers.image.licenses"

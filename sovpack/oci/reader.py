@@ -16,6 +16,7 @@ from sovpack.oci.blobs import BlobSource, VerifiedReads
 from sovpack.oci.descriptor import Descriptor, blob_path
 from sovpack.oci.media import (
     ANN_REF_NAME,
+    ANN_TARGET,
     BLOBS_DIR,
     DIGEST_RE,
     INDEX_FILE,
@@ -24,6 +25,7 @@ from sovpack.oci.media import (
     MT_INDEX,
     OCI_LAYOUT_FILE,
 )
+from sovpack.oci.tags import bundle_tag_of
 
 
 class Layout(VerifiedReads):
@@ -45,6 +47,7 @@ class Layout(VerifiedReads):
         if not isinstance(index.get("manifests"), list):
             raise VerificationError(f"{self.root / INDEX_FILE}: no 'manifests' list")
         self.index: dict[str, Any] = index
+        self.requested_tag: str | None = None  # a layout's tag comes from --tag
         self.blob_dir = self.root / BLOBS_DIR / "sha256"
         for directory in (self.root / BLOBS_DIR, self.blob_dir):
             if directory.is_symlink() or not directory.is_dir():
@@ -118,27 +121,47 @@ class Layout(VerifiedReads):
         return problems
 
 
-def select_index(layout: BlobSource, tag: str | None) -> tuple[Descriptor, str | None]:
-    """The bundle index the top-level index names by ``tag`` (or its only entry), and the tag it carries.
+def _entries(layout: BlobSource) -> list[Descriptor]:
+    return [Descriptor.from_dict(d, f"{INDEX_FILE} manifests[{i}]") for i, d in enumerate(layout.index["manifests"])]
 
-    ``layout`` is any BlobSource (a layout directory, or a registry tag seen as a one-entry index).
+
+def named_target(layout: BlobSource, tag: str | None) -> tuple[str, str] | None:
+    """(target, manifest digest) when ``tag`` is a per-target tag of the layout (sovpack.oci.tags), else None."""
+    if tag is None:
+        return None
+    for entry in _entries(layout):
+        target = entry.annotations.get(ANN_TARGET)
+        if (entry.annotations.get(ANN_REF_NAME) == tag and entry.media_type != MT_INDEX and target is not None
+                and bundle_tag_of(tag, target) is not None):
+            return target, entry.digest
+    return None
+
+
+def select_index(layout: BlobSource, tag: str | None) -> tuple[Descriptor, str | None]:
+    """The bundle index the top-level index names by ``tag`` (or its only bundle), and the tag it carries.
+
+    ``layout`` is any BlobSource (a layout directory, or a registry tag seen as a one-entry index). A per-target
+    tag (``1.0-gguf-q4_k_m``) selects the bundle it belongs to (``1.0``): the bundle is what verify vouches for.
     """
-    entries = [
-        Descriptor.from_dict(d, f"{INDEX_FILE} manifests[{i}]") for i, d in enumerate(layout.index["manifests"])
-    ]
+    named = named_target(layout, tag)
+    if tag is not None and named is not None:
+        tag = bundle_tag_of(tag, named[0])
+    entries = _entries(layout)
     if tag is not None:
         matching = [e for e in entries if e.annotations.get(ANN_REF_NAME) == tag]
         if not matching:
             tags = ", ".join(sorted(e.annotations.get(ANN_REF_NAME, "?") for e in entries)) or "none"
             raise VerificationError(f"{layout.root / INDEX_FILE}: no entry tagged {tag!r} (tags: {tags})")
         entry = matching[0]
-    elif len(entries) == 1:
-        entry = entries[0]
-    elif not entries:
-        raise VerificationError(f"{layout.root / INDEX_FILE}: the layout holds no bundle")
     else:
-        tags = ", ".join(sorted(e.annotations.get(ANN_REF_NAME, "?") for e in entries))
-        raise UsageError(f"{layout.root}: the layout holds several entries ({tags}); choose one with --tag")
+        bundles = [e for e in entries if e.media_type == MT_INDEX] if len(entries) > 1 else entries
+        if len(bundles) == 1:
+            entry = bundles[0]
+        elif not entries:
+            raise VerificationError(f"{layout.root / INDEX_FILE}: the layout holds no bundle")
+        else:
+            tags = ", ".join(sorted(e.annotations.get(ANN_REF_NAME, "?") for e in bundles or entries))
+            raise UsageError(f"{layout.root}: the layout holds several bundles ({tags}); choose one with --tag")
     if entry.media_type != MT_INDEX:
         raise VerificationError(
             f"{layout.root / INDEX_FILE}: entry {entry.digest} is {entry.media_type}, not a bundle index"
@@ -146,4 +169,4 @@ def select_index(layout: BlobSource, tag: str | None) -> tuple[Descriptor, str |
     return entry, entry.annotations.get(ANN_REF_NAME)
 
 
-__all__ = ["Layout", "select_index"]
+__all__ = ["Layout", "named_target", "select_index"]

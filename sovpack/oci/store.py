@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,7 @@ from sovpack.oci.media import (
     MT_MANIFEST,
     OCI_LAYOUT_FILE,
 )
+from sovpack.oci.tags import target_entries
 
 
 class BlobStore:
@@ -122,11 +124,13 @@ def manifest_document(
     return doc
 
 
-def layout_index_bytes(top: Descriptor, tag: str | None) -> bytes:
-    """index.json naming one bundle index by tag (the same canonical bytes ``sovpack build`` writes)."""
+def layout_index_bytes(top: Descriptor, tag: str | None, targets: Sequence[Descriptor] = ()) -> bytes:
+    """index.json naming one bundle index by tag, then each target by its per-target tag (sovpack.oci.tags);
+    the same canonical bytes whichever command writes the layout."""
     entry = Descriptor(media_type=top.media_type, digest=top.digest, size=top.size,
                        annotations={ANN_REF_NAME: tag} if tag else {})
-    return canonical_json({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [entry.to_dict()]})
+    manifests = [entry.to_dict(), *(t.to_dict() for t in targets)]
+    return canonical_json({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": manifests})
 
 
 def layout_marker_bytes() -> bytes:
@@ -135,9 +139,10 @@ def layout_marker_bytes() -> bytes:
 
 
 def write_layout(root: Path, store: BlobStore, bundle_index: Descriptor, tag: str) -> None:
-    """Write oci-layout and the top-level index.json naming the bundle index by tag."""
+    """Write oci-layout and the top-level index.json naming the bundle index by tag (and each target by its own)."""
+    document = json.loads(store.path(bundle_index.digest).read_bytes())
     (root / OCI_LAYOUT_FILE).write_bytes(layout_marker_bytes())
-    (root / INDEX_FILE).write_bytes(layout_index_bytes(bundle_index, tag))
+    (root / INDEX_FILE).write_bytes(layout_index_bytes(bundle_index, tag, target_entries(document, tag)))
 
 
 def is_bundle_dir(path: Path) -> bool:

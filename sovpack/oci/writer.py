@@ -13,7 +13,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -56,6 +56,7 @@ class TransferCounts:
     manifests: int = 0
     unreferenced: int = 0  # blobs an oci-archive held that the bundle does not reach: skipped, never written
     referrer_tags: list[str] = field(default_factory=list)
+    target_tags: list[str] = field(default_factory=list)  # per-target tags set at a registry
 
 
 def check_bytes(data: bytes, desc: Descriptor, where: str) -> None:
@@ -342,7 +343,7 @@ class LayoutWriter:
             self.abandon()
             raise
 
-    def finish(self, top: Descriptor, tag: str | None) -> None:
+    def finish(self, top: Descriptor, tag: str | None, targets: Sequence[Descriptor] = ()) -> None:
         """Write ``oci-layout`` and then ``index.json``: only now does the directory look complete.
 
         Temporary files an interrupted earlier run left in the blob store go first (``verify`` would refuse
@@ -354,7 +355,7 @@ class LayoutWriter:
             ):
                 leftover.unlink()
         atomic_write_bytes(self.root / OCI_LAYOUT_FILE, layout_marker_bytes())
-        atomic_write_bytes(self.root / INDEX_FILE, layout_index_bytes(top, tag))
+        atomic_write_bytes(self.root / INDEX_FILE, layout_index_bytes(top, tag, targets))
         for name in (OCI_LAYOUT_FILE, INDEX_FILE):
             os.chmod(self.root / name, 0o644)
 

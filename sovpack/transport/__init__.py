@@ -26,7 +26,7 @@ from sovpack.transport.endpoints import (
     parse_endpoint,
 )
 from sovpack.transport.reference import Reference, is_registry_reference
-from sovpack.transport.remote import RegistryLayout, bundle_location, local_bundle
+from sovpack.transport.remote import RegistryLayout, bundle_location, local_bundle, target_of_tag
 from sovpack.transport.session import StallError
 
 __all__ = [
@@ -53,5 +53,6 @@ __all__ = [
     "parse_endpoint",
     "read_archive",
     "resolve_credentials",
+    "target_of_tag",
     "write_archive",
 ]

@@ -46,7 +46,8 @@ from sovpack.errors import UsageError, VerificationError
 from sovpack.oci.archive import read_archive, write_archive
 from sovpack.oci.blobs import Graph, collect
 from sovpack.oci.descriptor import Descriptor
-from sovpack.oci.media import INDEX_TYPES, MT_INDEX, TAG_RE
+from sovpack.oci.media import ANN_REF_NAME, INDEX_TYPES, MT_INDEX, TAG_RE
+from sovpack.oci.tags import bundle_tag_of, tagged_target, target_entries
 from sovpack.oci.writer import (
     LayoutWriter,
     LocalBlobs,
@@ -80,6 +81,7 @@ class CopyResult:
     manifests: int
     referrers: str  # how attestations are discoverable as referrers at a registry destination
     referrer_tags: tuple[str, ...]
+    target_tags: tuple[str, ...]  # per-target tags set at a registry destination (sovpack.oci.tags)
     seconds: float
     stats: Mapping[str, int]
 
@@ -98,6 +100,7 @@ class CopyResult:
             "manifests": self.manifests,
             "referrers": self.referrers,
             "referrer_tags": list(self.referrer_tags),
+            "target_tags": list(self.target_tags),
             "seconds": round(self.seconds, 3),
             "stats": dict(self.stats),
         }
@@ -126,6 +129,10 @@ class _Source:
             ref = self.ref = endpoint.ref
             self.client = _client(clients, ref.registry, options)
             data, media_type, digest = self.client.get_manifest(ref.repository, ref.reference)
+            target = tagged_target(data, media_type, ref.tag) if ref.digest is None else None
+            if target is not None:  # a per-target tag: the bundle it belongs to is the unit that is copied
+                ref = self.ref = ref.with_tag(bundle_tag_of(str(ref.tag), target))
+                data, media_type, digest = self.client.get_manifest(ref.repository, ref.reference)
             if media_type not in INDEX_TYPES:
                 raise VerificationError(f"{ref}: is a {media_type or 'manifest'}, not a bundle index")
             self._top_data = data
@@ -248,8 +255,9 @@ def transfer(
     if isinstance(dst, LayoutEndpoint):
         top = Descriptor(media_type=graph.top.media_type, digest=graph.top.digest, size=graph.top.size)
         writer = LayoutWriter(dst.path)
+        targets = target_entries(top_node.document, tag)
         with writer.filling(scratch=scratch):
-            writer.prepare(layout_index_bytes(top, tag), force=force)
+            writer.prepare(layout_index_bytes(top, tag, targets), force=force)
             for desc in graph.blobs:
                 progress("blobs", done, total)
                 if writer.has(desc):
@@ -261,7 +269,7 @@ def transfer(
                 writer.put_bytes(node.descriptor, node.data, str(src))
                 done += 1
                 progress("manifests", done, total)
-            writer.finish(top, tag)
+            writer.finish(top, tag, targets)
         return graph, tag, counts, "none"
 
     ref = dst.ref
@@ -299,7 +307,12 @@ def transfer(
     for subject, entries in sorted(by_subject.items()):
         counts.referrer_tags.append(_push_referrers_fallback(client, ref.repository, subject, entries))
     referrers = "none" if api is None else "api" if api else "tag-fallback"
-    client.put_manifest(ref.repository, tag, top_node.data, graph.top.media_type)  # the tag, last
+    client.put_manifest(ref.repository, tag, top_node.data, graph.top.media_type)  # the bundle tag, last ...
+    nodes = {node.descriptor.digest: node for node in graph.manifests}
+    for entry in target_entries(top_node.document, tag):  # ... then each target's own (sovpack.oci.tags)
+        target_tag = entry.annotations[ANN_REF_NAME]
+        client.put_manifest(ref.repository, target_tag, nodes[entry.digest].data, entry.media_type)
+        counts.target_tags.append(target_tag)
     progress("manifests", total, total)
     return graph, tag, counts, referrers
 
@@ -402,7 +415,8 @@ def _result(src: Endpoint, dst: Endpoint, digest: str, tag: str | None, counts: 
         blobs_transferred=counts.transferred, blobs_skipped=counts.skipped, blobs_mounted=counts.mounted,
         blobs_unreferenced=counts.unreferenced, bytes_transferred=counts.bytes, manifests=counts.manifests,
         referrers=referrers,
-        referrer_tags=tuple(counts.referrer_tags), seconds=time.monotonic() - started, stats=stats,
+        referrer_tags=tuple(counts.referrer_tags), target_tags=tuple(counts.target_tags),
+        seconds=time.monotonic() - started, stats=stats,
     )
 
 

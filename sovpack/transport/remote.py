@@ -19,7 +19,9 @@ from sovpack.errors import RegistryError, UsageError, VerificationError
 from sovpack.oci.archive import read_archive
 from sovpack.oci.blobs import VerifiedReads, collect
 from sovpack.oci.descriptor import Descriptor
-from sovpack.oci.media import ANN_REF_NAME, MANIFEST_TYPES, MAX_JSON_DOCUMENT, MT_INDEX
+from sovpack.oci.media import ANN_REF_NAME, ANN_TARGET, MANIFEST_TYPES, MAX_JSON_DOCUMENT, MT_INDEX
+from sovpack.oci.reader import Layout, named_target
+from sovpack.oci.tags import bundle_tag_of, manifest_target, tagged_target
 from sovpack.transport.auth import RegistryOptions
 from sovpack.transport.client import RegistryClient
 from sovpack.transport.copy import spool_directory, staging_directory, transfer
@@ -57,7 +59,28 @@ class RegistryLayout(VerifiedReads):
         self._manifests: dict[str, bytes] = {digest: data}
         annotations = {ANN_REF_NAME: ref.tag} if ref.tag and not ref.digest else {}
         top = Descriptor(media_type=media_type, digest=digest, size=len(data), annotations=annotations)
-        self.index: dict[str, Any] = {"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [top.to_dict()]}
+        entries = [top]
+        self.requested_tag: str | None = None
+        target = tagged_target(data, media_type, ref.tag) if ref.tag and not ref.digest else None
+        named = manifest_target(data, media_type)
+        if target is None and named is not None and ref.tag and not ref.digest:
+            raise VerificationError(f"{ref}: the tag resolves to the manifest of target {named}, which this tag does "
+                                    "not name (a per-target tag moved to another manifest?)")
+        if target is not None:  # a per-target tag: the bundle it belongs to is what gets read (sovpack.oci.tags)
+            bundle_tag = bundle_tag_of(str(ref.tag), target)
+            try:
+                bundle_data, bundle_type, bundle_digest = self.client.get_manifest(ref.repository, str(bundle_tag))
+            except RegistryError as e:
+                raise VerificationError(f"{ref}: is target {target} of bundle tag {bundle_tag!r}, which cannot be "
+                                        f"read: {e}") from e
+            self._manifests[bundle_digest] = bundle_data
+            top = Descriptor(media_type=bundle_type, digest=bundle_digest, size=len(bundle_data),
+                             annotations={ANN_REF_NAME: str(bundle_tag)})
+            entries = [top, Descriptor(media_type=media_type, digest=digest, size=len(data),
+                                       annotations={**annotations, ANN_TARGET: target})]
+            self.requested_tag = ref.tag
+        self.index: dict[str, Any] = {"schemaVersion": 2, "mediaType": MT_INDEX,
+                                      "manifests": [e.to_dict() for e in entries]}
         self.top = top
 
     def _fetch(self, desc: Descriptor) -> bytes:
@@ -142,6 +165,16 @@ def bundle_location(arg: str | os.PathLike[str], options: RegistryOptions, *, st
         yield staging
 
 
+def target_of_tag(arg: str | os.PathLike[str], local: Path, tag: str | None = None) -> str | None:
+    """The target a per-target tag names (``tag``, else a ``docker://`` reference's own), looked up in the local
+    layout the bundle was brought to; None when the tag names the bundle itself (or there is none)."""
+    endpoint = parse_endpoint(arg)
+    if tag is None and isinstance(endpoint, RegistryEndpoint) and endpoint.ref.digest is None:
+        tag = endpoint.ref.tag
+    named = named_target(Layout(local), tag)
+    return named[0] if named is not None else None
+
+
 @contextlib.contextmanager
 def local_bundle(arg: str | os.PathLike[str], options: RegistryOptions) -> Iterator[Path]:
     """A local directory for ``extract``/``run``/``parity``: registries and archives are pulled first."""
@@ -151,4 +184,4 @@ def local_bundle(arg: str | os.PathLike[str], options: RegistryOptions) -> Itera
         yield location
 
 
-__all__ = ["RegistryLayout", "RegistryPath", "bundle_location", "local_bundle"]
+__all__ = ["RegistryLayout", "RegistryPath", "bundle_location", "local_bundle", "target_of_tag"]

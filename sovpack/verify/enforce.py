@@ -13,6 +13,7 @@ from sovpack.artifact import ARTIFACT_FILE, ArtifactMetadata
 from sovpack.attest.dsse import VerifyingKey, load_trusted_keys
 from sovpack.attest.release import Release
 from sovpack.errors import SovpackError, UsageError
+from sovpack.oci.tags import target_tag
 from sovpack.parity.report import ParityReport
 from sovpack.verify.policy import STATEMENT_KINDS, Policy
 from sovpack.verify.view import BundleView, TargetEntry
@@ -94,7 +95,8 @@ def release_failures(view: BundleView, policy: Policy, release: Release | None) 
         return failures
     if policy.name is not None and release.name != policy.name:
         failures.append(f"the signed bundle name is {release.name!r}, the policy requires {policy.name!r}")
-    if policy.tag is not None and release.tag != policy.tag:
+    per_target = {target_tag(release.tag, t.target) for t in release.targets}  # sovpack.oci.tags
+    if policy.tag is not None and release.tag != policy.tag and policy.tag not in per_target:
         failures.append(f"the signed tag is {release.tag!r}, the policy requires {policy.tag!r}")
     if policy.min_sequence is not None and release.sequence < policy.min_sequence:
         failures.append(

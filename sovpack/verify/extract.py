@@ -137,7 +137,7 @@ def copy_verified_blob(view: BundleView, layer: Descriptor, dest: Path, where: s
 
 def extract_target(
     path: str | Path,
-    target: str,
+    target: str | None,
     out_dir: str | Path,
     *,
     keys: Sequence[VerifyingKey],
@@ -147,10 +147,12 @@ def extract_target(
 ) -> ExtractResult:
     """Verify the bundle, then write the target's runnable files plus model.sig, atomically.
 
-    The output may not be (or contain, or lie inside) the bundle itself.
+    ``target`` None: the one a per-target ``tag`` names, or the bundle's only one. The output may not be (or
+    contain, or lie inside) the bundle itself.
     """
     check_not_input(Path(out_dir), [Path(path)])
-    view, entry = _verified_view(path, target, keys, tag=tag, policy=policy)
+    name = _single_target(path, target, tag or (policy.tag if policy is not None else None))
+    view, entry = _verified_view(path, name, keys, tag=tag, policy=policy)
     signature = _signature_bytes(view, entry, keys)
     out = Path(out_dir)
     with atomic_directory(out, force=force, inputs=[Path(path)]) as tmp:
@@ -229,9 +231,12 @@ def open_target_embedding_runner(directory: Path, entry: TargetEntry, metadata: 
 
 
 def _single_target(path: str | Path, target: str | None, tag: str | None) -> str:
+    """``target``, else the one a per-target tag names, else the bundle's only target; UsageError otherwise."""
     if target is not None:
         return target
     view = read_bundle(path, tag=tag, deep=False)
+    if view.named_target is not None:
+        return view.named_target[0]
     if len(view.targets) == 1:
         return view.targets[0].name
     names = ", ".join(t.name for t in view.targets)

@@ -23,7 +23,7 @@ from typing import Any
 from sovpack.attest.dsse import Statement, VerifyingKey, verify_bundle_signature
 from sovpack.attest.release import Release
 from sovpack.errors import VerificationError
-from sovpack.oci.media import ANN_LICENSES, ANN_REF_NAME, ANN_TARGETS, ANN_TITLE, ANN_VERSION
+from sovpack.oci.media import ANN_BUNDLE_TAG, ANN_LICENSES, ANN_REF_NAME, ANN_TARGETS, ANN_TITLE, ANN_VERSION
 from sovpack.verify.view import BundleView
 
 
@@ -102,7 +102,8 @@ def _identity(view: BundleView, release: Release, now: datetime | None) -> list[
     # Index annotations are a convenience for tools (and may be dropped by them); present, they must agree.
     claims = {
         ANN_TITLE: release.name,
-        ANN_REF_NAME: release.tag,
+        ANN_BUNDLE_TAG: release.tag,
+        ANN_REF_NAME: release.tag,  # bundles before dev.sovpack.tag
         ANN_VERSION: release.version,
         ANN_LICENSES: " AND ".join(release.licenses) if release.licenses else None,
         ANN_TARGETS: ",".join(t.target for t in release.targets),

@@ -18,7 +18,7 @@ from sovpack._schemas import validate
 from sovpack.attest import oms
 from sovpack.attest.dsse import SigstoreBundle
 from sovpack.errors import UsageError, VerificationError
-from sovpack.oci.blobs import BlobSource
+from sovpack.oci.blobs import BlobSource, bundle_index_tag
 from sovpack.oci.descriptor import Descriptor
 from sovpack.oci.media import (
     ANN_ATTESTATION,
@@ -47,7 +47,8 @@ from sovpack.oci.media import (
     MT_MODEL_CONFIG,
     MT_PARITY_REFERENCE_CONFIG,
 )
-from sovpack.oci.reader import Layout, select_index
+from sovpack.oci.reader import Layout, named_target, select_index
+from sovpack.oci.tags import bundle_tag_of, target_tag
 from sovpack.parity.embeddings import MT_EMBEDDING_REFERENCE_CONFIG, MT_REFERENCE_EMBEDDINGS, EmbeddingReferenceConfig
 from sovpack.parity.recorded import ReferenceConfig
 
@@ -120,6 +121,7 @@ class BundleView:
     releases: list[ReleaseEntry] = field(default_factory=list)
     reference: ReferenceEntry | None = None
     problems: list[str] = field(default_factory=list)
+    named_target: tuple[str, str] | None = None  # (target, manifest digest) when opened by a per-target tag
 
     def target(self, name: str) -> TargetEntry:
         for entry in self.targets:
@@ -146,6 +148,10 @@ def read_bundle(
     tag was asked for explicitly (else it is only listed among the problems).
     """
     layout: BlobSource = Layout(path) if isinstance(path, str | os.PathLike) else path
+    tag = tag if tag is not None else layout.requested_tag
+    named = named_target(layout, tag)
+    if named is not None:  # a per-target tag: the bundle it belongs to, explicitly by its own tag
+        tag = bundle_tag_of(str(tag), named[0])
     index_desc, found_tag = select_index(layout, tag)
     index = layout.read_json(index_desc, f"bundle index {index_desc.digest}")
     if index.get("schemaVersion") != 2 or index.get("mediaType") != MT_INDEX:
@@ -153,7 +159,7 @@ def read_bundle(
     annotations = index.get("annotations") or {}
     if not isinstance(annotations, dict):
         raise VerificationError(f"bundle index {index_desc.digest}: annotations are not a map")
-    inner_tag = annotations.get(ANN_REF_NAME)
+    inner_tag = bundle_index_tag(index)
     retag_problem = None
     if inner_tag is not None and found_tag is not None and inner_tag != found_tag and tag is None:
         # A re-tagged copy (skopeo copy ... oci:DIR:NEWTAG) is fine when asked for by its new tag; otherwise a
@@ -187,7 +193,27 @@ def read_bundle(
     names = [t.name for t in view.targets]
     for name in sorted({n for n in names if names.count(n) > 1}):
         view.problems.append(f"target {name}: appears more than once in the bundle")
+    view.named_target = named
+    view.problems.extend(_target_tag_problems(view))
     return view
+
+
+def _target_tag_problems(view: BundleView) -> list[str]:
+    """Every per-target tag of this bundle in the top-level index must name that very target's manifest."""
+    if view.tag is None:
+        return []
+    problems = []
+    by_name = {t.name: t.descriptor.digest for t in view.targets}
+    for raw in view.layout.index.get("manifests") or []:
+        annotations = raw.get("annotations") if isinstance(raw, dict) else None
+        target = annotations.get(ANN_TARGET) if isinstance(annotations, dict) else None
+        tag = annotations.get(ANN_REF_NAME) if isinstance(annotations, dict) else None
+        if not isinstance(target, str) or tag != target_tag(view.tag, target):
+            continue
+        if by_name.get(target) != raw.get("digest"):
+            problems.append(f"{view.layout.root / INDEX_FILE}: tag {tag!r} names manifest {raw.get('digest')}, "
+                            f"which is not target {target} of bundle {view.tag!r}")
+    return problems
 
 
 def _read_manifest(view: BundleView, desc: Descriptor, *, deep: bool) -> None:

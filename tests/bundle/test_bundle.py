@@ -259,7 +259,8 @@ def test_layout_is_oci_with_modelpack_manifests(built: Any) -> None:
     assert top["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] == "v1"
     index = layout.bundle_index
     assert index["mediaType"] == "application/vnd.oci.image.index.v1+json"
-    assert index["annotations"]["org.opencontainers.image.ref.name"] == "v1"
+    assert index["annotations"]["dev.sovpack.tag"] == "v1"
+    assert "org.opencontainers.image.ref.name" not in index["annotations"]  # image-spec: index.json only
     for built_target in built.targets:
         manifest = layout.json(layout.target_digest(built_target.target))
         assert manifest["artifactType"] == AT_MODEL

@@ -106,8 +106,8 @@ def test_modelpack_names() -> None:
     assert names("onnx:fp16") == ("float16", None)
     assert names("gguf:bf16") == ("bfloat16", None)
     assert names("gguf:q8_0") == ("int8", "q8_0")
-    assert names("gguf:q4_k_m") == ("int4", "q4_k_m")
-    assert names("openvino:int4_sym") == ("int4", "int4_sym")
+    assert names("gguf:q4_k_m") == ("uint8", "q4_k_m")  # ModelPack has no 4-bit type: the packed bytes
+    assert names("openvino:int4_sym") == ("uint8", "int4_sym")
     assert [param_size(n) for n in (600, 151_488, 1_234_567, 6_740_000_000, 70_600_000_000)] == [
         "0.6K", "151.5K", "1.2M", "6.7B", "70.6B",
     ]

@@ -95,7 +95,7 @@ def test_archive_round_trip_is_deterministic_and_verifies(bundle: BuiltBundle, t
     if shutil.which("skopeo"):
         raw = subprocess.run(["skopeo", "inspect", "--raw", f"oci-archive:{first}"], capture_output=True, text=True,
                              check=True, timeout=120)
-        assert json.loads(raw.stdout)["annotations"]["org.opencontainers.image.ref.name"] == "v1"
+        assert json.loads(raw.stdout)["annotations"]["dev.sovpack.tag"] == "v1"
 
 
 def _rewrite_archive(source: Path, out: Path, edit: str) -> None:
