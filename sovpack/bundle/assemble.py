@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sovpack._io import Progress, atomic_directory, check_not_input, no_progress, source_date
+from sovpack._io import Progress, atomic_directory, check_not_input, check_output_dir, no_progress, source_date
 from sovpack.attest.dsse import SigningKey, VerifyingKey
 from sovpack.attest.release import PartOrigin, Release, ReleaseTarget, parse_time
 from sovpack.bundle.attestations import release_manifest
@@ -135,6 +135,10 @@ def assemble_bundle(
     local_parts = [p.path for p in map(parse_endpoint, parts) if not isinstance(p, RegistryEndpoint)]
     if not isinstance(dst, RegistryEndpoint):
         check_not_input(dst.path, local_parts)
+        if isinstance(dst, LayoutEndpoint):  # refused before any part is pulled
+            check_output_dir(dst.path, force=force)
+        elif dst.path.exists() and not force:
+            raise UsageError(f"{dst.path}: exists (pass --force to replace it)")
     keys = {k.key_id: k for k in (key.public, *trusted)}
     with contextlib.ExitStack() as stack:
         verified: list[VerifiedBundle] = []

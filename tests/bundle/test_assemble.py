@@ -212,6 +212,17 @@ def test_assemble_command(parts: dict[str, Path], keys: dict[str, Any], tmp_path
     assert json.loads(as_json.output)["release"]["parts"]["onnx:fp32"]["tag"] == "1.0-onnx"
 
 
+def test_an_existing_destination_is_refused_before_any_part_is_read(parts: dict[str, Path], keys: dict[str, Any],
+                                                                    tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("mine")
+    (tmp_path / "taken.tar").write_text("mine")
+    for destination in (tmp_path / "taken", f"oci-archive:{tmp_path / 'taken.tar'}"):
+        with pytest.raises(UsageError, match="pass --force"):
+            assemble_bundle(destination, [tmp_path / "no-such-part"], key=keys["release_signing"])
+    assert (tmp_path / "taken" / "file").read_text() == "mine" and (tmp_path / "taken.tar").read_text() == "mine"
+
+
 def test_assemble_refuses_a_tag_the_destination_contradicts(parts: dict[str, Path], keys: dict[str, Any]) -> None:
     with pytest.raises(UsageError, match=re.escape("names tag '1.0' but --tag is '2.0'")):
         assemble_bundle("docker://127.0.0.1:9/models/x:1.0", [parts["onnx"]], key=keys["release_signing"],
