@@ -214,8 +214,8 @@ def plan(ckpt: Path, work: Path, formats: Sequence[str], peer_python: Path, prob
     return jobs
 
 
-def run(job: Job) -> list[str]:
-    """Measure one job; its table row."""
+def run(job: Job, *, discard: bool = False) -> list[str]:
+    """Measure one job; its table row (``discard``: remove what it wrote once measured)."""
     if job.unavailable:
         return [job.tool, job.target, "-", "-", "-", "-", f"not run: {job.unavailable}"]
     print(f"{job.tool} -> {job.target} ...", flush=True)
@@ -225,14 +225,20 @@ def run(job: Job) -> list[str]:
     if not result.ok:
         print("\n".join(result.tail()), file=sys.stderr)
         return [job.tool, job.target, "-", "-", "-", "-", f"failed, {result.failure(120)}"]
-    return [job.tool, job.target, f"{result.wall_s:.1f}", mib(result.peak_rss), mib(result.peak_anon),
-            mib(dir_size(job.out)), job.note]
+    row = [job.tool, job.target, f"{result.wall_s:.1f}", mib(result.peak_rss), mib(result.peak_anon),
+           mib(dir_size(job.out)), job.note]
+    if discard:
+        shutil.rmtree(job.out, ignore_errors=True)  # measured: the next job needs the disk (8B outputs are 8-16 GB)
+    return row
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=list(PEER_FORMATS.values()), help="formats to compare")
     parser.add_argument("--peer-env", type=Path, default=DEFAULT_PEER_ENV, help=f"default: {DEFAULT_PEER_ENV}")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="an existing checkpoint to convert instead of a synthetic one (e.g. the 8B one "
+                             "benchmarks/release_size.py --keep DIR leaves in DIR/checkpoint-8b)")
     add_checkpoint_args(parser)
     args = parser.parse_args()
     formats = args.only or list(PEER_FORMATS.values())
@@ -249,10 +255,15 @@ def main() -> int:
                 problems["llama.cpp"] = why
         for peer, why in problems.items():
             print(f"{peer}: {why} (see {setup_log})", file=sys.stderr)
-        ckpt = checkpoint_from_args(args, work)
-        rows = [run(job) for job in plan(ckpt.path, work, formats, peer_python, problems, llama_script)]
+        if args.checkpoint is not None:
+            path, described = args.checkpoint, f"{args.checkpoint} ({mib(dir_size(args.checkpoint))} MiB)"
+        else:
+            ckpt = checkpoint_from_args(args, work)
+            path, described = ckpt.path, ckpt.describe()
+        jobs = plan(path, work, formats, peer_python, problems, llama_script)
+        rows = [run(job, discard=args.checkpoint is not None) for job in jobs]
         print()
-        print(ckpt.describe())
+        print(described)
         print()
         print_table(HEADER, rows)
     # A peer that could not run is a result; sovpack failing is not.

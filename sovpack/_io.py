@@ -14,12 +14,18 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from sovpack.errors import SourceError, SovpackError, UsageError, VerificationError
+
+T = TypeVar("T")
+R = TypeVar("R")
+MAX_BLOCK_THREADS = 4  # ordered_map: past a few threads numpy's own memory bandwidth is the limit
 
 CHUNK = 8 * 1024 * 1024
 
@@ -336,3 +342,23 @@ def machine_memory() -> int:
     except OSError:
         return total
     return min(total, int(limit)) if limit.isdigit() else total
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int | None = None) -> Iterator[R]:
+    """``fn`` over ``items`` on a few threads, results in input order, one item more than threads in flight.
+
+    For numpy work that releases the GIL (casts, block quantizers) on a stream of blocks: every core busy on one
+    tensor while its memory stays bounded. An error in ``fn`` is raised where its result would have come.
+    """
+    workers = workers or min(os.cpu_count() or 1, MAX_BLOCK_THREADS)
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[Future[R]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

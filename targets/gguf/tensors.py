@@ -20,6 +20,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from sovpack._io import ordered_map
 from sovpack.errors import ConversionError
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
@@ -301,7 +302,8 @@ def tensor_nbytes(shape: Sequence[int], qtype: Any) -> int:
 
 
 def encode(job: TensorJob, qtype: Any, model: SourceModel) -> Iterator[np.ndarray]:
-    """The tensor's bytes in ``qtype``, one encoded row block at a time (the writer streams them to the file).
+    """The tensor's bytes in ``qtype``, one encoded row block at a time (the writer streams them to the file);
+    quantized blocks are encoded on every core (``ordered_map``), in order.
 
     The row count is checked as blocks arrive; a short or long tensor raises ConversionError (the writer's
     temporary file is then removed).
@@ -310,7 +312,8 @@ def encode(job: TensorJob, qtype: Any, model: SourceModel) -> Iterator[np.ndarra
     rows = math.prod(job.shape[:-1])
     done = 0
     q = gguf.GGMLQuantizationType
-    for block in job.blocks():
+
+    def one(block: np.ndarray) -> tuple[np.ndarray, int]:
         block = block.reshape(-1, job.shape[-1])
         if qtype == q.BF16 and block.dtype == ml_dtypes.bfloat16:  # stored bf16: these are the bytes
             encoded = np.ascontiguousarray(block).view(np.uint8)
@@ -323,7 +326,11 @@ def encode(job: TensorJob, qtype: Any, model: SourceModel) -> Iterator[np.ndarra
             raise ConversionError(
                 f"{model.path}: tensor {job.name} has values beyond the float16 range; convert to bf16 or f32 instead"
             )
-        done += block.shape[0]
+        return encoded, block.shape[0]
+
+    casts = (q.F32, q.F16, q.BF16)  # a cast is memory-bound: one thread; block quantizers use every core
+    for encoded, count in (map(one, job.blocks()) if qtype in casts else ordered_map(one, job.blocks())):
+        done += count
         if done > rows:
             break
         yield encoded
