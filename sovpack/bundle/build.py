@@ -191,14 +191,10 @@ def build_bundle(
             attestations: dict[str, list[Descriptor]] = {}
             built: dict[str, BuiltTarget] = {}
             released: dict[str, ReleaseTarget] = {}
-            for target, signed_target in reused.items():  # carried over as signed, with the bundle they were built in
+            for target, signed_target in reused.items():
                 assert shared is not None  # reused is empty without it
-                entries[target] = shared.copy_into(store, signed_target.manifest)
-                attestations[target] = [shared.copy_into(store, signed_target.attestations[kind])
-                                        for kind in ATTESTATION_KINDS]
-                built[target] = shared.built_target(target)
-                origin = signed_target.part or PartOrigin(tag=shared.release.tag, release=shared.release_digest)
-                released[target] = replace(signed_target, part=origin)
+                entries[target], attestations[target], built[target], released[target] = _carry_over(
+                    shared, store, signed_target)
             jobs = [TargetJob(ref, work / f"{i:02d}-{ref.format}-{ref.precision}", config.overrides_for(str(ref))
                               or None, config.quantization_for(str(ref))) for i, ref in enumerate(refs, start=1)]
             for job in jobs:
@@ -218,12 +214,12 @@ def build_bundle(
                 attestations[stored.target] = signed
                 built[stored.target] = stored
                 released[stored.target] = ReleaseTarget(
-                        target=stored.target,
-                        manifest=manifest.digest,
-                        attestations={kind: d.digest for kind, d in zip(ATTESTATION_KINDS, signed, strict=True)},
-                        parity=stored.parity,
-                        thresholds=result.parity.thresholds.to_dict() if result.parity is not None else {},
-                        threshold_overrides=dict(sorted(config.overrides_for(stored.target).items())),
+                    target=stored.target,
+                    manifest=manifest.digest,
+                    attestations={kind: d.digest for kind, d in zip(ATTESTATION_KINDS, signed, strict=True)},
+                    parity=stored.parity,
+                    thresholds=result.parity.thresholds.to_dict() if result.parity is not None else {},
+                    threshold_overrides=dict(sorted(config.overrides_for(stored.target).items())),
                 )
                 shutil.rmtree(result.out_dir, ignore_errors=True)  # stored: free the disk before the next target
                 progress(f"{stage}: store + sign", 1, 1)
@@ -270,6 +266,16 @@ def _unchanged(earlier: EarlierRelease, context: BuildContext, target: str) -> R
     before = {k: v for k, v in earlier.provenance_parameters(target).items() if k not in local}
     now = {k: v for k, v in {"target": target, **context.external_parameters(target)}.items() if k not in local}
     return signed if before == now else None
+
+
+def _carry_over(earlier: EarlierRelease, store: BlobStore, signed: ReleaseTarget
+                ) -> tuple[Descriptor, list[Descriptor], BuiltTarget, ReleaseTarget]:
+    """A reused target copied as signed (manifest, its attestations), released as built in the earlier bundle
+    (or in the part that bundle says it was built in)."""
+    manifest = earlier.copy_into(store, signed.manifest)
+    attestations = [earlier.copy_into(store, signed.attestations[kind]) for kind in ATTESTATION_KINDS]
+    origin = signed.part or PartOrigin(tag=earlier.release.tag, release=earlier.release_digest)
+    return manifest, attestations, earlier.built_target(signed.target), replace(signed, part=origin)
 
 
 def _write_together(model: SourceModel, jobs: list[TargetJob], progress: Progress

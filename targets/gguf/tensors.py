@@ -303,7 +303,7 @@ def tensor_nbytes(shape: Sequence[int], qtype: Any) -> int:
 
 def encode(job: TensorJob, qtype: Any, model: SourceModel) -> Iterator[np.ndarray]:
     """The tensor's bytes in ``qtype``, one encoded row block at a time (the writer streams them to the file);
-    quantized blocks are encoded on every core (``ordered_map``), in order.
+    blocks are encoded on every core (``ordered_map``), in order, but float32 ones.
 
     The row count is checked as blocks arrive; a short or long tensor raises ConversionError (the writer's
     temporary file is then removed).
@@ -328,8 +328,8 @@ def encode(job: TensorJob, qtype: Any, model: SourceModel) -> Iterator[np.ndarra
             )
         return encoded, block.shape[0]
 
-    casts = (q.F32, q.F16, q.BF16)  # a cast is memory-bound: one thread; block quantizers use every core
-    for encoded, count in (map(one, job.blocks()) if qtype in casts else ordered_map(one, job.blocks())):
+    # Every core, except for float32 (a copy: memory-bound, and ordered_map's blocks in flight would only cost)
+    for encoded, count in (map(one, job.blocks()) if qtype == q.F32 else ordered_map(one, job.blocks())):
         done += count
         if done > rows:
             break

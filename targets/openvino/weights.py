@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from sovpack._io import Progress
+from sovpack._io import Progress, parallel_copyto
 from sovpack.errors import ConversionError
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
@@ -282,8 +282,7 @@ class WeightFactory:
                 raise ConversionError(f"{self.model.path}: tensor {name!r} has values up to {peak:.6g}, beyond "
                                       f"float16's range ({FP16_MAX:g}); use openvino:fp32 or an integer precision")
             tensor = ov.Tensor(ov_type, ov.Shape(list(shape)))
-            with np.errstate(over="ignore"):
-                np.copyto(tensor.data, array.reshape(shape), casting="unsafe")
+            parallel_copyto(tensor.data, array.reshape(shape))
             return tensor
 
         if ov_type != ov.Type.f16 or not self.model.stores_half(name):
