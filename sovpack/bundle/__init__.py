@@ -3,10 +3,11 @@
 Layout (OCI image layout 1.0, readable by skopeo/oras/crane)::
 
     BUNDLE/oci-layout                      {"imageLayoutVersion": "1.0.0"}
-    BUNDLE/index.json                      one entry: the bundle index, tagged (org.opencontainers.image.ref.name)
+    BUNDLE/index.json                      the bundle index by its tag (org.opencontainers.image.ref.name), then
+                                           each target manifest by its per-target tag TAG-FORMAT-PRECISION
     BUNDLE/blobs/sha256/<hex>              every manifest, config and file, stored once by digest
 
-The bundle index (an OCI image index, also carrying the tag and the bundle name) lists:
+The bundle index (an OCI image index, also carrying its tag as ``dev.sovpack.tag`` and the bundle name) lists:
 
 - one **target manifest** per target variant, CNCF ModelPack style (``modelpack``): artifactType
   ``application/vnd.cncf.model.manifest.v1+json``, config ``application/vnd.cncf.model.config.v1+json``

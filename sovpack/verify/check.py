@@ -2,7 +2,8 @@
 
 What ``verify`` checks, and what it trusts:
 
-- the layout: ``oci-layout``, ``index.json`` (one tagged entry, whose tag must match the bundle index's own),
+- the layout: ``oci-layout``, ``index.json`` (the bundle's tag must match the bundle index's own; its per-target
+  tags must name exactly their targets' manifests),
   and *every* blob under ``blobs/sha256`` against its name, plus every descriptor's digest and size;
 - every manifest in the bundle index: target manifests (ModelPack config valid, layer media types known, file
   paths safe and unique), the parity reference, and attestation manifests (one Sigstore bundle layer each,
