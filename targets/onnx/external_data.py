@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from sovpack._io import ordered_map
 from sovpack.errors import ConversionError
 
 DATA_FILE = "model.onnx.data"
@@ -89,10 +90,15 @@ def converted_chunks(name: str, array: np.ndarray, dtype: np.dtype,
     """
     rows = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
     step = max(1, CHUNK_BYTES // max(1, rows.shape[1] * 4))
-    for start in range(0, rows.shape[0], step):
+
+    def convert(start: int) -> tuple[np.ndarray, np.ndarray]:
         source = rows[start : start + step]
-        with np.errstate(over="ignore"):  # overflow is checked just below, with a clearer message
-            converted = source.astype(dtype)
+        with np.errstate(over="ignore"):  # overflow is checked below, with a clearer message
+            return source, source.astype(dtype)
+
+    # a copy to the same type is memory-bound (one thread); a cast runs on every core, blocks kept in order
+    starts = range(0, rows.shape[0], step)
+    for source, converted in (map(convert, starts) if dtype == array.dtype else ordered_map(convert, starts)):
         if dtype == np.float16 and not np.isfinite(converted).all():
             wide = source.astype(np.float32)
             if check_source is not None and not np.isfinite(wide).all():
