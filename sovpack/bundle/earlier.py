@@ -27,7 +27,7 @@ from sovpack.oci.store import BlobStore
 from sovpack.parity.embeddings import RecordedEmbeddings
 from sovpack.parity.recorded import ReferenceConfig
 from sovpack.transport import RegistryOptions, local_bundle
-from sovpack.verify.check import verify_bundle
+from sovpack.verify.check import verify_view
 from sovpack.verify.recheck import StoredReference, stored_embeddings, stored_reference
 from sovpack.verify.view import BundleView, read_bundle
 
@@ -97,14 +97,14 @@ def verified_bundle(location: str | os.PathLike[str], keys: Sequence[VerifyingKe
             path = stack.enter_context(local_bundle(location, options))
         except (VerificationError, RegistryError) as e:  # pulled or unpacked: a corrupt or missing blob
             raise type(e)(f"{where}: {e}") from e
-        report = verify_bundle(path, keys=keys)
+        view = read_bundle(path, deep=True)  # every layer hashed once, here
+        report = verify_view(view, keys)
         if not report.ok:
             more = len(report.failures) - 1
             suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
             raise VerificationError(f"{where}: does not verify: {report.failures[0]}{suffix}")
         if report.release is None or report.release_signer is None:  # pragma: no cover  (verify fails without)
             raise VerificationError(f"{where}: has no verified release statement")
-        view = read_bundle(path, deep=False)  # verified above: its structure again without hashing every layer
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sovpack-earlier-")))
         yield VerifiedBundle(location=str(location), view=view, release=report.release,
                              release_digest=view.releases[0].descriptor.digest, signer=report.release_signer,

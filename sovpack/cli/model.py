@@ -74,14 +74,6 @@ def inspect(path: Path, keys: tuple[Path, ...], as_json: bool) -> None:
     Console().print(table)
 
 
-def _tagged(path: Path | str, local: Path) -> str | None:
-    """The target a docker:// per-target tag names (``run docker://REG/REPO:1.0-gguf-q8_0``), for a bundle."""
-    from sovpack.oci.store import is_bundle_dir
-    from sovpack.transport import target_of_tag
-
-    return target_of_tag(path, local) if is_bundle_dir(local) else None
-
-
 def _check_logits_out(logits_out: Path, source: Path | str) -> None:
     """Refuse, before running anything, a --logits-out that is a directory or would overwrite the input."""
     from sovpack._io import check_not_input
@@ -127,7 +119,7 @@ def run(path: Path, prompt: str | None, ids: str | None, texts: tuple[str, ...],
     is loaded (and only a private, hashed copy is run); without, a bundle needs --insecure.
     """
     from sovpack.attest.dsse import load_trusted_keys
-    from sovpack.transport import local_bundle
+    from sovpack.transport import local_bundle, target_of_tag
     from sovpack.verify import Policy
 
     if not texts and prompt is None and ids is None:
@@ -147,7 +139,7 @@ def run(path: Path, prompt: str | None, ids: str | None, texts: tuple[str, ...],
         from sovpack.run import embed
 
         with local_bundle(path, current_registry_options()) as local:
-            embedded = embed(local, texts, target=target or _tagged(path, local), keys=trusted, policy=policy,
+            embedded = embed(local, texts, target=target or target_of_tag(path, local), keys=trusted, policy=policy,
                              insecure=insecure)
         if embedded.verified is False:
             click.echo(f"warning: {path}: nothing was verified (no --key): running the files as they are", err=True)
@@ -161,7 +153,7 @@ def run(path: Path, prompt: str | None, ids: str | None, texts: tuple[str, ...],
     with local_bundle(path, current_registry_options()) as local:
         result = run_model(
             local, prompt=prompt, ids=_parse_ids(ids) if ids is not None else None, max_new_tokens=max_new_tokens,
-            target=target or _tagged(path, local), keys=trusted, policy=policy, insecure=insecure,
+            target=target or target_of_tag(path, local), keys=trusted, policy=policy, insecure=insecure,
         )
     if result.verified is False:
         click.echo(f"warning: {path}: nothing was verified (no --key): running the files as they are", err=True)

@@ -140,12 +140,9 @@ def named_target(layout: BlobSource, tag: str | None) -> tuple[str, str] | None:
 def select_index(layout: BlobSource, tag: str | None) -> tuple[Descriptor, str | None]:
     """The bundle index the top-level index names by ``tag`` (or its only bundle), and the tag it carries.
 
-    ``layout`` is any BlobSource (a layout directory, or a registry tag seen as a one-entry index). A per-target
-    tag (``1.0-gguf-q4_k_m``) selects the bundle it belongs to (``1.0``): the bundle is what verify vouches for.
+    ``layout`` is any BlobSource (a layout directory, or a registry tag seen as a one-entry index). ``tag`` names
+    a bundle; a per-target tag is resolved to its bundle's by the caller (``sovpack.verify.view.read_bundle``).
     """
-    named = named_target(layout, tag)
-    if tag is not None and named is not None:
-        tag = bundle_tag_of(tag, named[0])
     entries = _entries(layout)
     if tag is not None:
         matching = [e for e in entries if e.annotations.get(ANN_REF_NAME) == tag]

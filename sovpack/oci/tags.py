@@ -50,16 +50,15 @@ def target_entries(bundle_index: Mapping[str, Any], bundle_tag: str | None) -> l
         return []
     entries = []
     manifests = bundle_index.get("manifests")
-    for raw in manifests if isinstance(manifests, list) else []:
-        annotations = raw.get("annotations") if isinstance(raw, Mapping) else None
-        if not isinstance(annotations, Mapping) or annotations.get(ANN_KIND) != KIND_TARGET:
+    for i, raw in enumerate(manifests if isinstance(manifests, list) else []):
+        entry = Descriptor.from_dict(raw, f"bundle index manifests[{i}]")  # VerificationError if malformed
+        target = entry.annotations.get(ANN_TARGET)
+        if entry.annotations.get(ANN_KIND) != KIND_TARGET or not isinstance(target, str):
             continue
-        target = annotations.get(ANN_TARGET)
-        tag = target_tag(bundle_tag, str(target))
-        if not isinstance(target, str) or not TAG_RE.match(tag) or raw.get("mediaType") != MT_MANIFEST:
-            continue
-        entries.append(Descriptor(media_type=MT_MANIFEST, digest=str(raw["digest"]), size=int(raw["size"]),
-                                  artifact_type=AT_MODEL, annotations={ANN_REF_NAME: tag, ANN_TARGET: target}))
+        tag = target_tag(bundle_tag, target)
+        if TAG_RE.match(tag) and entry.media_type == MT_MANIFEST:
+            entries.append(Descriptor(media_type=MT_MANIFEST, digest=entry.digest, size=entry.size,
+                                      artifact_type=AT_MODEL, annotations={ANN_REF_NAME: tag, ANN_TARGET: target}))
     return entries
 
 

@@ -21,7 +21,8 @@ from sovpack.oci.blobs import VerifiedReads, collect
 from sovpack.oci.descriptor import Descriptor
 from sovpack.oci.media import ANN_REF_NAME, ANN_TARGET, MANIFEST_TYPES, MAX_JSON_DOCUMENT, MT_INDEX
 from sovpack.oci.reader import Layout, named_target
-from sovpack.oci.tags import bundle_tag_of, manifest_target, tagged_target
+from sovpack.oci.store import is_bundle_dir
+from sovpack.oci.tags import bundle_tag_of, manifest_target
 from sovpack.transport.auth import RegistryOptions
 from sovpack.transport.client import RegistryClient
 from sovpack.transport.copy import spool_directory, staging_directory, transfer
@@ -61,13 +62,12 @@ class RegistryLayout(VerifiedReads):
         top = Descriptor(media_type=media_type, digest=digest, size=len(data), annotations=annotations)
         entries = [top]
         self.requested_tag: str | None = None
-        target = tagged_target(data, media_type, ref.tag) if ref.tag and not ref.digest else None
-        named = manifest_target(data, media_type)
-        if target is None and named is not None and ref.tag and not ref.digest:
-            raise VerificationError(f"{ref}: the tag resolves to the manifest of target {named}, which this tag does "
+        target = manifest_target(data, media_type) if ref.tag and not ref.digest else None
+        bundle_tag = bundle_tag_of(str(ref.tag), target) if target is not None else None
+        if target is not None and bundle_tag is None:
+            raise VerificationError(f"{ref}: the tag resolves to the manifest of target {target}, which this tag does "
                                     "not name (a per-target tag moved to another manifest?)")
         if target is not None:  # a per-target tag: the bundle it belongs to is what gets read (sovpack.oci.tags)
-            bundle_tag = bundle_tag_of(str(ref.tag), target)
             try:
                 bundle_data, bundle_type, bundle_digest = self.client.get_manifest(ref.repository, str(bundle_tag))
             except RegistryError as e:
@@ -167,7 +167,10 @@ def bundle_location(arg: str | os.PathLike[str], options: RegistryOptions, *, st
 
 def target_of_tag(arg: str | os.PathLike[str], local: Path, tag: str | None = None) -> str | None:
     """The target a per-target tag names (``tag``, else a ``docker://`` reference's own), looked up in the local
-    layout the bundle was brought to; None when the tag names the bundle itself (or there is none)."""
+    layout the bundle was brought to; None when the tag names the bundle itself, there is none, or ``local`` is
+    not a bundle (a checkpoint or an artifact directory given to ``run``)."""
+    if not is_bundle_dir(local):
+        return None
     endpoint = parse_endpoint(arg)
     if tag is None and isinstance(endpoint, RegistryEndpoint) and endpoint.ref.digest is None:
         tag = endpoint.ref.tag

@@ -327,12 +327,8 @@ def verify_view(
             )
         )
     names = {t.name for t in view.targets}
-    if view.named_target is not None:  # opened by a per-target tag: it must name this bundle's target
-        named, digest = view.named_target
-        required_targets = (*required_targets, named)
-        signed = next((t.descriptor.digest for t in view.targets if t.name == named), None)
-        if signed is not None and signed != digest:
-            failures.append(f"the tag of target {named} names manifest {digest}, not the bundle's {signed}")
+    if view.named_target is not None:  # opened by a per-target tag (its manifest: view._target_tag_problems)
+        required_targets = (*required_targets, view.named_target[0])
     for required in required_targets:
         if required not in names:
             failures.append(f"required target {required} is not in the bundle (targets: {', '.join(sorted(names))})")
