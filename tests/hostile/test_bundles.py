@@ -125,7 +125,38 @@ def oci_layout_is_a_directory(b: Path) -> None:
     (b / "oci-layout").mkdir()
 
 
+def _add_top_entries(b: Path, *entries: Any) -> None:
+    top = json.loads((b / "index.json").read_text())
+    top["manifests"].extend(entries)
+    (b / "index.json").write_text(json.dumps(top))
+
+
+def per_target_tag_moved(b: Path) -> None:
+    """The (unsigned) per-target tag of onnx:fp32 re-pointed at the release statement's manifest."""
+    top = json.loads((b / "index.json").read_text())
+    entry = next(e for e in top["manifests"] if e["annotations"].get("dev.sovpack.target") == "onnx:fp32")
+    release = _first_manifest(b, "release")
+    entry.update(digest=release, size=_blob(b, release).stat().st_size)
+    (b / "index.json").write_text(json.dumps(top))
+
+
+def per_target_entries_malformed(b: Path) -> None:
+    _add_top_entries(b, 42, {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:zz",
+                             "size": -1, "annotations": {"dev.sovpack.target": ["onnx:fp32"],
+                                                         "org.opencontainers.image.ref.name": "1.0-onnx-fp32"}})
+
+
+def per_target_entries_by_the_thousand(b: Path) -> None:
+    """20,000 more entries claiming onnx:fp32's per-target tag, each naming the release statement instead."""
+    entry = json.loads((b / "index.json").read_text())["manifests"][1]
+    release = _first_manifest(b, "release")
+    _add_top_entries(b, *([{**entry, "digest": release, "size": _blob(b, release).stat().st_size}] * 20_000))
+
+
 BUNDLE_ATTACKS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "per-target-tag-moved": (per_target_tag_moved, "which is not target onnx:fp32"),
+    "per-target-entries-malformed": (per_target_entries_malformed, "index.json"),
+    "per-target-entries-by-the-thousand": (per_target_entries_by_the_thousand, "which is not target onnx:fp32"),
     "deep-index-json": (deep_index_json, "nested"),
     "sparse-2GiB-index-json": (sparse_index_json, "larger than"),
     "deep-bundle-index": (deep_bundle_index, "nested"),
