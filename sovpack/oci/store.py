@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sovpack._io import hashing_copy
+from sovpack._io import hashing_copy, written_digest
 from sovpack.attest.dsse import canonical_json, pretty_json
 from sovpack.oci.descriptor import Descriptor, blob_path, sha256_digest
 from sovpack.oci.media import (
@@ -69,9 +69,10 @@ class BlobStore:
         return digest, size
 
     def move_file(self, source: Path) -> tuple[str, int]:
-        """Take a file in by renaming it (hashed by one read, never copied) when it lies on the store's file
-        system; otherwise copy it in (``put_file``). The source is gone either way once this returns."""
-        digest, size = hashing_copy(source, None)
+        """Take a file in by renaming it (never copied) when it lies on the store's file system; otherwise copy
+        it in (``put_file``). The source is gone either way once this returns. A file a ``HashingWriter`` wrote
+        and nothing changed since is not read again; any other is hashed by one read."""
+        digest, size = written_digest(source) or hashing_copy(source, None)
         dest = self.path(digest)
         try:
             if dest.exists():

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from sovpack import __version__
-from sovpack._io import Progress
+from sovpack._io import HashingWriter, Progress
 from sovpack.errors import ConversionError
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
@@ -112,7 +112,12 @@ def stream_gguf(
         )
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        writer.write_header_to_file(path=tmp)
+        # NOTE: gguf-py opens its own output file unless one is already open in state EMPTY; ours hashes every
+        # byte as written (header, key-values, tensor infos, data), so the bundle stores the file without a
+        # second read. The file is only ever appended to (gguf-py's single-file path never seeks).
+        writer.fout = [HashingWriter(tmp)]
+        writer.state = gguf.WriterState.EMPTY
+        writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for n, (job, qtype) in enumerate(zip(jobs, chosen, strict=True)):
@@ -147,7 +152,7 @@ def write_tensor_chunks(writer: Any, name: str, nbytes: int, chunks: Iterator[np
     writer.write_padding(fout, fout.tell())
     written = 0
     for chunk in chunks:
-        chunk.tofile(fout)
+        fout.write(np.ascontiguousarray(chunk))
         written += chunk.nbytes
     if written != nbytes:
         raise ConversionError(f"{name}: wrote {written} bytes, expected {nbytes}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from sovpack._io import ordered_map
+from sovpack._io import HashingWriter, ordered_map
 from sovpack.errors import ConversionError
 
 DATA_FILE = "model.onnx.data"
@@ -34,7 +34,7 @@ class ExternalData:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.location = path.name
-        self._fh = path.open("wb")
+        self._fh = HashingWriter(path)  # hashed as written: the bundle stores it without reading it again
         self.offset = 0
         self.largest = 0  # bytes of the largest tensor written
 
@@ -59,7 +59,7 @@ class ExternalData:
         written = 0
         for chunk in chunks:
             piece = np.ascontiguousarray(chunk, dtype=dtype)
-            self._fh.write(piece.reshape(-1).view(np.uint8).data)
+            self._fh.write(piece.reshape(-1).view(np.uint8))
             written += piece.nbytes
         if written != nbytes:
             raise ConversionError(f"tensor {name!r}: wrote {written} bytes, shape {list(shape)} needs {nbytes}")
