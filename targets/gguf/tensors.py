@@ -27,6 +27,7 @@ from sovpack.source.spec import ModelSpec
 from sovpack.targets.gguf.arch import ArchPlan
 from sovpack.targets.gguf.experts import expert_bias_blocks, expert_blocks, router_bias_block
 from sovpack.targets.gguf.runtime import import_gguf
+from sovpack.targets.halves import to_float16
 
 # Float32 rows converted at a time: a tensor is read from the memory-mapped checkpoint in row blocks of about
 # this size, each encoded and written before the next is read.
@@ -317,15 +318,10 @@ def encode(job: TensorJob, qtype: Any, model: SourceModel) -> Iterator[np.ndarra
         block = block.reshape(-1, job.shape[-1])
         if qtype == q.BF16 and block.dtype == ml_dtypes.bfloat16:  # stored bf16: these are the bytes
             encoded = np.ascontiguousarray(block).view(np.uint8)
-        elif qtype == q.F16 and block.dtype != np.float32:  # stored bf16/f16: one exact cast
-            with np.errstate(over="ignore"):
-                encoded = block.astype(np.float16)
+        elif qtype == q.F16:  # stored bf16/f16: one exact cast (float32: the same cast, checked the same way)
+            encoded = to_float16(job.name, block, where=str(model.path), advice="use gguf:bf16 or gguf:f32")
         else:
             encoded = gguf.quants.quantize(np.ascontiguousarray(block, dtype=np.float32), qtype)
-        if qtype == q.F16 and not np.isfinite(encoded).all():
-            raise ConversionError(
-                f"{model.path}: tensor {job.name} has values beyond the float16 range; convert to bf16 or f32 instead"
-            )
         return encoded, block.shape[0]
 
     # Every core, except for float32 (a copy: memory-bound, and ordered_map's blocks in flight would only cost)

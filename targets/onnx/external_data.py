@@ -17,6 +17,7 @@ import numpy as np
 
 from sovpack._io import HashingWriter, ordered_map
 from sovpack.errors import ConversionError
+from sovpack.targets.halves import to_float16
 
 DATA_FILE = "model.onnx.data"
 # Offsets in the data file: big tensors on 64 KiB boundaries (the mmap allocation granularity on Windows,
@@ -91,22 +92,13 @@ def converted_chunks(name: str, array: np.ndarray, dtype: np.dtype,
     rows = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
     step = max(1, CHUNK_BYTES // max(1, rows.shape[1] * 4))
 
-    def convert(start: int) -> tuple[np.ndarray, np.ndarray]:
+    def convert(start: int) -> np.ndarray:
         source = rows[start : start + step]
-        with np.errstate(over="ignore"):  # overflow is checked below, with a clearer message
-            return source, source.astype(dtype)
+        if dtype != np.float16:
+            return source.astype(dtype)
+        return to_float16(name, source, where="", advice="use onnx:fp32 or a quantized precision",
+                          check_source=check_source)
 
     # a copy to the same type is memory-bound (one thread); a cast runs on every core, blocks kept in order
     starts = range(0, rows.shape[0], step)
-    for source, converted in (map(convert, starts) if dtype == array.dtype else ordered_map(convert, starts)):
-        if dtype == np.float16 and not np.isfinite(converted).all():
-            wide = source.astype(np.float32)
-            if check_source is not None and not np.isfinite(wide).all():
-                check_source()  # NaN/Inf in the checkpoint: SourceError (unless the model allows them)
-            if (np.isinf(converted) & np.isfinite(wide)).any():
-                peak = float(np.max(np.abs(wide[np.isfinite(wide)])))
-                raise ConversionError(
-                    f"tensor {name!r} has values up to {peak:.4g}, beyond the float16 range (65504); "
-                    "use onnx:fp32 or a quantized precision"
-                )
-        yield converted
+    yield from (map(convert, starts) if dtype == array.dtype else ordered_map(convert, starts))

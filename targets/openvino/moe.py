@@ -35,8 +35,9 @@ import numpy as np
 
 from sovpack.errors import ConversionError
 from sovpack.source.spec import ModelSpec, MoESpec
+from sovpack.targets.halves import check_fits_float16
 from sovpack.targets.openvino.weights import (
-    FP16_MAX,
+    FLOAT16_ADVICE,
     WeightFactory,
     layer_format,
     pack_int4,
@@ -219,12 +220,8 @@ def stacked_matrix(factory: WeightFactory, names: list[list[str]], label: str) -
 
 
 def _copy_float(dst: np.ndarray, array: np.ndarray, f16: bool, factory: WeightFactory, name: str) -> None:
-    if f16 and array.size:
-        peak = max(float(array.max()), -float(array.min()))
-        if peak > FP16_MAX:
-            raise ConversionError(
-                f"{factory.model.path}: tensor {name!r} has values up to {peak:.6g}, beyond float16's range "
-                f"({FP16_MAX:g}); use openvino:fp32 or an integer precision")
+    if f16:
+        check_fits_float16(name, array, where=str(factory.model.path), advice=FLOAT16_ADVICE)
     np.copyto(dst, array, casting="unsafe")
 
 

@@ -48,11 +48,12 @@ from sovpack._io import Progress, parallel_copyto
 from sovpack.errors import ConversionError
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
+from sovpack.targets.halves import check_fits_float16
 
 if TYPE_CHECKING:
     from sovpack.quantize import GroupCodes, QuantPlan
 
-FP16_MAX = float(np.finfo(np.float16).max)
+FLOAT16_ADVICE = "use openvino:fp32 or an integer precision"
 INT4_GROUP_SIZES = (128, 64, 32, 16)
 # NOTE: the preferred 4-bit group of a planned (calibrated) conversion. Parity mean KL of openvino:int4 with the
 # default plan (gptq, 1/8 of the linear weights 8-bit, f16 zero points) by preferred group:
@@ -276,11 +277,8 @@ class WeightFactory:
         import openvino as ov
 
         def fill(array: np.ndarray, *, checked: bool = False) -> Any:
-            peak = max(float(array.max()), -float(array.min())) if ov_type == ov.Type.f16 and array.size and \
-                not checked else 0.0  # max/min: no |array| temporary
-            if peak > FP16_MAX:
-                raise ConversionError(f"{self.model.path}: tensor {name!r} has values up to {peak:.6g}, beyond "
-                                      f"float16's range ({FP16_MAX:g}); use openvino:fp32 or an integer precision")
+            if ov_type == ov.Type.f16 and not checked:
+                check_fits_float16(name, array, where=str(self.model.path), advice=FLOAT16_ADVICE)
             tensor = ov.Tensor(ov_type, ov.Shape(list(shape)))
             parallel_copyto(tensor.data, array.reshape(shape))
             return tensor
