@@ -29,7 +29,7 @@ from _common import (
     print_table,
     work_dir,
 )
-from _phases import Run, phase_rows, run_build
+from _phases import PHASE_HEADER, Run, phase_rows, run_build
 
 DEFAULT_TARGETS = ("onnx:fp16", "gguf:q8_0", "openvino:fp16")
 HEADER = ("sovpack", "checkpoint", "targets", "wall s", "peak RSS MiB", "peak anon MiB", "bundle MiB")
@@ -85,7 +85,7 @@ def main() -> int:
                 print("\n".join(run.tail), file=sys.stderr)
         for name, table in phases.items():
             print(f"\n{name}, per phase (the build's stage lines; memory sampled every 0.5 s):")
-            print_table(["phase", "seconds", "peak anon MiB", "peak RSS MiB"], table)
+            print_table(PHASE_HEADER, table)
         print()
         print_table(HEADER, rows)
         for failure in failures:

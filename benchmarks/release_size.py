@@ -15,6 +15,7 @@ stage lines on stderr mark the phases (calibration, quantization plan, conversio
 
     python benchmarks/release_size.py --keep /data/sovpack-8b            # the 4-bit deployment set
     python benchmarks/release_size.py --keep /data/sovpack-8b --set fp16
+    python benchmarks/release_size.py --keep /data/sovpack-8b --group-size 128   # 4-bit groups of 128
     python benchmarks/release_size.py --layers 4 --keep /tmp/small       # a 4-layer slice, to try it quickly
 """
 
@@ -38,7 +39,7 @@ from _common import (
     work_dir,
     write_safetensors,
 )
-from _phases import phase_rows, run_build
+from _phases import PHASE_HEADER, phase_rows, run_build
 
 SETS = {
     "int4": ("onnx:int4", "gguf:q4_k_m", "openvino:int4"),
@@ -105,6 +106,8 @@ def main() -> int:
     parser.add_argument("--set", choices=sorted(SETS), default="int4", help="the targets to build (default int4)")
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (32: Llama-3-8B)")
     parser.add_argument("--sovpack", default=str(Path(sys.executable).with_name("sovpack")))
+    parser.add_argument("--group-size", type=int,
+                        help="4-bit group size passed to the build (default: each format's own; NNCF's is 128)")
     parser.add_argument("--keep", type=Path, help="work directory to keep and reuse (default: a temporary one)")
     args = parser.parse_args()
     targets = SETS[args.set]
@@ -125,6 +128,8 @@ def main() -> int:
         argv = [args.sovpack, "build", str(checkpoint), "-o", str(out), "--key", str(keys / "private.pem"), "--json"]
         for target in targets:
             argv += ["-t", target]
+        if args.group_size:
+            argv += ["--group-size", str(args.group_size)]
         overrides = RANDOM_WEIGHT_THRESHOLDS if args.set == "int4" else ()
         for item in overrides:
             argv += ["--threshold", item]
@@ -132,9 +137,10 @@ def main() -> int:
         run = run_build(argv, work / f"build-{args.set}.log")
         rows = phase_rows(run)
         print()
-        print(f"sovpack build -t {' -t '.join(targets)}" + (f" (thresholds: {', '.join(overrides)})"
-                                                            if overrides else ""))
-        print_table(["phase", "seconds", "peak anon MiB", "peak RSS MiB"], rows)
+        group = f" --group-size {args.group_size}" if args.group_size else ""
+        print(f"sovpack build -t {' -t '.join(targets)}{group}" + (f" (thresholds: {', '.join(overrides)})"
+                                                                    if overrides else ""))
+        print_table(PHASE_HEADER, rows)
         if run.returncode == 0:
             print(f"\nbundle: {dir_size(out) / GIB:.1f} GiB; log: {work / f'build-{args.set}.log'}")
             return 0
