@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from sovpack.attest.dsse import SigningKey, generate_key_pair
+import sovpack.oci.store as store_module
+from sovpack.attest.dsse import SigningKey, VerifyingKey, generate_key_pair
 from sovpack.bundle import build_bundle
 from sovpack.bundle.config import BuildConfig
 from sovpack.convert import TargetJob, convert, overlapped_targets, write_targets
 from sovpack.source.model import open_model
 from sovpack.targets.base import TargetRef
+from sovpack.verify.check import verify_bundle
 
 TOGETHER = ("onnx:fp16", "gguf:q8_0", "openvino:fp16")
 
@@ -65,3 +67,25 @@ def test_build_writes_at_once_then_judges_each_in_turn(checkpoints: dict[str, Pa
                       "[2/4] gguf:q8_0: parity check", "[2/4] gguf:q8_0: store + sign",
                       "[3/4] openvino:fp16: parity check", "[3/4] openvino:fp16: store + sign",
                       "[4/4] onnx:int4: convert + parity", "[4/4] onnx:int4: store + sign"]
+
+
+def test_build_stores_streamed_artifacts_without_reading_them_again(
+    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hash while writing: the ONNX external data and the GGUF file are hashed as their writers stream them,
+    so storing them is a rename; the bundle still verifies (every blob hashed against its digest)."""
+    read_again: list[str] = []
+    hashing_copy = store_module.hashing_copy
+
+    def recording(source: Path, dest: Path | None) -> tuple[str, int]:
+        read_again.append(Path(source).name)
+        return hashing_copy(source, dest)
+
+    monkeypatch.setattr(store_module, "hashing_copy", recording)
+    pair = generate_key_pair(tmp_path / "keys")
+    config = BuildConfig(checkpoint=checkpoints["llama3"], output=tmp_path / "bundle",
+                         targets=("onnx:fp32", "gguf:f16"), tag="v1")
+    build_bundle(config, key=SigningKey.load(pair.private_key))
+    assert "model.onnx.data" not in read_again and not any(name.endswith(".gguf") for name in read_again)
+    assert "model.onnx" in read_again  # written whole by onnx's serializer: hashed when stored, as before
+    assert verify_bundle(tmp_path / "bundle", keys=[VerifyingKey.load(pair.public_key)]).ok
