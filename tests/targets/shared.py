@@ -1,15 +1,25 @@
-"""Helpers several target test modules share: texts for embedding tests, a reference over stored weights, KL."""
+"""Helpers several target test modules share: texts for embedding tests, a reference over stored weights, KL,
+readers of a converted GGUF file, the windowed mistral's name."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sovpack.artifact import ArtifactMetadata
 from sovpack.reference import ReferenceModel
 from sovpack.source.model import open_model
+
+if TYPE_CHECKING:
+    import gguf
+
+    from sovpack.convert import ConvertResult
+
+# The key of a mistral fixture whose sliding window (5) is much shorter than the parity prompts (conftest's ckpts).
+WINDOW = "mistral-window"
 
 # Texts embedded by the encoder tests: the sentence-transformers model card's examples (eating food ~ eating
 # pasta, not ~ a movie), a one-word text and a longer line so one batch has mixed lengths.
@@ -64,3 +74,23 @@ def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 
     lp, lq = log_softmax(p_logits), log_softmax(q_logits)
     return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def fields(path: Path) -> dict[str, object]:
+    """A GGUF file's metadata, key -> value (gguf-py's reader, imported here: gguf is an optional package)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
+    """A GGUF file's tensors by name."""
+    import gguf
+
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def gguf_path(result: ConvertResult) -> Path:
+    """The .gguf file of a converted gguf artifact."""
+    return result.out_dir / ArtifactMetadata.load(result.out_dir).format_metadata["gguf_file"]

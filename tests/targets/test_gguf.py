@@ -2,7 +2,8 @@
 
 Everything runs on the real runtime (llama-cpp-python); nothing is mocked. Fixture checkpoints come from the
 session-wide ``checkpoints`` fixture; each (variant, precision) artifact is converted once per module and
-shared by the tests that read it.
+shared by the tests that read it: parity, the file's metadata and the runner. How architectures map onto
+llama.cpp's is in test_gguf_arch.py; the precision table, refusals, errors and the CLI in test_gguf_contract.py.
 """
 
 from __future__ import annotations
@@ -11,27 +12,23 @@ import dataclasses
 import importlib.util
 import json
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fixtures.generate import VARIANTS, make_checkpoint
+from fixtures.generate import VARIANTS
 from sovpack import __version__
 from sovpack._protocols import RunnerTraits
 from sovpack.artifact import ArtifactMetadata
 from sovpack.convert import ConvertResult, convert
-from sovpack.errors import ConversionError, MissingDependencyError, ParityError, SourceError, UsageError
+from sovpack.errors import ParityError, SourceError, UsageError
 from sovpack.parity.prompts import encode_prompts
-from sovpack.parity.thresholds import DEFAULT_THRESHOLDS, Thresholds
-from sovpack.reference import ReferenceModel, rope_inv_freq, rotate_half
+from sovpack.reference import ReferenceModel, rope_inv_freq
 from sovpack.source.model import SourceModel, open_model
-from sovpack.source.spec import ModelSpec
 from sovpack.targets import gguf as gguf_target
-from sovpack.targets.base import TargetRef
-from tests.targets.shared import mean_kl
+from tests.targets.shared import fields, gguf_path, mean_kl, tensors
 
 gguf = pytest.importorskip("gguf")
 # Only check that llama_cpp is there: importing it here would load llama.cpp before the target sets its OpenMP
@@ -69,19 +66,6 @@ def converted(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFac
         return cache[key]
 
     return get
-
-
-def fields(path: Path) -> dict[str, object]:
-    reader = gguf.GGUFReader(path)
-    return {name: field.contents() for name, field in reader.fields.items()}
-
-
-def tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
-    return {t.name: t for t in gguf.GGUFReader(path).tensors}
-
-
-def gguf_path(result: ConvertResult) -> Path:
-    return result.out_dir / ArtifactMetadata.load(result.out_dir).format_metadata["gguf_file"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -180,48 +164,6 @@ def test_new_family_pipeline(converted: Converter, checkpoints: dict[str, Path],
     assert len(prompt) > 8 * 2  # beyond the fixtures' windows
     expected = ReferenceModel(model).greedy(prompt, 12)
     assert llama_cpp_generate(gguf_path(result), prompt, 12, precision == "f32") == expected
-
-
-@pytest.fixture(scope="module")
-def gemma256(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A one-layer Gemma whose matrices all have rows of 256 (K-quant super-blocks): nothing falls back."""
-    root = tmp_path_factory.mktemp("gemma256")
-    return make_checkpoint(
-        "gemma", root / "gemma256", hidden_size=256, intermediate_size=256, head_dim=64, num_hidden_layers=1
-    )
-
-
-# The 4-bit precisions keep the plan's most sensitive tensors (up to 12.5% of the linear weights) at Q8_0;
-# test_gguf_quant checks which.
-K_TYPES = {"q4_k_m": {"Q4_K", "Q6_K", "Q8_0"}, "q5_k_m": {"Q5_K", "Q6_K"}, "q6_k": {"Q6_K"}}
-OTHER_TYPES = {"q4_0": {"Q4_0", "Q8_0"}, "bf16": {"BF16"}}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("precision", [*K_TYPES, *OTHER_TYPES])
-def test_other_precisions(gemma256: Path, tmp_path: Path, precision: str) -> None:
-    """llama.cpp's k-quant mixes and q4_0 (with sovpack's importance matrix) and gguf-py's bf16, judged by the
-    default thresholds."""
-    out = tmp_path / "out"
-    result = convert(gemma256, f"gguf:{precision}", out)
-    assert result.parity is not None and result.parity.status == "PASSED", result.parity.reasons
-    meta = ArtifactMetadata.load(out).format_metadata
-    weights = set(meta["tensor_types"]) - {"F32"}
-    assert weights == {**K_TYPES, **OTHER_TYPES}[precision], "a weight fell back to another type"
-    if precision in K_TYPES:
-        assert meta["quantizer"].startswith("llama.cpp") and "importance matrix" in meta["quantizer"]
-        main = {"q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}[precision]
-        assert meta["tensor_types"][main] >= 4  # the bulk of the weights, not just a few
-    ftype = {
-        "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
-        "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
-        "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
-        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-    }[precision]
-    assert fields(out / f"gemma256-{precision}.gguf")["general.file_type"] == int(ftype)
-    # The intermediate file and temporaries are gone.
-    assert [p.name for p in out.iterdir() if p.name.startswith(".") or "intermediate" in p.name] == []
 
 
 class DequantizedReference(ReferenceModel):
@@ -412,188 +354,8 @@ def test_metadata_new_families(converted: Converter, checkpoints: dict[str, Path
     assert any("applies the 8-token sliding window" in n for n in notes)
 
 
-def spec_of(checkpoints: dict[str, Path], variant: str, **changes: object) -> ModelSpec:
-    return dataclasses.replace(open_model(checkpoints[variant]).spec, **changes)  # type: ignore[arg-type]
-
-
-def test_what_the_architectures_fix_is_refused(checkpoints: dict[str, Path]) -> None:
-    """What llama.cpp derives instead of reading (gemma attention scale, window pattern, NoPE interval, norms)
-    must be what the source computes: anything else is refused, naming the difference."""
-    arch_plan = gguf_target.arch_plan
-    gemma2 = open_model(checkpoints["gemma2"]).spec
-    arch_plan(gemma2)
-    with pytest.raises(ConversionError, match=r"attention scale .* derives"):
-        arch_plan(dataclasses.replace(gemma2, attention_scale=1 / 12))  # query_pre_attn_scalar 144
-    with pytest.raises(ConversionError, match="always applies it"):
-        arch_plan(dataclasses.replace(gemma2, final_logit_softcap=None))
-    gemma3 = open_model(checkpoints["gemma3"]).spec
-    arch_plan(gemma3)
-    with pytest.raises(ConversionError, match=r"layer pattern SSFSSF; llama\.cpp.s gemma3 assumes every 6th"):
-        arch_plan(dataclasses.replace(gemma3, layer_types=("sliding", "sliding", "full") * 2))
-    with pytest.raises(ConversionError, match="attention logit soft-capping"):
-        arch_plan(dataclasses.replace(gemma3, attn_logit_softcap=50.0))
-    smollm3 = open_model(checkpoints["smollm3"]).spec
-    with pytest.raises(ConversionError, match=r"layers without rope \[1, 3\]"):
-        arch_plan(dataclasses.replace(smollm3, no_rope_layers=(1, 3)))
-    olmo2 = open_model(checkpoints["olmo2"]).spec
-    with pytest.raises(ConversionError, match="q/k norm head"):
-        arch_plan(dataclasses.replace(olmo2, qk_norm_scope="head"))
-    granite = open_model(checkpoints["granite"]).spec
-    with pytest.raises(ConversionError, match="residual multiplier"):
-        arch_plan(dataclasses.replace(open_model(checkpoints["llama3"]).spec, residual_multiplier=0.5))
-    with pytest.raises(ConversionError, match="partial rotary"):
-        arch_plan(dataclasses.replace(granite, rotary_dim=8))
-
-
 # --------------------------------------------------------------------------------------------------------------
-# phi3_longrope: written, but refused by the target (llama.cpp picks LongRoPE factors by its context size)
-
-
-def test_phi3_longrope_is_refused_by_name(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    """On the fixtures the switch is at 24 positions, below llama.cpp's smallest (256-padded) context, so
-    llama.cpp rotates every pass with the long factors where the source uses the short ones up to 24."""
-    target = gguf_target.GgufTarget()
-    assert "phi3_longrope" not in target.families
-    model = open_model(checkpoints["phi3.5"])
-    with pytest.raises(ConversionError, match="'phi3_longrope'"):
-        convert(checkpoints["phi3.5"], "gguf:f16", tmp_path / "out", parity=False)
-    with pytest.raises(ConversionError, match="'phi3_longrope'"):
-        target.write(model, "f16", tmp_path, lambda *_: None)
-
-
-@pytest.fixture
-def longrope_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The writer and runner with phi3_longrope allowed, to measure what keeps it refused."""
-    from sovpack.targets.gguf import arch
-
-    families = arch.FAMILIES | {"phi3_longrope"}
-    monkeypatch.setattr(arch, "FAMILIES", families)
-    monkeypatch.setattr(gguf_target.GgufTarget, "families", families)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("variant", ["phi3.5", "phi4-mini"])
-def test_phi3_longrope_short_and_long_regimes(
-    longrope_enabled: None, checkpoints: dict[str, Path], tmp_path: Path, variant: str
-) -> None:
-    """The file is right in each regime: with the switch at 512 (an override) parity PASSES at f32 and f16 in the
-    short regime; on the fixture (switch at 24) llama.cpp's long factors match the reference's for prompts past
-    the switch, and the runner refuses to compare where the two pick different factors."""
-    ckpt = make_checkpoint(
-        variant, tmp_path / "ckpt", original_max_position_embeddings=512, max_position_embeddings=4096
-    )
-    for precision in ("f32", "f16"):
-        result = convert(ckpt, f"gguf:{precision}", tmp_path / precision)
-        assert result.parity is not None and result.parity.status == "PASSED", result.parity.reasons
-    f = fields(gguf_path(result))
-    spec = open_model(ckpt).spec
-    assert f["phi3.rope.dimension_count"] == spec.rotary_size
-    assert f["phi3.rope.scaling.original_context_length"] == 512
-    assert f["phi3.rope.scaling.attn_factor"] == pytest.approx(spec.rope_scaling.attention_factor)
-    stored = tensors(gguf_path(result))
-    np.testing.assert_array_equal(stored["rope_factors_long.weight"].data, np.float32(spec.rope_scaling.long_factor))
-    np.testing.assert_array_equal(stored["rope_factors_short.weight"].data, np.float32(spec.rope_scaling.short_factor))
-
-    fixture = convert(checkpoints[variant], "gguf:f32", tmp_path / "fixture", parity=False)
-    model = open_model(checkpoints[variant])
-    prompt = max(encode_prompts(model.checkpoint.tokenizer_json), key=len)
-    assert len(prompt) > 24
-    plain = gguf_target.LlamaCppRunner(gguf_path(fixture), kv_cache="f32")  # no spec: llama.cpp's own choice
-    try:
-        np.testing.assert_allclose(
-            plain.prefill_logits(prompt), ReferenceModel(model).prefill_logits(prompt), atol=1e-4
-        )
-    finally:
-        plain.close()
-    runner = gguf_target.GgufTarget().open_runner(fixture.out_dir, ArtifactMetadata.load(fixture.out_dir))
-    try:
-        with pytest.raises(UsageError, match="LongRoPE"):
-            runner.prefill_logits(prompt[:10])
-    finally:
-        runner.close()
-
-
-def test_license_from_readme(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    ckpt = tmp_path / "licensed"
-    shutil.copytree(checkpoints["qwen3"], ckpt)
-    (ckpt / "README.md").write_text("---\nlicense: apache-2.0\ntags: [test]\n---\n# A model\n", encoding="utf-8")
-    result = convert(ckpt, "gguf:f16", tmp_path / "out", parity=False)
-    assert fields(gguf_path(result))["general.license"] == "apache-2.0"
-    no_license = fields(gguf_path(convert(checkpoints["qwen3"], "gguf:f16", tmp_path / "plain", parity=False)))
-    assert "general.license" not in no_license
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the llama-architecture RoPE permutation
-
-
-def interleaved_rope(x: np.ndarray, inv_freq: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """RoPE on pairs (x[2i], x[2i+1]), as llama.cpp's non-NEOX mode does; x: [T, head_dim]."""
-    angle = positions[:, None] * inv_freq[None, :]
-    cos, sin = np.cos(angle), np.sin(angle)
-    even, odd = x[:, 0::2], x[:, 1::2]
-    out = np.empty_like(x)
-    out[:, 0::2] = even * cos - odd * sin
-    out[:, 1::2] = even * sin + odd * cos
-    return out
-
-
-def test_permutation_turns_rotate_half_into_interleaved_pairs() -> None:
-    rng = np.random.default_rng(0)
-    heads, head_dim, hidden, steps = 3, 8, 12, 5
-    w = rng.standard_normal((heads * head_dim, hidden))
-    h = rng.standard_normal((steps, hidden))
-    inv_freq = 1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim)
-    positions = np.arange(steps, dtype=np.float64)
-    angle = np.concatenate([positions[:, None] * inv_freq] * 2, axis=-1)
-    permuted = gguf_target.permute_rope_rows(w, heads)
-    for head in range(heads):
-        rows = slice(head * head_dim, (head + 1) * head_dim)
-        x = h @ w[rows].T  # HF layout
-        hf = x * np.cos(angle) + rotate_half(x) * np.sin(angle)
-        ours = interleaved_rope(h @ permuted[rows].T, inv_freq, positions)
-        # Same rotated vector, in the permuted order: dot products between q and k are unchanged.
-        order = gguf_target.permute_rope_rows(np.arange(head_dim), 1)
-        np.testing.assert_allclose(ours, hf[:, order], atol=1e-12)
-    bias = rng.standard_normal(heads * head_dim)
-    expected = np.concatenate([bias[i * head_dim : (i + 1) * head_dim][order] for i in range(heads)])
-    np.testing.assert_array_equal(gguf_target.permute_rope_rows(bias, heads), expected)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# errors, streaming, runner
-
-
-def test_unsupported_pre_tokenizer_is_a_conversion_error(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    ckpt = tmp_path / "odd-tokenizer"
-    shutil.copytree(checkpoints["llama3"], ckpt)
-    path = ckpt / "tokenizer.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
-    data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+|\s+"
-    path.write_text(json.dumps(data), encoding="utf-8")
-    out = tmp_path / "out"
-    with pytest.raises(ConversionError, match=r"llama\.cpp cannot express this tokenizer"):
-        convert(ckpt, "gguf:f16", out)
-    assert not out.exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name != "odd-tokenizer"] == []
-
-
-def test_failed_write_leaves_nothing(
-    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A tensor that cannot be read half-way through: the temporary file is removed, nothing is renamed."""
-    model = open_model(checkpoints["llama2"])
-    original = SourceModel.stored
-
-    def failing(self: SourceModel, name: str) -> np.ndarray:
-        if name == "layers.1.down":
-            raise ConversionError("simulated read failure")
-        return original(self, name)
-
-    monkeypatch.setattr(SourceModel, "stored", failing)
-    with pytest.raises(ConversionError, match="simulated"):
-        gguf_target.GgufTarget().write(model, "q8_0", tmp_path, lambda *_: None)
-    assert [p.name for p in tmp_path.iterdir() if p.suffix in (".gguf", ".tmp")] == []
+# the runner: generation through the artifact, runtime record, context, traits, lifecycle and errors
 
 
 def test_run_through_the_artifact(converted: Converter, checkpoints: dict[str, Path]) -> None:
@@ -632,117 +394,6 @@ def test_sliding_window_caps_the_context(converted: Converter) -> None:
             runner.greedy([1, 2, 3, 4, 5, 6], 5)
     finally:
         runner.close()
-
-
-def test_missing_packages_name_their_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "llama_cpp", None)
-    with pytest.raises(MissingDependencyError, match=r"sovpack\[llama\]"):
-        gguf_target.import_llama_cpp()
-    monkeypatch.setitem(sys.modules, "gguf", None)
-    with pytest.raises(MissingDependencyError, match=r"sovpack\[gguf\]"):
-        gguf_target.import_gguf()
-
-
-def test_yarn_attention_factor_and_betas(tmp_path: Path) -> None:
-    """An explicit YaRN attention factor and non-default betas reach llama.cpp (key + runner arguments)."""
-    scaling = {
-        "rope_type": "yarn",
-        "factor": 4.0,
-        "original_max_position_embeddings": 128,
-        "attention_factor": 1.0,
-        # With head_dim 16 these move the ramp from dims (0, 2) to (1, 3): without them logits are off by ~10.
-        "beta_fast": 2.0,
-        "beta_slow": 0.25,
-    }
-    ckpt = make_checkpoint("qwen2", tmp_path / "qwen2-yarn", rope_scaling=scaling)
-    result = convert(ckpt, "gguf:f32", tmp_path / "out")
-    assert result.parity is not None and result.parity.status == "PASSED", result.parity.reasons
-    assert result.parity.metrics.max_rel_error < 1e-4
-    f = fields(gguf_path(result))
-    assert f["qwen2.rope.scaling.attn_factor"] == pytest.approx(1.0 / (1.0 + 0.1 * np.log(4.0)))
-    assert f["qwen2.rope.scaling.yarn_beta_fast"] == pytest.approx(2.0)
-    assert f["qwen2.rope.scaling.yarn_beta_slow"] == pytest.approx(0.25)
-
-
-def test_short_sliding_window(tmp_path: Path) -> None:
-    """llama.cpp's llama graph has no sliding window: the file advertises only the window as its context, and
-    parity prompts longer than the window are refused rather than silently compared."""
-    ckpt = make_checkpoint("mistral", tmp_path / "mistral-window", sliding_window=16)
-    result = convert(ckpt, "gguf:f16", tmp_path / "out", parity=False)
-    assert fields(gguf_path(result))["llama.context_length"] == 16
-    notes = ArtifactMetadata.load(result.out_dir).format_metadata["notes"]
-    assert any("sliding window" in n for n in notes)
-    with pytest.raises(UsageError, match="sliding window"):
-        convert(ckpt, "gguf:f16", tmp_path / "checked")
-
-
-def test_cli_convert_run_inspect(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    from click.testing import CliRunner
-
-    from sovpack.cli import cli
-
-    out = tmp_path / "cli-gguf"
-    args = ["convert", str(checkpoints["qwen3"]), "-t", "gguf:q8_0", "-o", str(out), "--json"]
-    result = CliRunner().invoke(cli, args)  # at the default limits
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
-    assert summary["target"] == "gguf:q8_0" and summary["parity"] == "PASSED"
-    assert {"qwen3-q8_0.gguf", "tokenizer.json"} <= set(summary["files"])
-    assert (out / "parity.json").is_file()
-
-    ran = CliRunner().invoke(cli, ["run", str(out), "--prompt", "Hello world", "--max-new-tokens", "5", "--json"])
-    assert ran.exit_code == 0, ran.output
-    info = json.loads(ran.stdout)
-    assert info["runtime"] == "llama.cpp" and isinstance(info["text"], str)
-    model = open_model(checkpoints["qwen3"])
-    assert info["generated_ids"] == ReferenceModel(model).greedy(info["prompt_ids"], 5, model.spec.eos_token_ids)
-
-    shown = CliRunner().invoke(cli, ["inspect", str(out), "--json"])
-    assert shown.exit_code == 0, shown.output
-    assert json.loads(shown.stdout)["kind"] == "artifact"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the target's contracts: precision table, families, runner traits and lifecycle, errors
-
-
-def test_precision_table_rows_are_consistent() -> None:
-    target = gguf_target.GgufTarget()
-    assert tuple(target.precisions) == ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "int4", "q5_k_m", "q6_k")
-    assert target.default_precision == "f16"
-    assert target.runtime_packages == ("gguf", "llama-cpp-python")
-    for name, row in target.precisions.items():
-        assert row.name == name
-        assert isinstance(row.thresholds, Thresholds)
-        assert row.thresholds == DEFAULT_THRESHOLDS[name]
-        if row.quantized:
-            assert row.weights.startswith("int"), row
-        else:
-            assert row.weights in ("float32", "float16", "bfloat16"), row
-        assert TargetRef.parse(f"gguf:{name}").info == row
-    assert {n for n, row in target.precisions.items() if row.quantized} == {"q8_0", "q4_0", "q4_k_m", "int4", "q5_k_m",
-                                                                                   "q6_k"}
-
-
-def test_a_family_outside_families_is_refused_by_name(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    target = gguf_target.GgufTarget()
-    assert target.families == {
-        *("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"),
-        *("granite", "olmo2", "smollm3", "gemma2", "gemma3"),
-        *("qwen3_moe", "mixtral", "gpt_oss"),  # tests/targets/test_gguf_moe.py
-        *("bert", "xlm_roberta", "modernbert"),  # tests/targets/test_gguf_encoder.py
-    }
-    model = open_model(checkpoints["llama3"])
-    falcon = dataclasses.replace(model, spec=dataclasses.replace(model.spec, family="falcon"))
-    with pytest.raises(ConversionError, match="'falcon'"):
-        TargetRef.parse("gguf:f16").check_family(falcon.spec)
-    with pytest.raises(ConversionError, match="'falcon'"):
-        convert(falcon, "gguf:f16", tmp_path / "out", parity=False)
-    assert not (tmp_path / "out").exists()
-    with pytest.raises(ConversionError, match="'falcon'"):
-        target.write(falcon, "f16", tmp_path, lambda *_: None)
-    with pytest.raises(ConversionError, match="'falcon'"):  # no silent fallback to another family's limits
-        gguf_target.parity_limits(falcon.spec, "f32")
 
 
 def test_runner_traits_come_from_the_artifact(converted: Converter, checkpoints: dict[str, Path]) -> None:

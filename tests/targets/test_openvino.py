@@ -2,55 +2,42 @@
 
 Every fixture family is converted through ``sovpack.convert.convert`` (parity included, on the CPU plugin with
 f32 execution); the artifacts are then opened again by openvino-genai's ``LLMPipeline`` (stateful SDPA and
-paged-attention backends) and ``ContinuousBatchingPipeline``, by the raw infer request with left-padded
-batches and beam reordering, and by the CLI. Artifacts are made once per module and shared between tests.
+paged-attention backends) and ``ContinuousBatchingPipeline``, and by the raw infer request with left-padded
+batches and beam reordering. Artifacts are made once per module and shared between tests. The target's
+registration, refusals, reproducible files and CLI are in test_openvino_contract.py; how weights are stored, in
+test_openvino_weights.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from fixtures.generate import make_checkpoint
 from sovpack._protocols import RunnerTraits
 from sovpack.artifact import ArtifactMetadata
-from sovpack.cli import cli
 from sovpack.convert import ConvertResult, convert
-from sovpack.errors import ConversionError, MissingDependencyError, UsageError
-from sovpack.parity import Thresholds, check_parity, thresholds_for
+from sovpack.errors import UsageError
+from sovpack.parity import check_parity, thresholds_for
 from sovpack.parity.prompts import PROMPTS, TOKENIZER_CORPUS, encode_prompts
 from sovpack.reference import ReferenceModel
 from sovpack.source.model import open_model
 from sovpack.source.tokenizer import SourceTokenizer
-from sovpack.targets import TARGETS, TargetRef, load_targets
-from tests.targets.shared import reference_cache
+from sovpack.targets import TARGETS
+from tests.targets.shared import WINDOW
 
 ov = pytest.importorskip("openvino")
 og = pytest.importorskip("openvino_genai")
 pytest.importorskip("openvino_tokenizers")
 
-from sovpack.targets.openvino import PARITY_CONFIG, PRECISIONS, OpenvinoRunner, OpenvinoTarget  # noqa: E402
+from sovpack.targets.openvino import PARITY_CONFIG, OpenvinoRunner  # noqa: E402
 from sovpack.targets.openvino.graph import state_names  # noqa: E402
-from sovpack.targets.openvino.weights import (  # noqa: E402
-    SCHEMES,
-    WeightFactory,
-    pack_int4,
-    quantization_plan,
-    quantize,
-)
+from sovpack.targets.openvino.weights import SCHEMES, quantization_plan, quantize  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 # Variants of the families this target writes (tests/test_contract.py checks that it refuses the rest by name).
 FAMILIES = ["gemma", "llama2", "llama3", "mistral", "phi3", "qwen2", "qwen3",
             # issue 13: one variant per new family (gemma3-vlm: Gemma 3's decoder inside a VLM checkpoint;
@@ -59,7 +46,6 @@ FAMILIES = ["gemma", "llama2", "llama3", "mistral", "phi3", "qwen2", "qwen3",
 # The new families whose graphs keep ScaledDotProductAttention, so genai's paged-attention rewrite applies;
 # Gemma 2's soft-capped attention has no SDPA form (test_gemma2_softcap_runs_on_the_stateful_backend_only).
 PAGED = ["gemma3", "granite", "olmo2", "phi3.5", "phi4-mini", "smollm3"]
-WINDOW = "mistral-window"  # mistral with a sliding window (5) much shorter than the parity prompts
 MAX_NEW = 8
 # Round-to-nearest 4-bit weights on the fixtures' tiny Gaussian matrices (hidden 64, groups of 16) cost ~7%
 # relative error per matmul, and the fixtures' logits are sharp (entropy ~1 nat over ~600 tokens), so mean KL
@@ -68,13 +54,6 @@ MAX_NEW = 8
 # run widens only mean_kl so the rest of the int4 path is still judged end to end. At the default thresholds,
 # int4 is judged on fixtures.generate.REALISTIC_NUMERICS checkpoints (tests/targets/test_contract.py).
 FIXTURE_INT4_OVERRIDES = {"mean_kl": 0.6}
-
-
-@pytest.fixture(scope="module")
-def ckpts(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    made = dict(checkpoints)
-    made[WINDOW] = make_checkpoint("mistral", tmp_path_factory.mktemp("ov-ckpt") / WINDOW, sliding_window=5)
-    return made
 
 
 @pytest.fixture(scope="module")
@@ -94,75 +73,10 @@ def artifact(ckpts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     return make
 
 
-@pytest.fixture(scope="module")
-def references(ckpts: dict[str, Path]) -> Callable[[str], ReferenceModel]:
-    return reference_cache(ckpts)
-
-
 def genai_config(stop_ids: tuple[int, ...], **extra: Any) -> Any:
     config = og.GenerationConfig(max_new_tokens=MAX_NEW, do_sample=False, **extra)
     config.stop_token_ids = set(stop_ids)
     return config
-
-
-# ------------------------------------------------------------------------------------------- registration
-
-
-def test_import_is_light_and_target_is_registered() -> None:
-    code = (
-        "import sys, sovpack.targets.openvino\n"
-        "heavy = [n for n in ('openvino', 'openvino_genai', 'openvino_tokenizers', 'nncf', 'torch', "
-        "'transformers') if n in sys.modules]\n"
-        "assert not heavy, heavy\n"
-        "from sovpack.targets import TARGETS\n"
-        "t = TARGETS.get('openvino')\n"
-        "assert tuple(t.precisions) == ('fp32', 'fp16', 'int8', 'int8_sym', 'int4', 'int4_sym'), t.precisions\n"
-        "assert t.default_precision == 'fp16'\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    load_targets()
-    assert tuple(TARGETS.get("openvino").precisions) == PRECISIONS
-
-
-def test_missing_openvino_names_the_extra(ckpts: dict[str, Path], tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "openvino", None)  # what an uninstalled package looks like to import
-    with pytest.raises(MissingDependencyError, match=r"'openvino'.*sovpack\[openvino\]"):
-        OpenvinoRunner(tmp_path)
-    with pytest.raises(MissingDependencyError, match=r"sovpack\[openvino\]"):
-        OpenvinoTarget().write(open_model(ckpts["llama3"]), "fp16", tmp_path, lambda *_: None)
-
-
-def test_precision_table_rows_are_consistent() -> None:
-    load_targets()
-    target = TARGETS.get("openvino")
-    assert target.default_precision == "fp16" and target.default_precision in target.precisions
-    assert set(target.precisions) == set(SCHEMES)  # one weight scheme per row
-    for name, row in target.precisions.items():
-        assert row.name == name and row.aliases == ()
-        assert isinstance(row.thresholds, Thresholds) and row.thresholds == thresholds_for(name)
-        assert row.quantized == name.startswith("int")
-        if row.quantized:
-            assert row.weights.startswith("int") and row.weights == name.split("_")[0]
-        else:
-            assert row.weights == {"fp32": "float32", "fp16": "float16"}[name]
-    assert target.runtime_packages == ("openvino", "openvino-tokenizers", "openvino-genai", "nncf")
-
-
-def test_family_outside_families_is_refused_by_name(ckpts: dict[str, Path], tmp_path: Path) -> None:
-    load_targets()
-    target = TARGETS.get("openvino")
-    moe = {"qwen3_moe", "mixtral", "gpt_oss"}  # issue 14: tests/targets/test_openvino_moe.py
-    encoders = {"bert", "xlm_roberta", "modernbert"}  # issue 15: tests/targets/test_openvino_encoder.py
-    assert target.families == {open_model(ckpts[v]).spec.family for v in FAMILIES} | moe | encoders
-    model = open_model(ckpts["llama3"])
-    alien = dataclasses.replace(model, spec=dataclasses.replace(model.spec, family="falcon"))
-    with pytest.raises(ConversionError, match=r"'openvino' cannot write model family 'falcon'"):
-        TargetRef.parse("openvino:fp16").check_family(alien.spec)
-    with pytest.raises(ConversionError, match=r"model family 'falcon'"):
-        OpenvinoTarget().write(alien, "fp16", tmp_path, lambda *_: None)
-    assert list(tmp_path.iterdir()) == []  # refused before writing anything
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -265,57 +179,6 @@ def test_quantized_artifacts_compute_exactly_rtn(artifact: Callable[[str, str], 
     assert report.metrics.max_abs_error is not None and report.metrics.max_abs_error < 1e-3
 
 
-@pytest.mark.parametrize("precision", ["int8", "int8_sym", "int4", "int4_sym"])
-def test_quantized_weights_decompress_exactly(precision: str, tmp_path: Path) -> None:
-    """What the IR computes is (codes - zero point) * scale: checks packing, layouts and the decompression ops."""
-    rng = np.random.default_rng(3)
-    weight = rng.standard_normal((48, 64)).astype(np.float32)
-
-    class Spec:
-        hidden_size = 64
-
-        @staticmethod
-        def tensor_shapes() -> dict[str, tuple[int, ...]]:
-            return {"w": (48, 64)}
-
-    released: list[str] = []
-
-    class Model:
-        spec = Spec()
-        path = tmp_path
-
-        @staticmethod
-        def tensor(name: str, dtype: Any) -> np.ndarray:
-            return weight
-
-        @staticmethod
-        def rows(name: str, index: Any) -> np.ndarray:
-            return weight[index]
-
-        @staticmethod
-        def release_pages(name: str) -> None:
-            released.append(name)
-
-    factory = WeightFactory(Model(), SCHEMES[precision])  # type: ignore[arg-type]
-    x = ov.opset13.parameter([-1, 64], np.float32, name="x")
-    graph = ov.Model([ov.opset13.matmul(x, factory.matrix("w"), False, True)], [x])
-    ov.save_model(graph, tmp_path / "m.xml", compress_to_fp16=False)
-    assert released == ["w"]  # the checkpoint pages go once the weight is quantized (codes, scales: one read)
-    compiled = ov.Core().compile_model(tmp_path / "m.xml", "CPU", PARITY_CONFIG)
-    bits = 4 if precision.startswith("int4") else 8
-    q = quantize(weight, bits=bits, symmetric=precision.endswith("sym"), group_size=16 if bits == 4 else None)
-    xs = rng.standard_normal((5, 64)).astype(np.float32)
-    np.testing.assert_allclose(compiled([xs])[0], xs @ q.dequantize().T, atol=1e-4)
-    step = np.abs(q.scale.astype(np.float32)).max()
-    symmetric = precision.endswith("sym")  # the side opposite the extreme value may clip by one step
-    assert np.abs(q.dequantize() - weight).max() <= step * (1.0 if symmetric else 0.51) + 1e-6
-
-
-def test_int4_packing_is_low_nibble_first() -> None:
-    assert pack_int4(np.array([1, 2, 3, 4], dtype=np.uint8)).tolist() == [0x21, 0x43]
-    assert pack_int4(np.array([-1, 7, -8, 0], dtype=np.int8)).tolist() == [0x7F, 0x08]
-
-
 def test_runner_close_is_idempotent(artifact: Callable[[str, str], ConvertResult]) -> None:
     out = artifact("llama3", "fp32").out_dir
     meta = ArtifactMetadata.load(out)
@@ -366,45 +229,6 @@ def test_ir_has_the_optimum_stateful_interface(artifact: Callable[[str, str], Co
     assert sum(op.get_type_name() == "Assign" for op in ops) == len(expected)
     assert sum(op.get_type_name() == "ScaledDotProductAttention" for op in ops) == spec.num_layers
     assert len(model.get_sinks()) == len(expected)
-
-
-def _generated_names(xml: Path) -> list[str]:
-    """Node and tensor names in a saved IR that OpenVINO made up from its process-wide counter."""
-    import re
-
-    text = xml.read_text(encoding="utf-8")
-    found = re.findall(r'<layer id="\d+" name="([^"]*)"', text)
-    found += [n for names in re.findall(r' names="([^"]*)"', text) for n in names.split(",")]
-    return [n for n in found if re.fullmatch(r"[A-Z][A-Za-z0-9]*_[0-9]+(?:\.[0-9]+)*", n)]
-
-
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_same_checkpoint_gives_byte_identical_files_within_one_process(ckpts: dict[str, Path], tmp_path: Path,
-                                                                      precision: str) -> None:
-    """OpenVINO numbers unnamed nodes from a process-wide counter; every node must have a name of its own.
-
-    Converting the same checkpoint again in the same process (other conversions have run before it in this
-    module), and once more after another family, must write the very same bytes: bundles are content-addressed.
-    """
-    target = f"openvino:{precision}"
-    runs = [convert(ckpts["llama3"], target, tmp_path / "first", parity=False).out_dir,
-            convert(ckpts["llama3"], target, tmp_path / "second", parity=False).out_dir]
-    convert(ckpts["qwen2"], target, tmp_path / "other", parity=False)
-    runs.append(convert(ckpts["llama3"], target, tmp_path / "third", parity=False).out_dir)
-    names = sorted(p.name for p in runs[0].iterdir())
-    assert {"openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenizer.xml"} <= set(names)
-    for run in runs[1:]:
-        assert sorted(p.name for p in run.iterdir()) == names
-        differ = [n for n in names if (run / n).read_bytes() != (runs[0] / n).read_bytes()]
-        assert differ == [], f"{run.name}: {differ}"
-    for xml in ("openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenizer.xml"):
-        assert _generated_names(runs[0] / xml) == [], xml
-    # the decoder's nodes are named after their block and role, and no two share a name
-    model = ov.Core().read_model(runs[0] / "openvino_model.xml")
-    friendly = [op.get_friendly_name() for op in model.get_ordered_ops()]
-    assert len(set(friendly)) == len(friendly)
-    assert {"layers.0.q/matmul", "layers.1.attention", "lm_head/matmul", "logits"} <= set(friendly)
-    assert any(name.startswith("layers.0.attn/Reshape_") for name in friendly)
 
 
 def test_fp16_weights_are_f16_constants_marked_for_decompression(
@@ -605,73 +429,3 @@ def test_tokenizer_and_detokenizer_match_the_source(artifact: Callable[[str, str
         ids = source.encode(text)
         assert runner.tokenize(text) == ids, text
         assert runner.detokenize(ids) == source.decode(ids), text
-
-
-def test_unsupported_tokenizer_component_is_refused(ckpts: dict[str, Path], tmp_path: Path) -> None:
-    from sovpack.targets.openvino.tokenizer import convert_tokenizer
-
-    data = json.loads((ckpts["llama3"] / "tokenizer.json").read_text())
-    data["pre_tokenizer"]["pretokenizers"].append({"type": "UnicodeScripts"})
-    path = tmp_path / "tokenizer.json"
-    path.write_text(json.dumps(data))
-    with pytest.raises(ConversionError, match="pre-tokenizer 'UnicodeScripts'"):
-        convert_tokenizer(path, {}, chat_template=None, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-
-
-def test_conversion_needs_neither_transformers_nor_torch(ckpts: dict[str, Path], tmp_path: Path) -> None:
-    code = (
-        "import sys\n"
-        "for name in ('transformers', 'torch', 'nncf'):\n"
-        "    sys.modules[name] = None  # importing any of them now fails\n"
-        "from sovpack.convert import convert\n"
-        f"r = convert({str(ckpts['qwen3'])!r}, 'openvino:int8', {str(tmp_path / 'out')!r})\n"
-        "assert r.parity.status == 'PASSED', r.parity.reasons\n"
-        "assert r.parity.tokenizer.matched == r.parity.tokenizer.total\n"
-        "assert [n for n in ('transformers', 'torch', 'nncf') if sys.modules.get(n) is not None] == []\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-# ------------------------------------------------------------------------------------------- errors, CLI
-
-
-def test_fp16_overflow_is_a_conversion_error(tmp_path: Path) -> None:
-    from safetensors.numpy import load_file, save_file
-
-    ckpt = make_checkpoint("llama3", tmp_path / "ckpt")
-    tensors = load_file(ckpt / "model.safetensors")
-    tensors["model.layers.1.mlp.up_proj.weight"] *= np.float32(1e6)
-    save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ConversionError, match=r"'layers\.1\.up'.*float16"):
-        convert(ckpt, "openvino:fp16", tmp_path / "out", parity=False)
-    assert not (tmp_path / "out").exists()
-    assert convert(ckpt, "openvino:int8", tmp_path / "int8", parity=False).parity is None  # ints are fine
-
-
-def test_cli_convert_run_inspect(ckpts: dict[str, Path], tmp_path: Path,
-                                 references: Callable[[str], ReferenceModel]) -> None:
-    out = tmp_path / "ov-fp16"
-    runner = CliRunner()
-    result = runner.invoke(cli, ["convert", str(ckpts["phi3"]), "-t", "openvino:fp16", "-o", str(out), "--json"])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["parity"] == "PASSED"
-    assert json.loads((out / "parity.json").read_text())["status"] == "PASSED"
-    ids = encode_prompts(ckpts["phi3"] / "tokenizer.json")[0]
-    result = runner.invoke(cli, ["run", str(out), "--ids", ",".join(map(str, ids)), "--max-new-tokens", "6",
-                                 "--json"])
-    assert result.exit_code == 0, result.output
-    ran = json.loads(result.stdout)
-    ref = references("phi3")
-    assert ran["runtime"] == "openvino"
-    assert ran["generated_ids"] == ref.greedy(ids, 6, ref.spec.eos_token_ids)
-    result = runner.invoke(cli, ["inspect", str(out), "--json"])
-    assert result.exit_code == 0, result.output
-    info = json.loads(result.stdout)
-    assert info["format"] == "openvino" and info["precision"] == "fp16" and info["parity"]["status"] == "PASSED"
-    assert info["format_metadata"]["openvino_version"] == ov.get_version()
-    # a moved artifact directory still opens (the IR references its .bin relative to the .xml)
-    moved = tmp_path / "moved"
-    shutil.move(out, moved)
-    runner_ = OpenvinoRunner(moved)
-    assert math.isfinite(float(runner_.prefill_logits(ids).max()))
