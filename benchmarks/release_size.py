@@ -107,7 +107,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (32: Llama-3-8B)")
     parser.add_argument("--sovpack", default=str(Path(sys.executable).with_name("sovpack")))
     parser.add_argument("--group-size", type=int,
-                        help="4-bit group size passed to the build (default: each format's own; NNCF's is 128)")
+                        help="4-bit group size of the onnx/openvino int4 targets, in a build config's per-target "
+                             "[quantization] tables (default: each format's own; NNCF's is 128)")
     parser.add_argument("--keep", type=Path, help="work directory to keep and reuse (default: a temporary one)")
     args = parser.parse_args()
     targets = SETS[args.set]
@@ -128,8 +129,11 @@ def main() -> int:
         argv = [args.sovpack, "build", str(checkpoint), "-o", str(out), "--key", str(keys / "private.pem"), "--json"]
         for target in targets:
             argv += ["-t", target]
-        if args.group_size:
-            argv += ["--group-size", str(args.group_size)]
+        if args.group_size:  # for the formats whose 4-bit groups can be chosen; GGUF keeps GGML's 32-wide blocks
+            config = work / f"group-{args.group_size}.toml"
+            config.write_text("".join(f'[quantization.targets."{t}"]\ngroup_size = {args.group_size}\n'
+                                      for t in targets if t.endswith(":int4")), encoding="utf-8")
+            argv += ["--config", str(config)]
         overrides = RANDOM_WEIGHT_THRESHOLDS if args.set == "int4" else ()
         for item in overrides:
             argv += ["--threshold", item]
@@ -137,7 +141,7 @@ def main() -> int:
         run = run_build(argv, work / f"build-{args.set}.log")
         rows = phase_rows(run)
         print()
-        group = f" --group-size {args.group_size}" if args.group_size else ""
+        group = f" (int4 groups of {args.group_size})" if args.group_size else ""
         print(f"sovpack build -t {' -t '.join(targets)}{group}" + (f" (thresholds: {', '.join(overrides)})"
                                                                     if overrides else ""))
         print_table(PHASE_HEADER, rows)
