@@ -34,9 +34,18 @@ if TYPE_CHECKING:
     from sovpack.targets.openvino.encoder_runner import OpenvinoEmbeddingRunner
 
 
-def _row(name: str, weights: str) -> Precision:
+def _row(name: str, weights: str, runtime_bytes_per_weight: float | None = None) -> Precision:
     return Precision(name=name, weights=weights, quantized=weights.startswith("int"),
-                     thresholds=DEFAULT_THRESHOLDS[name])
+                     thresholds=DEFAULT_THRESHOLDS[name], runtime_bytes_per_weight=runtime_bytes_per_weight)
+
+
+# NOTE: what the CPU plugin holds per weight of a 4-bit IR, measured on OpenVINO 2026.4 with the synthetic
+# Llama-3-8B (benchmarks/release_size.py; a standalone run of the 5.7 GB IR peaked at 7.9 GB anonymous): it
+# repacks the u4 codes into its own buffers and keeps every group's f16 scale and zero point as f32 (8 bytes a
+# group of 32: 0.25 a weight), the plan's 8-bit eighth at a byte a weight; the embedding Gather reads the mapped
+# file. About 1.0 byte a weight at the default groups of 32 (the generic 4-bit row's 0.65 would let an 8B
+# model's parity run start on a machine it then overflows).
+INT4_PLUGIN_BYTES_PER_WEIGHT = 1.0
 
 
 # One row per scheme in ``weights.SCHEMES``; ``weights`` is the ModelPack precision of the stored matrices.
@@ -45,8 +54,8 @@ PRECISION_TABLE = precision_table(
     _row("fp16", "float16"),
     _row("int8", "int8"),
     _row("int8_sym", "int8"),
-    _row("int4", "int4"),
-    _row("int4_sym", "int4"),
+    _row("int4", "int4", INT4_PLUGIN_BYTES_PER_WEIGHT),
+    _row("int4_sym", "int4", INT4_PLUGIN_BYTES_PER_WEIGHT),
 )
 PRECISIONS: tuple[str, ...] = tuple(PRECISION_TABLE)
 
