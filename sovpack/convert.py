@@ -75,6 +75,7 @@ def convert(
         check_not_input(out, [Path(checkpoint)])  # before reading anything: `-o CK --force` would delete CK
         model = open_model(checkpoint, allow_nonfinite=allow_nonfinite)
     ref.check_family(model.spec)
+    ref.check_quantization(quant)
     if parity:  # running the artifact must fit: refused now, not OOM-killed after the conversion
         check_runtime_memory([ref], model.spec)
     # NOTE: the output may neither be, contain nor lie inside the checkpoint; a destination that cannot take

@@ -20,6 +20,7 @@ from sovpack._plugins import Plugins, import_submodules
 from sovpack._protocols import Precision, Target
 from sovpack.errors import ConversionError, UsageError
 from sovpack.parity.thresholds import THRESHOLD_KEYS, Thresholds, encoder_thresholds
+from sovpack.quantize.options import QuantOptions
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
 
@@ -96,6 +97,14 @@ class TargetRef:
             raise UsageError(f"unknown threshold name(s) {', '.join(unknown)}; known: {', '.join(THRESHOLD_KEYS)}")
         base = encoder_thresholds(self.info.weights) if encoder else self.info.thresholds
         return Thresholds.from_dict({**base.to_dict(), **merged}) if merged else base
+
+    def check_quantization(self, options: QuantOptions | None) -> None:
+        """Refuse, before any work, quantization options this target's format cannot honour (e.g. a 4-bit group
+        size GGML's blocks lack). A target with such limits defines ``check_quantization(precision, options)``;
+        the others take every option."""
+        check = getattr(self.target, "check_quantization", None)
+        if check is not None and options is not None:
+            check(self.precision, options)
 
     def check_family(self, spec: ModelSpec) -> None:
         """Refuse, by name, a model family this target cannot write."""

@@ -166,6 +166,7 @@ def build_bundle(
     refs = [r for r in all_refs if str(r) not in reused]
     for ref in refs:
         ref.check_family(model.spec)
+        ref.check_quantization(config.quantization_for(str(ref)))
     check_runtime_memory(refs, model.spec)  # before any work: nothing gets OOM-killed halfway
 
     check_not_input(output, [checkpoint])

@@ -156,7 +156,8 @@ def resolved_method(options: QuantOptions) -> str:
                          f"targets their own method under [quantization.targets.\"gguf:...\"])")
     if options.group_size not in (None, GGUF_GROUP):
         raise UsageError(f"gguf: the 4-bit types use GGML's {GGUF_GROUP}-wide blocks; group size "
-                         f"{options.group_size} is not available (leave it unset or give {GGUF_GROUP})")
+                         f"{options.group_size} is not available (leave it unset or give {GGUF_GROUP}; a build can "
+                         f"give other targets theirs under [quantization.targets.\"FORMAT:int4\"] in sovpack.toml)")
     return "rtn" if options.method == "rtn" else "weighted"
 
 

@@ -106,6 +106,12 @@ class GgufTarget:
     runtime_packages = ("gguf", "llama-cpp-python")
     families = FAMILIES | ENCODER_FAMILIES
 
+    def check_quantization(self, precision: str, options: QuantOptions) -> None:
+        """llama.cpp's quantizer takes an importance matrix or nothing, in GGML's 32-wide blocks: anything else is
+        refused before a build starts (``resolved_method``), not when this target's turn comes."""
+        if precision in LLAMA_QUANTS:
+            resolved_method(options)
+
     def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress, *,
               quant: QuantOptions | None = None) -> WrittenArtifact:
         if precision not in self.precisions:

@@ -20,6 +20,7 @@ from sovpack.oci.media import ANN_ATTESTATION, ANN_TARGET
 from sovpack.quantize.groups import GroupCodes
 from sovpack.quantize.options import QuantOptions
 from sovpack.quantize.plan import QuantPlan
+from sovpack.targets.base import TargetRef
 from sovpack.verify import Policy
 from sovpack.verify.extract import extract_target
 
@@ -142,3 +143,23 @@ def test_onnx_and_openvino_int4_in_one_build_fit_each_tensor_once(checkpoints: d
     four = [name for name, bits in fitted if bits == 4]
     assert four and len(four) == len(set(four))  # each 4-bit tensor fitted once for both targets
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "keys"]  # the scratch codes are gone
+
+
+def test_options_a_target_cannot_honour_are_refused_before_any_work(checkpoints: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    """A build-wide 4-bit group of 128 with a GGUF K-quant target (GGML's blocks are 32 wide) is refused before
+    the reference or any other target runs, with the per-target table as the way out; nothing is written."""
+    pair = generate_key_pair(tmp_path / "keys")
+    stages: list[str] = []
+    config = BuildConfig(checkpoint=checkpoints["llama3"], output=tmp_path / "bundle", tag="v1",
+                         targets=("onnx:int4", "gguf:q4_k_m"), quantization=QuantOptions(group_size=128))
+    with pytest.raises(UsageError, match="gguf: the 4-bit types use GGML's 32-wide blocks; group size 128"):
+        build_bundle(config, key=SigningKey.load(pair.private_key),
+                     progress=lambda what, done, _total: stages.append(what) if done == 0 else None)
+    assert stages == [] and not (tmp_path / "bundle").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["keys"]  # no scratch directory either
+    per_target = BuildConfig(checkpoint=checkpoints["llama3"], output=tmp_path / "bundle", tag="v1",
+                             targets=("onnx:int4", "gguf:q4_k_m"),
+                             target_quantization={"onnx:int4": QuantOptions(group_size=128)})
+    for ref in ("onnx:int4", "gguf:q4_k_m"):  # the way the message points to: accepted up front
+        TargetRef.parse(ref).check_quantization(per_target.quantization_for(ref))
