@@ -224,6 +224,11 @@ class Target(Protocol):
     runtime_packages: tuple[str, ...]
     families: frozenset[str]
 
+    def check_quantization(self, precision: str, options: QuantOptions) -> None:
+        """Refuse (UsageError) quantization options this format cannot honour at ``precision``; a build asks every
+        target before any work, so a refusal never comes at the target's turn."""
+        ...
+
     def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress, *,
               quant: QuantOptions | None = None) -> WrittenArtifact:
         """Write the artifact; ``quant`` steers 4-bit precisions (None: QuantOptions() defaults)."""

@@ -100,11 +100,9 @@ class TargetRef:
 
     def check_quantization(self, options: QuantOptions | None) -> None:
         """Refuse, before any work, quantization options this target's format cannot honour (e.g. a 4-bit group
-        size GGML's blocks lack). A target with such limits defines ``check_quantization(precision, options)``;
-        the others take every option."""
-        check = getattr(self.target, "check_quantization", None)
-        if check is not None and options is not None:
-            check(self.precision, options)
+        size GGML's blocks lack); None means the defaults, which every target takes."""
+        if options is not None:
+            self.target.check_quantization(self.precision, options)
 
     def check_family(self, spec: ModelSpec) -> None:
         """Refuse, by name, a model family this target cannot write."""

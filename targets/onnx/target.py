@@ -55,6 +55,10 @@ class OnnxTarget:
     # embedding encoders (encoder.py; int4 refused for them).
     families: frozenset[str] = frozenset(GENAI_MODEL_TYPES) | ENCODER_FAMILIES
 
+    def check_quantization(self, precision: str, options: QuantOptions) -> None:
+        """Nothing to refuse: every method, symmetric or not; each tensor takes the requested block size or the
+        largest smaller power of two >= 16 that divides it (none: that tensor stays 8-bit, ``quantize``)."""
+
     def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress, *,
               quant: QuantOptions | None = None) -> WrittenArtifact:
         """Write the artifact; ``quant`` steers int4 (sovpack.quantize's plan), the other precisions ignore it."""

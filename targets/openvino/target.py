@@ -99,6 +99,10 @@ class OpenvinoTarget:
     runtime_packages: tuple[str, ...] = ("openvino", "openvino-tokenizers", "openvino-genai", "nncf")
     families = FAMILIES
 
+    def check_quantization(self, precision: str, options: QuantOptions) -> None:
+        """Nothing to refuse: every method, symmetric or not; each tensor takes the largest supported group
+        (16-128) <= the requested one that divides it (none: that tensor stays 8-bit, ``weights``)."""
+
     def write(self, model: SourceModel, precision: str, out_dir: Path, progress: Progress, *,
               quant: QuantOptions | None = None) -> WrittenArtifact:
         """Write the IR directory; ``quant`` (None: ``QuantOptions()``) drives the 4-bit precisions only."""
