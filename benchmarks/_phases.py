@@ -7,6 +7,7 @@ total resident memory every ``SAMPLE_S`` seconds and charges it to the phase und
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -26,6 +27,8 @@ class Phase:
     peak_anon: int = 0
     peak_rss: int = 0
     start_anon: int | None = None  # the first sample: what the build holds as the phase begins
+    cpu_start: float = 0.0  # the process's CPU seconds (every thread, user + system) as the phase began
+    cpu_end: float = 0.0
 
 
 @dataclass
@@ -52,6 +55,15 @@ def _memory(pid: int) -> tuple[int, int]:
     return anon, rss
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of every thread of the process so far (0 once it has gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_build(argv: list[str], log: Path) -> Run:
     """Run the build, sampling memory and splitting it into phases at its stage lines."""
     run = Run()
@@ -64,8 +76,10 @@ def run_build(argv: list[str], log: Path) -> Run:
     def sample() -> None:
         while not done.wait(SAMPLE_S):
             anon, rss = _memory(proc.pid)
+            cpu = _cpu_seconds(proc.pid)
             with lock:
                 phase = run.phases[-1]
+                phase.cpu_end = max(phase.cpu_end, cpu)  # the last phase keeps the last sample: the process goes
                 if phase.start_anon is None:
                     phase.start_anon = anon
                 phase.peak_anon, phase.peak_rss = max(phase.peak_anon, anon), max(phase.peak_rss, rss)
@@ -80,9 +94,10 @@ def run_build(argv: list[str], log: Path) -> Run:
             out.flush()
             run.tail = [*run.tail[-30:], line.rstrip()]
             if line.startswith("sovpack build: "):
+                cpu = _cpu_seconds(proc.pid)
                 with lock:
-                    run.phases[-1].end = now
-                    run.phases.append(Phase(line.removeprefix("sovpack build: ").strip(), now))
+                    run.phases[-1].end, run.phases[-1].cpu_end = now, cpu
+                    run.phases.append(Phase(line.removeprefix("sovpack build: ").strip(), now, cpu_start=cpu))
         out.write(proc.stdout.read())
     run.returncode = proc.wait()
     done.set()
@@ -94,14 +109,21 @@ def run_build(argv: list[str], log: Path) -> Run:
     return run
 
 
-PHASE_HEADER = ["phase", "seconds", "anon at start MiB", "peak anon MiB", "peak RSS MiB"]
+PHASE_HEADER = ["phase", "seconds", "cores busy", "anon at start MiB", "peak anon MiB", "peak RSS MiB"]
 
 
 def phase_rows(run: Run) -> list[list[str]]:
-    """The table rows (``PHASE_HEADER``): phase, seconds, anonymous MiB as it began, peak anonymous MiB, peak
-    RSS MiB, then the whole build. The first anonymous figure is the build's own memory when a runtime phase
-    starts, so the runtime's share is the difference."""
-    rows = [[p.name, f"{p.end - p.start:.1f}", f"{(p.start_anon or 0) / MIB:,.0f}", f"{p.peak_anon / MIB:,.0f}",
-             f"{p.peak_rss / MIB:,.0f}"] for p in run.phases]
-    rows.append(["whole build", f"{run.wall:.1f}", "", f"{run.peak_anon / MIB:,.0f}", f"{run.peak_rss / MIB:,.0f}"])
+    """The table rows (``PHASE_HEADER``): phase, seconds, cores busy, anonymous MiB as it began, peak anonymous
+    MiB, peak RSS MiB, then the whole build. The first anonymous figure is the build's own memory when a runtime
+    phase starts, so the runtime's share is the difference."""
+    rows = [[p.name, f"{p.end - p.start:.1f}", _busy(p), f"{(p.start_anon or 0) / MIB:,.0f}",
+             f"{p.peak_anon / MIB:,.0f}", f"{p.peak_rss / MIB:,.0f}"] for p in run.phases]
+    rows.append(["whole build", f"{run.wall:.1f}", "", "", f"{run.peak_anon / MIB:,.0f}", f"{run.peak_rss / MIB:,.0f}"])
     return rows
+
+
+def _busy(phase: Phase) -> str:
+    """CPU seconds over wall seconds: 2.0 is both cores of the benchmark machine busy throughout."""
+    wall = phase.end - phase.start
+    cpu = phase.cpu_end - phase.cpu_start
+    return f"{cpu / wall:.2f}" if wall > 0 and cpu > 0 else ""

@@ -1,4 +1,5 @@
-"""File mechanics every stage shares: atomic output, hashing while copying, capped reads, progress callbacks.
+"""File mechanics every stage shares: atomic output, hashing while copying, capped reads, progress callbacks,
+work split over every core.
 
 Atomic output writes into a temporary sibling, then renames, so no half-written output is ever seen.
 """
@@ -14,7 +15,6 @@ import re
 import shutil
 import stat
 import tempfile
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,64 +60,6 @@ def hashing_copy(source: Path | BinaryIO, dest: Path | BinaryIO | None) -> tuple
                 dst.write(chunk)
             size += len(chunk)
     return "sha256:" + hasher.hexdigest(), size
-
-
-class HashingWriter:
-    """A file written front to back and hashed as it is written, so storing it needs no second read.
-
-    Writers that stream an artifact (ONNX external data, GGUF) write through it; on ``close`` the digest is
-    remembered against the file's identity (device, inode, size, mtime), which a rename keeps and any later
-    write changes, and ``written_digest`` hands it to the blob store. There is no ``seek``: a writer that went
-    back to patch bytes would make the digest wrong, so it cannot.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._fh = open(self.path, "wb")  # noqa: SIM115 (closed by close(), like the file it stands for)
-        self._hasher = hashlib.sha256()
-        self._size = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        self._hasher.update(view)
-        self._fh.write(view)
-        self._size += len(view)
-        return len(view)
-
-    def tell(self) -> int:
-        return self._size
-
-    def flush(self) -> None:
-        self._fh.flush()
-
-    def close(self) -> None:
-        if self._fh.closed:
-            return
-        self._fh.close()
-        info = os.stat(self.path)
-        digest = "sha256:" + self._hasher.hexdigest()
-        with _WRITTEN_LOCK:
-            _WRITTEN[(info.st_dev, info.st_ino)] = (info.st_size, info.st_mtime_ns, digest)
-
-    def __enter__(self) -> HashingWriter:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-
-_WRITTEN: dict[tuple[int, int], tuple[int, int, str]] = {}
-_WRITTEN_LOCK = threading.Lock()
-
-
-def written_digest(path: Path) -> tuple[str, int] | None:
-    """(digest, size) of a file a ``HashingWriter`` wrote in this process, if it is unchanged since; taken once."""
-    info = os.stat(path)
-    with _WRITTEN_LOCK:
-        known = _WRITTEN.pop((info.st_dev, info.st_ino), None)
-    if known is None or known[:2] != (info.st_size, info.st_mtime_ns):
-        return None
-    return known[2], info.st_size
 
 
 def read_capped(
@@ -444,3 +386,14 @@ def parallel_copyto(dst: Any, src: Any) -> None:
 
     for _ in ordered_map(part, range(0, rows, step)):
         pass
+
+
+def parallel_all_finite(array: Any) -> bool:
+    """``np.isfinite(array).all()`` split by rows over every core (the check every float32 weight copy gets)."""
+    import numpy as np
+
+    rows = array.shape[0] if array.ndim else 1
+    step = max(1, COPY_BLOCK_BYTES // max(1, array.nbytes // max(rows, 1)))
+    if array.ndim == 0 or rows <= step:
+        return bool(np.isfinite(array).all())
+    return all(ordered_map(lambda start: bool(np.isfinite(array[start : start + step]).all()), range(0, rows, step)))

@@ -6,14 +6,16 @@ import dataclasses
 import math
 import shutil
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sovpack import __version__
+from sovpack._digests import hash_later
 from sovpack._io import Progress, atomic_directory, check_not_input, no_progress, return_freed_memory
+from sovpack._protocols import Runner
 from sovpack.artifact import ARTIFACT_FILE, ArtifactMetadata
 from sovpack.errors import ConversionError, ParityError
 from sovpack.parity.embeddings import (
@@ -94,19 +96,28 @@ class TargetJob:
     directory: Path
     threshold_overrides: Overrides | None = None
     quant: QuantOptions | None = None
+    stored: bool = False  # bound for a blob store: files not hashed as written are hashed while parity runs
 
 
-def write_targets(model: SourceModel, jobs: Sequence[TargetJob], progress: Progress = no_progress
+def write_targets(model: SourceModel, jobs: Sequence[TargetJob], progress: Progress = no_progress, *,
+                  on_written: Callable[[TargetJob, ArtifactMetadata], None] | None = None
                   ) -> list[ArtifactMetadata]:
     """Every job's artifact (its first recipe) written at the same time, on a thread each; no parity yet.
 
     The writers share the opened model, whose mapped pages come from disk once, and keep both cores busy where
     one writer alone would wait on the disk. Which targets a build writes so: ``overlapped_targets``.
+    ``on_written(job, metadata)`` is called on a job's writer thread as soon as its artifact is complete.
     """
     shared = _locked(progress)
+
+    def write(job: TargetJob) -> ArtifactMetadata:
+        metadata = _write(model, job, quant_recipes(job.ref, job.quant)[0], [], shared)
+        if on_written is not None:
+            on_written(job, metadata)
+        return metadata
+
     with ThreadPoolExecutor(max_workers=max(len(jobs), 1)) as pool:
-        written = list(pool.map(lambda job: _write(model, job, quant_recipes(job.ref, job.quant)[0], [], shared),
-                                jobs))
+        written = list(pool.map(write, jobs))
     return_freed_memory()
     return written
 
@@ -119,11 +130,13 @@ def finish_target(
     prompts: Sequence[str] = (),
     progress: Progress = no_progress,
     written: ArtifactMetadata | None = None,
+    runner: Runner | None = None,
 ) -> ConvertResult:
     """``job`` written (unless ``written`` says its first recipe is on disk already) and judged against the
-    recorded ``reference`` on its runtime; FAILED raises ParityError (see ``convert``)."""
+    recorded ``reference`` on its runtime (``runner``: that artifact already opened on it, which is then
+    closed here); FAILED raises ParityError (see ``convert``)."""
     metadata, report = _write_and_check(model, job, parity=True, prompts=prompts, reference=reference,
-                                        progress=progress, written=written)
+                                        progress=progress, written=written, runner=runner)
     return ConvertResult(target=str(job.ref), out_dir=job.directory, metadata=metadata, parity=report)
 
 
@@ -140,10 +153,15 @@ OVERLAP_MEMORY_SHARE = 0.25
 def overlapped_targets(model: SourceModel, refs: Sequence[TargetRef]) -> list[TargetRef]:
     """The targets a build writes at the same time (none, or at least two; see the NOTE)."""
     chosen = [ref for ref in refs if ref.info.weights != "int4"]
-    largest = max(math.prod(shape) for shape in model.spec.tensor_shapes().values())
-    if len(chosen) < 2 or largest * 4 * WRITER_COPIES * len(chosen) > OVERLAP_MEMORY_SHARE * machine_memory():
+    if len(chosen) < 2 or writers_memory(model, len(chosen)) > OVERLAP_MEMORY_SHARE * machine_memory():
         return []
     return chosen
+
+
+def writers_memory(model: SourceModel, writers: int) -> int:
+    """Bytes ``writers`` writers at once may hold: a few float32 copies of the largest tensor each."""
+    largest = max(math.prod(shape) for shape in model.spec.tensor_shapes().values())
+    return largest * 4 * WRITER_COPIES * writers
 
 
 def _locked(progress: Progress) -> Progress:
@@ -155,6 +173,9 @@ def _locked(progress: Progress) -> Progress:
             progress(description, completed, total)
 
     return report
+
+
+BACKGROUND_HASH_BYTES = 2**18  # smaller files are hashed when stored (well under a millisecond)
 
 
 def _write(model: SourceModel, job: TargetJob, recipe: QuantOptions | None, tried: list[dict[str, Any]],
@@ -178,6 +199,10 @@ def _write(model: SourceModel, job: TargetJob, recipe: QuantOptions | None, trie
         traits=written.traits,
     )
     metadata.save(job.directory)
+    if job.stored:
+        for name in written.files:
+            if (path := job.directory / name).is_file() and path.stat().st_size >= BACKGROUND_HASH_BYTES:
+                hash_later(path)
     return metadata
 
 
@@ -190,6 +215,7 @@ def _write_and_check(
     reference: RecordedReference | RecordedEmbeddings | None,
     progress: Progress,
     written: ArtifactMetadata | None = None,
+    runner: Runner | None = None,
 ) -> tuple[ArtifactMetadata, ParityReport | None]:
     """Write ``job`` (unless ``written``: its first recipe is on disk already) and judge it on its runtime,
     retrying the larger 8-bit shares of the default 4-bit recipe while parity FAILS; FAILED raises ParityError."""
@@ -213,7 +239,7 @@ def _write_and_check(
                 model, prompts, progress=progress)
             reference = recorded
             report = run_parity(ref, job.directory, metadata, recorded, model.checkpoint.tokenizer_json,
-                                job.threshold_overrides, progress)
+                                job.threshold_overrides, progress, runner=runner if attempt == 1 else None)
         if report is not None:
             report.save(job.directory / PARITY_FILE)
             if report.status == "FAILED" and attempt < len(recipes):
@@ -256,12 +282,15 @@ def run_parity(
     tokenizer_json: Path | None,
     threshold_overrides: Overrides | None,
     progress: Progress = no_progress,
+    *,
+    runner: Runner | None = None,
 ) -> ParityReport:
-    """Check an artifact directory against the recorded reference on the target's own runtime."""
+    """Check an artifact directory against the recorded reference on the target's own runtime (``runner``: the
+    artifact already opened there; closed here either way)."""
     from sovpack.parity.judge import check_parity
 
     progress(f"{ref}: parity", 0, 1)
-    runner = ref.target.open_runner(artifact_dir, metadata)
+    runner = runner or ref.target.open_runner(artifact_dir, metadata)
     try:
         report = check_parity(
             reference,

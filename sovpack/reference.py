@@ -4,13 +4,7 @@ It is the oracle every target is checked against, and is itself checked against 
 (see tests/test_reference_oracle.py). It follows transformers' arithmetic: float32 everywhere, rotate-half
 rotary embeddings, softmax in float32.
 
-NOTE: LongRoPE (Phi-3.5 / Phi-4-mini) switches exactly as transformers' ``dynamic_rope_update`` does: each forward
-pass rotates all of its positions with the long factors when the largest position it sees is at or beyond
-``original_max_position_embeddings`` (it "sees" that many positions), else with the short ones -- per sequence
-here, as if each sequence of a batch ran alone. Keys already in the KV cache keep the rotation they were stored
-with (transformers' cache does not re-rotate them), so a decode that crosses the switch attends from long-rotated
-queries to short-rotated keys of the prompt, exactly as transformers generates; a runtime that instead picks the
-factors from its context size (llama.cpp) matches only while prompt and generation stay on one side of it.
+Rotary embeddings (LongRoPE's switch included) are ``sovpack.rope``'s.
 
 Weights are read lazily from the memory-mapped checkpoint. Small models keep their float32 copies (fast
 decode); models whose float32 weights exceed ``cache_budget_bytes`` (default: an eighth of the machine's memory)
@@ -32,112 +26,11 @@ import numpy as np
 from sovpack._io import machine_memory
 from sovpack._protocols import PromptRun, RunnerTraits
 from sovpack.errors import UsageError
+from sovpack.rope import RopeTable
 from sovpack.source.model import SourceModel
-from sovpack.source.spec import ModelSpec, MoESpec
+from sovpack.source.spec import MoESpec
 
 CACHE_MEMORY_SHARE = 0.125  # of the machine's memory: float32 weights kept across passes up to this
-
-
-def _default_inv_freq(dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
-    """base ** (2i / dim) and its inverse, [dim/2], in float32 as transformers computes them."""
-    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-    pos_freqs = np.power(np.float32(base), exponents, dtype=np.float32)
-    return pos_freqs, (np.float32(1.0) / pos_freqs).astype(np.float32)
-
-
-def rope_inv_freq(spec: ModelSpec, *, local: bool = False, long: bool = False) -> tuple[np.ndarray, float]:
-    """Inverse frequencies [rotary_size/2] and the cos/sin scale of one rotary embedding of the spec.
-
-    ``local``: the sliding layers' embedding (``rope_local_theta``, never scaled) where the spec has one.
-    ``long``: longrope's long-context factors instead of the short ones (see the module docstring).
-    """
-    dim = spec.rotary_size
-    if local and spec.rope_local_theta is not None:
-        return _default_inv_freq(dim, spec.rope_local_theta)[1], 1.0
-    base = spec.rope_theta
-    pos_freqs, inv_freq = _default_inv_freq(dim, base)
-    scaling = spec.rope_scaling
-    if scaling.kind == "linear":
-        return (inv_freq / np.float32(scaling.factor)).astype(np.float32), 1.0
-    if scaling.kind == "llama3":
-        if not (scaling.low_freq_factor and scaling.high_freq_factor and scaling.original_max_position_embeddings):
-            raise ValueError("llama3 rope scaling needs low/high_freq_factor and original_max_position_embeddings")
-        factor = scaling.factor
-        old_len = scaling.original_max_position_embeddings
-        low_wavelen = old_len / scaling.low_freq_factor
-        high_wavelen = old_len / scaling.high_freq_factor
-        wavelen = (2 * math.pi / inv_freq).astype(np.float32)
-        scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(factor), inv_freq).astype(np.float32)
-        smooth = (old_len / wavelen - scaling.low_freq_factor) / (
-            scaling.high_freq_factor - scaling.low_freq_factor
-        )
-        smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
-        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
-    if scaling.kind == "yarn":
-        factor = scaling.factor
-        original = scaling.original_max_position_embeddings or spec.max_position_embeddings
-        attention = scaling.attention_factor
-        if attention is None:
-            attention = 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
-
-        def correction_dim(rotations: float) -> float:
-            return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
-
-        low = correction_dim(scaling.beta_fast or 32.0)
-        high = correction_dim(scaling.beta_slow or 1.0)
-        if scaling.truncate is not False:
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, dim - 1)
-        if low == high:
-            high += 0.001
-        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
-        extrapolation_factor = 1 - ramp
-        interpolation = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
-        blended = interpolation * (1 - extrapolation_factor) + inv_freq * extrapolation_factor
-        return blended.astype(np.float32), float(attention)
-    if scaling.kind == "longrope":
-        factors = scaling.long_factor if long else scaling.short_factor
-        if factors is None or len(factors) != dim // 2 or scaling.attention_factor is None:
-            raise ValueError(f"longrope needs {dim // 2} short and long factors and a resolved attention factor")
-        ext = np.asarray(factors, dtype=np.float32)
-        return (np.float32(1.0) / (ext * pos_freqs)).astype(np.float32), scaling.attention_factor
-    return inv_freq, 1.0
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RopeTable:
-    """One rotary embedding as the forward pass applies it: frequencies and cos/sin scale, plus longrope's
-    long-context frequencies, used by a pass that sees more than ``long_after`` positions."""
-
-    inv_freq: np.ndarray
-    scale: float
-    long_inv_freq: np.ndarray | None = None
-    long_after: int | None = None
-
-    @classmethod
-    def of(cls, spec: ModelSpec, *, local: bool) -> RopeTable:
-        inv_freq, scale = rope_inv_freq(spec, local=local)
-        if spec.rope_scaling.kind != "longrope" or (local and spec.rope_local_theta is not None):
-            return cls(inv_freq=inv_freq, scale=scale)
-        return cls(
-            inv_freq=inv_freq,
-            scale=scale,
-            long_inv_freq=rope_inv_freq(spec, local=local, long=True)[0],
-            long_after=spec.rope_scaling.original_max_position_embeddings,
-        )
-
-    def cos_sin(self, positions: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """cos and sin [batch, 1, T, rotary] at ``positions`` [batch, T]; ``seen`` [batch]: how many positions
-        each sequence's forward pass sees (its largest position + 1), which picks longrope's factors."""
-        inv = self.inv_freq[None]
-        if self.long_inv_freq is not None and self.long_after is not None:
-            inv = np.where((seen > self.long_after)[:, None], self.long_inv_freq[None], inv)
-        freqs = positions.astype(np.float32)[..., None] * inv[:, None, :]
-        emb = np.concatenate([freqs, freqs], axis=-1)
-        cos = (np.cos(emb) * np.float32(self.scale)).astype(np.float32)[:, None]
-        sin = (np.sin(emb) * np.float32(self.scale)).astype(np.float32)[:, None]
-        return cos, sin
 
 
 def soft_cap(x: np.ndarray, cap: float | None) -> np.ndarray:
@@ -209,6 +102,20 @@ def router_gap(logits: np.ndarray, moe: MoESpec) -> np.ndarray:
 def rotate_half(x: np.ndarray) -> np.ndarray:
     half = x.shape[-1] // 2
     return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def _pack(x: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """x [B, T, H] as the [rows, H] of its real tokens (flat indices ``rows``; None: every slot is real)."""
+    return x if rows is None else x.reshape(-1, x.shape[-1])[rows]
+
+
+def _unpack(y: np.ndarray, rows: np.ndarray | None, like: np.ndarray) -> np.ndarray:
+    """``_pack``'s inverse for a product's output: [B, T, out] with zeros in the padding slots."""
+    if rows is None:
+        return y
+    out = np.zeros((like.size // like.shape[-1], y.shape[-1]), dtype=y.dtype)
+    out[rows] = y
+    return out.reshape(*like.shape[:-1], y.shape[-1])
 
 
 @dataclass
@@ -285,7 +192,8 @@ class ReferenceModel:
     def _linear(self, x: np.ndarray, name: str, bias: str | None = None) -> np.ndarray:
         if self.observer is not None:
             self.observer(name, x)
-        y = x @ self._w(name).T
+        # One matrix product over every row: numpy would run a [B, T, H] input as B separate products
+        y = (x.reshape(-1, x.shape[-1]) @ self._w(name).T).reshape(*x.shape[:-1], -1)
         if bias is not None:
             y = y + self._w(bias)
         return y.astype(np.float32)
@@ -401,6 +309,8 @@ class ReferenceModel:
         kinds = {s.layer_rope(i) for i in range(s.num_layers)} - {"none"}
         rotations = {kind: self.rope_tables[kind].cos_sin(rope_pos, seen) for kind in kinds}
         group = s.num_heads // s.num_kv_heads
+        # Padding slots skip the matrix products (zeros there): a batch of uneven prompts costs its real tokens
+        real = np.flatnonzero(positions.reshape(-1) >= 0) if (positions < 0).any() else None
         scale = np.float32(1.0 / math.sqrt(s.head_dim) if s.attention_scale is None else s.attention_scale)
         for i in range(s.num_layers):
             p = f"layers.{i}."
@@ -410,9 +320,10 @@ class ReferenceModel:
                 masks[window] = np.where(allowed | own, np.float32(0.0), np.float32(-np.inf))[:, None]
             h = rms_norm(x, self._w(p + "attn_norm"), s.norm_eps) if s.pre_norms else x
             bias = s.qkv_bias
-            q = self._linear(h, p + "q", p + "q_bias" if bias else None)
-            k = self._linear(h, p + "k", p + "k_bias" if bias else None)
-            v = self._linear(h, p + "v", p + "v_bias" if bias else None)
+            packed = _pack(h, real)
+            q = _unpack(self._linear(packed, p + "q", p + "q_bias" if bias else None), real, h)
+            k = _unpack(self._linear(packed, p + "k", p + "k_bias" if bias else None), real, h)
+            v = _unpack(self._linear(packed, p + "v", p + "v_bias" if bias else None), real, h)
             if s.qk_norm and s.qk_norm_scope == "projection":
                 q = rms_norm(q, self._w(p + "q_norm"), s.norm_eps)
                 k = rms_norm(k, self._w(p + "k_norm"), s.norm_eps)
@@ -438,17 +349,18 @@ class ReferenceModel:
             scores = soft_cap((q @ keys.transpose(0, 1, 3, 2)) * scale, s.attn_logit_softcap) + masks[window]
             weights = self._attention_weights(scores, p)
             attn = (weights @ values).transpose(0, 2, 1, 3).reshape(batch, steps, s.q_size)
-            out = self._linear(attn, p + "o", p + "o_bias" if s.o_bias else None)
+            out = _unpack(self._linear(_pack(attn, real), p + "o", p + "o_bias" if s.o_bias else None), real, attn)
             x = self._residual(x, out, p + "post_attn_norm")
             h = rms_norm(x, self._w(p + "mlp_norm"), s.norm_eps) if s.pre_norms else x
-            mlp = self._experts(h, p) if s.is_sparse(i) else self._gated(h, p)
+            mlp = self._experts(h, p) if s.is_sparse(i) else _unpack(self._gated(_pack(h, real), p), real, h)
             x = self._residual(x, mlp, p + "post_mlp_norm")
         cache.positions = key_pos
         x = rms_norm(x, self._w("final_norm"), s.norm_eps)
         head = "embed" if s.tie_word_embeddings else "lm_head"
+        packed = _pack(x, real)
         if self.observer is not None:
-            self.observer("lm_head", x)
-        logits = (x @ self._w(head).T).astype(np.float32)
+            self.observer("lm_head", packed)
+        logits = _unpack((packed @ self._w(head).T).astype(np.float32), real, x)
         if s.logits_divisor != 1.0:
             logits = (logits / np.float32(s.logits_divisor)).astype(np.float32)
         return soft_cap(logits, s.final_logit_softcap)

@@ -1,62 +1,33 @@
-"""sovpack._io's hashing writer: a file hashed as it is written, its digest handed over once, never when stale."""
+"""sovpack._io's work split over every core: the same answers as numpy's own calls, whatever the block count."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-from pathlib import Path
-
+import ml_dtypes
 import numpy as np
 import pytest
 
-from sovpack._io import HashingWriter, written_digest
+from sovpack import _io
+from sovpack._io import parallel_all_finite, parallel_copyto
 
 
-def _sha256(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_io, "COPY_BLOCK_BYTES", 4096)  # many blocks, so the split itself is exercised
 
 
-def test_digest_is_the_files_own(tmp_path: Path) -> None:
-    path = tmp_path / "data.bin"
-    with HashingWriter(path) as out:
-        out.write(b"header")
-        out.write(np.arange(1000, dtype=np.float16))  # arrays are written as their bytes
-        out.write(np.zeros((3, 5), dtype=np.uint8))
-        assert out.tell() == 6 + 2000 + 15
-    assert written_digest(path) == (_sha256(path), 2021)
+def test_a_cast_split_by_rows_equals_numpys() -> None:
+    source = np.random.default_rng(0).standard_normal((300, 77)).astype(ml_dtypes.bfloat16)
+    out = np.empty(source.shape, dtype=np.float32)
+    parallel_copyto(out, source)
+    np.testing.assert_array_equal(out, source.astype(np.float32))
 
 
-def test_digest_is_handed_over_once(tmp_path: Path) -> None:
-    path = tmp_path / "data.bin"
-    with HashingWriter(path) as out:
-        out.write(b"x" * 100)
-    assert written_digest(path) is not None
-    assert written_digest(path) is None
-
-
-def test_digest_follows_a_rename(tmp_path: Path) -> None:
-    path = tmp_path / ".data.tmp"
-    with HashingWriter(path) as out:
-        out.write(b"renamed")
-    os.replace(path, tmp_path / "data.bin")
-    assert written_digest(tmp_path / "data.bin") == (_sha256(tmp_path / "data.bin"), 7)
-
-
-def test_a_file_changed_after_close_has_no_digest(tmp_path: Path) -> None:
-    path = tmp_path / "data.bin"
-    with HashingWriter(path) as out:
-        out.write(b"before")
-    with path.open("ab") as fh:
-        fh.write(b" and after")
-    assert written_digest(path) is None
-
-
-def test_a_file_written_otherwise_has_no_digest(tmp_path: Path) -> None:
-    path = tmp_path / "data.bin"
-    path.write_bytes(b"plain")
-    assert written_digest(path) is None
-
-
-def test_it_cannot_seek(tmp_path: Path) -> None:
-    with HashingWriter(tmp_path / "data.bin") as out, pytest.raises(AttributeError):
-        out.seek(0)  # type: ignore[attr-defined]
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_value_in_any_block_is_found(bad: float) -> None:
+    array = np.ones((500, 64), dtype=np.float32)
+    assert parallel_all_finite(array)
+    for row in (0, 250, 499):
+        spoiled = array.copy()
+        spoiled[row, 7] = bad
+        assert not parallel_all_finite(spoiled)
+    assert not parallel_all_finite(np.array(bad, dtype=np.float32))

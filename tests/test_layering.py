@@ -26,12 +26,14 @@ LAYERS: dict[str, int] = {
     "sovpack._plugins": 1,
     "sovpack._schemas": 1,
     "sovpack.schemas": 1,
+    "sovpack._digests": 2,  # artifact digests: hashed while written or in the background (uses _io)
     "sovpack._protocols": 2,
     "sovpack.source": 3,  # reading a checkpoint: safetensors, config, tokenizer, the canonical spec
     "sovpack.attest": 4,  # statements name source files
     "sovpack.converters": 4,  # families: HF config -> canonical spec
     "sovpack.source.model": 5,  # opening a model picks its family
     "sovpack.oci": 5,
+    "sovpack.rope": 4,  # rotary frequencies from the spec: the reference and the graph builders
     "sovpack.reference": 6,
     "sovpack.artifact": 6,
     "sovpack.encoder_reference": 7,  # the encoder reference reuses the decoder reference's numerics

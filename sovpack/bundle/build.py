@@ -19,6 +19,7 @@ from sovpack.attest.release import PartOrigin, Release, ReleaseTarget, parse_tim
 from sovpack.bundle.attestations import release_manifest
 from sovpack.bundle.config import BuildConfig
 from sovpack.bundle.members import BuildContext, BuiltTarget, store_index, store_reference, store_target
+from sovpack.bundle.preload import RunnerPreload
 from sovpack.convert import TargetJob, finish_target, overlapped_targets, write_targets
 from sovpack.errors import UsageError, VerificationError
 from sovpack.oci.descriptor import Descriptor
@@ -173,6 +174,7 @@ def build_bundle(
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.work.", dir=output.parent))
     model.scratch = work / "shared"  # e.g. 4-bit codes fitted once for onnx:int4 and openvino:int4
+    preload: RunnerPreload | None = None
     try:
         with atomic_directory(output, force=force, inputs=[checkpoint]) as tmp:
             store = BlobStore(tmp)
@@ -197,16 +199,19 @@ def build_bundle(
                 entries[target], attestations[target], built[target], released[target] = _carry_over(
                     shared, store, signed_target)
             jobs = [TargetJob(ref, work / f"{i:02d}-{ref.format}-{ref.precision}", config.overrides_for(str(ref))
-                              or None, config.quantization_for(str(ref))) for i, ref in enumerate(refs, start=1)]
+                              or None, config.quantization_for(str(ref)), stored=True)
+                    for i, ref in enumerate(refs, start=1)]
             for job in jobs:
                 job.directory.mkdir()
-            written = _write_together(model, jobs, progress)
+            together = overlapped_targets(model, refs)
+            preload = RunnerPreload.beside(model, together, refs[0]) if refs else None
+            written = _write_together(model, jobs, together, progress, preload)
             for i, (ref, job) in enumerate(zip(refs, jobs, strict=True), start=1):
                 stage = f"[{i}/{len(refs)}] {ref}"
                 step = "parity check" if ref in written else "convert + parity"
                 progress(f"{stage}: {step}", 0, 1)
                 result = finish_target(model, job, reference=reference, prompts=config.prompts, progress=progress,
-                                       written=written.get(ref))
+                                       written=written.get(ref), runner=preload.take(ref) if preload else None)
                 progress(f"{stage}: {step}", 1, 1)
                 return_freed_memory()  # the runtime's session is closed: its heap goes back before the next
                 progress(f"{stage}: store + sign", 0, 1)
@@ -232,6 +237,8 @@ def build_bundle(
             write_layout(tmp, store, bundle_index, config.tag)
             size = sum(p.stat().st_size for p in store.dir.iterdir())
     finally:
+        if preload is not None:
+            preload.close()
         shutil.rmtree(work, ignore_errors=True)
     return BuildResult(
         output=output,
@@ -279,17 +286,18 @@ def _carry_over(earlier: EarlierRelease, store: BlobStore, signed: ReleaseTarget
     return manifest, attestations, earlier.built_target(signed.target), replace(signed, part=origin)
 
 
-def _write_together(model: SourceModel, jobs: list[TargetJob], progress: Progress
-                    ) -> dict[TargetRef, ArtifactMetadata]:
-    """The artifacts a build writes at once before any parity run (convert.overlapped_targets), by target."""
+def _write_together(model: SourceModel, jobs: list[TargetJob], together: list[TargetRef], progress: Progress,
+                    preload: RunnerPreload | None) -> dict[TargetRef, ArtifactMetadata]:
+    """The artifacts a build writes at once before any parity run (convert.overlapped_targets), by target; the
+    first target judged is opened on its runtime as soon as its own writer is done (``preload``)."""
     refs = [job.ref for job in jobs]
-    together = overlapped_targets(model, refs)
     if not together:
         return {}
     numbers = "+".join(str(refs.index(ref) + 1) for ref in together)
     stage = f"[{numbers}/{len(refs)}] {', '.join(map(str, together))}: write at once"
     progress(stage, 0, 1)
-    metadata = write_targets(model, [job for job in jobs if job.ref in together], progress)
+    metadata = write_targets(model, [job for job in jobs if job.ref in together], progress,
+                             on_written=preload.on_written if preload is not None else None)
     progress(stage, 1, 1)
     return dict(zip(together, metadata, strict=True))
 

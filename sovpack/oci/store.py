@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sovpack._io import hashing_copy, written_digest
+from sovpack._digests import written_digest
+from sovpack._io import hashing_copy
 from sovpack.attest.dsse import canonical_json, pretty_json
 from sovpack.oci.descriptor import Descriptor, blob_path, sha256_digest
 from sovpack.oci.media import (

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sovpack._io import parallel_all_finite, parallel_copyto
 from sovpack._protocols import Family, TensorSource
 from sovpack.converters import family_for_config
 from sovpack.converters.base import check_generation_config, stored_layout
@@ -89,9 +90,12 @@ class SourceModel:
         array = self.stored(name).astype(np.float32) if source.add else self.stored(name)
         if source.add:
             array = array + np.float32(source.add)
-        # NOTE: contiguous, so a transposed or strided expert view reaches writers in plain row-major order
-        with np.errstate(over="ignore"):  # a value the dtype cannot hold: reported by _check_finite
-            out = np.ascontiguousarray(array, dtype=dtype)
+        # NOTE: contiguous, so a transposed or strided expert view reaches writers in plain row-major order; the
+        # cast on every core (a value the dtype cannot hold becomes Inf: reported by _check_finite)
+        out = array
+        if array.dtype != dtype or not array.flags.c_contiguous:
+            out = np.empty(array.shape, dtype=dtype)
+            parallel_copyto(out, array)
         self._check_finite(name, out, source=array)
         return out
 
@@ -115,7 +119,7 @@ class SourceModel:
         key = ("finite", name, array.dtype.str)
         if memo and key in self.derived:
             return
-        if not np.isfinite(array).all():
+        if not parallel_all_finite(array):
             stored = self.tensor_map[name]
             where = self.checkpoint.shard_of(stored.name)
             part = "" if stored.expert is None else f" (expert {stored.expert})"

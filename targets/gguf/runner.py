@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from sovpack._digests import known_digest
 from sovpack._io import sha256_file
 from sovpack._protocols import PromptRun, RunnerTraits
 from sovpack.errors import UsageError
@@ -239,7 +240,7 @@ class LlamaCppRunner:
             "runtime": "llama.cpp",
             "llama_cpp_python": str(llama_cpp.__version__),
             "gguf_file": self.path.name,
-            "gguf_sha256": sha256_file(self.path).removeprefix("sha256:"),
+            "gguf_sha256": (known_digest(self.path) or sha256_file(self.path)).removeprefix("sha256:"),
             "kv_cache_type": self.kv_cache,
             "extra_buffer_types": {None: "not loaded", True: "on", False: "off (AMX crashes)"}[self.extra_buffers],
             "n_threads": str(self.n_threads),

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from sovpack import __version__
-from sovpack._io import HashingWriter, Progress
+from sovpack._digests import HashingWriter
+from sovpack._io import Progress
 from sovpack.errors import ConversionError
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from sovpack._io import HashingWriter, ordered_map
+from sovpack._digests import HashingWriter
+from sovpack._io import ordered_map
 from sovpack.errors import ConversionError
 from sovpack.targets.halves import to_float16
 

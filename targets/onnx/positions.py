@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from sovpack.errors import ConversionError
-from sovpack.reference import rope_inv_freq
+from sovpack.rope import rope_inv_freq
 from sovpack.source.spec import ModelSpec
 
 if TYPE_CHECKING:

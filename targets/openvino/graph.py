@@ -40,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 
 from sovpack.errors import ConversionError
-from sovpack.reference import rope_inv_freq
+from sovpack.rope import rope_inv_freq
 from sovpack.source.spec import ModelSpec
 from sovpack.targets.openvino.moe import check_moe, moe_block
 from sovpack.targets.openvino.names import NamedOps, NodeNames, canonicalize_names, is_generated_name

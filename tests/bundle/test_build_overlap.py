@@ -72,8 +72,9 @@ def test_build_writes_at_once_then_judges_each_in_turn(checkpoints: dict[str, Pa
 def test_build_stores_streamed_artifacts_without_reading_them_again(
     checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Hash while writing: the ONNX external data and the GGUF file are hashed as their writers stream them,
-    so storing them is a rename; the bundle still verifies (every blob hashed against its digest)."""
+    """Hash while writing: the ONNX external data and the GGUF file are hashed as their writers stream them, and
+    OpenVINO's weights (written by its own save_model) in the background while parity runs, so storing them is
+    a rename; the bundle still verifies (every blob hashed against its digest)."""
     read_again: list[str] = []
     hashing_copy = store_module.hashing_copy
 
@@ -84,8 +85,9 @@ def test_build_stores_streamed_artifacts_without_reading_them_again(
     monkeypatch.setattr(store_module, "hashing_copy", recording)
     pair = generate_key_pair(tmp_path / "keys")
     config = BuildConfig(checkpoint=checkpoints["llama3"], output=tmp_path / "bundle",
-                         targets=("onnx:fp32", "gguf:f16"), tag="v1")
+                         targets=("onnx:fp32", "gguf:f16", "openvino:fp16"), tag="v1")
     build_bundle(config, key=SigningKey.load(pair.private_key))
     assert "model.onnx.data" not in read_again and not any(name.endswith(".gguf") for name in read_again)
+    assert "openvino_model.bin" not in read_again
     assert "model.onnx" in read_again  # written whole by onnx's serializer: hashed when stored, as before
     assert verify_bundle(tmp_path / "bundle", keys=[VerifyingKey.load(pair.public_key)]).ok

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import sovpack.oci.store as store_module
-from sovpack._io import HashingWriter
+from sovpack._digests import HashingWriter
 from sovpack.oci.store import BlobStore
 
 

@@ -19,6 +19,8 @@ from sovpack._protocols import run_each
 from sovpack.artifact import ArtifactMetadata
 from sovpack.convert import convert
 from sovpack.parity.prompts import encode_prompts
+from sovpack.reference import ReferenceModel
+from sovpack.source.model import open_model
 from sovpack.targets import TargetRef
 
 VARIANTS = ("llama3", "gemma2", "mistral", "phi3.5", "smollm3", "gptoss")
@@ -48,3 +50,19 @@ def test_batched_run_matches_single_sequences(
             assert list(together.tokens) == list(alone.tokens) and len(alone.tokens) == NEW_TOKENS
     finally:
         runner.close()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reference_batched_run_matches_single_sequences(checkpoints: dict[str, Path], variant: str) -> None:
+    """The numpy reference skips the padding slots of a batch in its matrix products (and in a decode step,
+    the prompts that have stopped): every prompt still gets its own single-sequence answers."""
+    ckpt = checkpoints[variant]
+    reference = ReferenceModel(open_model(ckpt))
+    prompts = encode_prompts(ckpt / "tokenizer.json")
+    assert len({len(ids) for ids in prompts}) > 1  # uneven: the batch has padding
+    batched = reference.run_prompts(prompts, NEW_TOKENS)
+    single = run_each(reference, prompts, NEW_TOKENS)
+    for together, alone in zip(batched, single, strict=True):
+        scale = float(np.abs(alone.logits).max())
+        np.testing.assert_allclose(together.logits, alone.logits, rtol=0, atol=1e-5 * scale)
+        assert list(together.tokens) == list(alone.tokens)

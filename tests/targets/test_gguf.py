@@ -25,7 +25,8 @@ from sovpack.artifact import ArtifactMetadata
 from sovpack.convert import ConvertResult, convert
 from sovpack.errors import ParityError, SourceError, UsageError
 from sovpack.parity.prompts import encode_prompts
-from sovpack.reference import ReferenceModel, rope_inv_freq
+from sovpack.reference import ReferenceModel
+from sovpack.rope import rope_inv_freq
 from sovpack.source.model import SourceModel, open_model
 from sovpack.targets import gguf as gguf_target
 from tests.targets.shared import fields, gguf_path, mean_kl, tensors
