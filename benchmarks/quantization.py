@@ -41,7 +41,8 @@ def _checkpoint(name: str, work: Path) -> Path:
     if name == "smollm2":
         from fixtures.real_weights import fetch_smollm2
         return fetch_smollm2()
-    from fixtures.generate import REALISTIC_NUMERICS, REALISTIC_OUTLIERS, make_checkpoint
+    from fixtures.generate import make_checkpoint
+    from fixtures.variants import REALISTIC_NUMERICS, REALISTIC_OUTLIERS
     family, _, kind = name.partition("-")
     numerics = REALISTIC_OUTLIERS if kind == "outliers" else REALISTIC_NUMERICS
     return make_checkpoint(family, work / f"realistic-{name}", **numerics)

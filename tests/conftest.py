@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from fixtures.encoders import ENCODER_VARIANTS, make_encoder_checkpoint
-from fixtures.generate import VARIANTS, make_checkpoint
+from fixtures.generate import make_checkpoint
 from fixtures.real_weights import MINILM, fetch, fetch_smollm2
+from fixtures.variants import VARIANTS
 
 ALL_VARIANTS = sorted(VARIANTS)
 

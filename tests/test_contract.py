@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.encoders import ENCODER_VARIANTS
-from fixtures.generate import VARIANTS
+from fixtures.variants import VARIANTS
 from sovpack._protocols import Precision
 from sovpack.bundle.modelpack import modelpack_precision
 from sovpack.convert import convert

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.generate import VARIANTS, make_checkpoint
+from fixtures.generate import make_checkpoint
+from fixtures.variants import VARIANTS
 
 
 @pytest.fixture(scope="session")

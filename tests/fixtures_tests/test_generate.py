@@ -19,7 +19,8 @@ import pytest
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from fixtures.generate import VARIANTS, FixtureVariant, main, make_checkpoint
+from fixtures.generate import main, make_checkpoint
+from fixtures.variants import VARIANTS, FixtureVariant
 from tests.fixtures_tests.shared import ROOT, generated_tensors
 
 DEMO_DIR = ROOT / "fixtures" / "checkpoints" / "llama3"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from fixtures.generate import VARIANTS, make_checkpoint
+from fixtures.generate import make_checkpoint
+from fixtures.variants import VARIANTS
 from tests.fixtures_tests.shared import MULTILINGUAL, generated_tensors
 
 

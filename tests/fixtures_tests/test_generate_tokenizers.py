@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from fixtures.generate import VARIANTS
 from fixtures.tokenizers_gen import KINDS, build_tokenizer, tokenizer_spec
+from fixtures.variants import VARIANTS
 from tests.fixtures_tests.shared import MULTILINGUAL, ROOT
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures.generate import REALISTIC_NUMERICS, REALISTIC_OUTLIERS, VARIANTS, make_checkpoint
+from fixtures.generate import make_checkpoint
 from fixtures.gpt_oss import decode_mxfp4, encode_mxfp4
+from fixtures.variants import REALISTIC_NUMERICS, REALISTIC_OUTLIERS, VARIANTS
 from tests.fixtures_tests.shared import generated_tensors
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.generate import REALISTIC_NUMERICS, make_checkpoint
+from fixtures.generate import make_checkpoint
+from fixtures.variants import REALISTIC_NUMERICS
 from sovpack.artifact import ArtifactMetadata
 from sovpack.convert import ESCALATED_INT8_SHARES, convert, quant_recipes
 from sovpack.errors import ParityError

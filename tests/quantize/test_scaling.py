@@ -82,7 +82,8 @@ def test_awq_plan_scales_4bit_tensors_only_and_its_effective_weights_are_what_ru
 def test_on_weights_with_outlier_channels_awq_beats_the_default_on_the_runtime(tmp_path: Path) -> None:
     """Issue 16's activation-aware method, judged as users get it: the ONNX artifact on onnxruntime, mean KL
     against the fp32 reference (measured: 0.079 for awq vs 0.092 for the default gptq)."""
-    from fixtures.generate import REALISTIC_OUTLIERS, make_checkpoint
+    from fixtures.generate import make_checkpoint
+    from fixtures.variants import REALISTIC_OUTLIERS
     from sovpack.convert import convert
 
     checkpoint = make_checkpoint("llama3", tmp_path / "outliers", **REALISTIC_OUTLIERS)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures.generate import VARIANTS
+from fixtures.variants import VARIANTS
 from sovpack import __version__
 from sovpack._protocols import RunnerTraits
 from sovpack.artifact import ArtifactMetadata

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fixtures.generate import REALISTIC_NUMERICS, make_checkpoint
+from fixtures.generate import make_checkpoint
+from fixtures.variants import REALISTIC_NUMERICS
 from sovpack.artifact import ArtifactMetadata
 from sovpack.convert import ConvertResult, convert
 from sovpack.errors import ConversionError
@@ -50,7 +51,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "mixtral": ("mixtral", {}),
     "gptoss": ("gptoss", {}),
     "gptoss-mxfp4": ("gptoss-mxfp4", {}),
-    # Realistic numerics (fixtures.generate.REALISTIC_NUMERICS: hidden 256, experts 256/512 wide) for the
+    # Realistic numerics (fixtures.variants.REALISTIC_NUMERICS: hidden 256, experts 256/512 wide) for the
     # quantized precisions: every row is a whole number of K-quant super-blocks.
     "qwen3moe-rn": ("qwen3moe", {**REALISTIC_NUMERICS, "moe_intermediate_size": 256}),
     "mixtral-rn": ("mixtral", REALISTIC_NUMERICS),

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fixtures.generate import REALISTIC_NUMERICS, make_checkpoint
+from fixtures.generate import make_checkpoint
+from fixtures.variants import REALISTIC_NUMERICS
 from sovpack.artifact import ArtifactMetadata
 from sovpack.convert import ConvertResult, convert
 from sovpack.errors import UsageError

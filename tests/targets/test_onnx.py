@@ -56,7 +56,7 @@ WINDOW = "mistral-window"  # mistral with a sliding window shorter than the pari
 # calibrated on 7-8B models. What the tests check instead: the artifact computes exactly the weights it stores
 # (fp32 parity against the reference run on its own dequantized weights; test_onnx_quant.py checks those are the
 # plan's codes), and its deviation from the source model is exactly theirs (same metrics as that ideal numpy
-# model). That int4 meets its default thresholds is checked on fixtures.generate.REALISTIC_NUMERICS checkpoints
+# model). That int4 meets its default thresholds is checked on fixtures.variants.REALISTIC_NUMERICS checkpoints
 # (tests/targets/test_quantized_defaults.py) and on real SmolLM2 (test_onnx_quant.py).
 UNJUDGED_PRECISIONS = ("int4",)
 

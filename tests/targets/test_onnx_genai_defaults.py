@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fixtures.generate import VARIANTS
+from fixtures.variants import VARIANTS
 from sovpack.convert import ConvertResult, convert
 from sovpack.parity.prompts import PROMPTS, encode_prompts
 from sovpack.reference import ReferenceModel

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fixtures.generate import REALISTIC_NUMERICS, VARIANTS, make_checkpoint
+from fixtures.generate import make_checkpoint
+from fixtures.variants import REALISTIC_NUMERICS, VARIANTS
 from sovpack._io import no_progress
 from sovpack.artifact import ArtifactMetadata
 from sovpack.convert import ConvertResult, convert
@@ -208,7 +209,7 @@ def test_external_data_holds_the_stacked_experts(artifact: Callable[..., Convert
 def test_sinks_matter_for_gpt_oss(artifact: Callable[..., ConvertResult], ckpts: dict[str, Path]) -> None:
     """The fixture's sinks change the logits, so gpt-oss parity PASSED means the graph applies them."""
     if "gptoss" not in ckpts:
-        pytest.skip("the gptoss fixture is not in fixtures.generate.VARIANTS yet")
+        pytest.skip("the gptoss fixture is not in fixtures.variants.VARIANTS yet")
     model = open_model(ckpts["gptoss"])
     no_sinks = SimpleNamespace(spec=dataclasses.replace(model.spec, attention_sinks=False), tensor=model.tensor)
     ids = prompts(ckpts["gptoss"])[0]
@@ -299,7 +300,7 @@ def test_genai_runs_quantized_experts_like_plain_onnxruntime(artifact: Callable[
                                                              ckpts: dict[str, Path], variant: str) -> None:
     pytest.importorskip("onnxruntime_genai")
     if variant not in ckpts:
-        pytest.skip(f"the {variant} fixture is not in fixtures.generate.VARIANTS yet")
+        pytest.skip(f"the {variant} fixture is not in fixtures.variants.VARIANTS yet")
     out = artifact(variant, "int4").out_dir
     genai, plain = GenaiRunner(out), OnnxRunner(out)
     for ids in prompts(ckpts[variant])[:4]:

@@ -52,7 +52,7 @@ MAX_NEW = 8
 # lands at 0.3-0.55 nats: around or above the default int4 limit of 0.2, which is calibrated on 7-8B models.
 # test_quantized_artifacts_compute_exactly_rtn shows the IR computes exactly the RTN weights; the int4 parity
 # run widens only mean_kl so the rest of the int4 path is still judged end to end. At the default thresholds,
-# int4 is judged on fixtures.generate.REALISTIC_NUMERICS checkpoints (tests/targets/test_contract.py).
+# int4 is judged on fixtures.variants.REALISTIC_NUMERICS checkpoints (tests/targets/test_contract.py).
 FIXTURE_INT4_OVERRIDES = {"mean_kl": 0.6}
 
 

@@ -1,7 +1,7 @@
 """Every target format's quantized artifacts meet their DEFAULT parity thresholds.
 
 The tiny fixtures have deliberately sharp logits (so fp32 greedy decoding is stable), which makes 4-bit
-round-to-nearest look worse than it is on real models. These run on fixtures.generate.REALISTIC_NUMERICS
+round-to-nearest look worse than it is on real models. These run on fixtures.variants.REALISTIC_NUMERICS
 checkpoints (hidden 256, 7B-like softness, untied head) with no threshold overrides at all.
 """
 
@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from fixtures.generate import REALISTIC_NUMERICS, make_checkpoint
+from fixtures.generate import make_checkpoint
+from fixtures.variants import REALISTIC_NUMERICS
 from sovpack.convert import ConvertResult, convert
 from sovpack.parity import thresholds_for
 
