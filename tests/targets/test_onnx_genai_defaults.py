@@ -51,10 +51,10 @@ MAX_NEW = 12
 FP16_ROUNDING = {"llama3", "olmo2"}
 # Families whose genai tokenizer splits the chat-template text differently from the source tokenizer: the
 # fixture's Metaspace pre-tokenizer (prepend_scheme "first") gets an extra "▁" after "<s>" from
-# onnxruntime-extensions (see GENAI_TOKENIZER_DIVERGENCES in test_onnx.py); the rendered text itself is equal.
+# onnxruntime-extensions (see GENAI_TOKENIZER_DIVERGENCES in test_onnx_genai.py); the rendered text itself is equal.
 CHAT_ID_DIVERGENCES = {"mistral", "mixtral"}
 # Families whose genai tokenizer merges runs of spaces differently from the source (the parity "code" prompt's
-# four-space indents; GENAI_TOKENIZER_DIVERGENCES in test_onnx.py): SentencePiece-style BPE fixtures.
+# four-space indents; GENAI_TOKENIZER_DIVERGENCES in test_onnx_genai.py): SentencePiece-style BPE fixtures.
 SPACE_RUN_DIVERGENCES = {"llama2", "mistral", "mixtral", "phi3", "phi3.5", "phi4-mini"}
 
 

@@ -10,7 +10,7 @@ defaults compute in bf16. So the tests check three things:
   reproduces the reference's greedy tokens for every family and precision here (the rest comes from rt_info;
   before this change it took ``KV_CACHE_PRECISION=f32`` as well);
 - ``LLMPipeline(dir, "CPU")`` with no arguments reproduces them fully where the device computes f32 by default,
-  and on a bf16 device at least where measured (gemma/qwen3 fp32); elsewhere bf16 arithmetic moves near-tied
+  and on an AMX device at least where measured (gemma/qwen3 fp32); elsewhere bf16 arithmetic moves near-tied
   greedy choices on these random-weight fixtures, and the test bounds how far (the measured counts are in
   :data:`MEASURED_AT_DEFAULTS`).
 """
@@ -55,8 +55,10 @@ MEASURED_AT_DEFAULTS: dict[tuple[str, str], tuple[int, int]] = {
 #   (int8 / int4 with INFERENCE_PRECISION_HINT=f32: 67, 73, 83, 65 / 15, 24, 13, 12)
 # With attention spelled out as well (MatMul, Softmax, MatMul: no SDPA, so no genai paged attention):
 #   fp32 96/96, 93, 84, 92                             fp16 89, 93, 89     int8 67, 72, 60
-# Where the rt_info alone brings the defaults to the reference's tokens on a bf16 device.
-EXACT_ON_BF16 = {("gemma", "fp32"), ("qwen3", "fp32")}
+# Where the rt_info alone brings the defaults to the reference's tokens on an AMX device. bf16 arithmetic is the
+# CPU's own: on an AMD EPYC with AVX512-BF16 and no AMX (OpenVINO 2026.4) the same IRs gave llama3 78 / 78,
+# gemma 85 / 90, qwen3 96 / 79, qwen3moe 92 / 93 (fp32 / fp16): gemma fp32 stays at its count before this IR.
+EXACT_ON_AMX = {("gemma", "fp32"), ("qwen3", "fp32")}
 # On a bf16 device the rest must still agree on at least this share of tokens (measured minimum: 0.81).
 BF16_FLOOR = 0.75
 
@@ -80,6 +82,14 @@ def artifact(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="module")
 def references(checkpoints: dict[str, Path]) -> Callable[[str], ReferenceModel]:
     return reference_cache(checkpoints)
+
+
+def _has_amx() -> bool:
+    """Whether the CPU has AMX tiles for bf16 (Linux's cpuinfo flags; elsewhere: not known, so no)."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return False
 
 
 def _default_precision() -> str:
@@ -152,7 +162,7 @@ def test_llm_pipeline_at_its_defaults(artifact: Callable[[str, str], ConvertResu
     prompts = encode_prompts(checkpoints[family] / "tokenizer.json")
     matched, total = _agreement(out, references(family), prompts)
     record_property("greedy_agreement_at_defaults", f"{matched}/{total}")
-    if _default_precision() == "f32" or (family, precision) in EXACT_ON_BF16:
+    if _default_precision() == "f32" or ((family, precision) in EXACT_ON_AMX and _has_amx()):
         assert matched == total
     else:
         assert matched >= BF16_FLOOR * total, f"{matched}/{total} greedy tokens at the defaults"
