@@ -206,8 +206,10 @@ def build_bundle(
             together = overlapped_targets(model, refs)
             preload = RunnerPreload.beside(model, together, refs[0]) if refs else None
             written = _write_together(model, jobs, together, progress, preload)
-            for i, (ref, job) in enumerate(zip(refs, jobs, strict=True), start=1):
-                stage = f"[{i}/{len(refs)}] {ref}"
+            pending = list(zip(refs, jobs, strict=True))
+            while pending:
+                ref, job = pending.pop(_next_judged(pending, written, preload))
+                stage = f"[{refs.index(ref) + 1}/{len(refs)}] {ref}"
                 step = "parity check" if ref in written else "convert + parity"
                 progress(f"{stage}: {step}", 0, 1)
                 result = finish_target(model, job, reference=reference, prompts=config.prompts, progress=progress,
@@ -250,6 +252,18 @@ def build_bundle(
         size=size,
         reference_from=shared.location if shared is not None else None,
     )
+
+
+def _next_judged(pending: list[tuple[TargetRef, TargetJob]], written: dict[TargetRef, ArtifactMetadata],
+                 preload: RunnerPreload | None) -> int:
+    """Which pending target to judge next: the build's order, except that while the preloaded runtime is still
+    loading (one core's work) another written target whose parity fits beside it goes first. The bundle lists
+    targets in the build's order whatever order they are judged in."""
+    if preload is not None and pending[0][0] == preload.ref and preload.loading():
+        for i, (ref, _job) in enumerate(pending[1:], start=1):
+            if ref in written and preload.fits_beside(ref):
+                return i
+    return 0
 
 
 def _shares_reference(earlier: EarlierRelease, model: SourceModel, config: BuildConfig, *, strict: bool) -> bool:

@@ -4,6 +4,8 @@ A runtime's load is mostly one core's work (onnxruntime widens and prepacks ever
 0.6B), and the writers of a build end one after another, the last ones waiting on the disk. Opening the first
 target to be judged as soon as its own artifact is complete puts that load on the idle core, so its parity
 run starts with the runtime ready. It is done only where the runtime's parity memory fits beside the writers.
+Where that load outlasts the writers, the build judges another written target meanwhile (``loading`` and
+``fits_beside``), so the core the single-threaded load leaves idle runs that parity instead of waiting.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class RunnerPreload:
     """Opens ``ref``'s artifact on its runtime in the background once its writer is done (``on_written``)."""
 
     ref: TargetRef
+    parameters: int  # the model's, for the runtimes' memory estimates
     _runner: Future[Runner] | None = field(default=None, init=False)
 
     @classmethod
@@ -33,10 +36,11 @@ class RunnerPreload:
         """A preload of ``first`` (the first target judged) while ``together`` are written, if that fits."""
         if model.spec.encoder is not None or first not in together:
             return None  # an encoder's runner is opened per text batch; a 4-bit target is written in its turn
-        need = first.info.runtime_memory(model.spec.parameter_count()) + BASE_MEMORY_BYTES
+        parameters = model.spec.parameter_count()
+        need = first.info.runtime_memory(parameters) + BASE_MEMORY_BYTES
         if need + writers_memory(model, len(together)) > MEMORY_SHARE * machine_memory():
             return None
-        return cls(first)
+        return cls(first, parameters)
 
     def on_written(self, job: TargetJob, metadata: ArtifactMetadata) -> None:
         if job.ref != self.ref:
@@ -51,6 +55,15 @@ class RunnerPreload:
                 future.set_exception(exc)
 
         threading.Thread(target=open_runner, name="sovpack-preload", daemon=True).start()
+
+    def loading(self) -> bool:
+        """Whether the runner is still being opened (its writer done, its runtime not yet ready)."""
+        return self._runner is not None and not self._runner.done()
+
+    def fits_beside(self, other: TargetRef) -> bool:
+        """Whether ``other``'s parity run fits in memory while this runner is held open."""
+        need = sum(ref.info.runtime_memory(self.parameters) for ref in (self.ref, other)) + BASE_MEMORY_BYTES
+        return need <= MEMORY_SHARE * machine_memory()
 
     def take(self, ref: TargetRef) -> Runner | None:
         """The opened runner for ``ref`` (waiting for it), or None: it is then the caller's to close."""

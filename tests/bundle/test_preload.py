@@ -15,7 +15,7 @@ from sovpack.bundle.config import BuildConfig
 from sovpack.bundle.preload import RunnerPreload
 from sovpack.errors import ConversionError, ParityError
 from sovpack.source.model import open_model
-from sovpack.targets.base import TargetRef
+from sovpack.targets.base import BASE_MEMORY_BYTES, MEMORY_SHARE, TargetRef
 from sovpack.targets.gguf.target import GgufTarget
 from sovpack.targets.onnx.target import OnnxTarget
 
@@ -103,3 +103,46 @@ def test_a_preload_only_where_it_fits_and_helps(
     assert RunnerPreload.beside(encoder, together, together[0]) is None
     monkeypatch.setattr("sovpack.bundle.preload.machine_memory", lambda: 2 << 30)  # the runtime would not fit
     assert RunnerPreload.beside(model, together, together[0]) is None
+
+
+def test_a_slow_load_lets_another_target_be_judged_first_and_the_bundle_keeps_its_order(
+    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pair = generate_key_pair(tmp_path / "keys")
+    key = SigningKey.load(pair.private_key)
+
+    def build(out: str) -> Any:
+        config = BuildConfig(checkpoint=checkpoints["llama3"], output=tmp_path / out, targets=TARGETS, tag="v1")
+        return build_bundle(config, key=key, progress=lambda stage, done, total: judged.append(stage)
+                            if stage.endswith(": parity") and done == 0 else None)
+
+    judged: list[str] = []
+    in_order = build("in-order")
+    assert judged == ["onnx:fp16: parity", "gguf:q8_0: parity"]
+
+    open_runner = OnnxTarget.open_runner
+
+    def slow_open(self: OnnxTarget, *args: Any) -> Any:
+        time.sleep(3.0)  # onnxruntime's single-threaded load outlasting the writers
+        return open_runner(self, *args)
+
+    monkeypatch.setattr(OnnxTarget, "open_runner", slow_open)
+    judged.clear()
+    reordered = build("reordered")
+    assert judged == ["gguf:q8_0: parity", "onnx:fp16: parity"]
+    assert [(t.target, t.manifest_digest, t.parity) for t in reordered.targets] == [
+        (t.target, t.manifest_digest, t.parity) for t in in_order.targets]
+    assert [t.target for t in reordered.targets] == list(TARGETS)
+
+
+def test_nothing_is_judged_beside_a_loading_runtime_where_both_would_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    first, other = TargetRef.parse("onnx:fp16"), TargetRef.parse("openvino:fp16")  # llama.cpp maps its file
+    parameters = 8_000_000_000  # an 8B model: each runtime alone fits the machine below, not both at once
+    preload = RunnerPreload(first, parameters)
+    alone = max(ref.info.runtime_memory(parameters) for ref in (first, other)) + BASE_MEMORY_BYTES
+    both = first.info.runtime_memory(parameters) + other.info.runtime_memory(parameters) + BASE_MEMORY_BYTES
+    assert alone < both
+    monkeypatch.setattr("sovpack.bundle.preload.machine_memory", lambda: int(both / MEMORY_SHARE) + 1)
+    assert preload.fits_beside(other)
+    monkeypatch.setattr("sovpack.bundle.preload.machine_memory", lambda: int(alone / MEMORY_SHARE) + 1)
+    assert not preload.fits_beside(other)
