@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -175,6 +176,10 @@ def build_bundle(
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.work.", dir=output.parent))
     model.scratch = work / "shared"  # e.g. 4-bit codes fitted once for onnx:int4 and openvino:int4
     preload: RunnerPreload | None = None
+    # NOTE: every artifact records the checkpoint's file digests (a full read, one core); hashed beside the
+    # reference, they are ready when the writers start instead of delaying the first writer that asks.
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sovpack-source-hash")
+    source_digests = hasher.submit(lambda: model.checkpoint.source_files)
     try:
         with atomic_directory(output, force=force, inputs=[checkpoint]) as tmp:
             store = BlobStore(tmp)
@@ -188,6 +193,7 @@ def build_bundle(
                 else:
                     reference = record_reference(model, config.prompts, progress=progress)
                 ref_manifest = store_reference(store, reference, model, context)
+            source_digests.result()
             model.release_all_pages()  # the reference read every weight: the writers start from none resident
             return_freed_memory()
             entries: dict[str, Descriptor] = {}
@@ -208,7 +214,7 @@ def build_bundle(
             written = _write_together(model, jobs, together, progress, preload)
             pending = list(zip(refs, jobs, strict=True))
             while pending:
-                ref, job = pending.pop(_next_judged(pending, written, preload))
+                ref, job = pending.pop(_next_judged(pending, written, preload, first=len(pending) == len(refs)))
                 stage = f"[{refs.index(ref) + 1}/{len(refs)}] {ref}"
                 step = "parity check" if ref in written else "convert + parity"
                 progress(f"{stage}: {step}", 0, 1)
@@ -241,6 +247,7 @@ def build_bundle(
     finally:
         if preload is not None:
             preload.close()
+        hasher.shutdown(wait=True)  # a failed build leaves no thread reading the checkpoint
         shutil.rmtree(work, ignore_errors=True)
     return BuildResult(
         output=output,
@@ -255,11 +262,12 @@ def build_bundle(
 
 
 def _next_judged(pending: list[tuple[TargetRef, TargetJob]], written: dict[TargetRef, ArtifactMetadata],
-                 preload: RunnerPreload | None) -> int:
-    """Which pending target to judge next: the build's order, except that while the preloaded runtime is still
-    loading (one core's work) another written target whose parity fits beside it goes first. The bundle lists
-    targets in the build's order whatever order they are judged in."""
-    if preload is not None and pending[0][0] == preload.ref and preload.loading():
+                 preload: RunnerPreload | None, *, first: bool) -> int:
+    """Which pending target to judge next: the build's order, except that if the preloaded runtime is still
+    loading (one core's work) when judging starts, one other written target whose parity fits beside it goes
+    first. One: the load needs only the idle core, and a second runtime beside it would add its memory for
+    no time. The bundle lists targets in the build's order whatever order they are judged in."""
+    if first and preload is not None and pending[0][0] == preload.ref and preload.loading():
         for i, (ref, _job) in enumerate(pending[1:], start=1):
             if ref in written and preload.fits_beside(ref):
                 return i

@@ -47,7 +47,7 @@ from sovpack.targets.gguf.encoder_tokenizer import encoder_tokenizer
 from sovpack.targets.gguf.runtime import import_gguf
 from sovpack.targets.gguf.tensors import TensorJob, row_blocks
 from sovpack.targets.gguf.vocab import DivergenceRule, GgufTokenizer
-from sovpack.targets.gguf.writer import FILE_TYPES, add_general, read_tensor_types, stream_gguf
+from sovpack.targets.gguf.writer import FILE_TYPES, add_general, stream_gguf
 
 ENCODER_FAMILIES = frozenset({"bert", "xlm_roberta", "modernbert"})
 ENCODER_PRECISIONS = ("f32", "f16", "q8_0")
@@ -316,7 +316,7 @@ def write_encoder(model: SourceModel, precision: str, out_dir: Path, progress: P
         "max_seq_length": pooling.max_seq_length,
         "position_offset": enc.position_offset,
         "quantizer": "gguf-py",
-        "tensor_types": read_tensor_types(out),
+        "tensor_types": dict(sorted(stats.types.items())),
         "fallbacks": stats.fallbacks,
         "tokenizer": tok.summary(),
         "notes": encoder_notes(spec, precision),

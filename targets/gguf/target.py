@@ -175,7 +175,9 @@ class GgufTarget:
                 quant_meta = recipe[2]
         # llama.cpp reads only the .gguf; tokenizer.json & co. ride along for `sovpack run` and provenance.
         support = copy_support_files(model, Path(out_dir))
-        types = read_tensor_types(out)
+        # gguf-py's file holds the types this writer chose; llama.cpp's quantizer picks its own per tensor, so its
+        # file is read back (the header alone still parses every vocabulary string: ~1.5 s at a 32k vocabulary)
+        types = read_tensor_types(out) if by_llama else dict(sorted(stats.types.items()))
         if by_llama:
             for kind, count in types.items():
                 if kind not in ("F32", "Q8_0", "Q4_0", "Q4_1") and not kind.endswith("_K"):

@@ -29,6 +29,7 @@ from sovpack.reference import ReferenceModel
 from sovpack.rope import rope_inv_freq
 from sovpack.source.model import SourceModel, open_model
 from sovpack.targets import gguf as gguf_target
+from sovpack.targets.gguf.writer import read_tensor_types
 from tests.targets.shared import fields, gguf_path, mean_kl, tensors
 
 gguf = pytest.importorskip("gguf")
@@ -96,6 +97,7 @@ def test_family_parity(converted: Converter, variant: str, precision: str) -> No
         assert known == () and tok.matched == tok.total
 
     types = metadata.format_metadata["tensor_types"]
+    assert types == read_tensor_types(result.out_dir / metadata.format_metadata["gguf_file"])  # what the file holds
     assert GGUF_TYPE_OF[precision] in types
     assert set(types) <= {"F32", GGUF_TYPE_OF[precision], "F16"}
 

@@ -31,6 +31,7 @@ from sovpack.source.tokenizer import SourceTokenizer
 from sovpack.targets.gguf import GgufTarget, LlamaCppEmbeddingRunner
 from sovpack.targets.gguf.encoder import truncation_rule
 from sovpack.targets.gguf.encoder_tokenizer import encoder_tokenizer
+from sovpack.targets.gguf.writer import read_tensor_types
 
 gguf = pytest.importorskip("gguf")
 if importlib.util.find_spec("llama_cpp") is None:
@@ -352,8 +353,10 @@ def test_modernbert_file_is_llama_cpps_modern_bert(written: Writer) -> None:
 
 def test_modernbert_q8_0_keeps_short_rows_f16(written: Writer) -> None:
     """ffn_down rows are intermediate_size (48) long, not a multiple of Q8_0's 32: F16, and the fallback says so."""
-    meta = written("modernbert", "q8_0").art.format_metadata
+    w = written("modernbert", "q8_0")
+    meta = w.art.format_metadata
     assert meta["tensor_types"] == {"F32": 7, "Q8_0": 10, "F16": 3}
+    assert meta["tensor_types"] == read_tensor_types(w.out / meta["gguf_file"])  # what the file holds
     assert len(meta["fallbacks"]) == 3 and all("ffn_down" in n for n in meta["fallbacks"])
 
 
