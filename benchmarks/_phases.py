@@ -69,7 +69,7 @@ def run_build(argv: list[str], log: Path) -> Run:
     run = Run()
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run.phases.append(Phase("start-up (open + hash the checkpoint)", 0.0))
+    run.phases.append(Phase("start-up (imports, open the checkpoint)", 0.0))
     lock = threading.Lock()
     done = threading.Event()
 
