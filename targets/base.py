@@ -121,6 +121,11 @@ BASE_MEMORY_BYTES = 2 << 30
 MEMORY_SHARE = 0.9
 
 
+def parity_memory(refs: Sequence[TargetRef], parameters: int) -> int:
+    """Bytes the parity runs of ``refs`` need with all their runtimes open at once (one, as a build judges)."""
+    return sum(ref.info.runtime_memory(parameters) for ref in refs) + BASE_MEMORY_BYTES
+
+
 def check_runtime_memory(refs: Sequence[TargetRef], spec: ModelSpec, *, memory: int | None = None) -> None:
     """Refuse, before any work, a target whose artifact this machine cannot run for its parity check.
 
@@ -130,7 +135,7 @@ def check_runtime_memory(refs: Sequence[TargetRef], spec: ModelSpec, *, memory: 
     have = machine_memory() if memory is None else memory
     parameters = spec.parameter_count()
     for ref in refs:
-        need = ref.info.runtime_memory(parameters) + BASE_MEMORY_BYTES
+        need = parity_memory([ref], parameters)
         if need > MEMORY_SHARE * have:
             raise UsageError(
                 f"{ref}: running this {parameters / 1e9:.1f}B-parameter model's artifact for its parity check "

@@ -20,7 +20,7 @@ from sovpack._protocols import Runner
 from sovpack.artifact import ArtifactMetadata
 from sovpack.convert import TargetJob, writers_memory
 from sovpack.source.model import SourceModel
-from sovpack.targets.base import BASE_MEMORY_BYTES, MEMORY_SHARE, TargetRef
+from sovpack.targets.base import MEMORY_SHARE, TargetRef, parity_memory
 
 
 @dataclass
@@ -37,8 +37,8 @@ class RunnerPreload:
         if model.spec.encoder is not None or first not in together:
             return None  # an encoder's runner is opened per text batch; a 4-bit target is written in its turn
         parameters = model.spec.parameter_count()
-        need = first.info.runtime_memory(parameters) + BASE_MEMORY_BYTES
-        if need + writers_memory(model, len(together)) > MEMORY_SHARE * machine_memory():
+        need = parity_memory([first], parameters) + writers_memory(model, len(together))
+        if need > MEMORY_SHARE * machine_memory():
             return None
         return cls(first, parameters)
 
@@ -62,8 +62,7 @@ class RunnerPreload:
 
     def fits_beside(self, other: TargetRef) -> bool:
         """Whether ``other``'s parity run fits in memory while this runner is held open."""
-        need = sum(ref.info.runtime_memory(self.parameters) for ref in (self.ref, other)) + BASE_MEMORY_BYTES
-        return need <= MEMORY_SHARE * machine_memory()
+        return parity_memory([self.ref, other], self.parameters) <= MEMORY_SHARE * machine_memory()
 
     def take(self, ref: TargetRef) -> Runner | None:
         """The opened runner for ``ref`` (waiting for it), or None: it is then the caller's to close."""

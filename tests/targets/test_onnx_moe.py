@@ -27,7 +27,6 @@ from sovpack.artifact import ArtifactMetadata
 from sovpack.convert import ConvertResult, convert
 from sovpack.errors import ConversionError
 from sovpack.parity import thresholds_for
-from sovpack.parity.prompts import encode_prompts
 from sovpack.reference import ReferenceModel
 from sovpack.source.model import open_model
 from sovpack.targets import TARGETS, load_targets
@@ -36,7 +35,7 @@ from sovpack.targets.onnx.external_data import DATA_FILE
 from sovpack.targets.onnx.graph import MODEL_FILE, DecoderBuilder
 from sovpack.targets.onnx.moe import moe_plan, rtn_quantize
 from sovpack.targets.onnx.precisions import F16, F32, min_onnxruntime
-from tests.targets.shared import reference_on
+from tests.targets.shared import prompts, reference_on
 from tests.targets.test_onnx_quant import stored_linears
 
 onnx = pytest.importorskip("onnx")
@@ -73,10 +72,6 @@ def artifact(ckpts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
         return cache[key]
 
     return make
-
-
-def prompts(ckpt: Path) -> list[list[int]]:
-    return encode_prompts(ckpt / "tokenizer.json")
 
 
 def _proto(out: Path, *, weights: bool = False) -> Any:
