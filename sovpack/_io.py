@@ -388,12 +388,27 @@ def parallel_copyto(dst: Any, src: Any) -> None:
         pass
 
 
-def parallel_all_finite(array: Any) -> bool:
-    """``np.isfinite(array).all()`` split by rows over every core (the check every float32 weight copy gets)."""
+# The exponent bits of the 16-bit floats: a value is Inf or NaN exactly when all of them are set.
+HALF_EXPONENT_BITS = {"float16": 0x7C00, "bfloat16": 0x7F80}
+
+
+def all_finite(array: Any) -> bool:
+    """``np.isfinite(array).all()``; for float16 and bfloat16 a test of the exponent bits, as numpy's float16
+    isfinite is a scalar loop (4x slower; it was 4% of a three-target build's CPU time)."""
     import numpy as np
 
+    exponent = HALF_EXPONENT_BITS.get(array.dtype.name)
+    if exponent is None:
+        return bool(np.isfinite(array).all())
+    if not array.size:
+        return True
+    return bool(np.bitwise_and(array.view(np.uint16), 0x7FFF).max() < exponent)
+
+
+def parallel_all_finite(array: Any) -> bool:
+    """``all_finite(array)`` split by rows over every core (the check every weight copy gets)."""
     rows = array.shape[0] if array.ndim else 1
     step = max(1, COPY_BLOCK_BYTES // max(1, array.nbytes // max(rows, 1)))
     if array.ndim == 0 or rows <= step:
-        return bool(np.isfinite(array).all())
-    return all(ordered_map(lambda start: bool(np.isfinite(array[start : start + step]).all()), range(0, rows, step)))
+        return all_finite(array)
+    return all(ordered_map(lambda start: all_finite(array[start : start + step]), range(0, rows, step)))

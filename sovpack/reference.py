@@ -163,6 +163,7 @@ class ReferenceModel:
         budget = int(CACHE_MEMORY_SHARE * machine_memory()) if cache_budget_bytes is None else cache_budget_bytes
         self._cache_weights = fp32_bytes <= budget
         self._weights: dict[str, np.ndarray] = {}
+        self._all_cast = False
         self.rope_tables = {kind: RopeTable.of(self.spec, local=kind == "local") for kind in ("global", "local")}
 
     def runtime_info(self) -> dict[str, str]:
@@ -177,6 +178,17 @@ class ReferenceModel:
 
     def close(self) -> None:
         self._weights.clear()
+        self._all_cast = False
+
+    def _cast_all(self) -> None:
+        """Every weight's float32 copy made at once, before the first pass, when they are kept.
+
+        NOTE: cast lazily, each on both cores between the matrix products of the first pass, they competed with
+        OpenBLAS's threads (which spin between products): the 0.6B reference took 7.0-10.0 s, 5.8-6.4 s this way."""
+        if self._cache_weights and not self._all_cast:
+            for name in self.spec.tensor_shapes():
+                self._w(name)
+            self._all_cast = True
 
     def _w(self, name: str) -> np.ndarray:
         cached = self._weights.get(name)
@@ -196,7 +208,7 @@ class ReferenceModel:
         y = (x.reshape(-1, x.shape[-1]) @ self._w(name).T).reshape(*x.shape[:-1], -1)
         if bias is not None:
             y = y + self._w(bias)
-        return y.astype(np.float32)
+        return y.astype(np.float32, copy=False)  # the product is already a new float32 array
 
     def _gated(self, h: np.ndarray, p: str, expert: MoESpec | None = None) -> np.ndarray:
         """The gated MLP ``down(act(gate(h)) * up(h))`` whose gate/up/down tensors are named ``p`` + gate etc.
@@ -287,6 +299,7 @@ class ReferenceModel:
         """Logits [B, T, vocab] for ids [B, T] at ``positions`` [B, T] (-1 marks padding), after ``cache``."""
         s = self.spec
         self._check_ids(ids[positions >= 0])
+        self._cast_all()
         self.router_gaps = None
         batch, steps = ids.shape
         safe_ids = np.where(positions >= 0, ids, 0)

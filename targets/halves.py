@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from sovpack._io import all_finite
 from sovpack.errors import ConversionError
 
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -29,7 +30,7 @@ def to_float16(name: str, source: np.ndarray, *, where: str, advice: str,
     """``source`` (bfloat16, float16 or float32) as float16; see the module docstring for what it refuses."""
     with np.errstate(over="ignore"):  # overflow is checked below, with a clearer message
         converted = source.astype(np.float16)
-    if np.isfinite(converted).all():
+    if all_finite(converted):
         return converted
     wide = source.astype(np.float32)
     finite = np.isfinite(wide)

@@ -20,7 +20,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from sovpack._io import ordered_map
+from sovpack._io import all_finite, ordered_map
 from sovpack.errors import ConversionError
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
@@ -54,10 +54,6 @@ class TensorJob:
     f32: bool = False
 
 
-# Exponent bits of the stored 16-bit floats: all set means Inf or NaN.
-_HALF_EXPONENT = {np.dtype(np.float16): 0x7C00, np.dtype(ml_dtypes.bfloat16): 0x7F80}
-
-
 def row_blocks(model: SourceModel, canonical: str, *, align: int = 1) -> Iterator[np.ndarray]:
     """A canonical tensor as row blocks (row counts a multiple of ``align``), read lazily: float32, or the
     stored bfloat16/float16 itself when that needs no adjustment (``encode`` converts each block once, to its
@@ -70,12 +66,11 @@ def row_blocks(model: SourceModel, canonical: str, *, align: int = 1) -> Iterato
     if view.ndim == 1 or model.tensor_map[canonical].add:
         yield model.tensor(canonical, np.float32)
         return
-    half = _HALF_EXPONENT.get(view.dtype) if model.stores_half(canonical) else None
+    half = model.stores_half(canonical)
     rows = max(align, BLOCK_BYTES // max(1, 4 * math.prod(view.shape[1:])) // align * align)
     for start in range(0, view.shape[0], rows):
         block = np.asarray(view[start : start + rows], dtype=view.dtype if half else np.float32)
-        finite = ((block.view(np.uint16) & half) != half).all() if half else np.isfinite(block).all()
-        if not model.allow_nonfinite and not finite:
+        if not model.allow_nonfinite and not all_finite(block):
             model.tensor(canonical, np.float32)  # raises SourceError naming the file and tensor
         yield block
     model.release_pages(canonical)  # the tensor is written: its mapped pages need not stay resident

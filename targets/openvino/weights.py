@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from sovpack._io import Progress, parallel_copyto
+from sovpack._io import Progress, parallel_all_finite, parallel_copyto
 from sovpack.errors import ConversionError
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
@@ -288,7 +288,7 @@ class WeightFactory:
         # Straight from the stored bfloat16/float16 (exact, no float32 copy); only a result holding Inf/NaN is
         # looked at in float32 (NaN/Inf in the checkpoint: SourceError; beyond float16's range: ConversionError).
         tensor = self._consume(name, lambda stored: fill(stored, checked=True), read=lambda: self.model.stored(name))
-        return tensor if np.isfinite(tensor.data).all() else self._consume(name, fill)
+        return tensor if parallel_all_finite(tensor.data) else self._consume(name, fill)
 
     def _quantize_by_rows(self, name: str, *, bits: int, symmetric: bool, group_size: int | None) -> Quantized:
         """Round-to-nearest codes of ``name`` computed a block of rows at a time (rows are independent): an
