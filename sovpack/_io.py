@@ -390,6 +390,7 @@ def parallel_copyto(dst: Any, src: Any) -> None:
 
 # The exponent bits of the 16-bit floats: a value is Inf or NaN exactly when all of them are set.
 HALF_EXPONENT_BITS = {"float16": 0x7C00, "bfloat16": 0x7F80}
+FINITE_PIECE = 2**16  # values tested at a time (128 KiB of scratch)
 
 
 def all_finite(array: Any) -> bool:
@@ -402,7 +403,19 @@ def all_finite(array: Any) -> bool:
         return bool(np.isfinite(array).all())
     if not array.size:
         return True
-    return bool(np.bitwise_and(array.view(np.uint16), 0x7FFF).max() < exponent)
+    bits = array.view(np.uint16)
+    if not bits.flags.c_contiguous:
+        return bool(np.bitwise_and(bits, 0x7FFF).max() < exponent)
+    # NOTE: in small pieces through one scratch buffer: a temporary the size of the array would be fresh memory
+    # each time, which the kernel zeroes first (on this project's VMs, ~1 GB/s: more than the test itself)
+    flat = bits.reshape(-1)
+    scratch = np.empty(min(flat.size, FINITE_PIECE), dtype=np.uint16)
+    for start in range(0, flat.size, FINITE_PIECE):
+        piece = flat[start : start + FINITE_PIECE]
+        masked = np.bitwise_and(piece, 0x7FFF, out=scratch[: piece.size])
+        if masked.max() >= exponent:
+            return False
+    return True
 
 
 def parallel_all_finite(array: Any) -> bool:

@@ -13,6 +13,7 @@ from sovpack._io import all_finite, parallel_all_finite, parallel_copyto
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_io, "COPY_BLOCK_BYTES", 4096)  # many blocks, so the split itself is exercised
+    monkeypatch.setattr(_io, "FINITE_PIECE", 1000)  # and many pieces of the half-float test
 
 
 def test_a_cast_split_by_rows_equals_numpys() -> None:
