@@ -15,7 +15,7 @@ stage lines on stderr mark the phases (calibration, quantization plan, conversio
 
     python benchmarks/release_size.py --keep /data/sovpack-8b            # the 4-bit deployment set
     python benchmarks/release_size.py --keep /data/sovpack-8b --set fp16
-    python benchmarks/release_size.py --keep /data/sovpack-8b --group-size 128   # 4-bit groups of 128
+    python benchmarks/release_size.py --keep /data/sovpack-8b --group-size 32    # 4-bit groups of 32
     python benchmarks/release_size.py --layers 4 --keep /tmp/small       # a 4-layer slice, to try it quickly
 """
 
@@ -108,7 +108,7 @@ def main() -> int:
     parser.add_argument("--sovpack", default=str(Path(sys.executable).with_name("sovpack")))
     parser.add_argument("--group-size", type=int,
                         help="4-bit group size of the onnx/openvino int4 targets, in a build config's per-target "
-                             "[quantization] tables (default: each format's own; NNCF's is 128)")
+                             "[quantization] tables (default: sovpack's, 128 from 6B parameters, else 32)")
     parser.add_argument("--keep", type=Path, help="work directory to keep and reuse (default: a temporary one)")
     args = parser.parse_args()
     targets = SETS[args.set]

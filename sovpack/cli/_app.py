@@ -31,7 +31,9 @@ def quantization_options(command: _Command) -> _Command:
         click.option("--quant-method", type=click.Choice(METHODS),
                      help="4-bit rounding: auto (the default: gptq when the model's Hessians fit, else weighted), "
                           "rtn, weighted (calibrated ranges), gptq, awq (activation-aware input scales, then gptq)."),
-        click.option("--group-size", type=int, help="4-bit group size (power of two; default: the format's choice)."),
+        click.option("--group-size", type=int,
+                     help="4-bit group size of ONNX and OpenVINO (power of two; default: 32, 128 from 6B "
+                          "parameters; GGUF's blocks are fixed)."),
         click.option("--sym", "symmetric", is_flag=True, default=None, help="Symmetric 4-bit codes (no zero points)."),
         click.option("--calibration", type=click.Path(path_type=Path),
                      help="UTF-8 calibration text (default: built-in)."),

@@ -9,7 +9,7 @@ quantizer); this package decides the integer codes, scales and zero points, from
 from importlib import import_module
 from typing import Any
 
-from sovpack.quantize.options import DEFAULT_INT8_SHARE, METHODS, QuantOptions
+from sovpack.quantize.options import DEFAULT_INT8_SHARE, METHODS, QuantOptions, default_group_size
 
 # The rest loads on first use: the CLI reads the options at start-up without importing the reference.
 _LAZY = {
@@ -34,6 +34,7 @@ __all__ = [
     "QuantOptions",
     "QuantPlan",
     "calibrate",
+    "default_group_size",
     "fit_groups",
     "gptq_quantize",
     "plan_quantization",

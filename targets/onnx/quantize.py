@@ -51,16 +51,16 @@ from typing import Any
 import numpy as np
 
 from sovpack.errors import ConversionError
-from sovpack.quantize import GroupCodes, QuantOptions, quantize_rtn
+from sovpack.quantize import GroupCodes, quantize_rtn
 
 QUANT_BLOCK_SIZE = 32
 MIN_BLOCK_SIZE = 16  # MatMulNBits' smallest block (a power of two >= 16)
 
 
-def group_chooser(options: QuantOptions) -> Callable[[int, int], int | None]:
-    """The plan's ``group_for``: the requested block size (32 by default) or the largest smaller power of two
-    >= 16 that divides the input size K; None when none does (that tensor stays 8-bit, see the NOTE)."""
-    wanted = options.group_size or QUANT_BLOCK_SIZE
+def group_chooser(wanted: int) -> Callable[[int, int], int | None]:
+    """The plan's ``group_for``: block size ``wanted`` (``QuantOptions.group_size_for``) or the largest smaller
+    power of two >= 16 that divides the input size K; None when none does (that tensor stays 8-bit, see the
+    NOTE)."""
 
     def group_for(bits: int, k: int) -> int | None:
         return block_for(k, wanted)

@@ -70,7 +70,9 @@ class OnnxTarget:
         # NOTE: mixture-of-experts models keep onnxruntime's RTN for every projection: their experts are QMoE
         # weights (moe.py) the plan does not pack, and a plan measured over them would spend its 8-bit share
         # on tensors the file does not store at 8 bits.
-        quant_plan = (self._quant_plan(model, quant or QuantOptions(), progress)
+        options = quant or QuantOptions()
+        block_size = options.group_size_for(model.spec.parameter_count())
+        quant_plan = (self._quant_plan(model, options, block_size, progress)
                       if plan.bits == 4 and not model.spec.moe else None)
 
         builder = DecoderBuilder(model, precision, out_dir, progress, quant_plan)
@@ -109,7 +111,8 @@ class OnnxTarget:
         }
         if quant_plan is not None:
             metadata["quantization"] = {
-                **self._planned_quantization(quant_plan, builder.fallback, quantizer_version), **coverage}
+                **self._planned_quantization(quant_plan, block_size, builder.fallback, quantizer_version),
+                **coverage}
         elif plan.bits is not None:
             metadata["quantization"] = {**self._quantization(plan.bits, quantizer_version), **coverage}
         if builder.moe is not None:  # routed experts: com.microsoft.MoE / QMoE (moe.py)
@@ -219,22 +222,22 @@ class OnnxTarget:
         }
 
     @staticmethod
-    def _quant_plan(model: SourceModel, options: QuantOptions, progress: Progress) -> QuantPlan:
+    def _quant_plan(model: SourceModel, options: QuantOptions, block_size: int, progress: Progress) -> QuantPlan:
         """The int4 recipe: float zero points (stored as uint8 ones plus a residual; quantize.py's NOTE) and
         scales rounded to float16 (stored as float32, MatMulNBits' T1 being the float32 activation type): the
         recipe of openvino:int4, so a build of both fits each tensor once (sovpack.quantize.cache)."""
-        return plan_quantization(model, options, group_chooser(options), scale_dtype=np.float16,
+        return plan_quantization(model, options, group_chooser(block_size), scale_dtype=np.float16,
                                  integer_zero=False, progress=progress, label="onnx:int4: quantization plan")
 
     @staticmethod
-    def _planned_quantization(plan: QuantPlan, fallback: list[str], quantizer_version: str | None
+    def _planned_quantization(plan: QuantPlan, block_size: int, fallback: list[str], quantizer_version: str | None
                               ) -> dict[str, Any]:
         """int4's record: the plan (method, options, which tensors stay 8-bit, calibration) and the layout."""
         return {
             "op": "com.microsoft.MatMulNBits",
             "quantizer": "sovpack.quantize (codes) packed by sovpack.targets.onnx.quantize",
             "bits": 4,
-            "block_size": plan.options.group_size or QUANT_BLOCK_SIZE,
+            "block_size": block_size,
             "symmetric": plan.options.symmetric,
             "scale_dtype": "float32 (values rounded to float16)",
             "zero_points": "none (symmetric: the op's default 2^(bits-1))" if plan.options.symmetric else

@@ -43,8 +43,9 @@ def _row(name: str, weights: str, runtime_bytes_per_weight: float | None = None)
 # Llama-3-8B (benchmarks/release_size.py; a standalone run of the 5.7 GB IR peaked at 7.9 GB anonymous): it
 # repacks the u4 codes into its own buffers and keeps every group's f16 scale and zero point as f32 (8 bytes a
 # group of 32: 0.25 a weight), the plan's 8-bit eighth at a byte a weight; the embedding Gather reads the mapped
-# file. About 1.0 byte a weight at the default groups of 32 (the generic 4-bit row's 0.65 would let an 8B
-# model's parity run start on a machine it then overflows).
+# file. About 1.0 byte a weight at groups of 32 (the generic 4-bit row's 0.65 would let an 8B model's parity
+# run start on a machine it then overflows); groups of 128, the default from 6B parameters, need less, but one
+# bound serves both, since ``--group-size 32`` is allowed at any size.
 INT4_PLUGIN_BYTES_PER_WEIGHT = 1.0
 
 
@@ -296,5 +297,6 @@ def plan_int4(model: SourceModel, precision: str, quant: QuantOptions | None, pr
     options = quant if quant is not None else QuantOptions()
     if scheme.symmetric and not options.symmetric:
         options = dataclasses.replace(options, symmetric=True)
-    return plan_quantization(model, options, planned_group_chooser(options.group_size), scale_dtype=np.float16,
+    preferred = options.group_size_for(model.spec.parameter_count())
+    return plan_quantization(model, options, planned_group_chooser(preferred), scale_dtype=np.float16,
                              integer_zero=False, progress=progress, label=f"openvino:{precision}: quantization plan")

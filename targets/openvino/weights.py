@@ -46,6 +46,7 @@ import numpy as np
 
 from sovpack._io import Progress, parallel_all_finite, parallel_copyto
 from sovpack.errors import ConversionError
+from sovpack.quantize.options import SMALL_MODEL_GROUP_SIZE
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
 from sovpack.targets.halves import check_fits_float16
@@ -65,7 +66,8 @@ INT4_GROUP_SIZES = (128, 64, 32, 16)
 # (before the plan, RTN with u4 zero points in groups of 64: 0.074 / 0.101, SmolLM2 0.556 FAILED). Groups of
 # 32 store 5.0 bits per 4-bit weight (an f16 scale and zero point per group) against 4.5 at 64: 11% more
 # bytes for those tensors, for about a quarter less KL on the realistic fixtures (the honest measure here).
-PLANNED_GROUP_SIZE = 32
+# From 6B parameters the default is 128 (sovpack.quantize.options' NOTE: the CPU plugin's memory at 8B).
+PLANNED_GROUP_SIZE = SMALL_MODEL_GROUP_SIZE
 _T = TypeVar("_T")
 
 

@@ -113,16 +113,17 @@ def _quantization(result: ConvertResult) -> dict[str, Any]:
 
 def _plan(model: SourceModel, options: QuantOptions) -> QuantPlan:
     """The plan the writer makes (same calls, same deterministic calibration)."""
-    return plan_quantization(model, options, group_chooser(options), scale_dtype=np.float16, integer_zero=False)
+    return plan_quantization(model, options, group_chooser(options.group_size_for(model.spec.parameter_count())),
+                             scale_dtype=np.float16, integer_zero=False)
 
 
 # ------------------------------------------------------------------------------------------------ the packer
 
 
 def test_group_chooser_divides_or_declines() -> None:
-    default = group_chooser(QuantOptions())
+    default = group_chooser(QuantOptions().group_size_for(10**9))
     assert [default(4, k) for k in (64, 96, 160, 576, 48, 172)] == [32, 32, 32, 32, 16, None]
-    wide = group_chooser(QuantOptions(group_size=128))
+    wide = group_chooser(QuantOptions().group_size_for(8 * 10**9))  # an 8B model's default: 128
     assert [wide(4, k) for k in (1536, 576, 160, 172)] == [128, 64, 32, None]  # SmolLM2's hidden 576 -> 64
 
 
