@@ -39,9 +39,13 @@ from sovpack.targets.gguf.writer import read_tensor_types, write_gguf
 
 def _row(name: str, weights: str) -> Precision:
     # llama.cpp memory-maps the file: the weights stay reclaimable page cache, not the runtime's own memory.
+    # NOTE: except 4-bit ones. ggml's CPU backend repacks Q4_0 and Q4_K tensors into interleaved copies it
+    # allocates (the "CPU_REPACK" buffer; llama-cpp-python 0.3.36 on x86: 229 of a 0.6B q4_k_m file's 404 MiB;
+    # the 8B q4_k_m parity run held 4.1 GB, 0.51 byte a weight), so they count at the generic 4-bit width
+    # (RUNTIME_BYTES_PER_WEIGHT). Q8_0, Q5_K and Q6_K stay mapped (measured: no repack buffer).
     return Precision(
         name=name, weights=weights, quantized=weights.startswith("int"), thresholds=DEFAULT_THRESHOLDS[name],
-        runtime_bytes_per_weight=0.0,
+        runtime_bytes_per_weight=None if weights == "int4" else 0.0,
     )
 
 
