@@ -46,7 +46,6 @@ import numpy as np
 
 from sovpack._io import Progress, parallel_all_finite, parallel_copyto
 from sovpack.errors import ConversionError
-from sovpack.quantize.options import SMALL_MODEL_GROUP_SIZE
 from sovpack.source.model import SourceModel
 from sovpack.source.spec import ModelSpec
 from sovpack.targets.halves import check_fits_float16
@@ -56,7 +55,8 @@ if TYPE_CHECKING:
 
 FLOAT16_ADVICE = "use openvino:fp32 or an integer precision"
 INT4_GROUP_SIZES = (128, 64, 32, 16)
-# NOTE: the preferred 4-bit group of a planned (calibrated) conversion. Parity mean KL of openvino:int4 with the
+# NOTE: the preferred 4-bit group of a planned (calibrated) conversion (sovpack.quantize.options decides it for
+# both ONNX and OpenVINO). Parity mean KL of openvino:int4 with the
 # default plan (gptq, 1/8 of the linear weights 8-bit, f16 zero points) by preferred group:
 #   group   realistic llama3 / qwen2   SmolLM2-135M (576 wide: 128 falls back to 64 but for down_proj)
 #   128     0.062 / 0.084              (not measured)
@@ -65,9 +65,8 @@ INT4_GROUP_SIZES = (128, 64, 32, 16)
 #                                      blocks of 32 that groups of 32 with float zero points recover: flattering)
 # (before the plan, RTN with u4 zero points in groups of 64: 0.074 / 0.101, SmolLM2 0.556 FAILED). Groups of
 # 32 store 5.0 bits per 4-bit weight (an f16 scale and zero point per group) against 4.5 at 64: 11% more
-# bytes for those tensors, for about a quarter less KL on the realistic fixtures (the honest measure here).
-# From 6B parameters the default is 128 (sovpack.quantize.options' NOTE: the CPU plugin's memory at 8B).
-PLANNED_GROUP_SIZE = SMALL_MODEL_GROUP_SIZE
+# bytes for those tensors, for about a quarter less KL on the realistic fixtures (the honest measure here):
+# hence 32 below 6B parameters; from 6B, 128 (options' NOTE: the CPU plugin's memory at 8B).
 _T = TypeVar("_T")
 
 
@@ -101,13 +100,13 @@ def choose_group_size(in_features: int, preferred: int) -> int | None:
     return None
 
 
-def planned_group_chooser(preferred: int | None) -> Callable[[int, int], int | None]:
+def planned_group_chooser(preferred: int) -> Callable[[int, int], int | None]:
     """``group_for`` of ``plan_quantization``: 4-bit groups of the largest supported size <= ``preferred``
-    that divides the input (None: the tensor stays 8-bit); 8-bit tensors are per channel (None)."""
-    size = preferred or PLANNED_GROUP_SIZE
+    (``QuantOptions.group_size_for``) that divides the input (None: the tensor stays 8-bit); 8-bit tensors are
+    per channel (None)."""
 
     def group_for(bits: int, in_features: int) -> int | None:
-        return choose_group_size(in_features, size) if bits == 4 else None
+        return choose_group_size(in_features, preferred) if bits == 4 else None
 
     return group_for
 

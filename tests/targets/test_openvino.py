@@ -145,7 +145,7 @@ def test_int4_groups_and_parity(artifact: Callable[[str, str], ConvertResult], c
     quant, weights = meta["quantization"], meta["weights"]
     kept = len(quant["int8_tensors"])  # the plan's most sensitive linear tensors (tests/targets/test_openvino_quant.py)
     assert len(u4) == linear - kept  # codes only: the plan's zero points are f16 constants
-    assert {tuple(op.get_output_shape(0))[-1] for op in u4} == {32}  # groups of 32 (weights.PLANNED_GROUP_SIZE)
+    assert {tuple(op.get_output_shape(0))[-1] for op in u4} == {32}  # groups of 32 (SMALL_MODEL_GROUP_SIZE)
     assert (weights["int4_tensors"], weights["int8_tensors"], weights["int4_group_sizes"]) == (linear - kept,
                                                                                               2 + kept, [32])
 

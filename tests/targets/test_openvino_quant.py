@@ -15,6 +15,7 @@ from sovpack.convert import ConvertResult, convert
 from sovpack.parity import check_parity, thresholds_for
 from sovpack.parity.prompts import encode_prompts
 from sovpack.quantize import QuantOptions, QuantPlan, plan_quantization
+from sovpack.quantize.options import SMALL_MODEL_GROUP_SIZE
 from sovpack.quantize.plan import TensorPlan
 from sovpack.reference import ReferenceModel
 from sovpack.source.model import open_model
@@ -25,7 +26,6 @@ pytest.importorskip("openvino_tokenizers")
 
 from sovpack.targets.openvino import PARITY_CONFIG, OpenvinoRunner, OpenvinoTarget  # noqa: E402
 from sovpack.targets.openvino.weights import (  # noqa: E402
-    PLANNED_GROUP_SIZE,
     SCHEMES,
     WeightFactory,
     planned_group_chooser,
@@ -130,7 +130,7 @@ def test_int4_artifact_computes_the_plans_weights(llama3_int4: ConvertResult, ch
     """Against a reference using the same plan's 4-bit weights, the IR meets the fp32 thresholds: the plan is
     deterministic, and the file holds its codes, scales and float zero points."""
     model = open_model(checkpoints["llama3"])
-    plan = plan_quantization(model, QuantOptions(), planned_group_chooser(None), integer_zero=False)
+    plan = plan_quantization(model, QuantOptions(), planned_group_chooser(SMALL_MODEL_GROUP_SIZE), integer_zero=False)
     meta = ArtifactMetadata.load(llama3_int4.out_dir).format_metadata
     assert meta["quantization"] == plan.to_dict()
     reference = ReferenceModel(_PlannedSource(model, plan))  # type: ignore[arg-type]
@@ -148,7 +148,7 @@ def test_awq_scaled_inputs_are_multiplied_before_their_matmul(checkpoints: dict[
     options = QuantOptions(method="awq")
     result = convert(checkpoints["llama3"], "openvino:int4", tmp_path / "awq", parity=False, quant=options)
     model = open_model(checkpoints["llama3"])
-    plan = plan_quantization(model, options, planned_group_chooser(None), integer_zero=False)
+    plan = plan_quantization(model, options, planned_group_chooser(SMALL_MODEL_GROUP_SIZE), integer_zero=False)
     assert ArtifactMetadata.load(result.out_dir).format_metadata["quantization"] == plan.to_dict()
     ir = ov.Core().read_model(result.out_dir / "openvino_model.xml")
     multiplies = {op.get_friendly_name(): op for op in ir.get_ops() if op.get_type_name() == "Multiply"}
@@ -179,7 +179,7 @@ def test_mixed_plan_keeps_its_8bit_tensors_8bit_in_the_file(llama3_int4: Convert
     assert all(consts[f"{n}/zero_point"].get_element_type() == ov.Type.f16 for n in four)
     assert weights["int4_tensors"] == quant["int4_tensors"]
     assert weights["int8_tensors"] == len(int8) + 2  # + embedding and head
-    assert weights["int4_group_sizes"] == quant["int4_group_sizes"] == [PLANNED_GROUP_SIZE]
+    assert weights["int4_group_sizes"] == quant["int4_group_sizes"] == [SMALL_MODEL_GROUP_SIZE]
     assert weights["int4_zero_point"] == "f16"
 
 
@@ -196,7 +196,7 @@ def test_options_are_honoured_and_recorded(checkpoints: dict[str, Path], tmp_pat
     symmetric = options.symmetric or precision == "int4_sym"
     assert quant["method"] == options.method
     assert quant["options"] == {**options.to_dict(), "symmetric": symmetric}
-    group = options.group_size or PLANNED_GROUP_SIZE
+    group = options.group_size or SMALL_MODEL_GROUP_SIZE
     assert quant["int4_group_sizes"] == [group]
     assert (quant["int8_tensors"] == []) == (options.int8_share == 0.0)
     consts = _constants(tmp_path / "openvino_model.xml")
